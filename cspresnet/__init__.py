@@ -1,0 +1,1 @@
+"""CSPResNet-50 training library: model, recipe, optimizer, engine, checkpoints."""

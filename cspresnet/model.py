@@ -1,0 +1,125 @@
+"""CSPResNet-50, written out so that it is the same network as timm's `cspresnet50`.
+
+Same module names (so timm's official weights load with strict=True), same layer
+construction order (so the same seed gives the same initial weights), same forward.
+"""
+from typing import List, Sequence
+
+import torch
+from torch import nn
+from timm.layers import DropPath, calculate_drop_path_rates
+
+STAGE_DEPTHS = (3, 3, 5, 2)
+STAGE_CHANNELS = (128, 256, 512, 1024)
+STEM_CHANNELS = 64
+
+
+class ConvBnAct(nn.Module):
+    """Conv (no bias) -> BatchNorm -> optional LeakyReLU(0.01); timm's ConvNormAct."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.LeakyReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (no activation), residual add, then the activation."""
+
+    def __init__(self, channels: int, drop_path: float):
+        super().__init__()
+        mid = channels // 2
+        self.conv1 = ConvBnAct(channels, mid, 1)
+        self.conv2 = ConvBnAct(mid, mid, 3)
+        self.conv3 = ConvBnAct(mid, channels, 1, act=False)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
+        self.act3 = nn.LeakyReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv3(self.conv2(self.conv1(x)))
+        return self.act3(self.drop_path(out) + x)
+
+
+class CrossStage(nn.Module):
+    """Expand to 2x channels, run the blocks on one half, merge the halves with a 1x1 conv.
+
+    The first half crossing the stage untouched is the "cross stage partial" idea.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, drop_path_rates: Sequence[float]):
+        super().__init__()
+        # timm keeps the input width in the downsampling conv (down_growth=False).
+        self.conv_down = ConvBnAct(in_chs, in_chs, 3, stride) if stride != 1 else nn.Identity()
+        self.conv_exp = ConvBnAct(in_chs, 2 * out_chs, 1, act=False)  # cross_linear=True in timm
+        self.blocks = nn.Sequential(*[Bottleneck(out_chs, rate) for rate in drop_path_rates])
+        self.conv_transition_b = ConvBnAct(out_chs, out_chs, 1)
+        self.conv_transition = ConvBnAct(2 * out_chs, out_chs, 1)
+        self.half = out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_exp(self.conv_down(x))
+        cross, through = x.split(self.half, dim=1)
+        through = self.conv_transition_b(self.blocks(through)).contiguous()
+        return self.conv_transition(torch.cat([cross, through], dim=1))
+
+
+class Stem(nn.Module):
+    def __init__(self, in_chs: int):
+        super().__init__()
+        self.conv1 = ConvBnAct(in_chs, STEM_CHANNELS, 7, stride=2)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.conv1(x))
+
+
+class Head(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+class CSPResNet50(nn.Module):
+    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.stem = Stem(in_chans)
+        # Linear 0 -> drop_path_rate over all 13 blocks, grouped per stage, as timm does.
+        rates: List[List[float]] = calculate_drop_path_rates(drop_path_rate, list(STAGE_DEPTHS), stagewise=True)
+        stages = []
+        in_chs = STEM_CHANNELS
+        for index, (out_chs, stage_rates) in enumerate(zip(STAGE_CHANNELS, rates)):
+            stages.append(CrossStage(in_chs, out_chs, stride=1 if index == 0 else 2, drop_path_rates=stage_rates))
+            in_chs = out_chs
+        self.stages = nn.Sequential(*stages)
+        self.head = Head(in_chs, num_classes, drop_rate)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # timm's order: every conv and linear in registration order, then zero the last BN
+        # gamma of each block so that each residual block starts as the identity.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.01)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, Bottleneck):
+                nn.init.zeros_(module.conv3.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def build_model(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> CSPResNet50:
+    return CSPResNet50(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate)

@@ -1,0 +1,289 @@
+"""Recipes: YAML files read into typed dataclasses, with `base:` extension and overrides.
+
+Every value is checked once, here, so that a typo or an impossible value stops the run
+before any data is read, with a message that names the key and what it allows.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe, a base file or an override is wrong; the message says where and why."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/
+    img_size: int = 256  # training crop
+    workers: int = 8  # loader processes per training process
+    train_interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = 0.5
+    eval_img_size: int = 256
+    eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
+    eval_interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    eval_batch_size: int = 256  # global, like batch_size
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 1000
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth, linear over the 13 blocks
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd"] = "sgd"
+    lr: float = 0.1  # for a global batch of reference_batch_size
+    reference_batch_size: int = 128
+    lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_norm_and_bias: bool = False  # False: no weight decay on BatchNorm and bias parameters
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["darknet_poly"] = "darknet_poly"
+    burn_in_iters: int = 1000  # at reference_batch_size; scaled to keep the same number of images
+    power: float = 4.0  # burn-in lr * (it/burn_in)^power, then lr * (1 - it/total)^power
+
+
+@dataclass
+class RuntimeConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
+    channels_last: bool = True
+    compile: bool = False
+    log_interval: int = 50  # iterations between loss reads (each read syncs the GPU)
+
+
+@dataclass
+class Recipe:
+    epochs: int = 80
+    batch_size: int = 128  # global, across all processes
+    seed: int = 0
+    label_smoothing: float = 0.1
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def scaled_lr(self) -> float:
+        """The learning rate actually used at this recipe's global batch."""
+        if self.optim.lr_scaling == "none":
+            return self.optim.lr
+        return self.optim.lr * self.batch_size / self.optim.reference_batch_size
+
+    def burn_in_steps(self) -> int:
+        """Burn-in length in optimizer steps at this global batch (same number of images)."""
+        return round(self.schedule.burn_in_iters * self.optim.reference_batch_size / self.batch_size)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path that exists, or a bare name looked up in recipes/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / name_or_path
+    if bundled.is_file():
+        return bundled
+    available = ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
+    raise RecipeError(f"recipe '{name_or_path}' not found: not a file, and not in {RECIPES_DIR} (available: {available})")
+
+
+def _read_yaml(path: Path, chain: Tuple[Path, ...]) -> Dict[str, Any]:
+    """Read one file and, recursively, the file it extends; child keys win."""
+    if path in chain:
+        raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    sibling = path.parent / str(base)
+    base_path = sibling if sibling.is_file() else resolve_recipe_path(str(base))
+    return _merge(_read_yaml(base_path.resolve(), chain + (path,)), raw)
+
+
+def _merge(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: Dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. optim.lr=0.05)")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"override '{override}': '{dotted}' is not a dotted key like optim.lr")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{override}': '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_dir: Optional[str] = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path).resolve()
+    raw = _read_yaml(path, ())
+    for override in overrides or []:
+        _apply_override(raw, override)
+    if data_dir is not None:
+        raw.setdefault("data", {})["dir"] = data_dir
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def recipe_from_dict(raw: Dict[str, Any]) -> Recipe:
+    """The inverse of recipe_to_dict, for recipes stored in checkpoints."""
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _convert(kind: Any, value: Any, key: str) -> Any:
+    wrong = RecipeError(f"recipe key '{key}' must be {_type_name(kind)}, got {value!r}")
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise wrong
+        return value
+    if origin is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise wrong
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, (item, v) in enumerate(zip(items, value)))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported recipe field type {kind} for '{key}'")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe section '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _convert(kind, raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise RecipeError(f"recipe key '{key}' must be {allowed}, got {value!r}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Reject values that type-check but cannot work."""
+    r, d, o, s = recipe, recipe.data, recipe.optim, recipe.schedule
+    _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
+    _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
+    _require(r.seed >= 0, "seed", ">= 0", r.seed)
+    _require(0.0 <= r.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", r.label_smoothing)
+    _require(d.img_size >= 32, "data.img_size", ">= 32 (the network downsamples 32x)", d.img_size)
+    _require(d.eval_img_size >= 32, "data.eval_img_size", ">= 32 (the network downsamples 32x)", d.eval_img_size)
+    _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale", "[min, max] with 0 < min <= max <= 1", list(d.crop_scale))
+    _require(0.0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "[min, max] with 0 < min <= max", list(d.crop_ratio))
+    _require(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)
+    _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct", "in (0, 1]", d.eval_crop_pct)
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    _require(recipe.model.num_classes >= 1, "model.num_classes", ">= 1", recipe.model.num_classes)
+    _require(0.0 <= recipe.model.drop_rate < 1.0, "model.drop_rate", "in [0, 1)", recipe.model.drop_rate)
+    _require(0.0 <= recipe.model.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", recipe.model.drop_path_rate)
+    _require(o.lr > 0.0, "optim.lr", "> 0", o.lr)
+    _require(o.reference_batch_size >= 1, "optim.reference_batch_size", ">= 1", o.reference_batch_size)
+    _require(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)
+    _require(o.weight_decay >= 0.0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "false when optim.momentum is 0", o.nesterov)
+    _require(s.burn_in_iters >= 0, "schedule.burn_in_iters", ">= 0", s.burn_in_iters)
+    _require(s.power > 0.0, "schedule.power", "> 0", s.power)
+    _require(recipe.runtime.log_interval >= 1, "runtime.log_interval", ">= 1", recipe.runtime.log_interval)

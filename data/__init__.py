@@ -1,0 +1,1 @@
+"""The input pipeline: ImageNet-layout datasets, transforms, samplers and loaders."""

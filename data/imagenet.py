@@ -1,0 +1,135 @@
+"""Index an ImageNet-layout folder and read its images as RGB."""
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+# Pillow opens every one of these; the comparison ignores case (ImageNet uses .JPEG).
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+EXPECTED_LAYOUT = """expected the ILSVRC2012 layout:
+    DIR/train/n01440764/n01440764_10026.JPEG   one folder per class (WordNet id),
+    DIR/train/<wnid>/*.JPEG                    classes indexed in sorted folder order
+    DIR/val/<wnid>/*.JPEG                      the same class folders"""
+
+
+class DatasetLayoutError(ValueError):
+    """The folder is not in the ImageNet layout; the message shows the expected one."""
+
+
+Sample = Tuple[str, int]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def find_classes(split_dir: Path) -> List[str]:
+    if not split_dir.is_dir():
+        raise DatasetLayoutError(f"{split_dir} does not exist or is not a folder; {EXPECTED_LAYOUT}")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = sum(1 for p in split_dir.iterdir() if p.is_file() and is_image_file(p))
+        hint = f" It holds {loose} image files directly: a flat folder, not class folders." if loose else ""
+        raise DatasetLayoutError(f"{split_dir} has no class folders.{hint} {EXPECTED_LAYOUT}")
+    return classes
+
+
+def index_split(split_dir: Path, classes: Sequence[str]) -> List[Sample]:
+    """Every image under split_dir/<class>/, labelled by the class's position in `classes`."""
+    present = find_classes(split_dir)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise DatasetLayoutError(
+            f"{split_dir} has {len(unknown)} class folders that the training classes lack, "
+            f"e.g. {unknown[:3]}; {EXPECTED_LAYOUT}"
+        )
+    samples: List[Sample] = []
+    empty = []
+    for target, name in enumerate(classes):
+        folder = split_dir / name
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)) if folder.is_dir() else []
+        if not files:
+            empty.append(name)
+        samples.extend((str(p), target) for p in files)
+    if empty:
+        raise DatasetLayoutError(
+            f"{split_dir}: {len(empty)} of {len(classes)} classes have no images "
+            f"(missing or empty folders, e.g. {empty[:3]}); {EXPECTED_LAYOUT}"
+        )
+    return samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode to RGB whatever the stored mode (ImageNet has grayscale and CMYK JPEGs)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends on all three numbers, so augmentation is reproducible."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    mixed ^= mixed >> 31
+    return mixed & (2**63 - 1)
+
+
+@contextmanager
+def seeded_randomness(seed: int) -> Iterator[None]:
+    """Seed torch's and Python's global generators for one sample, then restore them.
+
+    torchvision and timm augmentations draw from these globals; seeding them per sample
+    makes each image's crop and flip a function of (seed, epoch, index), independent of
+    which worker process draws it.
+    """
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class ImageFolderDataset(Dataset):
+    """Samples (path, target) -> (transformed image, target).
+
+    An item is looked up by index, or by (epoch, index) for training: the training
+    sampler passes the epoch along so that per-sample randomness survives persistent workers.
+    """
+
+    def __init__(self, samples: List[Sample], classes: List[str], transform: Callable, seed: Optional[int] = None):
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, target = self.samples[index]
+        image = load_rgb(path)
+        if self.seed is None:
+            return self.transform(image), target
+        with seeded_randomness(sample_seed(self.seed, epoch, index)):
+            return self.transform(image), target
+
+
+def build_imagenet_splits(
+    root: str, train_transform: Callable, eval_transform: Callable, seed: int
+) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    if not root:
+        raise DatasetLayoutError(f"no dataset folder given: pass --data-dir DIR or data.dir=DIR; {EXPECTED_LAYOUT}")
+    root_dir = Path(root).expanduser()
+    if not root_dir.is_dir():
+        raise DatasetLayoutError(f"dataset folder {root_dir} does not exist; {EXPECTED_LAYOUT}")
+    classes = find_classes(root_dir / "train")
+    train = ImageFolderDataset(index_split(root_dir / "train", classes), classes, train_transform, seed=seed)
+    val = ImageFolderDataset(index_split(root_dir / "val", classes), classes, eval_transform)
+    return train, val

@@ -1,0 +1,51 @@
+"""From a recipe to the training and evaluation loaders of one process."""
+from dataclasses import dataclass
+from typing import List
+
+from torch.utils.data import DataLoader
+
+from cspresnet.recipe import Recipe, RecipeError
+
+from .imagenet import ImageFolderDataset, build_imagenet_splits
+from .loader import TrainSampler, build_eval_loader, build_train_loader
+from .transforms import eval_transform, train_transform
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    train_sampler: TrainSampler
+    val: DataLoader
+    val_indices: List[int]  # the dataset indices this rank evaluates
+    train_set: ImageFolderDataset
+    val_set: ImageFolderDataset
+
+
+def per_process(global_size: int, world_size: int, key: str) -> int:
+    if global_size % world_size:
+        raise RecipeError(
+            f"recipe key '{key}' is {global_size}, the global batch across {world_size} processes; "
+            f"it must be a multiple of {world_size}"
+        )
+    return global_size // world_size
+
+
+def build_loaders(recipe: Recipe, rank: int, world_size: int, pin_memory: bool) -> Loaders:
+    d = recipe.data
+    train_set, val_set = build_imagenet_splits(
+        d.dir,
+        train_transform(d.img_size, d.crop_scale, d.crop_ratio, d.train_interpolation, d.hflip),
+        eval_transform(d.eval_img_size, d.eval_crop_pct, d.eval_interpolation),
+        seed=recipe.seed,
+    )
+    if len(train_set.classes) != recipe.model.num_classes:
+        raise RecipeError(
+            f"recipe key 'model.num_classes' is {recipe.model.num_classes} but {d.dir}/train has "
+            f"{len(train_set.classes)} class folders; set model.num_classes={len(train_set.classes)}"
+        )
+    sampler = TrainSampler(len(train_set), per_process(recipe.batch_size, world_size, "batch_size"),
+                           world_size, rank, recipe.seed)
+    eval_batch = -(-d.eval_batch_size // world_size)
+    val, val_indices = build_eval_loader(val_set, eval_batch, world_size, rank, d.workers, pin_memory)
+    return Loaders(build_train_loader(train_set, sampler, d.workers, pin_memory), sampler, val, val_indices,
+                   train_set, val_set)

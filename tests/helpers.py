@@ -1,0 +1,34 @@
+"""Shared by the tests: the repository root, a tiny recipe, and subprocess runners."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A recipe small enough for a 2-core CPU: 3 classes, 32 px, batch 8.
+TINY_OVERRIDES = [
+    "epochs=2", "batch_size=8", "data.img_size=32", "data.eval_img_size=32", "data.workers=0",
+    "data.eval_batch_size=4", "model.num_classes=3", "runtime.log_interval=1",
+    "optim.reference_batch_size=8", "schedule.burn_in_iters=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    """Run a command in the repository with single-threaded math (2 cores, maybe 2 processes)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def torchrun(nproc: int, *args, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, *args]

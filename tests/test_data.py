@@ -1,0 +1,136 @@
+import random
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from data.imagenet import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split, load_rgb
+from data.loader import EvalSampler, TrainSampler
+from data.transforms import eval_transform, train_transform
+
+
+def identity(image):
+    return image
+
+
+def test_classes_are_sorted_folder_names_and_labels_follow_them(tiny_imagenet):
+    train, val = build_imagenet_splits(str(tiny_imagenet), identity, identity, seed=0)
+    assert train.classes == ["n00000000", "n00000001", "n00000002"] == val.classes
+    for path, target in train.samples + val.samples:
+        assert f"/{train.classes[target]}/" in path
+    assert (len(train), len(val)) == (24, 15)
+
+
+def test_every_image_mode_becomes_rgb(tmp_path):
+    base = Image.new("RGB", (40, 30), (200, 30, 90))
+    base.convert("L").save(tmp_path / "gray.JPEG", "JPEG")
+    base.convert("CMYK").save(tmp_path / "cmyk.JPEG", "JPEG")
+    base.save(tmp_path / "png_named_jpeg.JPEG", "PNG")
+    base.convert("RGBA").save(tmp_path / "rgba.png")
+    base.convert("P").save(tmp_path / "palette.png")
+    base.convert("I;16").save(tmp_path / "sixteen.png")
+    for path in sorted(tmp_path.iterdir()):
+        image = load_rgb(str(path))
+        assert image.mode == "RGB" and image.size == (40, 30), path.name
+    cmyk = load_rgb(str(tmp_path / "cmyk.JPEG")).getpixel((20, 15))
+    assert abs(cmyk[0] - 200) < 20 and abs(cmyk[1] - 30) < 20  # colours survive the CMYK round trip
+
+
+def test_non_image_and_hidden_files_are_ignored(tmp_path, tiny_imagenet):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_imagenet, root)
+    (root / "train" / "n00000000" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "train" / "n00000000" / "Thumbs.db").write_bytes(b"\0\1")
+    (root / "train" / "n00000000" / "notes.txt").write_text("hi")
+    (root / "train" / ".hidden_class").mkdir()
+    classes = find_classes(root / "train")
+    assert len(classes) == 3
+    assert len(index_split(root / "train", classes)) == 24
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_root", "does not exist"),
+    ("no_val", "val does not exist"),
+    ("flat_val", "holds 2 image files directly: a flat folder"),
+    ("empty_class", "1 of 3 classes have no images"),
+    ("extra_val_class", "class folders that the training classes lack"),
+])
+def test_layout_errors_show_the_expected_layout(tmp_path, tiny_imagenet, breakage, message):
+    root = tmp_path / "copy"
+    if breakage != "no_root":
+        shutil.copytree(tiny_imagenet, root)
+    if breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "flat_val":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+        for name in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"):
+            Image.new("RGB", (8, 8)).save(root / "val" / name, "JPEG")
+    elif breakage == "empty_class":
+        for path in (root / "train" / "n00000001").iterdir():
+            path.unlink()
+    elif breakage == "extra_val_class":
+        shutil.copytree(root / "val" / "n00000000", root / "val" / "n99999999")
+    with pytest.raises(DatasetLayoutError, match=message) as error:
+        build_imagenet_splits(str(root), identity, identity, seed=0)
+    assert "DIR/train/<wnid>/*.JPEG" in str(error.value)
+
+
+def test_empty_data_dir_says_how_to_set_it():
+    with pytest.raises(DatasetLayoutError, match="pass --data-dir"):
+        build_imagenet_splits("", identity, identity, seed=0)
+
+
+def test_train_sampler_shards_disjointly_and_reshuffles():
+    samplers = [TrainSampler(103, batch_size=4, world_size=3, rank=r, seed=5) for r in range(3)]
+    batches = [list(s) for s in samplers]
+    assert [len(b) for b in batches] == [8, 8, 8] == [len(s) for s in samplers]  # 103 // 12 steps
+    assert all(len(batch) == 4 for rank in batches for batch in rank)
+    indices = [index for rank in batches for batch in rank for _, index in batch]
+    assert len(indices) == len(set(indices)) == 96
+    assert indices and all(epoch == 0 for rank in batches for batch in rank for epoch, _ in batch)
+    again = [list(TrainSampler(103, 4, 3, r, seed=5)) for r in range(3)]
+    assert again == batches
+    samplers[0].set_epoch(1)
+    assert [i for b in samplers[0] for _, i in b] != [i for b in batches[0] for _, i in b]
+
+
+def test_train_sampler_needs_one_global_batch():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        TrainSampler(10, batch_size=4, world_size=3, rank=0, seed=0)
+
+
+def test_eval_sampler_counts_every_image_exactly_once():
+    shares = [list(EvalSampler(15, world_size=2, rank=r)) for r in range(2)]
+    assert [len(s) for s in shares] == [8, 7]
+    assert sorted(shares[0] + shares[1]) == list(range(15))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_imagenet):
+    train, _ = build_imagenet_splits(str(tiny_imagenet), train_transform(32), identity, seed=3)
+    first = train[(0, 5)][0]
+    torch.manual_seed(999)
+    random.seed(999)
+    assert torch.equal(train[(0, 5)][0], first)  # global RNG state does not matter
+    assert not torch.equal(train[(1, 5)][0], first)  # a new epoch draws a new crop
+    other_seed = ImageFolderDataset(train.samples, train.classes, train.transform, seed=4)
+    assert not torch.equal(other_seed[(0, 5)][0], first)
+
+
+def test_sampling_leaves_global_rng_untouched(tiny_imagenet):
+    train, _ = build_imagenet_splits(str(tiny_imagenet), train_transform(32), identity, seed=3)
+    torch.manual_seed(1)
+    random.seed(1)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(1)
+    random.seed(1)
+    train[(0, 2)]
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_transform_output_is_uint8_hwc(tiny_imagenet):
+    train, val = build_imagenet_splits(str(tiny_imagenet), train_transform(48), eval_transform(40, 0.875), seed=0)
+    image, target = train[(0, 0)]
+    assert image.dtype == torch.uint8 and image.shape == (48, 48, 3) and isinstance(target, int)
+    assert val[3][0].shape == (40, 40, 3)

@@ -1,0 +1,113 @@
+import sys
+
+import pytest
+import yaml
+
+from cspresnet.recipe import RecipeError, load_recipe, recipe_to_yaml
+from tests.helpers import run_cli
+
+
+def test_seed_recipe_values():
+    r = load_recipe("cspresnet50.yaml")
+    assert (r.epochs, r.batch_size, r.label_smoothing) == (80, 128, 0.1)
+    assert (r.optim.name, r.optim.lr, r.optim.momentum, r.optim.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
+    assert r.optim.decay_norm_and_bias is False
+    assert (r.schedule.name, r.schedule.burn_in_iters, r.schedule.power) == ("darknet_poly", 1000, 4.0)
+    assert (r.data.img_size, r.data.train_interpolation, r.data.crop_scale) == (256, "bilinear", (0.08, 1.0))
+    assert (r.data.eval_img_size, r.data.eval_crop_pct, r.data.eval_interpolation) == (256, 0.887, "bilinear")
+    assert r.runtime.amp == "bf16"
+    assert r.scaled_lr() == 0.1 and r.burn_in_steps() == 1000
+
+
+def test_extension_keeps_base_values_and_overrides_its_own():
+    demo = load_recipe("demo.yaml")
+    assert demo.batch_size == 32 and demo.data.img_size == 64
+    assert demo.optim.lr == 0.1 and demo.optim.weight_decay == 5e-4  # from the base
+    assert demo.data.eval_crop_pct == 0.887  # sibling key of an overridden section
+
+
+def test_base_is_found_next_to_the_file_and_chains(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: cspresnet50.yaml\nepochs: 5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim:\n  lr: 0.2\n")
+    r = load_recipe(str(tmp_path / "b.yaml"))
+    assert (r.epochs, r.optim.lr, r.batch_size) == (5, 0.2, 128)
+
+
+def test_base_cycle_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(str(tmp_path / "a.yaml"))
+
+
+def test_overrides_are_typed():
+    r = load_recipe("cspresnet50.yaml", ["optim.lr=0.05", "epochs=3", "runtime.compile=true",
+                                         "data.crop_scale=[0.2, 1]", "runtime.amp=fp16"], data_dir="/x")
+    assert (r.optim.lr, r.epochs, r.runtime.compile, r.data.crop_scale, r.runtime.amp) == (0.05, 3, True, (0.2, 1.0), "fp16")
+    assert r.data.dir == "/x"
+
+
+def test_linear_lr_scaling_with_the_global_batch():
+    r = load_recipe("cspresnet50.yaml", ["batch_size=1024"])
+    assert r.scaled_lr() == pytest.approx(0.8)
+    assert r.burn_in_steps() == 125  # the same 128,000 images of burn-in
+    r = load_recipe("cspresnet50.yaml", ["batch_size=1024", "optim.lr_scaling=none"])
+    assert r.scaled_lr() == 0.1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown recipe key 'optim.lrr'.*allowed keys: name, lr,"),
+    ("epoch=3", "unknown recipe key 'epoch'.*allowed keys: epochs,"),
+    ("epochs=three", "'epochs' must be an integer, got 'three'"),
+    ("epochs=2.5", "'epochs' must be an integer"),
+    ("optim.lr=fast", "'optim.lr' must be a number"),
+    ("runtime.amp=fp8", "'runtime.amp' must be one of 'bf16', 'fp16', 'none', got 'fp8'"),
+    ("runtime.compile=1", "'runtime.compile' must be true or false"),
+    ("data.crop_scale=[0.1]", "'data.crop_scale' must be a list of 2 numbers"),
+    ("optim=3", "section 'optim' must be a mapping"),
+    ("batch_size=0", "'batch_size' must be >= 1, got 0"),
+    ("optim.lr=-0.1", "'optim.lr' must be > 0"),
+    ("optim.momentum=1.5", "'optim.momentum' must be in \\[0, 1\\)"),
+    ("label_smoothing=1", "'label_smoothing' must be in \\[0, 1\\)"),
+    ("data.img_size=16", "'data.img_size' must be >= 32"),
+    ("data.crop_scale=[0.9, 0.1]", "'data.crop_scale' must be \\[min, max\\]"),
+    ("data.eval_crop_pct=1.2", "'data.eval_crop_pct' must be in \\(0, 1\\]"),
+    ("model.num_classes=0", "'model.num_classes' must be >= 1"),
+    ("schedule.power=0", "'schedule.power' must be > 0"),
+    ("optim.lr", "must look like key.sub=value"),
+    ("epochs.sub=1", "'epochs' is a value, not a section"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("cspresnet50.yaml", [override])
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(RecipeError, match="not found.*cspresnet50.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_bad_yaml_is_reported(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(tmp_path / "bad.yaml"))
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    r = load_recipe("demo.yaml", ["optim.lr=0.3"])
+    (tmp_path / "resolved.yaml").write_text(recipe_to_yaml(r))
+    assert load_recipe(str(tmp_path / "resolved.yaml")) == r
+
+
+def test_print_recipe_cli():
+    out = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "--print-recipe", "optim.lr=0.2"]).stdout
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["lr"] == 0.2 and printed["optim"]["weight_decay"] == 5e-4
+    assert printed["batch_size"] == 128 and printed["schedule"]["burn_in_iters"] == 1000
+
+
+def test_cli_error_is_one_clear_line():
+    result = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "optim.lrr=1"], check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown recipe key 'optim.lrr'")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,114 @@
+"""The real train.py and validate.py, as a user runs them: one process, two processes under
+torchrun, and two "nodes" on this machine."""
+import csv
+import json
+import subprocess
+import sys
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.recipe import load_recipe
+from tests.helpers import REPO, TINY_OVERRIDES, free_port, run_cli, torchrun
+
+
+def train_args(data, output, *extra):
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *TINY_OVERRIDES, *extra]
+
+
+def summary(output):
+    with open(output / "summary.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def validate(checkpoint, data, launcher=(sys.executable,)):
+    out = run_cli([*launcher, "validate.py", "--checkpoint", checkpoint, "--data-dir", data, "--workers", "0"]).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_one_process_run_writes_its_outputs_and_validates(tiny_imagenet, tmp_path):
+    output = tmp_path / "run"
+    run_cli([sys.executable, *train_args(tiny_imagenet, output)])
+
+    rows = summary(output)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert int(rows[-1]["step"]) == 6  # 24 images // batch 8 = 3 steps per epoch
+    assert float(rows[-1]["lr"]) == 0.0  # the poly schedule ends at zero on the last step
+    for column in ("train_loss", "eval_loss", "top1", "top5", "images_per_s", "epoch_seconds"):
+        assert all(float(r[column]) >= 0 for r in rows), column
+    assert load_recipe(str(output / "recipe.yaml")) == load_recipe(
+        "demo.yaml", TINY_OVERRIDES, data_dir=str(tiny_imagenet))
+
+    last, best = load_checkpoint(output / "last.pt"), load_checkpoint(output / "best.pt")
+    assert (last["epoch"], last["step"]) == (2, 6)
+    best_top1 = max(float(r["top1"]) for r in rows)
+    assert best["metrics"]["top1"] == best_top1 == last["best_top1"]
+
+    events = EventAccumulator(str(output))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/top1", "epoch/top5", "epoch/images_per_s", "epoch/epoch_seconds"} <= tags
+    assert len(events.Scalars("train/loss")) == 6
+
+    result = validate(output / "best.pt", tiny_imagenet)
+    assert result["images"] == 15 and result["num_classes"] == 3
+    assert (result["img_size"], result["crop_pct"], result["interpolation"]) == (32, 0.887, "bilinear")
+    assert result["top1"] == round(best_top1, 3)
+
+
+def test_same_seed_gives_the_same_numbers(tiny_imagenet, tmp_path):
+    for name in ("a", "b"):
+        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, "epochs=1")])
+    columns = ("train_loss", "eval_loss", "top1", "top5")
+    assert [[r[c] for c in columns] for r in summary(tmp_path / "a")] == \
+           [[r[c] for c in columns] for r in summary(tmp_path / "b")]
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_path):
+    output = tmp_path / "run"
+    run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
+    first = (output / "last.pt").read_bytes()
+    again = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")], check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    assert (output / "last.pt").read_bytes() == first
+
+    resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
+    assert "resumed from" in resumed.stdout
+    assert [int(r["epoch"]) for r in summary(output)] == [1, 2]
+    assert load_checkpoint(output / "last.pt")["step"] == 6
+
+
+def test_two_processes_under_torchrun(tiny_imagenet, tmp_path):
+    output = tmp_path / "ddp"
+    run_cli(torchrun(2, *train_args(tiny_imagenet, output)))
+    rows = summary(output)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # written once, by rank 0
+    assert int(rows[-1]["step"]) == 6  # global batch 8 = 4 per process
+    assert sorted(p.name for p in output.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+
+    single = validate(output / "last.pt", tiny_imagenet)
+    double = validate(output / "last.pt", tiny_imagenet, launcher=torchrun(2))
+    assert double["images"] == single["images"] == 15  # 8 + 7, no padding duplicates
+    assert double["world_size"] == 2
+    assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])
+
+
+def test_two_nodes_on_one_machine(tiny_imagenet, tmp_path):
+    """torchrun --nnodes=2 twice, meeting on 127.0.0.1: multi-node start-up, shown working."""
+    output = tmp_path / "nodes"
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            torchrun(1, *train_args(tiny_imagenet, output, "epochs=1"),
+                     extra=["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]),
+            cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert "2 process(es)" in logs[0]
+    assert [int(r["step"]) for r in summary(output)] == [3]
