@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from cspresnet.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_weights_strict, num_classes_of
+from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import evaluate
 from cspresnet.model import build_model
 from cspresnet.recipe import DataConfig, RecipeError, recipe_from_dict
+from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform
@@ -79,13 +81,17 @@ def main(argv=None) -> dict:
         raise DatasetLayoutError(f"{split_dir} has {len(classes)} class folders but the checkpoint has {num_classes} classes")
     transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation)
     dataset = ImageFolderDataset(index_split(split_dir, classes), classes, transform)
-    loader, indices = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
-                                        args.workers, pin_memory=ctx.device.type == "cuda")
+    loader = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
+                               args.workers, pin_memory=ctx.device.type == "cuda")
     normalize = DeviceNormalizer(ctx.device, args.channels_last)
-    result = evaluate(model, loader, indices, len(dataset), num_classes, normalize, args.amp, show_progress=ctx.is_main)
+    result = evaluate(model, loader, len(dataset), num_classes, normalize, args.amp,
+                      on_unreadable=lambda index, reason: print(
+                          f"warning: skipping unreadable image {dataset.samples[index][0]} ({reason})", file=sys.stderr),
+                      progress=lambda it: tqdm(it, desc="eval", disable=None if ctx.is_main else True, leave=False))
 
     summary = dict(
-        top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images, eval_loss=round(result.loss, 5),
+        top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images, unreadable=result.unreadable,
+        eval_loss=round(result.loss, 5),
         checkpoint=str(args.checkpoint), weights=weights, num_classes=num_classes,
         img_size=settings.eval_img_size, crop_pct=settings.eval_crop_pct, interpolation=settings.eval_interpolation,
         amp=args.amp, channels_last=args.channels_last, world_size=ctx.world_size, device=ctx.device.type,

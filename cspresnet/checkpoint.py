@@ -1,13 +1,16 @@
-"""Checkpoints: written atomically, read without unpickling code, in every weight format
-that users bring (ours, timm's .pth, .safetensors, DDP's `module.` prefix)."""
+"""Checkpoint files: written atomically, read without unpickling code, kept and pruned in
+a run folder without ever losing the last good one."""
+import errno
 import os
 import pickle
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 TRAIN_CHECKPOINT_FORMAT = "cspresnet-train-v1"
 
@@ -63,59 +66,80 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
 
 
-def extract_state_dict(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[Dict[str, torch.Tensor], str]:
-    """The model weights inside any supported checkpoint, and which ones they are.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
-    weights: 'auto' (EMA when present, else the model), 'model' or 'ema'.
+
+def _replace_with_link(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` in one atomic rename (a hard link, or a copy
+    where the filesystem has no hard links)."""
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+class CheckpointFolder:
+    """A run folder's checkpoints: step-<N>.pt files, with last.pt and best.pt as links.
+
+    Every save writes step-<N>.pt atomically, then points last.pt (and best.pt for a new
+    best) at it, then deletes step files beyond the newest `keep_last`. A full disk skips
+    the save with a message and deletes nothing, so training goes on and the previous
+    checkpoints stay good.
     """
-    if weights not in ("auto", "model", "ema"):
-        raise CheckpointError(f"weights must be auto, model or ema, got {weights!r}")
-    candidates = {"model": ("model", "state_dict"), "ema": ("model_ema", "state_dict_ema")}
-    found = {kind: next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), None)
-             for kind, keys in candidates.items()}
-    if found["model"] is None and found["ema"] is None:
-        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            raise CheckpointError(
-                "not a state dict: expected tensors, or a training checkpoint with a 'model' entry; "
-                f"found keys {sorted(checkpoint)[:8]}"
-            )
-        if weights == "ema":
-            raise CheckpointError("the checkpoint is a plain state dict and holds no EMA weights")
-        found["model"] = checkpoint
-    kind = weights if weights != "auto" else ("ema" if found["ema"] is not None else "model")
-    if found[kind] is None:
-        raise CheckpointError(f"the checkpoint holds no {kind} weights (has: {[k for k, v in found.items() if v is not None]})")
-    return strip_prefix(found[kind], "module."), kind
 
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
 
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """Remove DDP's (or torch.compile's `_orig_mod.`) prefix when every key has it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
+    def step_files(self) -> List[Tuple[int, Path]]:
+        found = []
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                match = STEP_FILE.match(path.name)
+                if match:
+                    found.append((int(match.group(1)), path))
+        return sorted(found)
 
+    def remove_partial_files(self) -> None:
+        """Temporary files are what a kill during a save leaves; they are never complete."""
+        if self.folder.is_dir():
+            for path in self.folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
 
-def num_classes_of(state_dict: Dict[str, torch.Tensor]) -> int:
-    weight = state_dict.get("head.fc.weight")
-    if weight is None or weight.ndim != 2:
-        raise CheckpointError("no 'head.fc.weight' matrix in the weights: not a CSPResNet-50 checkpoint")
-    return int(weight.shape[0])
+    def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> Optional[Path]:
+        """The saved file, or None when the disk was full."""
+        path = self.folder / f"step-{step:08d}.pt"
+        try:
+            save_checkpoint(state, path)
+            _replace_with_link(path, self.folder / "last.pt")
+            if is_best:
+                _replace_with_link(path, self.folder / "best.pt")
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            self.remove_partial_files()
+            print(f"warning: disk full in {self.folder} ({exc.strerror}); checkpoint of step {step} not written, "
+                  f"earlier checkpoints kept, training goes on", file=sys.stderr, flush=True)
+            return None
+        files = self.step_files()
+        for _, old in files[: max(0, len(files) - self.keep_last)]:
+            old.unlink(missing_ok=True)  # last.pt and best.pt are links: their data stays
+        return path
 
-
-def load_weights_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """load_state_dict(strict=True) with one readable message instead of a wall of keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
-
-        parts = [f"missing keys: {show(missing)}" if missing else "",
-                 f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                 f"wrong shapes: {show(mismatched)}" if mismatched else ""]
-        raise CheckpointError(
-            "these weights are not CSPResNet-50's (timm 'cspresnet50' layout): " + "; ".join(p for p in parts if p)
-        )
-    model.load_state_dict(state_dict, strict=True)
+    def newest_loadable(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """last.pt, or else the newest step file that loads; None when there is none."""
+        candidates = [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"warning: skipping unreadable checkpoint: {exc}", file=sys.stderr, flush=True)
+        return None

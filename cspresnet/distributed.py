@@ -40,11 +40,16 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        # torchrun --max-restarts keeps its store across restarts, and a restarted group
+        # would read the dead group's addresses from it (seen with gloo in torch 2.14;
+        # pytorch/pytorch#167288 for NCCL); a key prefix per restart keeps attempts apart.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -20,10 +20,18 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD, fused: one kernel for all tensors, and it takes the GradScaler's inf/NaN flag on
+    the device, so a non-finite step is skipped without a host sync."""
     o = recipe.optim
     groups = parameter_groups(model, o.weight_decay, o.decay_norm_and_bias)
-    # foreach: one kernel launch per group instead of one per tensor.
-    return torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov, foreach=True)
+    optimizer = torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov, fused=True)
+    if o.momentum > 0:
+        # Fused SGD allocates the buffers uninitialised on its first step and leaves them so
+        # if that step is skipped (torch 2.14). Zeros give the same first update (buffer = grad).
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return optimizer
 
 
 @dataclass(frozen=True)

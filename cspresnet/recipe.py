@@ -31,6 +31,8 @@ class DataConfig:
     eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
     eval_interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     eval_batch_size: int = 256  # global, like batch_size
+    max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
+    max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded
 
 
 @dataclass
@@ -65,7 +67,14 @@ class RuntimeConfig:
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
     channels_last: bool = True
     compile: bool = False
-    log_interval: int = 50  # iterations between loss reads (each read syncs the GPU)
+    log_interval: int = 50  # steps between loss reads and stop checks (each read syncs the GPU)
+    max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 2500  # also at every epoch end; 0: epoch ends only
+    keep_last: int = 2  # step-<N>.pt files kept besides last.pt and best.pt
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def scaled_lr(self) -> float:
         """The learning rate actually used at this recipe's global batch."""
@@ -220,6 +230,11 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
             raise wrong
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e30 and 5e-4 (no dot) as strings
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
         return float(value)
@@ -286,4 +301,13 @@ def validate(recipe: Recipe) -> None:
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "false when optim.momentum is 0", o.nesterov)
     _require(s.burn_in_iters >= 0, "schedule.burn_in_iters", ">= 0", s.burn_in_iters)
     _require(s.power > 0.0, "schedule.power", "> 0", s.power)
+    _require(0.0 < d.max_unreadable_batch_fraction < 1.0, "data.max_unreadable_batch_fraction",
+             "in (0, 1): a batch must keep at least one image", d.max_unreadable_batch_fraction)
+    _require(0.0 <= d.max_unreadable_fraction < 1.0, "data.max_unreadable_fraction", "in [0, 1)",
+             d.max_unreadable_fraction)
     _require(recipe.runtime.log_interval >= 1, "runtime.log_interval", ">= 1", recipe.runtime.log_interval)
+    _require(recipe.runtime.max_nonfinite_steps >= 1, "runtime.max_nonfinite_steps", ">= 1",
+             recipe.runtime.max_nonfinite_steps)
+    _require(recipe.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0 (0: epoch ends only)",
+             recipe.checkpoint.every_steps)
+    _require(recipe.checkpoint.keep_last >= 0, "checkpoint.keep_last", ">= 0", recipe.checkpoint.keep_last)

@@ -21,6 +21,10 @@ class DatasetLayoutError(ValueError):
     """The folder is not in the ImageNet layout; the message shows the expected one."""
 
 
+class UnreadableDataError(RuntimeError):
+    """More images could not be decoded than the recipe allows."""
+
+
 Sample = Tuple[str, int]
 
 
@@ -95,11 +99,18 @@ def seeded_randomness(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-class ImageFolderDataset(Dataset):
-    """Samples (path, target) -> (transformed image, target).
+# What a file that cannot be decoded raises: Pillow's UnidentifiedImageError and "image
+# file is truncated" are OSErrors; broken headers raise SyntaxError or ValueError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
-    An item is looked up by index, or by (epoch, index) for training: the training
-    sampler passes the epoch along so that per-sample randomness survives persistent workers.
+
+class ImageFolderDataset(Dataset):
+    """Samples (path, target) -> (image, target, index, error).
+
+    An item is looked up by index, or by (epoch, index) for training: the training sampler
+    passes the epoch along so that per-sample randomness survives persistent workers.
+    A file that cannot be decoded gives image None and the reason, so that one bad JPEG
+    costs one sample, not the run; the loader's collate drops it and counts it.
     """
 
     def __init__(self, samples: List[Sample], classes: List[str], transform: Callable, seed: Optional[int] = None):
@@ -114,11 +125,14 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, target = self.samples[index]
-        image = load_rgb(path)
+        try:
+            image = load_rgb(path)
+        except DECODE_ERRORS as exc:
+            return None, target, index, f"{type(exc).__name__}: {exc}"
         if self.seed is None:
-            return self.transform(image), target
+            return self.transform(image), target, index, None
         with seeded_randomness(sample_seed(self.seed, epoch, index)):
-            return self.transform(image), target
+            return self.transform(image), target, index, None
 
 
 def build_imagenet_splits(

@@ -1,9 +1,14 @@
-"""Samplers and DataLoaders for training (sharded, reshuffled per epoch) and evaluation
-(every image exactly once across ranks)."""
-from typing import Iterator, List, Tuple
+"""Samplers and DataLoaders for training (sharded, reshuffled per epoch, resumable
+mid-epoch) and evaluation (every image exactly once across ranks)."""
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .imagenet import ImageFolderDataset, UnreadableDataError
 
 
 class TrainSampler(Sampler[List[Tuple[int, int]]]):
@@ -27,10 +32,15 @@ class TrainSampler(Sampler[List[Tuple[int, int]]]):
         self.rank = rank
         self.seed = seed
         self.epoch = 0
+        self.start_step = 0
         self.steps_per_epoch = num_samples // global_batch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Serve `epoch` from its batch number `start_step` on (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
         self.epoch = epoch
+        self.start_step = start_step
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """All ranks' indices for one epoch, in the order they are consumed."""
@@ -39,11 +49,11 @@ class TrainSampler(Sampler[List[Tuple[int, int]]]):
         return order[: self.steps_per_epoch * self.batch_size * self.world_size]
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         mine = self.epoch_order(self.epoch)[self.rank :: self.world_size].tolist()
-        for start in range(0, len(mine), self.batch_size):
+        for start in range(self.start_step * self.batch_size, len(mine), self.batch_size):
             yield [(self.epoch, index) for index in mine[start : start + self.batch_size]]
 
 
@@ -60,10 +70,88 @@ class EvalSampler(Sampler[int]):
         return iter(self.indices)
 
 
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (n, H, W, 3): the decodable images only
+    targets: torch.Tensor  # (n,)
+    indices: torch.Tensor  # (n,) their dataset indices
+    unreadable: List[Tuple[int, str]]  # (dataset index, reason) for each sample that failed to decode
+
+    @property
+    def requested(self) -> int:
+        return len(self.targets) + len(self.unreadable)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.unreadable)
+
+
+def collate_batch(samples) -> Batch:
+    """Stack the decodable samples; list the others with their reason."""
+    good = [s for s in samples if s[0] is not None]
+    unreadable = [(index, error) for image, _, index, error in samples if image is None]
+    if good:
+        images = torch.stack([s[0] for s in good])
+    else:
+        images = torch.empty(0, dtype=torch.uint8)
+    targets = torch.tensor([s[1] for s in good], dtype=torch.long)
+    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
+    return Batch(images, targets, indices, unreadable)
+
+
+class UnreadableImages:
+    """Skips files that cannot be decoded, warns once per file, counts them, and stops the
+    run when more than the allowed fraction of a batch, or of this rank's share of the
+    training set, is unreadable. Skipping never changes which images the sampler serves."""
+
+    def __init__(self, dataset: ImageFolderDataset, max_batch_fraction: float, max_fraction: float, world_size: int):
+        self.samples = dataset.samples
+        self.max_batch_fraction = max_batch_fraction
+        self.max_fraction = max_fraction
+        self.limit = max_fraction * len(dataset) / world_size
+        self.seen: set = set()
+        self.epoch_count = 0
+
+    def check(self, batch: Batch) -> None:
+        if not batch.unreadable:
+            return
+        for index, reason in batch.unreadable:
+            if index not in self.seen:
+                self.seen.add(index)
+                print(f"warning: skipping unreadable image {self.samples[index][0]} ({reason})", file=sys.stderr, flush=True)
+        self.epoch_count += len(batch.unreadable)
+        if len(batch.unreadable) > self.max_batch_fraction * batch.requested:
+            raise UnreadableDataError(
+                f"{len(batch.unreadable)} of the {batch.requested} images of one batch could not be decoded "
+                f"(data.max_unreadable_batch_fraction={self.max_batch_fraction}); e.g. "
+                f"{self.samples[batch.unreadable[0][0]][0]}: {batch.unreadable[0][1]}"
+            )
+        if len(self.seen) > self.limit:
+            raise UnreadableDataError(
+                f"{len(self.seen)} distinct training images could not be decoded, more than "
+                f"data.max_unreadable_fraction={self.max_fraction} of the set allows; check the copy of the dataset"
+            )
+
+    def state_dict(self) -> Dict:
+        return {"seen": sorted(self.seen), "epoch_count": self.epoch_count}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.seen = set(state["seen"])
+        self.epoch_count = state["epoch_count"]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader_options(workers: int, pin_memory: bool) -> dict:
-    options = dict(num_workers=workers, pin_memory=pin_memory)
+    # A private generator: creating a loader iterator draws a worker seed from it, and the
+    # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
+    options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate_batch,
+                   generator=torch.Generator().manual_seed(0))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
+        options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_stop_signals)
     return options
 
 
@@ -73,8 +161,6 @@ def build_train_loader(dataset: Dataset, sampler: TrainSampler, workers: int, pi
 
 def build_eval_loader(
     dataset: Dataset, batch_size: int, world_size: int, rank: int, workers: int, pin_memory: bool
-) -> Tuple[DataLoader, List[int]]:
-    """The loader and the dataset indices it visits, in order."""
+) -> DataLoader:
     sampler = EvalSampler(len(dataset), world_size, rank)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, **_loader_options(workers, pin_memory))
-    return loader, sampler.indices
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **_loader_options(workers, pin_memory))

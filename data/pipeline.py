@@ -1,7 +1,5 @@
 """From a recipe to the training and evaluation loaders of one process."""
 from dataclasses import dataclass
-from typing import List
-
 from torch.utils.data import DataLoader
 
 from cspresnet.recipe import Recipe, RecipeError
@@ -16,7 +14,6 @@ class Loaders:
     train: DataLoader
     train_sampler: TrainSampler
     val: DataLoader
-    val_indices: List[int]  # the dataset indices this rank evaluates
     train_set: ImageFolderDataset
     val_set: ImageFolderDataset
 
@@ -46,6 +43,5 @@ def build_loaders(recipe: Recipe, rank: int, world_size: int, pin_memory: bool) 
     sampler = TrainSampler(len(train_set), per_process(recipe.batch_size, world_size, "batch_size"),
                            world_size, rank, recipe.seed)
     eval_batch = -(-d.eval_batch_size // world_size)
-    val, val_indices = build_eval_loader(val_set, eval_batch, world_size, rank, d.workers, pin_memory)
-    return Loaders(build_train_loader(train_set, sampler, d.workers, pin_memory), sampler, val, val_indices,
-                   train_set, val_set)
+    val = build_eval_loader(val_set, eval_batch, world_size, rank, d.workers, pin_memory)
+    return Loaders(build_train_loader(train_set, sampler, d.workers, pin_memory), sampler, val, train_set, val_set)

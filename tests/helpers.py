@@ -30,5 +30,28 @@ def run_cli(args, timeout=300, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def torchrun(nproc: int, *args, extra=()):
+def torchrun(nproc: int, *args, extra=("--standalone",)):
+    """torchrun on this machine; --standalone picks a free port for each run."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, *args]
+
+
+def start(args, **popen) -> subprocess.Popen:
+    """Start a command in the repository, in its own session, its output unbuffered as text."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def read_until(process: subprocess.Popen, marker: str) -> str:
+    """Read the process's output until a line starts with `marker`; all of it so far."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            return "".join(seen)
+    raise AssertionError(f"the process ended before printing {marker!r}:\n{''.join(seen)}")
+
+
+def child_pids(pid: int):
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(p) for p in handle.read().split()]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cspresnet.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_weights_strict,
-                                  num_classes_of, save_checkpoint)
+from cspresnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
 from cspresnet.model import CSPResNet50
 
 

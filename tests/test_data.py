@@ -131,6 +131,7 @@ def test_sampling_leaves_global_rng_untouched(tiny_imagenet):
 
 def test_transform_output_is_uint8_hwc(tiny_imagenet):
     train, val = build_imagenet_splits(str(tiny_imagenet), train_transform(48), eval_transform(40, 0.875), seed=0)
-    image, target = train[(0, 0)]
+    image, target, index, error = train[(0, 0)]
     assert image.dtype == torch.uint8 and image.shape == (48, 48, 3) and isinstance(target, int)
+    assert (index, error) == (0, None)
     assert val[3][0].shape == (40, 40, 3)

@@ -41,9 +41,9 @@ def test_base_cycle_is_reported(tmp_path):
 
 
 def test_overrides_are_typed():
-    r = load_recipe("cspresnet50.yaml", ["optim.lr=0.05", "epochs=3", "runtime.compile=true",
+    r = load_recipe("cspresnet50.yaml", ["optim.weight_decay=1e-4", "epochs=3", "runtime.compile=true",
                                          "data.crop_scale=[0.2, 1]", "runtime.amp=fp16"], data_dir="/x")
-    assert (r.optim.lr, r.epochs, r.runtime.compile, r.data.crop_scale, r.runtime.amp) == (0.05, 3, True, (0.2, 1.0), "fp16")
+    assert (r.optim.weight_decay, r.epochs, r.runtime.compile, r.data.crop_scale, r.runtime.amp) == (1e-4, 3, True, (0.2, 1.0), "fp16")
     assert r.data.dir == "/x"
 
 

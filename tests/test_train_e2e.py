@@ -87,7 +87,8 @@ def test_two_processes_under_torchrun(tiny_imagenet, tmp_path):
     rows = summary(output)
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # written once, by rank 0
     assert int(rows[-1]["step"]) == 6  # global batch 8 = 4 per process
-    assert sorted(p.name for p in output.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in output.iterdir() if p.suffix == ".pt") == [
+        "best.pt", "last.pt", "step-00000003.pt", "step-00000006.pt"]
 
     single = validate(output / "last.pt", tiny_imagenet)
     double = validate(output / "last.pt", tiny_imagenet, launcher=torchrun(2))

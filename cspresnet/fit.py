@@ -1,0 +1,227 @@
+"""A training run: build everything from the recipe, resume if asked, then the epoch loop
+with its checkpoints, logs and stop conditions."""
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data.loader import UnreadableImages
+from data.pipeline import build_loaders
+from data.transforms import DeviceNormalizer
+
+from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, CheckpointFolder, load_checkpoint
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
+from .engine import NonFiniteLossError, Trainer, build_grad_scaler, evaluate
+from .model import build_model
+from .optim import build_optimizer, build_schedule
+from .recipe import Recipe, recipe_to_dict, recipe_to_yaml
+from .run_log import RunLog
+from .run_state import capture_rng, dataset_fingerprint, restore_rng
+from .signals import EXIT_PREEMPTED, StopRequest
+
+
+@dataclass
+class Progress:
+    """Where the run is, in plain data (it goes into every checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the current epoch completed
+    epoch_seconds: float = 0.0  # training time spent in the current epoch so far
+    best_top1: float = float("-inf")
+    rows: List[Dict] = field(default_factory=list)  # summary.csv, one row per completed epoch
+
+
+def find_resume_checkpoint(resume: Optional[str], folder: CheckpointFolder):
+    """(path, state) to continue from, or None for a fresh run, which must not overwrite one."""
+    if resume is None:
+        if (folder.folder / "last.pt").exists():
+            raise CheckpointError(
+                f"{folder.folder} already holds a run (last.pt); pass --resume auto to continue it, "
+                f"or --output NEW_FOLDER to start another"
+            )
+        return None
+    if resume == "auto":
+        return folder.newest_loadable()
+    return Path(resume), load_checkpoint(Path(resume))
+
+
+def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
+    """Train; returns the process exit code (0, or EXIT_PREEMPTED after a stop signal)."""
+    rt = recipe.runtime
+    folder = CheckpointFolder(output, recipe.checkpoint.keep_last)
+    resumed = find_resume_checkpoint(resume, folder)
+    barrier()  # every rank has read the checkpoint before rank 0 may replace it
+
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    data = build_loaders(recipe, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
+    model = model.to(ctx.device, memory_format=memory_format)
+    optimizer = build_optimizer(model, recipe)
+    trainer = Trainer(
+        model=model, train_model=model, optimizer=optimizer, scaler=build_grad_scaler(ctx.device, rt.amp),
+        schedule=build_schedule(recipe, len(data.train_sampler)),
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        normalize=DeviceNormalizer(ctx.device, rt.channels_last), amp=rt.amp,
+    )
+    unreadable = UnreadableImages(data.train_set, recipe.data.max_unreadable_batch_fraction,
+                                  recipe.data.max_unreadable_fraction, ctx.world_size)
+    fingerprint = dataset_fingerprint(data.train_set.samples)
+    progress = Progress()
+    if resumed is not None:
+        progress = restore(resumed[1], trainer, unreadable, ctx, recipe, fingerprint)
+
+    if ctx.is_distributed:
+        trainer.train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if rt.compile:
+        trainer.train_model = torch.compile(trainer.train_model)
+
+    log = RunLog(output, ctx.is_main, resumed_at_step=trainer.step if resumed else None, rows=progress.rows)
+    if ctx.is_main:
+        folder.remove_partial_files()
+        (output / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        announce(recipe, ctx, data, trainer, output, resumed)
+
+    def save(is_best: bool = False) -> None:
+        """All ranks: gather per-rank state; rank 0 writes. Never writes non-finite weights."""
+        per_rank = all_gather_objects(dict(rng=capture_rng(ctx.device), totals=trainer.totals.state_dict(),
+                                           unreadable=unreadable.state_dict()))
+        if not trainer.weights_are_finite():
+            raise NonFiniteLossError(f"the weights are not finite at step {trainer.step}; "
+                                     f"refusing to overwrite the last good checkpoint")
+        if ctx.is_main:
+            state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=trainer.scaler.state_dict(), step=trainer.step, **asdict(progress),
+                         per_rank=per_rank, world_size=ctx.world_size, dataset=fingerprint,
+                         recipe=recipe_to_dict(recipe), metrics=progress.rows[-1] if progress.rows else None)
+            folder.save(state, trainer.step, is_best)
+        barrier()
+
+    stop = StopRequest()
+    steps_per_epoch = data.train_sampler.steps_per_epoch
+    every = recipe.checkpoint.every_steps
+    for epoch in range(progress.epoch, recipe.epochs):
+        data.train_sampler.set_epoch(epoch, progress.step_in_epoch)
+        model.train()
+        started = time.perf_counter() - progress.epoch_seconds
+        bar = tqdm(data.train, desc=f"epoch {epoch + 1}/{recipe.epochs}", initial=progress.step_in_epoch,
+                   total=steps_per_epoch, disable=None if ctx.is_main else True, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            unreadable.check(batch)
+            trainer.train_step(batch)
+            progress.step_in_epoch += 1
+            stopping = False
+            if trainer.step % rt.log_interval == 0:
+                log.step(trainer.step, trainer.read_window_loss(), trainer.lr)
+                trainer.check_numerics(rt.max_nonfinite_steps)
+                stopping = stop.agreed(ctx.device)
+            elif not ctx.is_distributed:
+                stopping = stop.signal_name is not None  # one process: no need to agree, stop at once
+            mid_epoch = progress.step_in_epoch < steps_per_epoch
+            if stopping or (every and trainer.step % every == 0 and mid_epoch):
+                trainer.check_numerics(rt.max_nonfinite_steps)
+                progress.epoch_seconds = time.perf_counter() - started
+                save()
+            if stopping:
+                if ctx.is_main:
+                    print(f"stopping on {stop.signal_name or 'a signal to another rank'}: checkpoint saved at "
+                          f"step {trainer.step}; continue with --resume auto", flush=True)
+                return EXIT_PREEMPTED
+        bar.close()
+
+        stats = trainer.finish_epoch(time.perf_counter() - started)
+        trainer.check_numerics(rt.max_nonfinite_steps)
+        result = evaluate(model, data.val, len(data.val_set), recipe.model.num_classes, trainer.normalize, rt.amp,
+                          on_unreadable=lambda index, reason: print(
+                              f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})"))
+        is_best = result.top1 > progress.best_top1
+        progress.best_top1 = max(progress.best_top1, result.top1)
+        unreadable_count = int(all_reduce_sum(torch.tensor([float(unreadable.epoch_count)], device=ctx.device)).item())
+        unreadable.epoch_count = 0
+        progress.rows.append(dict(
+            epoch=epoch + 1, step=trainer.step, lr=trainer.lr, train_loss=stats.loss, eval_loss=result.loss,
+            top1=result.top1, top5=result.top5, images_per_s=stats.images_per_s, epoch_seconds=stats.seconds,
+            eval_seconds=result.seconds, nonfinite_steps=stats.nonfinite_steps, unreadable_images=unreadable_count,
+        ))
+        progress.epoch, progress.step_in_epoch, progress.epoch_seconds = epoch + 1, 0, 0.0
+        save(is_best)
+        log.epoch(progress.rows[-1])
+        if stop.agreed(ctx.device):
+            if ctx.is_main:
+                print(f"stopping on a signal after epoch {epoch + 1}; continue with --resume auto", flush=True)
+            return EXIT_PREEMPTED
+
+    log.close()
+    if ctx.is_main:
+        print(f"done: best top-1 {progress.best_top1:.3f} after {recipe.epochs} epochs, {trainer.step} steps; "
+              f"checkpoints in {output}", flush=True)
+    return 0
+
+
+def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: DistContext, recipe: Recipe,
+            fingerprint: str) -> Progress:
+    """Put the run back where the checkpoint left it, down to every rank's random generators."""
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step = state["step"]
+    progress = Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+                        epoch_seconds=state["epoch_seconds"], best_top1=state["best_top1"], rows=state["rows"])
+    notes = []
+    if state["dataset"] != fingerprint:
+        notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
+                     "so the remaining order of images differs")
+    if state["world_size"] == ctx.world_size:
+        mine = state["per_rank"][ctx.rank]
+        restore_rng(mine["rng"], ctx.device)
+        trainer.totals.load_state_dict(mine["totals"])
+        unreadable.load_state_dict(mine["unreadable"])
+    else:
+        notes.append(f"it was saved by {state['world_size']} processes, this run has {ctx.world_size}: "
+                     f"the same images per step, but new random draws for dropout")
+        torch.manual_seed(recipe.seed + 1_000_003 * ctx.rank + trainer.step)
+        if ctx.is_main:  # the epoch's totals so far, summed over the old ranks
+            merged = trainer.totals
+            for rank_state in state["per_rank"]:
+                for key in ("sums", "window"):
+                    getattr(merged, key).add_(rank_state["totals"][key].to(merged.device))
+                merged.images += rank_state["totals"]["images"]
+    changed = diff_recipes(state["recipe"], recipe_to_dict(recipe))
+    if changed:
+        notes.append("the recipe changed: " + ", ".join(changed))
+    if ctx.is_main:
+        for note in notes:
+            print(f"warning: resuming inexactly: {note}", flush=True)
+    return progress
+
+
+def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += diff_recipes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return changes
+
+
+def announce(recipe: Recipe, ctx: DistContext, data, trainer: Trainer, output: Path, resumed) -> None:
+    schedule = trainer.schedule
+    print(f"{ctx.world_size} process(es) on {ctx.device.type}; {len(data.train_set)} train / "
+          f"{len(data.val_set)} val images; global batch {recipe.batch_size}; lr {recipe.scaled_lr():g} "
+          f"(optim.lr {recipe.optim.lr:g} x {recipe.batch_size}/{recipe.optim.reference_batch_size} "
+          f"{recipe.optim.lr_scaling}); {schedule.total} steps; output {output}", flush=True)
+    if schedule.burn_in >= schedule.total:
+        print(f"warning: the burn-in ({schedule.burn_in} steps) is longer than the run ({schedule.total} steps); "
+              f"the learning rate never reaches {schedule.base_lr:g}", flush=True)
+    if resumed is not None:
+        print(f"resumed from {resumed[0]} at step {trainer.step}", flush=True)

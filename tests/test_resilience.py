@@ -1,0 +1,300 @@
+"""A run survives kills, signals, full disks, bad files and NaNs, and a resumed run is
+bitwise the run that never stopped."""
+import csv
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
+from cspresnet.signals import EXIT_PREEMPTED
+from tests.helpers import TINY_OVERRIDES, child_pids, read_until, run_cli, start, torchrun
+
+# 6 steps per epoch, 12 in all; dropout and drop-path on, so the random generators matter.
+RESUME_OVERRIDES = [*TINY_OVERRIDES, "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
+                    "model.drop_path_rate=0.1"]
+
+
+def train_args(data, output, *extra):
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *RESUME_OVERRIDES, *extra]
+
+
+def summary_column(output, column):
+    with open(output / "summary.csv") as handle:
+        return [row[column] for row in csv.DictReader(handle)]
+
+
+def assert_same_run(a, b):
+    """Every tensor of the final checkpoints equal, and the same loss in summary.csv."""
+    left, right = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert left["step"] == right["step"] == 12
+    for key in left["model"]:
+        assert torch.equal(left["model"][key], right["model"][key]), key
+    for index, state in left["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], right["optimizer"]["state"][index]["momentum_buffer"])
+    assert summary_column(a, "train_loss") == summary_column(b, "train_loss")
+    assert summary_column(a, "top1") == summary_column(b, "top1")
+
+
+@pytest.fixture(scope="module")
+def one_process_baseline(tiny_imagenet, tmp_path_factory):
+    output = tmp_path_factory.mktemp("baseline1")
+    run_cli([sys.executable, *train_args(tiny_imagenet, output)])
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_process_baseline(tiny_imagenet, tmp_path_factory):
+    output = tmp_path_factory.mktemp("baseline2")
+    run_cli(torchrun(2, *train_args(tiny_imagenet, output)))
+    return output
+
+
+def newest_step(output) -> int:
+    return max(step for step, _ in CheckpointFolder(output, 2).step_files())
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tiny_imagenet, tmp_path, one_process_baseline):
+    output = tmp_path / "run"
+    process = start([sys.executable, *train_args(tiny_imagenet, output)])
+    read_until(process, "step 9 ")  # epoch 2, one step after the step-8 checkpoint
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert newest_step(output) == 8  # killed between checkpoints: step 9 is lost and redone
+
+    resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert "inexactly" not in resumed.stdout
+    assert_same_run(output, one_process_baseline)
+
+
+def test_two_processes_sigkill_then_resume_is_bitwise_exact(tiny_imagenet, tmp_path, two_process_baseline):
+    output = tmp_path / "run"
+    process = start(torchrun(2, *train_args(tiny_imagenet, output)))
+    read_until(process, "step 9 ")
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, like a lost node
+    process.wait()
+    assert newest_step(output) == 8
+    run_cli(torchrun(2, *train_args(tiny_imagenet, output, "--resume", "auto")))
+    assert_same_run(output, two_process_baseline)
+
+
+def test_sigterm_saves_and_exits_75_then_resumes_exactly(tiny_imagenet, tmp_path, one_process_baseline):
+    output = tmp_path / "run"
+    process = start([sys.executable, *train_args(tiny_imagenet, output)])
+    read_until(process, "step 3 ")
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, rest
+    stopped_at = load_checkpoint(output / "last.pt")["step"]
+    assert 3 <= stopped_at < 6 and f"checkpoint saved at step {stopped_at}" in rest
+    run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    assert_same_run(output, one_process_baseline)
+
+
+def test_sigterm_to_two_processes(tiny_imagenet, tmp_path, two_process_baseline):
+    output = tmp_path / "run"
+    process = start(torchrun(2, *train_args(tiny_imagenet, output)))
+    read_until(process, "step 3 ")
+    os.killpg(process.pid, signal.SIGTERM)  # the whole job, as a scheduler preempting it does
+    rest = process.communicate(timeout=120)[0]
+    assert "stopping on SIGTERM: checkpoint saved at step" in rest, rest
+    assert f"exitcode  : {EXIT_PREEMPTED}" in rest or process.returncode != 0
+    assert 3 <= load_checkpoint(output / "last.pt")["step"] < 12
+    run_cli(torchrun(2, *train_args(tiny_imagenet, output, "--resume", "auto")))
+    assert_same_run(output, two_process_baseline)
+
+
+def test_a_killed_rank_comes_back_under_max_restarts(tiny_imagenet, tmp_path, two_process_baseline):
+    output = tmp_path / "run"
+    process = start(torchrun(2, *train_args(tiny_imagenet, output, "--resume", "auto"), extra=["--max-restarts=1"]))
+    read_until(process, "step 5 ")
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)  # one rank dies, e.g. OOM-killed
+    rest = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, rest
+    assert "resumed from" in rest
+    assert_same_run(output, two_process_baseline)
+
+
+KILL_DURING_SAVE = """
+import sys, torch
+from cspresnet.checkpoint import CheckpointFolder
+folder = CheckpointFolder(sys.argv[1], keep_last=2)
+step = 0
+while True:
+    step += 1
+    folder.save({"step": step, "weights": torch.full((4_000_000,), float(step))}, step, is_best=step % 3 == 0)
+    print("saved", step, flush=True)
+"""
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """16 MB checkpoints written in a loop, killed at staggered moments of a save."""
+    for delay in (0.0, 0.013, 0.029, 0.047, 0.071, 0.101, 0.149):
+        process = start([sys.executable, "-c", KILL_DURING_SAVE, tmp_path])
+        read_until(process, "saved 2")
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        folder = CheckpointFolder(tmp_path, keep_last=2)
+        path, state = folder.newest_loadable()
+        assert path.name == "last.pt" and torch.all(state["weights"] == state["step"])
+        for step, step_path in folder.step_files():
+            assert load_checkpoint(step_path)["step"] == step
+        if (tmp_path / "best.pt").exists():
+            best = load_checkpoint(tmp_path / "best.pt")
+            assert best["step"] % 3 == 0 and torch.all(best["weights"] == best["step"])
+        folder.remove_partial_files()
+        assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_skips_the_save_and_keeps_the_old_checkpoints(tmp_path, monkeypatch, capsys):
+    folder = CheckpointFolder(tmp_path, keep_last=1)
+    folder.save({"step": 1}, 1, is_best=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert folder.save({"step": 2}, 2, is_best=True) is None
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000001.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    monkeypatch.undo()
+    folder.save({"step": 3}, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000003.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 1  # a link keeps its data when the step file goes
+
+
+def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    folder = CheckpointFolder(tmp_path, keep_last=3)
+    for step in (1, 2):
+        folder.save({"step": step}, step)
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "step-00000002.pt").write_bytes(b"\x00" * 10)
+    path, state = folder.newest_loadable()
+    assert (path.name, state["step"]) == ("step-00000001.pt", 1)
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err
+    assert CheckpointFolder(tmp_path / "empty", 2).newest_loadable() is None
+
+
+def test_nonfinite_loss_stops_and_leaves_the_last_checkpoint_alone(tiny_imagenet, tmp_path):
+    output = tmp_path / "run"
+    run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
+    before = {p.name: p.read_bytes() for p in output.glob("*.pt")}
+    blown_up = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "optim.lr=1e30",
+                                                    "runtime.max_nonfinite_steps=2", "--resume", "auto")], check=False)
+    assert blown_up.returncode == 3, blown_up.stdout + blown_up.stderr
+    assert "not finite" in blown_up.stderr
+    assert {p.name: p.read_bytes() for p in output.glob("*.pt")} == before
+
+
+def hostile_copy(source, target):
+    """The tiny set plus everything a real ImageNet copy throws at a loader."""
+    import shutil
+
+    shutil.copytree(source, target)
+    folder = target / "train" / "n00000001"
+    good = next(folder.glob("*.JPEG")).read_bytes()
+    (folder / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (folder / "zero_bytes.JPEG").write_bytes(b"")
+    (folder / "html_error_page.JPEG").write_text("<html>404</html>")
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "png_inside.JPEG", "PNG")
+    Image.new("RGB", (50, 40), (10, 200, 30)).convert("CMYK").save(folder / "cmyk.JPEG", "JPEG")
+    Image.new("L", (50, 40), 128).save(folder / "gray.JPEG", "JPEG")
+    for junk in (".DS_Store", "Thumbs.db", "readme.txt"):
+        (folder / junk).write_bytes(b"\x00junk")
+    return target
+
+
+def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imagenet, tmp_path):
+    data = hostile_copy(tiny_imagenet, tmp_path / "hostile")
+    output = tmp_path / "run"
+    result = run_cli([sys.executable, *train_args(data, output, "epochs=1", "batch_size=6",
+                                                  "data.max_unreadable_fraction=0.2")])
+    warned = re.findall(r"^warning: skipping unreadable image \S+/(\S+) \(", result.stderr, flags=re.MULTILINE)
+    assert sorted(warned) == [
+        "html_error_page.JPEG", "truncated.JPEG", "zero_bytes.JPEG"]
+    assert summary_column(output, "unreadable_images") == ["3"]  # 30 images, 5 steps of 6: all served once
+    from data.imagenet import find_classes, index_split
+
+    indexed = [p.split("/")[-1] for p, _ in index_split(data / "train", find_classes(data / "train"))]
+    assert len(indexed) == 30 and "readme.txt" not in indexed and "Thumbs.db" not in indexed
+    assert {"truncated.JPEG", "zero_bytes.JPEG", "png_inside.JPEG", "cmyk.JPEG", "gray.JPEG"} <= set(indexed)
+
+
+def test_too_many_unreadable_files_stop_the_run(tiny_imagenet, tmp_path):
+    data = hostile_copy(tiny_imagenet, tmp_path / "hostile")
+    result = run_cli([sys.executable, *train_args(data, tmp_path / "run", "epochs=1", "batch_size=6",
+                                                  "data.max_unreadable_fraction=0.05")], check=False)
+    assert result.returncode == 2
+    assert "distinct training images could not be decoded" in result.stderr
+
+
+def test_unreadable_batch_fraction():
+    from data.imagenet import UnreadableDataError
+    from data.loader import Batch, UnreadableImages
+
+    class Fake:
+        samples = [(f"/d/{i}.JPEG", 0) for i in range(100)]
+
+        def __len__(self):
+            return 100
+
+    guard = UnreadableImages(Fake(), max_batch_fraction=0.5, max_fraction=0.5, world_size=1)
+    batch = lambda good, bad: Batch(torch.zeros(good, 2, 2, 3, dtype=torch.uint8), torch.zeros(good, dtype=torch.long),  # noqa: E731
+                                    torch.arange(good), [(i, "OSError: broken") for i in bad])
+    guard.check(batch(3, [7]))
+    guard.check(batch(2, [7, 8]))  # 2 of 4: at the limit, allowed
+    assert guard.epoch_count == 3 and guard.seen == {7, 8}
+    with pytest.raises(UnreadableDataError, match="3 of the 4 images of one batch"):
+        guard.check(batch(1, [1, 2, 3]))
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device():
+    from cspresnet.engine import NonFiniteLossError, Trainer, build_grad_scaler
+    from cspresnet.model import build_model
+    from cspresnet.optim import build_optimizer
+    from cspresnet.recipe import load_recipe
+    from data.loader import Batch
+    from data.transforms import DeviceNormalizer
+
+    torch.manual_seed(0)
+    model = build_model(3)
+    poisoned = {1, 3, 4}
+
+    class Criterion(torch.nn.Module):
+        def forward(self, logits, targets):
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            return loss * float("nan") if trainer.step in poisoned else loss
+
+    trainer = Trainer(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
+                      scaler=build_grad_scaler(torch.device("cpu"), "none"), schedule=lambda step: 0.05,
+                      criterion=Criterion(), normalize=DeviceNormalizer(torch.device("cpu"), False), amp="none")
+    batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
+                  torch.arange(4), [])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train_step(batch)  # step 1: NaN, skipped: nothing moves, momentum stays zero
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("running_mean")
+               and not k.endswith("running_var") and not k.endswith("num_batches_tracked"))
+    assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in trainer.optimizer.state.values())
+    trainer.train_step(batch)  # step 2: finite, a real update
+    assert not torch.equal(before["head.fc.weight"], model.state_dict()["head.fc.weight"])
+    assert trainer.weights_are_finite()
+    trainer.check_numerics(max_nonfinite_steps=2)  # one in a row so far: fine
+    trainer.train_step(batch)
+    trainer.train_step(batch)  # steps 3 and 4: two in a row
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        trainer.check_numerics(max_nonfinite_steps=2)
+    stats = trainer.finish_epoch(seconds=1.0)
+    assert stats.nonfinite_steps == 3 and stats.images == 16 and torch.isfinite(torch.tensor(stats.loss))
