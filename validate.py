@@ -1,12 +1,16 @@
-"""Evaluate a CSPResNet-50 checkpoint on an ImageNet-layout validation folder.
+"""Evaluate a CSPResNet-50 checkpoint on an ImageNet validation set, in any common layout.
 
     python validate.py --checkpoint runs/cspresnet50/best.pt --data-dir /data/imagenet
-    python validate.py --checkpoint cspresnet50_ra-d3e8d487.pth --data-dir /data/imagenet
-    torchrun --nproc_per_node=8 validate.py --checkpoint model.safetensors --data-dir /data/imagenet
+    python validate.py --checkpoint cspresnet50_ra-d3e8d487.pth --data-dir /data/imagenet --real-labels
+    python validate.py --checkpoint model.safetensors --data-dir /data/val_flat --devkit ILSVRC2012_devkit_t12.tar.gz
+    torchrun --nproc_per_node=8 validate.py --checkpoint best.pt --data-dir /data/imagenet --results-file r.json
 
-Reads our training checkpoints (model or EMA weights), timm's .pth state dicts and
-.safetensors files; the number of classes comes from the weights. The last line printed
-is a JSON object with top1, top5 (percent), images and the settings used.
+Reads our training checkpoints (model or EMA weights), timm's .pth state dicts,
+.safetensors files and DDP's module.-prefixed state dicts; the number of classes comes
+from the weights. The evaluation folder is DIR/<split> if it exists, else DIR: class
+folders, ImageNetV2's numbered folders, or a flat folder with the devkit or Kaggle's
+solution file. The last line printed is JSON with top1, top5 (percent), images and the
+settings used.
 """
 import argparse
 import json
@@ -22,17 +26,22 @@ from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import evaluate
 from cspresnet.model import build_model
 from cspresnet.recipe import DataConfig, RecipeError, recipe_from_dict
+from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
 from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
-from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
+from data.imagenet import DatasetLayoutError, ImageFolderDataset
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform
+from data.val_layouts import EvalSet, read_eval_set
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="last.pt/best.pt, timm .pth, or .safetensors")
-    parser.add_argument("--data-dir", required=True, help="ImageNet root (uses DIR/<split>/<wnid>/*.JPEG)")
-    parser.add_argument("--split", default="val", help="subfolder of --data-dir to evaluate (default: val)")
+    parser.add_argument("--data-dir", required=True, help="ImageNet root, or the evaluation folder itself")
+    parser.add_argument("--split", default="val", help="subfolder of --data-dir to evaluate, if present (default: val)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--devkit", type=Path, help="labels of a flat folder: ILSVRC2012_devkit_t12.tar.gz or meta.bin")
+    labels.add_argument("--val-solution", type=Path, help="labels of a flat folder: Kaggle's LOC_val_solution.csv")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights of a training checkpoint (default: EMA when present)")
     parser.add_argument("--img-size", type=int, help="crop size (default: the checkpoint's recipe, else 256)")
@@ -43,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none", help="autocast dtype (default none: fp32)")
     parser.add_argument("--channels-last", action="store_true", help="run the model in channels_last memory format")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--results-file", help="also write the JSON result here")
+    parser.add_argument("--real-labels", action="store_true", help="also report ImageNet-ReaL top-1/top-5")
+    parser.add_argument("--results-file", type=Path, help="write the result, with per-class top-1, as JSON here")
+    parser.add_argument("--results-csv", type=Path, help="append a row like timm's results-imagenet.csv here")
+    parser.add_argument("--logits-file", type=Path, help="save every image's logits and path (torch.save) here")
+    parser.add_argument("--name", help="model name for --results-csv (default: the checkpoint's file name)")
     args = parser.parse_args(argv)
     if args.img_size is not None and args.img_size < 32:
         parser.error(f"--img-size must be >= 32 (the network downsamples 32x), got {args.img_size}")
@@ -63,43 +76,70 @@ def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
     return data
 
 
+def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labels: bool) -> None:
+    """Refuse an evaluation whose labels cannot mean what the model's outputs mean."""
+    if len(eval_set.classes) != num_classes:
+        raise DatasetLayoutError(f"the evaluation set has {len(eval_set.classes)} classes ({eval_set.layout}) "
+                                 f"but the checkpoint has {num_classes}")
+    if trained_classes and eval_set.layout != "imagenetv2" and list(trained_classes) != eval_set.classes:
+        differ = next(i for i, (a, b) in enumerate(zip(trained_classes, eval_set.classes)) if a != b)
+        raise DatasetLayoutError(f"class {differ} is {trained_classes[differ]} in the checkpoint but "
+                                 f"{eval_set.classes[differ]} in the evaluation set: not the same classes")
+    if real_labels:
+        odd = [path for path, _ in eval_set.samples if not VAL_NAME.match(Path(path).name)]
+        if num_classes != 1000 or odd:
+            raise DatasetLayoutError("--real-labels needs the 1000 ImageNet classes and the validation images' "
+                                     f"own names (ILSVRC2012_val_*.JPEG); e.g. {odd[:1]}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     checkpoint = load_checkpoint(Path(args.checkpoint))
     state_dict, weights = extract_state_dict(checkpoint, args.weights)
     num_classes = num_classes_of(state_dict)
     settings = eval_settings(args, checkpoint)
+    model = build_model(num_classes)
+    load_weights_strict(model, state_dict)  # another architecture fails here, listing the keys
+
+    folder = Path(args.data_dir).expanduser()
+    folder = folder / args.split if (folder / args.split).is_dir() else folder
+    eval_set = read_eval_set(folder, args.devkit or args.val_solution)
+    check_labels(eval_set, checkpoint.get("classes"), num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
-    model = build_model(num_classes)
-    load_weights_strict(model, state_dict)
     model = model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-
-    split_dir = Path(args.data_dir).expanduser() / args.split
-    classes = find_classes(split_dir)
-    if len(classes) != num_classes:
-        raise DatasetLayoutError(f"{split_dir} has {len(classes)} class folders but the checkpoint has {num_classes} classes")
     transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation)
-    dataset = ImageFolderDataset(index_split(split_dir, classes), classes, transform)
+    dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
     loader = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
                                args.workers, pin_memory=ctx.device.type == "cuda")
-    normalize = DeviceNormalizer(ctx.device, args.channels_last)
-    result = evaluate(model, loader, len(dataset), num_classes, normalize, args.amp,
+    result = evaluate(model, loader, len(dataset), num_classes, DeviceNormalizer(ctx.device, args.channels_last),
+                      args.amp, keep_logits=args.logits_file is not None,
                       on_unreadable=lambda index, reason: print(
                           f"warning: skipping unreadable image {dataset.samples[index][0]} ({reason})", file=sys.stderr),
                       progress=lambda it: tqdm(it, desc="eval", disable=None if ctx.is_main else True, leave=False))
 
+    paths = [dataset.samples[i][0] for i in result.indices.tolist()]
     summary = dict(
         top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images, unreadable=result.unreadable,
-        eval_loss=round(result.loss, 5),
-        checkpoint=str(args.checkpoint), weights=weights, num_classes=num_classes,
-        img_size=settings.eval_img_size, crop_pct=settings.eval_crop_pct, interpolation=settings.eval_interpolation,
-        amp=args.amp, channels_last=args.channels_last, world_size=ctx.world_size, device=ctx.device.type,
+        eval_loss=round(result.loss, 5), checkpoint=str(args.checkpoint), weights=weights, num_classes=num_classes,
+        layout=eval_set.layout, img_size=settings.eval_img_size, crop_pct=settings.eval_crop_pct,
+        interpolation=settings.eval_interpolation, amp=args.amp, channels_last=args.channels_last,
+        world_size=ctx.world_size, device=ctx.device.type,
         images_per_s=round(result.images / max(result.seconds, 1e-9), 1),
     )
+    if args.real_labels:
+        summary.update({k: round(v, 3) for k, v in real_accuracy(result.predictions, paths).items()})
     if ctx.is_main:
         if args.results_file:
-            Path(args.results_file).write_text(json.dumps(summary, indent=2) + "\n")
+            full = dict(summary, per_class_top1=dict(zip(eval_set.classes, result.per_class_top1(num_classes))))
+            args.results_file.write_text(json.dumps(full, indent=2) + "\n")
+        if args.results_csv:
+            append_csv_row(args.results_csv, timm_results_row(
+                args.name or Path(args.checkpoint).stem, result.top1, result.top5,
+                sum(p.numel() for p in model.parameters()), settings.eval_img_size, settings.eval_crop_pct,
+                settings.eval_interpolation))
+        if args.logits_file:
+            torch.save({"paths": paths, "targets": result.targets, "logits": result.logits}, args.logits_file)
         print(json.dumps(summary), flush=True)
     shutdown()
     return summary

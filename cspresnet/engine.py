@@ -2,7 +2,7 @@
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,8 @@ class EvalResult:
     seconds: float
     predictions: torch.Tensor  # (images, k) top-k class ids, in dataset order of the evaluated images
     targets: torch.Tensor  # (images,)
+    indices: torch.Tensor  # (images,) their dataset indices, ascending
+    logits: Optional[torch.Tensor] = None  # (images, classes) float32, when asked for
 
     def per_class_top1(self, num_classes: int) -> List[float]:
         correct = (self.predictions[:, 0] == self.targets).double()
@@ -181,6 +183,7 @@ def evaluate(
     amp: str,
     on_unreadable: Callable[[int, str], None] = lambda index, reason: None,
     progress: Callable = lambda iterable: iterable,
+    keep_logits: bool = False,
 ) -> EvalResult:
     """Evaluate this rank's share, then gather every rank's predictions.
 
@@ -191,7 +194,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     k = min(5, num_classes)
-    indices, topk, targets, unreadable = [], [], [], []
+    indices, topk, targets, unreadable, kept_logits = [], [], [], [], []
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     start = time.perf_counter()
     for batch in progress(loader):
@@ -208,16 +211,20 @@ def evaluate(
         topk.append(logits.topk(k, dim=1).indices.cpu())
         targets.append(batch.targets)
         indices.append(batch.indices)
+        if keep_logits:
+            kept_logits.append(logits.cpu())
     seconds = time.perf_counter() - start
     model.train(was_training)
     cat = lambda parts, *shape: torch.cat(parts) if parts else torch.empty(0, *shape, dtype=torch.long)  # noqa: E731
-    gathered = all_gather_objects((cat(indices), cat(topk, k), cat(targets), unreadable))
+    logits_part = torch.cat(kept_logits) if kept_logits else torch.empty(0, num_classes)
+    gathered = all_gather_objects((cat(indices), cat(topk, k), cat(targets), unreadable, logits_part))
     order = torch.cat([g[0] for g in gathered])
     every = torch.cat([order, torch.tensor([i for g in gathered for i in g[3]], dtype=torch.long)])
     if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
         raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of {dataset_size} once")
-    predictions = torch.cat([g[1] for g in gathered])[order.argsort()]
-    all_targets = torch.cat([g[2] for g in gathered])[order.argsort()]
+    ascending = order.argsort()
+    predictions = torch.cat([g[1] for g in gathered])[ascending]
+    all_targets = torch.cat([g[2] for g in gathered])[ascending]
     loss_total = all_reduce_sum(loss_sum).item()
     hits = predictions == all_targets[:, None]
     evaluated = len(all_targets)
@@ -230,4 +237,6 @@ def evaluate(
         seconds=seconds,
         predictions=predictions,
         targets=all_targets,
+        indices=order[ascending],
+        logits=torch.cat([g[4] for g in gathered])[ascending] if keep_logits else None,
     )

@@ -101,6 +101,7 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
             state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          scaler=trainer.scaler.state_dict(), step=trainer.step, **asdict(progress),
                          per_rank=per_rank, world_size=ctx.world_size, dataset=fingerprint,
+                         classes=data.train_set.classes,
                          recipe=recipe_to_dict(recipe), metrics=progress.rows[-1] if progress.rows else None)
             folder.save(state, trainer.step, is_best)
         barrier()

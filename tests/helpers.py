@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A recipe small enough for a 2-core CPU: 3 classes, 32 px, batch 8.
@@ -55,3 +57,16 @@ def read_until(process: subprocess.Popen, marker: str) -> str:
 def child_pids(pid: int):
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(p) for p in handle.read().split()]
+
+
+def perturb_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every BN's statistics and affine parameters off their init, so that a wrong
+    layer order, a missed buffer or near-tied logits would show."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)

