@@ -16,7 +16,8 @@ from cspresnet.checkpoint import CheckpointError
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import NonFiniteLossError
 from cspresnet.fit import fit
-from cspresnet.recipe import RecipeError, load_recipe, recipe_to_yaml
+from cspresnet.provenance import annotated_yaml
+from cspresnet.recipe import RecipeError, load_recipe
 from data.imagenet import DatasetLayoutError, UnreadableDataError
 
 
@@ -27,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="run folder (default: runs/<recipe name>)")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint; auto: the newest in the run folder, or a fresh start")
-    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe as YAML, each value with the file and comment that set it, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. optim.lr=0.2")
     return parser.parse_args(argv)
 
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.data_dir)
         if args.print_recipe:
-            print(recipe_to_yaml(recipe), end="")
+            print(annotated_yaml(recipe, args.recipe, args.overrides, args.data_dir), end="")
             return 0
         ctx = init_distributed(recipe.runtime.device)
         output = Path(args.output or Path("runs") / Path(args.recipe).stem)

@@ -6,6 +6,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from data.loader import Batch
@@ -25,6 +27,14 @@ def autocast(device: torch.device, amp: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_criterion(mixing: bool, label_smoothing: float) -> nn.Module:
+    """timm's choice: mixup/cutmix hand over soft targets with the smoothing folded in,
+    so they take the soft-target cross-entropy; hard targets take the smoothed one."""
+    if mixing:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
 def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -99,6 +109,8 @@ class Trainer:
     criterion: nn.Module
     normalize: Callable[[torch.Tensor], torch.Tensor]
     amp: str
+    augment: Optional[Callable] = None  # (inputs, targets) -> (inputs, targets) on the device: erasing, mixup
+    ema: Optional[ModelEmaV3] = None  # moving average of the weights, updated after every step
     step: int = 0  # optimizer steps taken (skipped ones included) since the run began
     lr: float = 0.0
     totals: EpochTotals = field(init=False)
@@ -113,12 +125,16 @@ class Trainer:
         set_lr(self.optimizer, self.lr)
         inputs = self.normalize(batch.images)
         targets = batch.targets.to(self.device, non_blocking=True)
+        if self.augment is not None:
+            inputs, targets = self.augment(inputs, targets)
         with autocast(self.device, self.amp):
             loss = self.criterion(self.train_model(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # skipped on the device if any gradient is inf/NaN
         self.scaler.update(None if self.amp == "fp16" else 1.0)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)  # step 1 copies the weights, as in timm's train.py
         self.totals.add(loss, targets.shape[0])
 
     def read_window_loss(self) -> float:

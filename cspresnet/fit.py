@@ -8,16 +8,17 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.loader import UnreadableImages
 from data.pipeline import build_loaders
-from data.transforms import DeviceNormalizer
+from data.transforms import DeviceNormalizer, build_batch_augment
 
 from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, CheckpointFolder, load_checkpoint
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
-from .engine import NonFiniteLossError, Trainer, build_grad_scaler, evaluate
+from .engine import NonFiniteLossError, Trainer, build_criterion, build_grad_scaler, evaluate
 from .model import build_model
 from .optim import build_optimizer, build_schedule
 from .recipe import Recipe, recipe_to_dict, recipe_to_yaml
@@ -69,8 +70,10 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     trainer = Trainer(
         model=model, train_model=model, optimizer=optimizer, scaler=build_grad_scaler(ctx.device, rt.amp),
         schedule=build_schedule(recipe, len(data.train_sampler)),
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
         normalize=DeviceNormalizer(ctx.device, rt.channels_last), amp=rt.amp,
+        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
+        ema=ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None,
     )
     unreadable = UnreadableImages(data.train_set, recipe.data.max_unreadable_batch_fraction,
                                   recipe.data.max_unreadable_fraction, ctx.world_size)
@@ -99,12 +102,18 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
                                      f"refusing to overwrite the last good checkpoint")
         if ctx.is_main:
             state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         model_ema=trainer.ema.module.state_dict() if trainer.ema else None,
                          scaler=trainer.scaler.state_dict(), step=trainer.step, **asdict(progress),
                          per_rank=per_rank, world_size=ctx.world_size, dataset=fingerprint,
                          classes=data.train_set.classes,
                          recipe=recipe_to_dict(recipe), metrics=progress.rows[-1] if progress.rows else None)
             folder.save(state, trainer.step, is_best)
         barrier()
+
+    def evaluate_weights(weights: torch.nn.Module):
+        return evaluate(weights, data.val, len(data.val_set), recipe.model.num_classes, trainer.normalize, rt.amp,
+                        on_unreadable=lambda index, reason: print(
+                            f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})"))
 
     stop = StopRequest()
     steps_per_epoch = data.train_sampler.steps_per_epoch
@@ -140,18 +149,22 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
 
         stats = trainer.finish_epoch(time.perf_counter() - started)
         trainer.check_numerics(rt.max_nonfinite_steps)
-        result = evaluate(model, data.val, len(data.val_set), recipe.model.num_classes, trainer.normalize, rt.amp,
-                          on_unreadable=lambda index, reason: print(
-                              f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})"))
-        is_best = result.top1 > progress.best_top1
-        progress.best_top1 = max(progress.best_top1, result.top1)
+
+        result = evaluate_weights(model)
+        row = dict(epoch=epoch + 1, step=trainer.step, lr=trainer.lr, train_loss=stats.loss, eval_loss=result.loss,
+                   top1=result.top1, top5=result.top5)
+        score = result.top1
+        if trainer.ema is not None:  # best.pt is chosen on the better of the two
+            ema_result = evaluate_weights(trainer.ema.module)
+            row.update(ema_eval_loss=ema_result.loss, ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+            score = max(score, ema_result.top1)
+        is_best = score > progress.best_top1
+        progress.best_top1 = max(progress.best_top1, score)
         unreadable_count = int(all_reduce_sum(torch.tensor([float(unreadable.epoch_count)], device=ctx.device)).item())
         unreadable.epoch_count = 0
-        progress.rows.append(dict(
-            epoch=epoch + 1, step=trainer.step, lr=trainer.lr, train_loss=stats.loss, eval_loss=result.loss,
-            top1=result.top1, top5=result.top5, images_per_s=stats.images_per_s, epoch_seconds=stats.seconds,
-            eval_seconds=result.seconds, nonfinite_steps=stats.nonfinite_steps, unreadable_images=unreadable_count,
-        ))
+        row.update(images_per_s=stats.images_per_s, epoch_seconds=stats.seconds, eval_seconds=result.seconds,
+                   nonfinite_steps=stats.nonfinite_steps, unreadable_images=unreadable_count)
+        progress.rows.append(row)
         progress.epoch, progress.step_in_epoch, progress.epoch_seconds = epoch + 1, 0, 0.0
         save(is_best)
         log.epoch(progress.rows[-1])
@@ -171,6 +184,11 @@ def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: Di
             fingerprint: str) -> Progress:
     """Put the run back where the checkpoint left it, down to every rank's random generators."""
     trainer.model.load_state_dict(state["model"])
+    if trainer.ema is not None:
+        if state.get("model_ema") is None:
+            raise CheckpointError("this recipe keeps an EMA of the weights but the checkpoint has none; "
+                                  "resume with ema.enabled=false or start a new run")
+        trainer.ema.module.load_state_dict(state["model_ema"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step = state["step"]
@@ -216,13 +234,13 @@ def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
 
 
 def announce(recipe: Recipe, ctx: DistContext, data, trainer: Trainer, output: Path, resumed) -> None:
-    schedule = trainer.schedule
+    total = recipe.epochs * data.train_sampler.steps_per_epoch
     print(f"{ctx.world_size} process(es) on {ctx.device.type}; {len(data.train_set)} train / "
           f"{len(data.val_set)} val images; global batch {recipe.batch_size}; lr {recipe.scaled_lr():g} "
           f"(optim.lr {recipe.optim.lr:g} x {recipe.batch_size}/{recipe.optim.reference_batch_size} "
-          f"{recipe.optim.lr_scaling}); {schedule.total} steps; output {output}", flush=True)
-    if schedule.burn_in >= schedule.total:
-        print(f"warning: the burn-in ({schedule.burn_in} steps) is longer than the run ({schedule.total} steps); "
-              f"the learning rate never reaches {schedule.base_lr:g}", flush=True)
+          f"{recipe.optim.lr_scaling}); {total} steps; output {output}", flush=True)
+    if trainer.schedule.warmup_steps >= total:
+        print(f"warning: the warmup ({trainer.schedule.warmup_steps} steps) is longer than the run ({total} steps); "
+              f"the learning rate never reaches {recipe.scaled_lr():g}", flush=True)
     if resumed is not None:
         print(f"resumed from {resumed[0]} at step {trainer.step}", flush=True)

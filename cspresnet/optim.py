@@ -1,8 +1,10 @@
 """The optimizer and the learning-rate schedule of a recipe."""
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List
 
 import torch
+from timm.optim import RMSpropTF
+from timm.scheduler import StepLRScheduler
 from torch import nn
 
 from .recipe import Recipe
@@ -20,10 +22,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD, fused: one kernel for all tensors, and it takes the GradScaler's inf/NaN flag on
-    the device, so a non-finite step is skipped without a host sync."""
+    """SGD is fused: one kernel for all tensors, and it takes the GradScaler's inf/NaN flag
+    on the device, so a non-finite step is skipped without a host sync. timm's RMSpropTF is
+    not, so with it the GradScaler reads that flag on the host once per step."""
     o = recipe.optim
     groups = parameter_groups(model, o.weight_decay, o.decay_norm_and_bias)
+    if o.name == "rmsproptf":
+        return RMSpropTF(groups, lr=recipe.scaled_lr(), alpha=o.alpha, eps=o.eps, momentum=o.momentum)
     optimizer = torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov, fused=True)
     if o.momentum > 0:
         # Fused SGD allocates the buffers uninitialised on its first step and leaves them so
@@ -48,13 +53,44 @@ class DarknetPolySchedule:
     total: int
     power: float
 
+    @property
+    def warmup_steps(self) -> int:
+        return self.burn_in
+
     def __call__(self, step: int) -> float:
         if step < self.burn_in:
             return self.base_lr * (step / self.burn_in) ** self.power
         return self.base_lr * max(0.0, 1.0 - step / self.total) ** self.power
 
 
-def build_schedule(recipe: Recipe, steps_per_epoch: int) -> DarknetPolySchedule:
+class StepSchedule:
+    """timm's StepLRScheduler, counted in optimizer steps instead of epochs, so that the
+    warmup is linear per step and the staircase falls exactly every decay_epochs.
+
+    timm's train.py sets the rate for update k from t = k - 1 (step_update after each
+    update), and so do we. warmup_prefix=False is timm's default: the staircase counts from
+    step 0, the warmup only overrides its start.
+    """
+
+    def __init__(self, base_lr: float, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
+                 decay_epochs: float, decay_rate: float):
+        holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)  # timm reads base_lr from it
+        self.base_lr = base_lr
+        self.warmup_steps = round(warmup_epochs * steps_per_epoch)
+        self.timm = StepLRScheduler(
+            holder, decay_t=decay_epochs * steps_per_epoch, decay_rate=decay_rate,
+            warmup_t=self.warmup_steps, warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False,
+        )
+
+    def __call__(self, step: int) -> float:
+        return self.timm._get_lr(step - 1)[0]  # timm's pure t -> rate (no noise configured)
+
+
+def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
+    s = recipe.schedule
+    if s.name == "step":
+        return StepSchedule(recipe.scaled_lr(), steps_per_epoch, s.warmup_epochs, s.warmup_lr, s.decay_epochs,
+                            s.decay_rate)
     return DarknetPolySchedule(
         base_lr=recipe.scaled_lr(),
         burn_in=recipe.burn_in_steps(),

@@ -23,7 +23,7 @@ class DataConfig:
     dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/
     img_size: int = 256  # training crop
     workers: int = 8  # loader processes per training process
-    train_interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
     crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = 0.5
@@ -36,6 +36,19 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Augmentations beyond crop and flip; all off by default (timm's implementations)."""
+
+    auto_augment: str = ""  # RandAugment policy, e.g. rand-m9-mstd0.5; "" = off
+    random_erasing: float = 0.0  # probability per image, applied to the normalised batch on the device
+    random_erasing_mode: Literal["pixel", "rand", "const"] = "pixel"
+    mixup_alpha: float = 0.0  # mixup on when > 0
+    cutmix_alpha: float = 0.0  # cutmix on when > 0
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+
+
+@dataclass
 class ModelConfig:
     num_classes: int = 1000
     drop_rate: float = 0.0  # dropout before the classifier
@@ -44,21 +57,36 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd"] = "sgd"
+    name: Literal["sgd", "rmsproptf"] = "sgd"  # rmsproptf: timm's RMSpropTF (TensorFlow 1 behaviour)
     lr: float = 0.1  # for a global batch of reference_batch_size
     reference_batch_size: int = 128
     lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
     momentum: float = 0.9
-    nesterov: bool = False
+    nesterov: bool = False  # sgd only
+    eps: float = 1e-3  # rmsproptf only
+    alpha: float = 0.9  # rmsproptf only: decay of the squared-gradient average
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = False  # False: no weight decay on BatchNorm and bias parameters
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["darknet_poly"] = "darknet_poly"
+    name: Literal["darknet_poly", "step"] = "darknet_poly"
+    # darknet_poly: lr * (it/burn_in)^power during burn-in, then lr * (1 - it/total)^power
     burn_in_iters: int = 1000  # at reference_batch_size; scaled to keep the same number of images
-    power: float = 4.0  # burn-in lr * (it/burn_in)^power, then lr * (1 - it/total)^power
+    power: float = 4.0
+    # step (timm's StepLRScheduler, per iteration): linear warmup from warmup_lr, then
+    # lr * decay_rate^floor(epochs / decay_epochs)
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    decay_epochs: float = 2.4
+    decay_rate: float = 0.97
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
+    decay: float = 0.9999
 
 
 @dataclass
@@ -84,9 +112,11 @@ class Recipe:
     seed: int = 0
     label_smoothing: float = 0.1
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -95,6 +125,9 @@ class Recipe:
         if self.optim.lr_scaling == "none":
             return self.optim.lr
         return self.optim.lr * self.batch_size / self.optim.reference_batch_size
+
+    def mixing(self) -> bool:
+        return self.augment.mixup_alpha > 0 or self.augment.cutmix_alpha > 0
 
     def burn_in_steps(self) -> int:
         """Burn-in length in optimizer steps at this global batch (same number of images)."""
@@ -276,9 +309,21 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise RecipeError(f"recipe key '{key}' must be {allowed}, got {value!r}")
 
 
+def _only_for(section: Any, prefix: str, chosen: str, keys_by_name: Dict[str, Tuple[str, ...]]) -> None:
+    """A key that belongs to another choice than the chosen one must keep its default."""
+    defaults = type(section)()
+    for name, keys in keys_by_name.items():
+        if name == chosen:
+            continue
+        for key in keys:
+            if getattr(section, key) != getattr(defaults, key):
+                raise RecipeError(f"recipe key '{prefix}.{key}' only applies to {prefix}.name={name}, "
+                                  f"but {prefix}.name is {chosen}")
+
+
 def validate(recipe: Recipe) -> None:
     """Reject values that type-check but cannot work."""
-    r, d, o, s = recipe, recipe.data, recipe.optim, recipe.schedule
+    r, d, o, s, a = recipe, recipe.data, recipe.optim, recipe.schedule, recipe.augment
     _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
     _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
     _require(r.seed >= 0, "seed", ">= 0", r.seed)
@@ -299,8 +344,28 @@ def validate(recipe: Recipe) -> None:
     _require(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0.0, "optim.weight_decay", ">= 0", o.weight_decay)
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "false when optim.momentum is 0", o.nesterov)
+    _only_for(o, "optim", o.name, {"sgd": ("nesterov",), "rmsproptf": ("eps", "alpha")})
+    _require(o.eps > 0.0, "optim.eps", "> 0", o.eps)
+    _require(0.0 < o.alpha < 1.0, "optim.alpha", "in (0, 1)", o.alpha)
+    _only_for(s, "schedule", s.name, {"darknet_poly": ("burn_in_iters", "power"),
+                                      "step": ("warmup_epochs", "warmup_lr", "decay_epochs", "decay_rate")})
     _require(s.burn_in_iters >= 0, "schedule.burn_in_iters", ">= 0", s.burn_in_iters)
     _require(s.power > 0.0, "schedule.power", "> 0", s.power)
+    _require(s.warmup_epochs >= 0.0, "schedule.warmup_epochs", ">= 0", s.warmup_epochs)
+    _require(s.warmup_lr >= 0.0, "schedule.warmup_lr", ">= 0", s.warmup_lr)
+    _require(s.decay_epochs > 0.0, "schedule.decay_epochs", "> 0", s.decay_epochs)
+    _require(0.0 < s.decay_rate <= 1.0, "schedule.decay_rate", "in (0, 1]", s.decay_rate)
+    _require(a.auto_augment == "" or a.auto_augment.startswith("rand-"), "augment.auto_augment",
+             "'' (off) or a RandAugment policy like rand-m9-mstd0.5", a.auto_augment)
+    _require(0.0 <= a.random_erasing <= 1.0, "augment.random_erasing", "a probability in [0, 1]", a.random_erasing)
+    _require(a.mixup_alpha >= 0.0, "augment.mixup_alpha", ">= 0 (0: off)", a.mixup_alpha)
+    _require(a.cutmix_alpha >= 0.0, "augment.cutmix_alpha", ">= 0 (0: off)", a.cutmix_alpha)
+    _require(0.0 <= a.mixup_prob <= 1.0, "augment.mixup_prob", "a probability in [0, 1]", a.mixup_prob)
+    _require(0.0 <= a.mixup_switch_prob <= 1.0, "augment.mixup_switch_prob", "a probability in [0, 1]",
+             a.mixup_switch_prob)
+    _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
+             r.batch_size)
+    _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
     _require(0.0 < d.max_unreadable_batch_fraction < 1.0, "data.max_unreadable_batch_fraction",
              "in (0, 1): a batch must keep at least one image", d.max_unreadable_batch_fraction)
     _require(0.0 <= d.max_unreadable_fraction < 1.0, "data.max_unreadable_fraction", "in [0, 1)",

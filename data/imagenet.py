@@ -4,6 +4,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -83,20 +84,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextmanager
 def seeded_randomness(seed: int) -> Iterator[None]:
-    """Seed torch's and Python's global generators for one sample, then restore them.
+    """Seed torch's, Python's and NumPy's global generators for one sample, then restore them.
 
-    torchvision and timm augmentations draw from these globals; seeding them per sample
-    makes each image's crop and flip a function of (seed, epoch, index), independent of
-    which worker process draws it.
+    torchvision and timm augmentations (crop, flip, RandAugment) draw from these globals;
+    seeding them per sample makes each image's augmentation a function of (seed, epoch,
+    index), independent of which worker process draws it.
     """
-    python_state = random.getstate()
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed % 2**32)
         try:
             yield
         finally:
             random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 # What a file that cannot be decoded raises: Pillow's UnidentifiedImageError and "image

@@ -31,7 +31,8 @@ def build_loaders(recipe: Recipe, rank: int, world_size: int, pin_memory: bool) 
     d = recipe.data
     train_set, val_set = build_imagenet_splits(
         d.dir,
-        train_transform(d.img_size, d.crop_scale, d.crop_ratio, d.train_interpolation, d.hflip),
+        train_transform(d.img_size, d.crop_scale, d.crop_ratio, d.train_interpolation, d.hflip,
+                        recipe.augment.auto_augment),
         eval_transform(d.eval_img_size, d.eval_crop_pct, d.eval_interpolation),
         seed=recipe.seed,
     )

@@ -7,11 +7,13 @@ float32 operations as torchvision's ToTensor + Normalize, so results are bit-ide
 timm's CPU transform.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import Mixup, RandomResizedCropAndInterpolation, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -35,10 +37,18 @@ def train_transform(
     ratio: Tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: str = "bilinear",
     hflip: float = 0.5,
+    auto_augment: str = "",
 ) -> transforms.Compose:
-    steps = [transforms.RandomResizedCrop(img_size, scale=scale, ratio=ratio, interpolation=INTERPOLATIONS[interpolation])]
+    """timm's training transform: random-resized crop (interpolation may be 'random':
+    bilinear or bicubic per image), flip, then RandAugment with timm's hyper-parameters."""
+    steps = [RandomResizedCropAndInterpolation(img_size, scale=scale, ratio=ratio, interpolation=interpolation)]
     if hflip > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip))
+    if auto_augment:
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
+        if interpolation != "random":
+            hparams["interpolation"] = Image.Resampling[interpolation.upper()]
+        steps.append(rand_augment_transform(auto_augment, hparams))
     steps.append(pil_to_hwc_uint8)
     return transforms.Compose(steps)
 
@@ -69,3 +79,31 @@ class DeviceNormalizer:
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
         batch = batch.float().div_(255).sub_(self.mean).div_(self.std)
         return batch.contiguous(memory_format=self.memory_format)
+
+
+class BatchAugment:
+    """The augmentations that timm applies to a whole normalised batch on the device:
+    random erasing (as timm's prefetcher does), then mixup/cutmix, which also turns the
+    targets into soft labels (with the label smoothing folded in)."""
+
+    def __init__(self, erasing: Optional[RandomErasing], mixup: Optional[Mixup]):
+        self.erasing = erasing
+        self.mixup = mixup
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        if self.erasing is not None:
+            inputs = self.erasing(inputs)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets)
+        return inputs, targets
+
+
+def build_batch_augment(augment, label_smoothing: float, num_classes: int, device: torch.device) -> Optional[BatchAugment]:
+    """None when the recipe asks for neither (the seed recipe)."""
+    erasing = RandomErasing(augment.random_erasing, mode=augment.random_erasing_mode, device=device) \
+        if augment.random_erasing > 0 else None
+    mixup = None
+    if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
+        mixup = Mixup(mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha, prob=augment.mixup_prob,
+                      switch_prob=augment.mixup_switch_prob, label_smoothing=label_smoothing, num_classes=num_classes)
+    return BatchAugment(erasing, mixup) if erasing or mixup else None
