@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, help="crop size (default: the checkpoint's recipe, else 256)")
     parser.add_argument("--crop-pct", type=float, help="resize short side to img_size / crop_pct (default 0.887)")
     parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), help="resize filter (default bilinear)")
+    parser.add_argument("--decode", choices=["full", "fast"],
+                        help="full: timm's transform bit for bit (default); fast: libjpeg-turbo, one-step crop and resize")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch (default 256)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per rank")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none", help="autocast dtype (default none: fp32)")
@@ -73,6 +75,7 @@ def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
     data.eval_img_size = args.img_size or data.eval_img_size
     data.eval_crop_pct = args.crop_pct or data.eval_crop_pct
     data.eval_interpolation = args.interpolation or data.eval_interpolation
+    data.eval_decode = args.decode or data.eval_decode
     return data
 
 
@@ -108,7 +111,8 @@ def main(argv=None) -> dict:
 
     ctx = init_distributed(args.device)
     model = model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation)
+    transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation,
+                               settings.eval_decode)
     dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
     loader = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
                                args.workers, pin_memory=ctx.device.type == "cuda")
@@ -123,7 +127,8 @@ def main(argv=None) -> dict:
         top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images, unreadable=result.unreadable,
         eval_loss=round(result.loss, 5), checkpoint=str(args.checkpoint), weights=weights, num_classes=num_classes,
         layout=eval_set.layout, img_size=settings.eval_img_size, crop_pct=settings.eval_crop_pct,
-        interpolation=settings.eval_interpolation, amp=args.amp, channels_last=args.channels_last,
+        interpolation=settings.eval_interpolation, decode=settings.eval_decode, amp=args.amp,
+        channels_last=args.channels_last,
         world_size=ctx.world_size, device=ctx.device.type,
         images_per_s=round(result.images / max(result.seconds, 1e-9), 1),
     )

@@ -1,5 +1,6 @@
 """A training run: build everything from the recipe, resume if asked, then the epoch loop
 with its checkpoints, logs and stop conditions."""
+import dataclasses
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,10 @@ def find_resume_checkpoint(resume: Optional[str], folder: CheckpointFolder):
 def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
     """Train; returns the process exit code (0, or EXIT_PREEMPTED after a stop signal)."""
     rt = recipe.runtime
+    if rt.amp == "bf16" and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if ctx.is_main:
+            print(f"warning: {torch.cuda.get_device_name(ctx.device)} has no bf16: runtime.amp=fp16 instead", flush=True)
+        rt = dataclasses.replace(rt, amp="fp16")
     folder = CheckpointFolder(output, recipe.checkpoint.keep_last)
     resumed = find_resume_checkpoint(resume, folder)
     barrier()  # every rank has read the checkpoint before rank 0 may replace it
@@ -62,7 +67,7 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    data = build_loaders(recipe, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    data = build_loaders(recipe, ctx.rank, ctx.world_size, ctx.device)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
     model = model.to(ctx.device, memory_format=memory_format)

@@ -27,9 +27,11 @@ class DataConfig:
     crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = 0.5
+    train_decode: Literal["fast", "full", "gpu"] = "fast"  # fast: libjpeg-turbo + DCT scaling; gpu: nvJPEG
+    eval_decode: Literal["full", "fast"] = "full"  # full: timm's evaluation, bit for bit
     eval_img_size: int = 256
     eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
-    eval_interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     eval_batch_size: int = 256  # global, like batch_size
     max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
     max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded
@@ -366,6 +368,9 @@ def validate(recipe: Recipe) -> None:
     _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
              r.batch_size)
     _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
+    _require(d.train_decode != "gpu" or not a.auto_augment, "data.train_decode",
+             "fast or full with augment.auto_augment (RandAugment runs on the CPU, before any GPU decode)",
+             d.train_decode)
     _require(0.0 < d.max_unreadable_batch_fraction < 1.0, "data.max_unreadable_batch_fraction",
              "in (0, 1): a batch must keep at least one image", d.max_unreadable_batch_fraction)
     _require(0.0 <= d.max_unreadable_fraction < 1.0, "data.max_unreadable_fraction", "in [0, 1)",

@@ -3,11 +3,12 @@ mid-epoch) and evaluation (every image exactly once across ranks)."""
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .gpu_decode import EncodedBatch, EncodedImage
 from .imagenet import ImageFolderDataset, UnreadableDataError
 
 
@@ -72,7 +73,7 @@ class EvalSampler(Sampler[int]):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 (n, H, W, 3): the decodable images only
+    images: Union[torch.Tensor, EncodedBatch]  # uint8 (n, H, W, 3), or JPEGs to decode on the GPU
     targets: torch.Tensor  # (n,)
     indices: torch.Tensor  # (n,) their dataset indices
     unreadable: List[Tuple[int, str]]  # (dataset index, reason) for each sample that failed to decode
@@ -89,7 +90,9 @@ def collate_batch(samples) -> Batch:
     """Stack the decodable samples; list the others with their reason."""
     good = [s for s in samples if s[0] is not None]
     unreadable = [(index, error) for image, _, index, error in samples if image is None]
-    if good:
+    if good and isinstance(good[0][0], EncodedImage):
+        images = EncodedBatch([s[0] for s in good])
+    elif good:
         images = torch.stack([s[0] for s in good])
     else:
         images = torch.empty(0, dtype=torch.uint8)

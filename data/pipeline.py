@@ -1,9 +1,11 @@
 """From a recipe to the training and evaluation loaders of one process."""
 from dataclasses import dataclass
+import torch
 from torch.utils.data import DataLoader
 
 from cspresnet.recipe import Recipe, RecipeError
 
+from .gpu_decode import gpu_decode_available, warn_fallback
 from .imagenet import ImageFolderDataset, build_imagenet_splits
 from .loader import TrainSampler, build_eval_loader, build_train_loader
 from .transforms import eval_transform, train_transform
@@ -27,13 +29,20 @@ def per_process(global_size: int, world_size: int, key: str) -> int:
     return global_size // world_size
 
 
-def build_loaders(recipe: Recipe, rank: int, world_size: int, pin_memory: bool) -> Loaders:
+def build_loaders(recipe: Recipe, rank: int, world_size: int, device: torch.device) -> Loaders:
     d = recipe.data
+    decode = d.train_decode
+    if decode == "gpu":
+        available, reason = gpu_decode_available(device)
+        if not available:
+            warn_fallback(reason)
+            decode = "fast"
+    pin_memory = device.type == "cuda"
     train_set, val_set = build_imagenet_splits(
         d.dir,
         train_transform(d.img_size, d.crop_scale, d.crop_ratio, d.train_interpolation, d.hflip,
-                        recipe.augment.auto_augment),
-        eval_transform(d.eval_img_size, d.eval_crop_pct, d.eval_interpolation),
+                        recipe.augment.auto_augment, decode),
+        eval_transform(d.eval_img_size, d.eval_crop_pct, d.eval_interpolation, d.eval_decode),
         seed=recipe.seed,
     )
     if len(train_set.classes) != recipe.model.num_classes:

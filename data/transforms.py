@@ -1,13 +1,16 @@
-"""Per-image transforms (on PIL images, in loader workers) and the batch normalisation
-(on the training device).
+"""Per-image transforms (on PIL images, in loader workers) and the batch work on the
+training device (normalisation, random erasing, mixup).
 
 Workers return uint8 HWC tensors: a quarter of the bytes of float32 through the worker
 queues and the host-to-device copy. Normalisation then runs on the device with the same
 float32 operations as torchvision's ToTensor + Normalize, so results are bit-identical to
 timm's CPU transform.
+
+Each transform decodes its file itself (see fast_decode.ImageTransform): "full" decodes
+the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,18 +20,44 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, load_rgb
+from .gpu_decode import EncodedBatch, EncodedRandomResizedCrop, decode_batch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
 }
 
 
 def pil_to_hwc_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+
+class FullDecode(ImageTransform):
+    """Decode the whole file to RGB with Pillow, then run PIL transforms on it: timm's way."""
+
+    def __init__(self, steps: transforms.Compose):
+        self.steps = steps
+
+    def decode(self, path: str) -> Image.Image:
+        return load_rgb(path)
+
+    def finish(self, image: Image.Image) -> torch.Tensor:
+        return self.steps(image)
+
+    def __repr__(self) -> str:
+        return f"FullDecode({self.steps})"
+
+
+def rand_augment(img_size: int, auto_augment: str, interpolation: str):
+    """timm's RandAugment with the hyper-parameters timm's training transform gives it."""
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
+    if interpolation != "random":
+        hparams["interpolation"] = Image.Resampling[interpolation.upper()]
+    return rand_augment_transform(auto_augment, hparams)
 
 
 def train_transform(
@@ -38,19 +67,26 @@ def train_transform(
     interpolation: str = "bilinear",
     hflip: float = 0.5,
     auto_augment: str = "",
-) -> transforms.Compose:
-    """timm's training transform: random-resized crop (interpolation may be 'random':
-    bilinear or bicubic per image), flip, then RandAugment with timm's hyper-parameters."""
+    decode: str = "full",
+) -> ImageTransform:
+    """Random-resized crop (interpolation may be 'random': bilinear or bicubic per image),
+    flip, RandAugment. decode="full" is timm's transform exactly; "fast" draws the crops
+    from the same distribution and decodes faster (fast_decode); "gpu" draws them and
+    leaves the decoding to the device (gpu_decode)."""
+    augment = rand_augment(img_size, auto_augment, interpolation) if auto_augment else None
+    names = ["bilinear", "bicubic"] if interpolation == "random" else [interpolation]
+    if decode == "fast":
+        return FastRandomResizedCrop(img_size, scale, ratio, names, hflip, augment)
+    if decode == "gpu":  # the worker half; the normaliser decodes on the device
+        if augment is not None:
+            raise ValueError("RandAugment works on PIL images in the workers and cannot follow a GPU decode")
+        return EncodedRandomResizedCrop(img_size, scale, ratio, names, hflip)
     steps = [RandomResizedCropAndInterpolation(img_size, scale=scale, ratio=ratio, interpolation=interpolation)]
     if hflip > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip))
-    if auto_augment:
-        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
-        if interpolation != "random":
-            hparams["interpolation"] = Image.Resampling[interpolation.upper()]
-        steps.append(rand_augment_transform(auto_augment, hparams))
-    steps.append(pil_to_hwc_uint8)
-    return transforms.Compose(steps)
+    if augment is not None:
+        steps.append(augment)
+    return FullDecode(transforms.Compose([*steps, pil_to_hwc_uint8]))
 
 
 def eval_resize_size(img_size: int, crop_pct: float) -> int:
@@ -58,16 +94,21 @@ def eval_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)
 
 
-def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear") -> transforms.Compose:
-    return transforms.Compose([
+def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear", decode: str = "full") -> ImageTransform:
+    """decode="full" is timm's evaluation transform, bit for bit; "fast" resizes only the
+    kept region, decoded by libjpeg-turbo (faster; predictions move slightly)."""
+    if decode == "fast":
+        return FastCenterCrop(img_size, eval_resize_size(img_size, crop_pct), interpolation)
+    return FullDecode(transforms.Compose([
         transforms.Resize(eval_resize_size(img_size, crop_pct), interpolation=INTERPOLATIONS[interpolation]),
         transforms.CenterCrop(img_size),
         pil_to_hwc_uint8,
-    ])
+    ]))
 
 
 class DeviceNormalizer:
-    """uint8 NHWC batch on the host -> normalised float32 NCHW batch on the device."""
+    """uint8 NHWC batch on the host (or JPEGs, decoded on the device first) -> normalised
+    float32 NCHW batch on the device."""
 
     def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.device = device
@@ -75,7 +116,9 @@ class DeviceNormalizer:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Union[torch.Tensor, EncodedBatch]) -> torch.Tensor:
+        if isinstance(batch, EncodedBatch):
+            batch = decode_batch(batch, self.device)
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
         batch = batch.float().div_(255).sub_(self.mean).div_(self.std)
         return batch.contiguous(memory_format=self.memory_format)

@@ -1,8 +1,25 @@
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from data.sample_data import generate
+from tests.helpers import STARTED
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes():
+    """A failed test must not leave its training processes running (they hold the cores)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
 
 
 @pytest.fixture(scope="session")

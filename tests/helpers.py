@@ -37,11 +37,16 @@ def torchrun(nproc: int, *args, extra=("--standalone",)):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, *args]
 
 
+STARTED = []  # every process start() made; conftest kills what is left of them after each test
+
+
 def start(args, **popen) -> subprocess.Popen:
     """Start a command in the repository, in its own session, its output unbuffered as text."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    process = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    STARTED.append(process)
+    return process
 
 
 def read_until(process: subprocess.Popen, marker: str) -> str:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.imagenet import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split, load_rgb
+from data.fast_decode import load_rgb
+from data.imagenet import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split
 from data.loader import EvalSampler, TrainSampler
 from data.transforms import eval_transform, train_transform
 

@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from data.imagenet import load_rgb
+from data.fast_decode import load_rgb
 from data.transforms import DeviceNormalizer, eval_resize_size, eval_transform
 
 
 def ours(path, img_size, crop_pct, interpolation, channels_last=False):
-    hwc = eval_transform(img_size, crop_pct, interpolation)(load_rgb(str(path)))
+    hwc = eval_transform(img_size, crop_pct, interpolation)(str(path))
     return DeviceNormalizer(torch.device("cpu"), channels_last)(hwc[None])[0]
 
 

@@ -5,7 +5,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 

@@ -1,0 +1,1 @@
+"""Benchmarks a user can run: the input pipeline, the model step, and both together."""

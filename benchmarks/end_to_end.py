@@ -1,0 +1,128 @@
+"""End-to-end training throughput with real JPEGs: loader, transfer, model step, as
+train.py runs them (ours), or as timm's train.py runs them (timm.data.create_loader with
+its CUDA prefetcher, timm's cspresnet50), with the same optimizer, batch, precision and
+memory format. On a GPU it also reports peak memory and achieved TFLOP/s.
+
+    python -m benchmarks.end_to_end --data-dir DIR --pipeline ours --steps 50 batch_size=128 data.workers=16
+"""
+import argparse
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from benchmarks.common import print_result
+from cspresnet.engine import Trainer, autocast, build_criterion, build_grad_scaler
+from cspresnet.model import build_model
+from cspresnet.optim import build_optimizer, build_schedule
+from cspresnet.recipe import load_recipe
+from data.pipeline import build_loaders
+from data.transforms import DeviceNormalizer
+
+FLOP_PER_TRAINING_IMAGE = 27e9  # 3 x 2 x 4.5 GMAC at 256 px (DESIGN.md section 2)
+
+
+def bf16_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """The GPU's measured dense bf16 matmul rate, the ceiling to compare against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def ours(recipe, device: torch.device):
+    """An endless iterator of training steps, train.py's way; yields images per step."""
+    data = build_loaders(recipe, 0, 1, device)
+    rt = recipe.runtime
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = build_model(recipe.model.num_classes).to(device, memory_format=memory_format)
+    trainer = Trainer(model=model, train_model=torch.compile(model) if rt.compile else model,
+                      optimizer=build_optimizer(model, recipe), scaler=build_grad_scaler(device, rt.amp),
+                      schedule=build_schedule(recipe, len(data.train_sampler)),
+                      criterion=build_criterion(False, recipe.label_smoothing),
+                      normalize=DeviceNormalizer(device, rt.channels_last), amp=rt.amp)
+    epoch = 0
+    while True:
+        data.train_sampler.set_epoch(epoch)
+        for batch in data.train:
+            trainer.train_step(batch)
+            yield len(batch.targets)
+        epoch += 1
+
+
+def timms(recipe, device: torch.device):
+    """timm's train.py path: create_loader with its prefetcher (uint8 to the GPU, normalised
+    there), its model, our optimizer (the same SGD)."""
+    rt = recipe.runtime
+    dataset = timm.data.ImageDataset(str(Path(recipe.data.dir) / "train"))
+    loader = timm.data.create_loader(
+        dataset, input_size=(3, recipe.data.img_size, recipe.data.img_size), batch_size=recipe.batch_size,
+        is_training=True, color_jitter=None, interpolation=recipe.data.train_interpolation,
+        num_workers=recipe.data.workers, device=device, use_prefetcher=device.type == "cuda", persistent_workers=True)
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = timm.create_model("cspresnet50", num_classes=recipe.model.num_classes).to(device, memory_format=memory_format)
+    train_model = torch.compile(model) if rt.compile else model
+    optimizer = build_optimizer(model, recipe)
+    criterion = build_criterion(False, recipe.label_smoothing)
+    while True:
+        for inputs, targets in loader:
+            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            targets = targets.to(device, non_blocking=True)
+            with autocast(device, rt.amp):
+                loss = criterion(train_model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            yield len(targets)
+
+
+def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int = 5, overrides=()) -> dict:
+    recipe = load_recipe("cspresnet50.yaml", list(overrides), data_dir=str(data_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
+    torch.backends.cudnn.benchmark = True
+    steps_iter = ours(recipe, device) if pipeline == "ours" else timms(recipe, device)
+    for _ in range(warmup):
+        next(steps_iter)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += next(steps_iter)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"pipeline": pipeline, "device": device.type, "batch_size": recipe.batch_size,
+              "img_size": recipe.data.img_size, "workers": recipe.data.workers, "amp": recipe.runtime.amp,
+              "channels_last": recipe.runtime.channels_last, "compile": recipe.runtime.compile,
+              "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
+              "steps": steps, "images_per_s": round(images / seconds, 1)}
+    if device.type == "cuda":
+        achieved = images / seconds * FLOP_PER_TRAINING_IMAGE / 1e12
+        peak = bf16_peak_tflops(device)
+        result.update(peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      achieved_tflops=round(achieved, 1), bf16_peak_tflops=round(peak, 1),
+                      fraction_of_peak=round(achieved / peak, 3))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--pipeline", choices=["ours", "timm"], default="ours")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for cspresnet50.yaml, e.g. batch_size=256")
+    args = parser.parse_args()
+    print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""How far the fast evaluation decode moves predictions from the exact (timm) one, and
+how much faster it is: the same checkpoint and images through both.
+
+    python -m benchmarks.eval_drift --checkpoint runs/demo/best.pt --data-dir sample_imagenet
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import print_result
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.engine import evaluate
+from cspresnet.model import build_model
+from cspresnet.recipe import DataConfig, recipe_from_dict
+from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
+from data.imagenet import ImageFolderDataset
+from data.loader import build_eval_loader
+from data.transforms import DeviceNormalizer, eval_transform
+from data.val_layouts import read_eval_set
+
+
+def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: int = 0) -> dict:
+    torch.set_num_threads(1)
+    checkpoint = load_checkpoint(checkpoint_path)
+    state_dict, _ = extract_state_dict(checkpoint)
+    data = recipe_from_dict(checkpoint["recipe"]).data if isinstance(checkpoint.get("recipe"), dict) else DataConfig()
+    model = build_model(num_classes_of(state_dict))
+    load_weights_strict(model, state_dict)
+    folder = data_dir / split if (data_dir / split).is_dir() else data_dir
+    eval_set = read_eval_set(folder)
+    results = {}
+    for decode in ("full", "fast"):
+        transform = eval_transform(data.eval_img_size, data.eval_crop_pct, data.eval_interpolation, decode)
+        dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
+        loader = build_eval_loader(dataset, 64, 1, 0, workers, pin_memory=False)
+        results[decode] = evaluate(model, loader, len(dataset), len(eval_set.classes),
+                                   DeviceNormalizer(torch.device("cpu"), False), "none", keep_logits=True)
+    full, fast = results["full"], results["fast"]
+    return {"images": full.images, "img_size": data.eval_img_size, "top1_full": round(full.top1, 3),
+            "top1_fast": round(fast.top1, 3),
+            "top1_agreement": round(100.0 * (full.predictions[:, 0] == fast.predictions[:, 0]).double().mean().item(), 3),
+            "max_logit_difference": round((full.logits - fast.logits).abs().max().item(), 4),
+            "mean_logit_difference": round((full.logits - fast.logits).abs().mean().item(), 5),
+            "seconds_full": round(full.seconds, 2), "seconds_fast": round(fast.seconds, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--split", default="val")
+    args = parser.parse_args()
+    print_result(measure(args.checkpoint, args.data_dir, args.split))
+
+
+if __name__ == "__main__":
+    main()

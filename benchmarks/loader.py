@@ -1,0 +1,77 @@
+"""Loader-only throughput: ours against timm's, on any ImageNet-layout folder.
+
+    python -m benchmarks.loader --data-dir DIR --split train --workers 0 --pipeline ours
+    python -m benchmarks.loader --data-dir DIR --split train --workers 0 --pipeline timm
+
+Both produce what reaches the GPU: uint8 batches, normalised later on the device (timm's
+prefetcher path, which its train.py uses on GPUs). Same augmentation on both sides:
+random-resized crop 0.08-1 / 3:4-4:3, bilinear, flip, no colour jitter; for val, the
+256 px / 0.887 / bilinear evaluation transform. --workers 0 measures one core; the final
+line is JSON with images_per_s (and images_per_s_per_core).
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from timm.data import ImageDataset, create_transform
+from timm.data.loader import fast_collate
+from torch.utils.data import DataLoader
+
+from benchmarks.common import print_result
+from data.imagenet import ImageFolderDataset, find_classes, index_split
+from data.loader import collate_batch
+from data.transforms import eval_transform, train_transform
+
+
+def build(pipeline: str, folder: Path, split: str, img_size: int, decode: str):
+    """(dataset, collate) for one pipeline."""
+    if pipeline == "timm":
+        transform = create_transform(img_size, is_training=split == "train", use_prefetcher=True, color_jitter=None,
+                                     interpolation="bilinear", crop_pct=0.887)
+        return ImageDataset(str(folder), transform=transform), fast_collate
+    classes = find_classes(folder)
+    transform = train_transform(img_size, decode=decode) if split == "train" else \
+        eval_transform(img_size, 0.887, decode=decode)
+    return ImageFolderDataset(index_split(folder, classes), classes, transform, seed=0), collate_batch
+
+
+def measure(pipeline: str, data_dir: Path, split: str, workers: int, img_size: int = 256, batch_size: int = 64,
+            max_images: int = 0, decode: str = "") -> dict:
+    decode = decode or ("fast" if split == "train" else "full")
+    if workers == 0:
+        torch.set_num_threads(1)  # one core, all of it in this process
+    dataset, collate = build(pipeline, Path(data_dir) / split, split, img_size, decode)
+    count = len(dataset) if not max_images else min(max_images, len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(count))
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    iterator = iter(loader)
+    first = next(iterator)  # worker start-up and the first batch are not throughput
+    seen, start = 0, time.perf_counter()
+    for batch in iterator:
+        seen += len(batch[1]) if pipeline == "timm" else len(batch.targets)
+    seconds = time.perf_counter() - start
+    del first
+    return {"pipeline": pipeline, "split": split, "workers": workers, "decode": decode if pipeline == "ours" else "pillow",
+            "images": seen, "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1),
+            "images_per_s_per_core": round(seen / seconds / max(workers, 1), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--split", choices=["train", "val"], default="train")
+    parser.add_argument("--workers", type=int, default=0, help="0: in this process, one core")
+    parser.add_argument("--pipeline", choices=["ours", "timm"], default="ours")
+    parser.add_argument("--decode", choices=["fast", "full"], help="ours only (default: fast for train, full for val)")
+    parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=0, help="at most this many (default: all)")
+    args = parser.parse_args()
+    print_result(measure(args.pipeline, args.data_dir, args.split, args.workers, args.img_size, args.batch_size,
+                         args.images, args.decode or ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The fast CPU path: decode with libjpeg-turbo (simplejpeg, about 1.5x Pillow's decode
+here), at 1/2, 1/4 or 1/8 size in the DCT domain when the crop will be shrunk at least
+that much anyway, then crop and resize in one antialiased step on the uint8 tensor.
+
+The crop geometry is drawn from RandomResizedCrop's distribution (timm's sampler); the pixels
+differ slightly from a full Pillow decode and resize (libjpeg-turbo's fast IDCT and
+upsampling, torch's resize kernel). Files libjpeg-turbo does not read as RGB JPEG (PNG
+behind a .JPEG name, CMYK) go through Pillow, as timm's path does.
+"""
+import math
+import random
+from typing import Callable, Sequence, Tuple
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+from timm.data import RandomResizedCropAndInterpolation
+
+Box = Tuple[int, int, int, int]  # top, left, height, width in pixels of the stored image
+
+
+class ImageTransform:
+    """Two stages, so that the dataset can tell a broken file from a broken transform:
+    `decode` reads the file (and fails on a bad one), `finish` only computes."""
+
+    def decode(self, path: str):
+        raise NotImplementedError
+
+    def finish(self, decoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.finish(self.decode(path))
+
+
+_buffer = np.empty(0, dtype=np.uint8)  # reused decode target: a fresh 0.5 MB array a call costs page faults
+
+
+def _decode_buffer(size: int) -> np.ndarray:
+    global _buffer
+    if _buffer.size < size:
+        _buffer = np.empty(size, dtype=np.uint8)
+    return _buffer
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Pillow's full decode, to RGB whatever the stored mode (ImageNet has grayscale and
+    CMYK JPEGs, and a PNG behind a .JPEG name): timm's way of reading a file."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _pillow_rgb(path: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8, copy=True))
+
+
+def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, interpolation: str) -> torch.Tensor:
+    """Decode `path`, take the box that choose_box(height, width) picks, resize it to
+    size x size; uint8 HWC. The JPEG is decoded at 1/2^k scale when the box is at least
+    2^k times the output in both directions (k <= 3)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    pixels, scale = None, 1
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:  # not a JPEG that libjpeg-turbo reads (a PNG, say): Pillow decides
+        colorspace = None
+    if colorspace in ("YCbCr", "Gray", "RGB"):
+        top, left, box_height, box_width = choose_box(height, width)
+        shrink = min(box_height, box_width) / size
+        scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
+        try:
+            pixels = torch.from_numpy(simplejpeg.decode_jpeg(
+                data, colorspace="RGB", fastdct=True, fastupsample=True, buffer=_decode_buffer(height * width * 3),
+                min_height=math.ceil(height / scale), min_width=math.ceil(width / scale)))
+        except ValueError:  # truncated or damaged: Pillow decides whether it can be read at all
+            pixels = None
+    if pixels is None:  # Pillow, at full size, as timm reads every file
+        pixels = _pillow_rgb(path)
+        scale = 1
+        top, left, box_height, box_width = choose_box(pixels.shape[0], pixels.shape[1])
+    top, left = round(top / scale), round(left / scale)
+    region = pixels[top:top + max(1, round(box_height / scale)), left:left + max(1, round(box_width / scale))]
+    # As a channels_last NCHW batch of one, torch's uint8 antialiased resize runs its fast
+    # kernel and returns channels_last too: HWC with no transposing copy. (The copy of the
+    # region also frees the decode buffer for the next image.)
+    nchw = region.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    resized = torch.nn.functional.interpolate(nchw, size=(size, size), mode=interpolation, antialias=True)
+    return resized[0].permute(1, 2, 0)
+
+
+class FastRandomResizedCrop(ImageTransform):
+    """RandomResizedCrop's crop distribution, then flip and (optionally) PIL-side steps such
+    as RandAugment."""
+
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float],
+                 interpolations: Sequence[str], hflip: float,
+                 pil_steps: Callable[[Image.Image], Image.Image] = None):
+        self.size = size
+        self.scale = list(scale)
+        self.ratio = list(ratio)
+        self.interpolations = list(interpolations)  # 'bilinear'/'bicubic'; several: one per image (timm's 'random')
+        self.hflip = hflip
+        self.pil_steps = pil_steps
+
+    def _box(self, height: int, width: int) -> Box:
+        # timm's get_params: torchvision's distribution, drawn with Python's random (~10 us
+        # against ~80 us for torchvision's scalar tensor ops).
+        return RandomResizedCropAndInterpolation.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+
+    def decode(self, path: str) -> torch.Tensor:
+        interpolation = self.interpolations[0] if len(self.interpolations) == 1 else random.choice(self.interpolations)
+        return decode_region(path, self._box, self.size, interpolation)
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.hflip > 0 and random.random() < self.hflip:
+            pixels = pixels.flip(1)
+        if self.pil_steps is not None:
+            pixels = torch.from_numpy(np.array(self.pil_steps(Image.fromarray(pixels.numpy())), dtype=np.uint8))
+        return pixels
+
+
+class FastCenterCrop(ImageTransform):
+    """The evaluation crop (short side to resize_to, centre crop img_size) as one resize of
+    the region that the crop keeps; torchvision's Resize/CenterCrop arithmetic."""
+
+    def __init__(self, img_size: int, resize_to: int, interpolation: str):
+        self.img_size = img_size
+        self.resize_to = resize_to
+        self.interpolation = interpolation
+
+    def _box(self, height: int, width: int) -> Box:
+        if width <= height:
+            new_width, new_height = self.resize_to, int(self.resize_to * height / width)
+        else:
+            new_width, new_height = int(self.resize_to * width / height), self.resize_to
+        top = int(round((new_height - self.img_size) / 2.0)) * height / new_height
+        left = int(round((new_width - self.img_size) / 2.0)) * width / new_width
+        return round(top), round(left), round(self.img_size * height / new_height), round(self.img_size * width / new_width)
+
+    def decode(self, path: str) -> torch.Tensor:
+        return decode_region(path, self._box, self.img_size, self.interpolation)
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels

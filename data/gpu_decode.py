@@ -1,0 +1,107 @@
+"""JPEG decoding on the GPU (nvJPEG through torchvision), for boxes with few CPU cores.
+
+Loader workers only read the file, parse its header and draw the crop (the same draw as
+the CPU path); the GPU decodes the whole batch in one call, then crops, resizes and flips
+each image. Files nvJPEG does not take (PNG behind a .JPEG name, CMYK) are decoded by the
+worker on the CPU and travel as pixels. The same code runs with device=cpu, which is how
+it is tested on machines without a GPU.
+"""
+import random
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import simplejpeg
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .fast_decode import Box, FastRandomResizedCrop, decode_region
+
+
+@dataclass
+class EncodedImage:
+    """One training image on its way to the GPU: JPEG bytes and what to do with them, or
+    pixels already decoded on the CPU."""
+
+    data: Optional[torch.Tensor]  # uint8 bytes of the file, or None
+    pixels: Optional[torch.Tensor]  # uint8 HWC, already cropped and resized, or None
+    box: Box
+    flip: bool
+    interpolation: str
+    size: int  # output side
+
+
+@dataclass
+class EncodedBatch:
+    images: List[EncodedImage]
+
+    def pin_memory(self) -> "EncodedBatch":
+        return self
+
+
+class EncodedRandomResizedCrop(FastRandomResizedCrop):
+    """The worker half of GPU decoding: the crop, flip and interpolation are drawn here,
+    exactly as FastRandomResizedCrop draws them."""
+
+    def decode(self, path: str) -> EncodedImage:
+        interpolation = self.interpolations[0] if len(self.interpolations) == 1 else random.choice(self.interpolations)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None
+        if colorspace in ("YCbCr", "Gray", "RGB"):
+            box = self._box(height, width)
+            return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), None, box,
+                                self._flip(), interpolation, self.size)
+        pixels = decode_region(path, self._box, self.size, interpolation)
+        return EncodedImage(None, pixels, (0, 0, self.size, self.size), self._flip(), interpolation, self.size)
+
+    def _flip(self) -> bool:
+        return self.hflip > 0 and random.random() < self.hflip
+
+    def finish(self, encoded: EncodedImage) -> EncodedImage:
+        return encoded
+
+
+def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC on `device`: the JPEGs decoded there in one call, cropped and resized."""
+    size = batch.images[0].size
+    out = torch.empty(len(batch.images), 3, size, size, dtype=torch.uint8, device=device)
+    positions = [i for i, image in enumerate(batch.images) if image.data is not None]
+    decoded = decode_jpeg([batch.images[i].data for i in positions], mode=ImageReadMode.RGB, device=device) \
+        if positions else []
+    for position, chw in zip(positions, decoded):
+        image = batch.images[position]
+        top, left, height, width = image.box
+        region = chw[:, top:top + height, left:left + width].unsqueeze(0)
+        resized = torch.nn.functional.interpolate(region, size=(size, size), mode=image.interpolation, antialias=True)
+        out[position] = resized[0].flip(-1) if image.flip else resized[0]
+    for position, image in enumerate(batch.images):
+        if image.pixels is not None:
+            chw = image.pixels.permute(2, 0, 1).to(device, non_blocking=True)
+            out[position] = chw.flip(-1) if image.flip else chw
+    return out.permute(0, 2, 3, 1)
+
+
+def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
+    """Whether nvJPEG decodes here; if not, the reason, for the fallback message."""
+    if device.type != "cuda":
+        return False, "no CUDA GPU"
+    try:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+        decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device=device)
+    except RuntimeError as exc:
+        return False, f"torchvision cannot decode JPEG on {device} ({exc})"
+    return True, ""
+
+
+def warn_fallback(reason: str) -> None:
+    print(f"warning: data.train_decode=gpu but {reason}: decoding on the CPU workers (fast) instead", file=sys.stderr,
+          flush=True)
