@@ -85,15 +85,17 @@ def test_two_processes_sigkill_then_resume_is_bitwise_exact(tiny_imagenet, tmp_p
     assert_same_run(output, two_process_baseline)
 
 
-def test_sigterm_saves_and_exits_75_then_resumes_exactly(tiny_imagenet, tmp_path, one_process_baseline):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_and_exits_75_then_resumes_exactly(tiny_imagenet, tmp_path, one_process_baseline,
+                                                                stop_signal):
     output = tmp_path / "run"
     process = start([sys.executable, *train_args(tiny_imagenet, output)])
     read_until(process, "step 3 ")
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     rest = process.communicate(timeout=120)[0]
     assert process.returncode == EXIT_PREEMPTED, rest
     stopped_at = load_checkpoint(output / "last.pt")["step"]
-    assert 3 <= stopped_at < 6 and f"checkpoint saved at step {stopped_at}" in rest
+    assert 3 <= stopped_at < 6 and f"stopping on {stop_signal.name}: checkpoint saved at step {stopped_at}" in rest
     run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
     assert_same_run(output, one_process_baseline)
 
