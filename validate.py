@@ -24,10 +24,9 @@ from tqdm import tqdm
 from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import evaluate
-from cspresnet.model import build_model
-from cspresnet.recipe import DataConfig, RecipeError, recipe_from_dict
+from cspresnet.recipe import DataConfig, RecipeError
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
-from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
+from cspresnet.weights import load_cspresnet, trained_data_config
 from data.imagenet import DatasetLayoutError, ImageFolderDataset
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform
@@ -71,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
     """Command line first, then the checkpoint's recipe, then timm's cspresnet50 defaults."""
-    data = recipe_from_dict(checkpoint["recipe"]).data if isinstance(checkpoint.get("recipe"), dict) else DataConfig()
+    data = trained_data_config(checkpoint)
     data.eval_img_size = args.img_size or data.eval_img_size
     data.eval_crop_pct = args.crop_pct or data.eval_crop_pct
     data.eval_interpolation = args.interpolation or data.eval_interpolation
@@ -98,11 +97,9 @@ def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labe
 def main(argv=None) -> dict:
     args = parse_args(argv)
     checkpoint = load_checkpoint(Path(args.checkpoint))
-    state_dict, weights = extract_state_dict(checkpoint, args.weights)
-    num_classes = num_classes_of(state_dict)
+    model, weights = load_cspresnet(checkpoint, args.weights)
+    num_classes = model.num_classes
     settings = eval_settings(args, checkpoint)
-    model = build_model(num_classes)
-    load_weights_strict(model, state_dict)  # another architecture fails here, listing the keys
 
     folder = Path(args.data_dir).expanduser()
     folder = folder / args.split if (folder / args.split).is_dir() else folder

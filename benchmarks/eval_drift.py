@@ -11,9 +11,7 @@ import torch
 from benchmarks.common import print_result
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.engine import evaluate
-from cspresnet.model import build_model
-from cspresnet.recipe import DataConfig, recipe_from_dict
-from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
+from cspresnet.weights import load_cspresnet, trained_data_config
 from data.imagenet import ImageFolderDataset
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, eval_transform
@@ -23,10 +21,8 @@ from data.val_layouts import read_eval_set
 def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: int = 0) -> dict:
     torch.set_num_threads(1)
     checkpoint = load_checkpoint(checkpoint_path)
-    state_dict, _ = extract_state_dict(checkpoint)
-    data = recipe_from_dict(checkpoint["recipe"]).data if isinstance(checkpoint.get("recipe"), dict) else DataConfig()
-    model = build_model(num_classes_of(state_dict))
-    load_weights_strict(model, state_dict)
+    model, _ = load_cspresnet(checkpoint)
+    data = trained_data_config(checkpoint)
     folder = data_dir / split if (data_dir / split).is_dir() else data_dir
     eval_set = read_eval_set(folder)
     results = {}

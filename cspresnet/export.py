@@ -16,8 +16,7 @@ import timm
 from timm.models import save_for_hf
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .recipe import DataConfig, recipe_from_dict
-from .weights import extract_state_dict, load_weights_strict, num_classes_of
+from .weights import extract_state_dict, load_weights_strict, num_classes_of, trained_data_config
 
 
 def export_for_timm(checkpoint_path: Path, out_dir: Path, weights: str = "auto") -> Path:
@@ -25,8 +24,7 @@ def export_for_timm(checkpoint_path: Path, out_dir: Path, weights: str = "auto")
     checkpoint = load_checkpoint(checkpoint_path)
     state_dict, _ = extract_state_dict(checkpoint, weights)
     num_classes = num_classes_of(state_dict)
-    recipe = checkpoint.get("recipe")
-    data = recipe_from_dict(recipe).data if isinstance(recipe, dict) else DataConfig()
+    data = trained_data_config(checkpoint)
     # Written through timm's own writer, from timm's model, so the files are what timm expects.
     model = timm.create_model("cspresnet50", pretrained=False, num_classes=num_classes)
     load_weights_strict(model, state_dict)

@@ -2,6 +2,7 @@
 with its checkpoints, logs and stop conditions."""
 import dataclasses
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,7 +119,8 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     def evaluate_weights(weights: torch.nn.Module):
         return evaluate(weights, data.val, len(data.val_set), recipe.model.num_classes, trainer.normalize, rt.amp,
                         on_unreadable=lambda index, reason: print(
-                            f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})"))
+                            f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})",
+                            file=sys.stderr))
 
     stop = StopRequest()
     steps_per_epoch = data.train_sampler.steps_per_epoch

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .model import CSPResNet50, build_model
+from .recipe import DataConfig, recipe_from_dict
 
 
 def extract_state_dict(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[Dict[str, torch.Tensor], str]:
@@ -64,3 +66,18 @@ def load_weights_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -
             "these weights are not CSPResNet-50's (timm 'cspresnet50' layout): " + "; ".join(p for p in parts if p)
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_cspresnet(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[CSPResNet50, str]:
+    """Our model with the checkpoint's weights (strictly), and which weights they are."""
+    state_dict, kind = extract_state_dict(checkpoint, weights)
+    model = build_model(num_classes_of(state_dict))
+    load_weights_strict(model, state_dict)  # another architecture fails here, listing the keys
+    return model, kind
+
+
+def trained_data_config(checkpoint: Dict[str, Any]) -> DataConfig:
+    """The data settings of the recipe a checkpoint was trained with; timm's cspresnet50
+    defaults (256 px, crop 0.887, bilinear) for weights that carry no recipe."""
+    recipe = checkpoint.get("recipe")
+    return recipe_from_dict(recipe).data if isinstance(recipe, dict) else DataConfig()

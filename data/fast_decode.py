@@ -9,7 +9,7 @@ behind a .JPEG name, CMYK) go through Pillow, as timm's path does.
 """
 import math
 import random
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import simplejpeg
@@ -55,18 +55,26 @@ def _pillow_rgb(path: str) -> torch.Tensor:
     return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8, copy=True))
 
 
+def read_jpeg(path: str) -> Tuple[bytes, Optional[Tuple[int, int]]]:
+    """The file's bytes, and its (height, width) if libjpeg-turbo (and nvJPEG) can decode it
+    to RGB; None for anything else (a PNG behind a .JPEG name, a CMYK JPEG): Pillow's job."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return data, None
+    return data, (height, width) if colorspace in ("YCbCr", "Gray", "RGB") else None
+
+
 def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, interpolation: str) -> torch.Tensor:
     """Decode `path`, take the box that choose_box(height, width) picks, resize it to
     size x size; uint8 HWC. The JPEG is decoded at 1/2^k scale when the box is at least
     2^k times the output in both directions (k <= 3)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data, dimensions = read_jpeg(path)
     pixels, scale = None, 1
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:  # not a JPEG that libjpeg-turbo reads (a PNG, say): Pillow decides
-        colorspace = None
-    if colorspace in ("YCbCr", "Gray", "RGB"):
+    if dimensions is not None:
+        height, width = dimensions
         top, left, box_height, box_width = choose_box(height, width)
         shrink = min(box_height, box_width) / size
         scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
@@ -109,12 +117,17 @@ class FastRandomResizedCrop(ImageTransform):
         # against ~80 us for torchvision's scalar tensor ops).
         return RandomResizedCropAndInterpolation.get_params(torch.empty(0, height, width), self.scale, self.ratio)
 
+    def _interpolation(self) -> str:
+        return self.interpolations[0] if len(self.interpolations) == 1 else random.choice(self.interpolations)
+
+    def _flip(self) -> bool:
+        return self.hflip > 0 and random.random() < self.hflip
+
     def decode(self, path: str) -> torch.Tensor:
-        interpolation = self.interpolations[0] if len(self.interpolations) == 1 else random.choice(self.interpolations)
-        return decode_region(path, self._box, self.size, interpolation)
+        return decode_region(path, self._box, self.size, self._interpolation())
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.hflip > 0 and random.random() < self.hflip:
+        if self._flip():
             pixels = pixels.flip(1)
         if self.pil_steps is not None:
             pixels = torch.from_numpy(np.array(self.pil_steps(Image.fromarray(pixels.numpy())), dtype=np.uint8))

@@ -6,16 +6,16 @@ each image. Files nvJPEG does not take (PNG behind a .JPEG name, CMYK) are decod
 worker on the CPU and travel as pixels. The same code runs with device=cpu, which is how
 it is tested on machines without a GPU.
 """
-import random
+import io
 import sys
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-import simplejpeg
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .fast_decode import Box, FastRandomResizedCrop, decode_region
+from .fast_decode import Box, FastRandomResizedCrop, decode_region, read_jpeg
 
 
 @dataclass
@@ -44,22 +44,14 @@ class EncodedRandomResizedCrop(FastRandomResizedCrop):
     exactly as FastRandomResizedCrop draws them."""
 
     def decode(self, path: str) -> EncodedImage:
-        interpolation = self.interpolations[0] if len(self.interpolations) == 1 else random.choice(self.interpolations)
-        with open(path, "rb") as handle:
-            data = handle.read()
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:
-            colorspace = None
-        if colorspace in ("YCbCr", "Gray", "RGB"):
-            box = self._box(height, width)
+        interpolation = self._interpolation()
+        data, dimensions = read_jpeg(path)
+        if dimensions is not None:
+            box = self._box(*dimensions)
             return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), None, box,
                                 self._flip(), interpolation, self.size)
         pixels = decode_region(path, self._box, self.size, interpolation)
         return EncodedImage(None, pixels, (0, 0, self.size, self.size), self._flip(), interpolation, self.size)
-
-    def _flip(self) -> bool:
-        return self.hflip > 0 and random.random() < self.hflip
 
     def finish(self, encoded: EncodedImage) -> EncodedImage:
         return encoded
@@ -90,10 +82,6 @@ def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
     if device.type != "cuda":
         return False, "no CUDA GPU"
     try:
-        import io
-
-        from PIL import Image
-
         buffer = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buffer, "JPEG")
         decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device=device)

@@ -1,4 +1,5 @@
 """Index an ImageNet-layout folder and read its images as RGB."""
+import os
 import random
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,16 +32,25 @@ class UnreadableDataError(RuntimeError):
 Sample = Tuple[str, int]
 
 
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def image_files(folder: Path) -> List[str]:
+    """The image file names in a folder, sorted. os.scandir gets file types from the
+    directory listing itself: no stat per file, which matters for 1.28M files on NFS."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_file() and not e.name.startswith(".")
+                      and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def subfolders(folder: Path) -> List[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
 def find_classes(split_dir: Path) -> List[str]:
     if not split_dir.is_dir():
         raise DatasetLayoutError(f"{split_dir} does not exist or is not a folder; {EXPECTED_LAYOUT}")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = subfolders(split_dir)
     if not classes:
-        loose = sum(1 for p in split_dir.iterdir() if p.is_file() and is_image_file(p))
+        loose = len(image_files(split_dir))
         hint = f" It holds {loose} image files directly: a flat folder, not class folders." if loose else ""
         raise DatasetLayoutError(f"{split_dir} has no class folders.{hint} {EXPECTED_LAYOUT}")
     return classes
@@ -59,10 +69,10 @@ def index_split(split_dir: Path, classes: Sequence[str]) -> List[Sample]:
     empty = []
     for target, name in enumerate(classes):
         folder = split_dir / name
-        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)) if folder.is_dir() else []
+        files = image_files(folder) if folder.is_dir() else []
         if not files:
             empty.append(name)
-        samples.extend((str(p), target) for p in files)
+        samples.extend((str(folder / file), target) for file in files)
     if empty:
         raise DatasetLayoutError(
             f"{split_dir}: {len(empty)} of {len(classes)} classes have no images "

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
-from .imagenet import EXPECTED_LAYOUT, DatasetLayoutError, Sample, index_split, is_image_file
+from .imagenet import EXPECTED_LAYOUT, DatasetLayoutError, Sample, image_files, index_split, subfolders
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
@@ -90,7 +90,7 @@ def labels_from(label_file: Path) -> ValLabels:
 
 
 def flat_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    return [folder / name for name in image_files(folder)]
 
 
 def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
@@ -98,15 +98,15 @@ def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder} does not exist or is not a folder; {EXPECTED_LAYOUT}")
-    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subfolders:
-        if all(name.isdigit() for name in subfolders):
-            classes = [str(i) for i in range(len(subfolders))]  # numeric order, not string order
-            if sorted(subfolders, key=int) != classes:
+    folders = subfolders(folder)
+    if folders:
+        if all(name.isdigit() for name in folders):
+            classes = [str(i) for i in range(len(folders))]  # numeric order, not string order
+            if sorted(folders, key=int) != classes:
                 raise DatasetLayoutError(f"{folder}: numbered class folders (ImageNetV2) must be 0..{len(classes) - 1}, "
-                                         f"got {subfolders[:5]}...")
+                                         f"got {folders[:5]}...")
             return EvalSet(index_split(folder, classes), classes, "imagenetv2")
-        return EvalSet(index_split(folder, subfolders), subfolders, "class-folders")
+        return EvalSet(index_split(folder, folders), folders, "class-folders")
 
     images = flat_images(folder)
     if not images:
