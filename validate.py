@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.distributed import init_distributed, shutdown
-from cspresnet.engine import evaluate
+from cspresnet.engine import configure_kernels, evaluate
 from cspresnet.recipe import DataConfig, RecipeError
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
 from cspresnet.weights import load_cspresnet, trained_data_config
@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
     check_labels(eval_set, checkpoint.get("classes"), num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
+    configure_kernels(deterministic=False)  # eval shapes are fixed: let cuDNN pick its fastest kernels
     model = model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation,
                                settings.eval_decode)

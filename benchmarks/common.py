@@ -1,10 +1,12 @@
-"""Shared by the benchmarks: machine facts and the final JSON line."""
+"""Shared by the benchmarks (and the tests): machine facts, the final JSON line, and a
+stand-in for trained weights."""
 import json
 import os
 import platform
 import subprocess
 from datetime import datetime, timezone
 
+import timm
 import torch
 
 
@@ -25,10 +27,35 @@ def machine() -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=True).stdout.strip()
         facts["commit"] = commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git: say which commit it was
+        if os.environ.get("BENCHMARK_COMMIT"):
+            facts["commit"] = os.environ["BENCHMARK_COMMIT"]
     return facts
 
 
 def print_result(result: dict) -> None:
     print(json.dumps(result), flush=True)
+
+
+def perturb_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every BN's statistics and affine parameters off their init, so that a wrong
+    layer order, a missed buffer or near-tied logits would show."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+def stand_in_timm_model(num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """timm's cspresnet50 with BN statistics, gammas and head moved off their init, so
+    that its logits are well separated (an untrained init gives near-ties). No trained
+    weights may be downloaded here; this is what the parity checks run instead."""
+    torch.manual_seed(seed)
+    model = timm.create_model("cspresnet50", num_classes=num_classes).eval()
+    perturb_batchnorm(model, seed)
+    torch.nn.init.normal_(model.head.fc.weight, std=0.002)  # logits of order 10
+    return model

@@ -13,12 +13,12 @@ import timm
 import torch
 
 from benchmarks.common import print_result
-from cspresnet.engine import Trainer, autocast, build_criterion, build_grad_scaler
+from cspresnet.engine import autocast, build_criterion, configure_kernels
+from cspresnet.fit import build_trainer
 from cspresnet.model import build_model
-from cspresnet.optim import build_optimizer, build_schedule
+from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
 from data.pipeline import build_loaders
-from data.transforms import DeviceNormalizer
 
 FLOP_PER_TRAINING_IMAGE = 27e9  # 3 x 2 x 4.5 GMAC at 256 px (DESIGN.md section 2)
 
@@ -40,14 +40,10 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> 
 def ours(recipe, device: torch.device):
     """An endless iterator of training steps, train.py's way; yields images per step."""
     data = build_loaders(recipe, 0, 1, device)
-    rt = recipe.runtime
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = build_model(recipe.model.num_classes).to(device, memory_format=memory_format)
-    trainer = Trainer(model=model, train_model=torch.compile(model) if rt.compile else model,
-                      optimizer=build_optimizer(model, recipe), scaler=build_grad_scaler(device, rt.amp),
-                      schedule=build_schedule(recipe, len(data.train_sampler)),
-                      criterion=build_criterion(False, recipe.label_smoothing),
-                      normalize=DeviceNormalizer(device, rt.channels_last), amp=rt.amp)
+    model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
+    trainer = build_trainer(recipe, model, device, recipe.runtime.amp, len(data.train_sampler))
+    if recipe.runtime.compile:
+        trainer.train_model = torch.compile(trainer.model)
     epoch = 0
     while True:
         data.train_sampler.set_epoch(epoch)
@@ -83,10 +79,11 @@ def timms(recipe, device: torch.device):
             yield len(targets)
 
 
-def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int = 5, overrides=()) -> dict:
-    recipe = load_recipe("cspresnet50.yaml", list(overrides), data_dir=str(data_dir))
+def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int = 5, overrides=(),
+            recipe_name: str = "cspresnet50.yaml") -> dict:
+    recipe = load_recipe(recipe_name, list(overrides), data_dir=str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
-    torch.backends.cudnn.benchmark = True
+    configure_kernels(recipe.runtime.deterministic)
     steps_iter = ours(recipe, device) if pipeline == "ours" else timms(recipe, device)
     for _ in range(warmup):
         next(steps_iter)
@@ -99,9 +96,10 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"pipeline": pipeline, "device": device.type, "batch_size": recipe.batch_size,
+    result = {"pipeline": pipeline, "recipe": recipe_name, "device": device.type, "batch_size": recipe.batch_size,
               "img_size": recipe.data.img_size, "workers": recipe.data.workers, "amp": recipe.runtime.amp,
               "channels_last": recipe.runtime.channels_last, "compile": recipe.runtime.compile,
+              "deterministic": recipe.runtime.deterministic,
               "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
               "steps": steps, "images_per_s": round(images / seconds, 1)}
     if device.type == "cuda":
@@ -117,11 +115,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--pipeline", choices=["ours", "timm"], default="ours")
+    parser.add_argument("--recipe", default="cspresnet50.yaml",
+                        help="ours: the recipe whose whole step is timed (augmentation, mixup, EMA included); "
+                             "timm's path always runs the seed recipe's augmentation")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="recipe overrides for cspresnet50.yaml, e.g. batch_size=256")
     args = parser.parse_args()
-    print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides))
+    print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides, args.recipe))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ decode costs about what a real ImageNet decode costs.
     python -m benchmarks.jpegs --out bench_imagenet --classes 10 --per-class 100
 """
 import argparse
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -32,20 +34,24 @@ def photo_like(rng: random.Random, size) -> Image.Image:
     return Image.blend(base, noise, rng.uniform(0.3, 0.45))
 
 
+def write_class(folder: Path, count: int, seed: str) -> None:
+    rng = random.Random(seed)  # one stream per folder, so the folders can be written in parallel
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = photo_like(rng, rng.choice(SIZES))
+        image.save(folder / f"{folder.name}_{i}.JPEG", "JPEG", quality=rng.randint(75, 95))
+
+
 def generate(out: Path, classes: int = 10, per_class: int = 100, val_per_class: int = 0, seed: int = 0) -> Path:
     """out/train/<wnid>/*.JPEG (and out/val/ when val_per_class > 0); kept if already there."""
     marker = out / "benchmark_jpegs.txt"
-    settings = f"{classes} {per_class} {val_per_class} {seed}"
+    settings = f"{classes} {per_class} {val_per_class} {seed} v2"
     if marker.is_file() and marker.read_text() == settings:
         return out
-    rng = random.Random(seed)
-    for split, count in (("train", per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = out / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = photo_like(rng, rng.choice(SIZES))
-                image.save(folder / f"n{c:08d}_{i}.JPEG", "JPEG", quality=rng.randint(75, 95))
+    jobs = [(out / split / f"n{c:08d}", count, f"{seed} {split} {c}")
+            for split, count in (("train", per_class), ("val", val_per_class)) if count for c in range(classes)]
+    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        list(pool.map(write_class, *zip(*jobs)))
     marker.write_text(settings)
     return out
 

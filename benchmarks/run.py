@@ -24,10 +24,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(args) -> dict:
+    """One benchmark in a fresh process; its JSON result, or the error it ended with (one
+    failed measurement must not cost the others, on a GPU lent for half an hour)."""
     command = [sys.executable, "-m", *map(str, args)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["command"] = "python -m " + " ".join(map(str, args))
+    shown = "python -m " + " ".join(map(str, args))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"failed: {shown}\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return {"error": (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1][:200],
+                "command": shown}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["command"] = shown
+    print(json.dumps(result), flush=True)
     return result
 
 
@@ -37,8 +45,12 @@ def median_of(rounds: int, *commands):
     for _ in range(rounds):
         for index, command in enumerate(commands):
             runs[index].append(run(command))
-    key = next(k for k in ("images_per_s", "ours_images_per_s") if k in runs[0][0])
-    return [sorted(r, key=lambda x: x[key])[len(r) // 2] for r in runs]
+    medians = []
+    for results in runs:
+        good = [r for r in results if "error" not in r]
+        key = "images_per_s" if good and "images_per_s" in good[0] else "ours_images_per_s"
+        medians.append(sorted(good, key=lambda x: x[key])[len(good) // 2] if good else results[0])
+    return medians
 
 
 def main() -> None:
@@ -48,14 +60,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/<date>-<device>.md)")
     args = parser.parse_args()
-    data = args.data_dir or generate(Path("bench_imagenet"), classes=10, per_class=200, val_per_class=50)
     gpu = torch.cuda.is_available()
+    # A GPU eats 2,000 images in under a second: 10,000 there, so that an epoch's end is rare.
+    data = args.data_dir or generate(Path("bench_imagenet"), classes=10, per_class=1000 if gpu else 200,
+                                     val_per_class=300 if gpu else 50)
     facts = machine()
     rows = []
 
     def loader(pipeline, split, workers, *extra):
         return ["benchmarks.loader", "--data-dir", data, "--split", split, "--workers", workers, "--pipeline", pipeline,
-                *extra]
+                "--images", (2000 if split == "train" else 1000) if workers == 0 else 0, *extra]
 
     per_core = median_of(args.rounds, loader("ours", "train", 0), loader("timm", "train", 0))
     rows.append(("Loader, train, 1 core (`--workers 0`)", per_core))
@@ -74,39 +88,59 @@ def main() -> None:
 
     e2e = ["benchmarks.end_to_end", "--data-dir", data]
     if gpu:
-        common = [f"data.workers={args.workers}", "batch_size=128", "model.num_classes=1000"]
-        e2e_rows = [run([*e2e, "--steps", 100, *common]),
-                    run([*e2e, "--steps", 100, *common, "runtime.compile=true"]),
-                    run([*e2e, "--steps", 100, *common, "data.train_decode=gpu"]),
-                    run([*e2e, "--pipeline", "timm", "--steps", 100, *common])]
+        common = ["--steps", 150, f"data.workers={args.workers}", "batch_size=128", "model.num_classes=1000"]
+        e2e_rows = [run([*e2e, *common]),
+                    run([*e2e, *common, "runtime.compile=true"]),
+                    run([*e2e, *common, "data.train_decode=gpu"]),
+                    run([*e2e, "--pipeline", "timm", *common]),
+                    run([*e2e, *common, "runtime.deterministic=true"]),
+                    run([*e2e, "--recipe", "cspresnet50_ra.yaml", *common])]
     else:
         classes = len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
         common = ["--steps", 4, "--warmup", 1, "batch_size=16", f"data.workers={args.workers}", "runtime.amp=none",
                   f"model.num_classes={classes}"]
         e2e_rows = [run([*e2e, *common]), run([*e2e, "--pipeline", "timm", *common])]
     rows.append(("End to end, training with JPEGs", e2e_rows))
+    if gpu:
+        rows.append(("AMP against fp32 in validate.py: top-1 flips (stand-in weights, see amp_flips.py)",
+                     [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers])]))
 
     name = f"{datetime.now(timezone.utc):%Y-%m-%d}-{'gpu' if gpu else 'cpu'}.md"
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(facts, data, rows, per_core, parallel, model_rows))
+    out.write_text(render(facts, data, rows, per_core, parallel, model_rows, e2e_rows if gpu else None))
     print(out)
 
 
-def render(facts, data, rows, per_core, parallel, model_rows) -> str:
+def ratio(a: dict, b: dict, key_a: str = "images_per_s", key_b: str = "images_per_s") -> str:
+    if key_a not in a or not b.get(key_b):
+        return "n/a (a measurement failed)"
+    return f"**{a[key_a] / b[key_b]:.2f}x**"
+
+
+def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> str:
     lines = [f"# Benchmark, {facts['date']}", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items() if key != "date"]
-    lines += [f"- data: `{data}`", "- command: `python -m benchmarks.run`", ""]
-    ratio = per_core[0]["images_per_s"] / per_core[1]["images_per_s"]
-    ratio_parallel = parallel[0]["images_per_s"] / parallel[1]["images_per_s"]
+    lines += [f"- data: `{data}`", f"- command: `{' '.join(['python -m benchmarks.run', *sys.argv[1:]])}`", ""]
     lines += ["## Summary", "",
-              f"- loader, one core: ours {per_core[0]['images_per_s']} img/s, timm {per_core[1]['images_per_s']} "
-              f"img/s: **{ratio:.2f}x**",
-              f"- loader, {parallel[0]['workers']} workers: **{ratio_parallel:.2f}x**",
-              f"- model-only train step, ours / timm: **{model_rows[0]['ours_over_timm']:.3f}x**", ""]
+              f"- loader, one core: ours {per_core[0].get('images_per_s')} img/s, timm "
+              f"{per_core[1].get('images_per_s')} img/s: {ratio(*per_core)}",
+              f"- loader, {parallel[0].get('workers')} workers: {ratio(*parallel)}",
+              f"- model-only train step, ours / timm: {ratio(model_rows[0], model_rows[0], 'ours_images_per_s', 'timm_images_per_s')}"]
+    if e2e_rows:  # GPU: does the GPU wait on data, and how do we stand against timm's path
+        plain, compiled, gpu_decode, timm_path, deterministic, ra = e2e_rows
+        eager_model, compiled_model = model_rows
+        lines += [
+            f"- end to end / model only (bf16, channels_last, eager): {ratio(plain, eager_model, 'images_per_s', 'ours_images_per_s')}",
+            f"- end to end / model only (compiled): {ratio(compiled, compiled_model, 'images_per_s', 'ours_images_per_s')}",
+            f"- end to end with GPU decode / model only (eager): {ratio(gpu_decode, eager_model, 'images_per_s', 'ours_images_per_s')}",
+            f"- end to end, ours / timm's train.py path (both eager): {ratio(plain, timm_path)}",
+            f"- end to end, deterministic kernels / default: {ratio(deterministic, plain)}",
+            f"- end to end, RA recipe (RandAugment, mixup, erasing, EMA) / seed recipe: {ratio(ra, plain)}"]
+    lines += [""]
     for title, results in rows:
         lines += [f"## {title}", ""]
-        keys = [k for k in results[0] if k != "command"]
+        keys = list(dict.fromkeys(k for r in results for k in r if k != "command"))
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in results]
         lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in results] + [""]

@@ -1,5 +1,6 @@
 """The training step, the per-epoch running totals, and evaluation."""
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -27,6 +28,19 @@ def autocast(device: torch.device, amp: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_kernels(deterministic: bool) -> None:
+    """By default cuDNN times its convolution algorithms and keeps the fastest, which may
+    differ from one process to the next and may add in a different order; `deterministic`
+    fixes both (and asks for deterministic versions of every other op), at a cost in speed,
+    so that a run on a GPU repeats, and resumes, bit for bit."""
+    if deterministic:
+        # cuBLAS reads this when it creates its handle; it must be set before the first matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def build_criterion(mixing: bool, label_smoothing: float) -> nn.Module:

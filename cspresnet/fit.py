@@ -20,7 +20,8 @@ from data.transforms import DeviceNormalizer, build_batch_augment
 
 from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, CheckpointFolder, load_checkpoint
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
-from .engine import NonFiniteLossError, Trainer, build_criterion, build_grad_scaler, evaluate
+from .engine import (NonFiniteLossError, Trainer, build_criterion, build_grad_scaler, configure_kernels,
+                     evaluate)
 from .model import build_model
 from .optim import build_optimizer, build_schedule
 from .recipe import Recipe, recipe_to_dict, recipe_to_yaml
@@ -38,6 +39,21 @@ class Progress:
     epoch_seconds: float = 0.0  # training time spent in the current epoch so far
     best_top1: float = float("-inf")
     rows: List[Dict] = field(default_factory=list)  # summary.csv, one row per completed epoch
+
+
+def build_trainer(recipe: Recipe, model: torch.nn.Module, device: torch.device, amp: str,
+                  steps_per_epoch: int) -> Trainer:
+    """Everything the recipe's training step needs around `model` (moved to `device`)."""
+    rt = recipe.runtime
+    model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    return Trainer(
+        model=model, train_model=model, optimizer=build_optimizer(model, recipe), scaler=build_grad_scaler(device, amp),
+        schedule=build_schedule(recipe, steps_per_epoch),
+        criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
+        normalize=DeviceNormalizer(device, rt.channels_last), amp=amp,
+        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, device),
+        ema=ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None,
+    )
 
 
 def find_resume_checkpoint(resume: Optional[str], folder: CheckpointFolder):
@@ -65,22 +81,14 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     resumed = find_resume_checkpoint(resume, folder)
     barrier()  # every rank has read the checkpoint before rank 0 may replace it
 
+    configure_kernels(rt.deterministic)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     data = build_loaders(recipe, ctx.rank, ctx.world_size, ctx.device)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
-    model = model.to(ctx.device, memory_format=memory_format)
-    optimizer = build_optimizer(model, recipe)
-    trainer = Trainer(
-        model=model, train_model=model, optimizer=optimizer, scaler=build_grad_scaler(ctx.device, rt.amp),
-        schedule=build_schedule(recipe, len(data.train_sampler)),
-        criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
-        normalize=DeviceNormalizer(ctx.device, rt.channels_last), amp=rt.amp,
-        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
-        ema=ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None,
-    )
+    trainer = build_trainer(recipe, model, ctx.device, rt.amp, len(data.train_sampler))
+    model, optimizer = trainer.model, trainer.optimizer
     unreadable = UnreadableImages(data.train_set, recipe.data.max_unreadable_batch_fraction,
                                   recipe.data.max_unreadable_fraction, ctx.world_size)
     fingerprint = dataset_fingerprint(data.train_set.samples)

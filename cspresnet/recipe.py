@@ -97,6 +97,7 @@ class RuntimeConfig:
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
     channels_last: bool = True
     compile: bool = False
+    deterministic: bool = False  # GPU: repeatable kernels, so a resumed run is bitwise exact there too; slower
     log_interval: int = 50  # steps between loss reads and stop checks (each read syncs the GPU)
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,9 +22,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Run a command in the repository with single-threaded math (2 cores, maybe 2 processes)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def child_env(gpu: bool, **extra) -> dict:
+    """Single-threaded math (2 cores, maybe 2 processes), and no GPU unless asked: the CPU
+    tests compare bits, and must compare the same bits on a machine with a GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_cli(args, timeout=300, check=True, gpu=False) -> subprocess.CompletedProcess:
+    """Run a command in the repository and wait for it."""
+    env = child_env(gpu)
     result = subprocess.run([str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -40,9 +48,9 @@ def torchrun(nproc: int, *args, extra=("--standalone",)):
 STARTED = []  # every process start() made; conftest kills what is left of them after each test
 
 
-def start(args, **popen) -> subprocess.Popen:
+def start(args, gpu=False, **popen) -> subprocess.Popen:
     """Start a command in the repository, in its own session, its output unbuffered as text."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env = child_env(gpu, PYTHONUNBUFFERED="1")
     process = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
     STARTED.append(process)
@@ -62,16 +70,3 @@ def read_until(process: subprocess.Popen, marker: str) -> str:
 def child_pids(pid: int):
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(p) for p in handle.read().split()]
-
-
-def perturb_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move every BN's statistics and affine parameters off their init, so that a wrong
-    layer order, a missed buffer or near-tied logits would show."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)

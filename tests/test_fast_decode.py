@@ -108,9 +108,12 @@ def test_fast_eval_crop_matches_the_exact_one_closely(tiny_imagenet):
         assert (a - b).abs().mean() < 8, path  # the box is whole source pixels: up to half a pixel off
 
 
-def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path):
-    """The GPU path's code, run with device=cpu: same crops and flips as the fast CPU path,
-    nearly the same pixels; PNG and CMYK files travel decoded."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)"))])
+def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
+    """The GPU decode path (with device=cpu its code runs through torchvision's CPU decoder):
+    same crops and flips as the fast CPU path, nearly the same pixels; PNG and CMYK files
+    travel decoded."""
     from data.gpu_decode import EncodedBatch
     from data.loader import collate_batch
     from data.transforms import DeviceNormalizer
@@ -131,9 +134,9 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path):
     kinds = [image.data is not None for image in encoded.images.images]
     assert kinds == [nvjpeg_takes(p) for p in paths]  # PNGs and CMYK JPEGs were decoded by the worker
     assert kinds[-2:] == [False, False] and sum(kinds) >= 8
-    normalize = DeviceNormalizer(torch.device("cpu"), channels_last=True)
-    on_device = normalize(encoded.images)
-    on_cpu = normalize(collate_batch([cpu[(0, i)] for i in range(len(paths))]).images)
+    on_device = DeviceNormalizer(torch.device(device), channels_last=True)(encoded.images).cpu()
+    on_cpu = DeviceNormalizer(torch.device("cpu"), channels_last=True)(
+        collate_batch([cpu[(0, i)] for i in range(len(paths))]).images)
     assert on_device.shape == on_cpu.shape == (12, 3, 48, 48)
     difference = (on_device - on_cpu).abs().mean(dim=(1, 2, 3)) * 0.226 * 255  # back to grey levels
     assert difference.max() < 3, difference

@@ -2,8 +2,8 @@ import pytest
 import timm
 import torch
 
+from benchmarks.common import perturb_batchnorm
 from cspresnet.model import CSPResNet50
-from tests.helpers import perturb_batchnorm
 
 
 def test_same_keys_shapes_and_initialisation_as_timm():

@@ -18,22 +18,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import ImageDataset, RealLabelsImagenet, create_transform, resolve_data_config
 
+from benchmarks.common import stand_in_timm_model
 from cspresnet.export import export_for_timm
 from cspresnet.reports import TIMM_RESULTS_COLUMNS, load_real_labels, real_accuracy
 from data.imagenet import DatasetLayoutError
 from data.sample_data import generate
 from data.val_layouts import arrange_by_class, read_eval_set
-from tests.helpers import perturb_batchnorm, run_cli, torchrun
-
-
-def perturbed_timm_model(num_classes: int, seed: int = 0) -> torch.nn.Module:
-    """timm's cspresnet50 with BN statistics, gammas and head moved off their init, so
-    that its logits are well separated (an untrained init gives near-ties)."""
-    torch.manual_seed(seed)
-    model = timm.create_model("cspresnet50", num_classes=num_classes).eval()
-    perturb_batchnorm(model, seed)
-    torch.nn.init.normal_(model.head.fc.weight, std=0.002)  # logits of order 10
-    return model
+from tests.helpers import run_cli, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def val_images(tmp_path_factory):
 def weights(tmp_path_factory, val_images):
     """Saved as timm's official .pth is: a plain state dict. The head's bias centres the
     logits on these images, so that the predicted class varies from image to image."""
-    model = perturbed_timm_model(3)
+    model = stand_in_timm_model(3)
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     images = torch.stack([image for image, _ in ImageDataset(str(val_images / "val"), transform=transform)])
     with torch.no_grad():
@@ -119,7 +110,7 @@ def test_every_checkpoint_form_gives_the_same_result(val_images, weights, tmp_pa
     state = model.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pth")
-    other = perturbed_timm_model(3, seed=1).state_dict()
+    other = stand_in_timm_model(3, seed=1).state_dict()
     torch.save({"model": other, "model_ema": state, "epoch": 3, "step": 9}, tmp_path / "last.pt")
 
     baseline = run_validate_small("--checkpoint", pth, "--data-dir", val_images)
@@ -309,7 +300,7 @@ def test_results_file_csv_row_and_real_labels_end_to_end(tmp_path, monkeypatch):
     archive = fake_devkit(tmp_path, wnids, [wnids[real[n - 1][0] if real[n - 1] else 0] for n in range(1, 11)])
     monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "devkit", (archive.name, hashlib.md5(archive.read_bytes()).hexdigest()))
     tv_imagenet.parse_devkit_archive(str(tmp_path), archive.name)
-    torch.save(perturbed_timm_model(1000).state_dict(), tmp_path / "w.pth")
+    torch.save(stand_in_timm_model(1000).state_dict(), tmp_path / "w.pth")
     result = run_validate_small("--checkpoint", tmp_path / "w.pth", "--data-dir", flat, "--devkit", tmp_path / "meta.bin",
                           "--real-labels", "--results-file", tmp_path / "r.json", "--results-csv", tmp_path / "r.csv",
                           "--logits-file", tmp_path / "logits.pt", "--name", "cspresnet50.test")
