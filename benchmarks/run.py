@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REUSED = {}  # command -> [results], from --reuse
 
 
-def run(args) -> dict:
+def run(args, timeout: float = 600) -> dict:
     """One benchmark in a fresh process; its JSON result, or the error it ended with (one
     failed measurement must not cost the others, on a GPU lent for half an hour)."""
     command = [sys.executable, "-m", *map(str, args)]
@@ -35,7 +35,11 @@ def run(args) -> dict:
         result = dict(REUSED[shown].pop(0), command=shown, reused=True)
         print(json.dumps(result), flush=True)
         return result
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"timed out after {timeout} s: {shown}", file=sys.stderr, flush=True)
+        return {"error": f"timed out after {timeout} s", "command": shown}
     if done.returncode != 0:
         print(f"failed: {shown}\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
         return {"error": (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1][:200],
@@ -105,12 +109,10 @@ def main() -> None:
     if gpu:
         classes = len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
         common = ["--steps", 100, f"data.workers={args.workers}", "batch_size=128", f"model.num_classes={classes}"]
-        e2e_rows = [run([*e2e, *common]),
-                    run([*e2e, *common, "runtime.compile=true"]),
-                    run([*e2e, *common, "data.train_decode=gpu"]),
-                    run([*e2e, "--pipeline", "timm", *common]),
-                    run([*e2e, *common, "runtime.deterministic=true"]),
-                    run([*e2e, "--recipe", "cspresnet50_ra.yaml", *common])]
+        e2e_rows = [run(command, timeout=180) for command in (
+            [*e2e, *common], [*e2e, *common, "runtime.compile=true"], [*e2e, *common, "data.train_decode=gpu"],
+            [*e2e, "--pipeline", "timm", *common], [*e2e, *common, "runtime.deterministic=true"],
+            [*e2e, "--recipe", "cspresnet50_ra.yaml", *common])]
     else:
         classes = len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
         common = ["--steps", 4, "--warmup", 1, "batch_size=16", f"data.workers={args.workers}", "runtime.amp=none",
@@ -119,7 +121,7 @@ def main() -> None:
     rows.append(("End to end, training with JPEGs", e2e_rows))
     if gpu:
         rows.append(("AMP against fp32 in validate.py: top-1 flips (stand-in weights, see amp_flips.py)",
-                     [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers])]))
+                     [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers], timeout=240)]))
 
     name = f"{datetime.now(timezone.utc):%Y-%m-%d}-{'gpu' if gpu else 'cpu'}.md"
     out = args.out or RESULTS / name

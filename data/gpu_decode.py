@@ -67,9 +67,12 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     for position, chw in zip(positions, decoded):
         image = batch.images[position]
         top, left, height, width = image.box
-        region = chw[:, top:top + height, left:left + width].unsqueeze(0)
+        # In float: CUDA has no antialiased resize for uint8 (torch 2.11). Rounding back to
+        # uint8 lands within one level of the CPU path's uint8 resize.
+        region = chw[:, top:top + height, left:left + width].unsqueeze(0).float()
         resized = torch.nn.functional.interpolate(region, size=(size, size), mode=image.interpolation, antialias=True)
-        out[position] = resized[0].flip(-1) if image.flip else resized[0]
+        resized = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        out[position] = resized.flip(-1) if image.flip else resized
     for position, image in enumerate(batch.images):
         if image.pixels is not None:
             chw = image.pixels.permute(2, 0, 1).to(device, non_blocking=True)
