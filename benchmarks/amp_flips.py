@@ -74,7 +74,8 @@ def stand_in_folder(folder: Path, tmp: Path, images: int) -> Path:
     return subset, weights
 
 
-def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, channels_last: bool) -> list:
+def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, channels_last: bool,
+            amps=("bf16", "fp16")) -> list:
     folder = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
     extra = ["--device", device, "--workers", workers, "--batch-size", 256]
     extra += ["--channels-last"] if channels_last else []
@@ -85,7 +86,7 @@ def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, 
             folder, weights = stand_in_folder(folder, tmp, images)
         fp32 = logits_for(weights, folder, "none", tmp / "none.pt", extra)
         rows = []
-        for amp in ("bf16", "fp16"):
+        for amp in amps:
             row = dict(weights="stand-in" if checkpoint is None else str(checkpoint), amp=amp, device=device,
                        channels_last=channels_last)
             row.update(compare(fp32, logits_for(weights, folder, amp, tmp / f"{amp}.pt", extra)))
@@ -102,8 +103,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], action="append",
+                        help="which autocast dtypes to compare with fp32 (default both; one JSON line each)")
     args = parser.parse_args()
-    for row in measure(args.data_dir, args.checkpoint, args.images, args.device, args.workers, not args.contiguous):
+    for row in measure(args.data_dir, args.checkpoint, args.images, args.device, args.workers, not args.contiguous,
+                       args.amp or ("bf16", "fp16")):
         print_result(row)
 
 

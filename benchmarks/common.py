@@ -21,15 +21,17 @@ def machine() -> dict:
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
+    if os.environ.get("BENCHMARK_COMMIT"):  # a copy whose .git is missing or stale: say which commit it was
+        facts["commit"] = os.environ["BENCHMARK_COMMIT"]
+        return facts
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=True).stdout.strip()
         facts["commit"] = commit + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git: say which commit it was
-        if os.environ.get("BENCHMARK_COMMIT"):
-            facts["commit"] = os.environ["BENCHMARK_COMMIT"]
+    except (OSError, subprocess.CalledProcessError):
+        pass
     return facts
 
 

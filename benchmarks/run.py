@@ -121,7 +121,8 @@ def main() -> None:
     rows.append(("End to end, training with JPEGs", e2e_rows))
     if gpu:
         rows.append(("AMP against fp32 in validate.py: top-1 flips (stand-in weights, see amp_flips.py)",
-                     [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers], timeout=240)]))
+                     [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers,
+                           "--amp", amp], timeout=240) for amp in ("bf16", "fp16")]))
 
     name = f"{datetime.now(timezone.utc):%Y-%m-%d}-{'gpu' if gpu else 'cpu'}.md"
     out = args.out or RESULTS / name

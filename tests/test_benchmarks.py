@@ -30,3 +30,13 @@ def test_model_and_end_to_end_benchmarks(tiny_imagenet):
                                  "data.img_size=64", "data.workers=0", "runtime.amp=none",
                                  "model.num_classes=3"]).stdout)
         assert e2e["images_per_s"] > 0 and e2e["pipeline"] == pipeline
+
+
+def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
+    out = run_cli([sys.executable, "-m", "benchmarks.amp_flips", "--data-dir", tiny_imagenet, "--images", "6",
+                   "--workers", "0", "--device", "cpu", "--amp", "bf16"]).stdout
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert [row["amp"] for row in lines] == ["bf16"]
+    row = lines[0]
+    assert row["images"] == 6 and row["weights"] == "stand-in" and 0 <= row["top1_flips"] <= 6
+    assert row["max_abs_logit_diff"] > 0  # bf16 autocast really ran: the logits moved
