@@ -41,7 +41,7 @@ def logits_for(weights: Path, folder: Path, amp: str, out: Path, extra) -> dict:
     done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def compare(reference: dict, other: dict) -> dict:
