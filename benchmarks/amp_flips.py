@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Tuple
 
 import torch
 from timm.data import ImageDataset, create_transform, resolve_data_config
@@ -51,15 +52,15 @@ def compare(reference: dict, other: dict) -> dict:
     flipped = ref.argmax(1) != oth.argmax(1)
     top5_changed = (ref.topk(5, dim=1).indices.sort(1).values != oth.topk(5, dim=1).indices.sort(1).values).any(1)
     margin = top2[:, 0] - top2[:, 1]
-    return dict(images=len(ref), top1_flips=int(flipped.sum()), top1_flip_pct=round(100 * flipped.double().mean().item(), 3),
-                top5_set_changes=int(top5_changed.sum()),
+    return dict(images=len(ref), top1_flips=int(flipped.sum()),
+                top1_flip_pct=round(100 * flipped.double().mean().item(), 3), top5_set_changes=int(top5_changed.sum()),
                 max_abs_logit_diff=round((ref - oth).abs().max().item(), 4),
                 relative_l2_diff=float(f"{((ref - oth).norm() / ref.norm()).item():.2e}"),
                 median_fp32_top1_margin=round(margin.median().item(), 4),
                 median_margin_of_flipped=round(margin[flipped].median().item(), 4) if flipped.any() else None)
 
 
-def stand_in_folder(folder: Path, tmp: Path, images: int) -> Path:
+def stand_in_folder(folder: Path, tmp: Path, images: int) -> Tuple[Path, Path]:
     """The first `images` of `folder` spread over up to 1000 class folders (links), and the
     stand-in weights for them: (folder, weights)."""
     subset = tmp / "images"
