@@ -20,20 +20,21 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import print_result
 from data.imagenet import ImageFolderDataset, find_classes, index_split
-from data.loader import collate_batch
+from data.loader import PREFETCH_FACTOR, loader_options
 from data.transforms import eval_transform, train_transform
 
 
-def build(pipeline: str, folder: Path, split: str, img_size: int, decode: str):
-    """(dataset, collate) for one pipeline."""
+def build(pipeline: str, folder: Path, split: str, img_size: int, decode: str, workers: int):
+    """(dataset, DataLoader options) for one pipeline: each as its training script loads."""
     if pipeline == "timm":
         transform = create_transform(img_size, is_training=split == "train", use_prefetcher=True, color_jitter=None,
                                      interpolation="bilinear", crop_pct=0.887)
-        return ImageDataset(str(folder), transform=transform), fast_collate
+        options = dict(num_workers=workers, collate_fn=fast_collate, prefetch_factor=PREFETCH_FACTOR if workers else None)
+        return ImageDataset(str(folder), transform=transform), options
     classes = find_classes(folder)
     transform = train_transform(img_size, decode=decode) if split == "train" else \
         eval_transform(img_size, 0.887, decode=decode)
-    return ImageFolderDataset(index_split(folder, classes), classes, transform, seed=0), collate_batch
+    return ImageFolderDataset(index_split(folder, classes), classes, transform, seed=0), loader_options(workers, False)
 
 
 def measure(pipeline: str, data_dir: Path, split: str, workers: int, img_size: int = 256, batch_size: int = 64,
@@ -41,11 +42,9 @@ def measure(pipeline: str, data_dir: Path, split: str, workers: int, img_size: i
     decode = decode or ("fast" if split == "train" else "full")
     if workers == 0:
         torch.set_num_threads(1)  # one core, all of it in this process
-    dataset, collate = build(pipeline, Path(data_dir) / split, split, img_size, decode)
+    dataset, options = build(pipeline, Path(data_dir) / split, split, img_size, decode, workers)
     count = len(dataset) if not max_images else min(max_images, len(dataset))
-    subset = torch.utils.data.Subset(dataset, range(count))
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=batch_size, **options)
     iterator = iter(loader)
     first = next(iterator)  # worker start-up and the first batch are not throughput
     seen, start = 0, time.perf_counter()
@@ -64,7 +63,9 @@ def main() -> None:
     parser.add_argument("--split", choices=["train", "val"], default="train")
     parser.add_argument("--workers", type=int, default=0, help="0: in this process, one core")
     parser.add_argument("--pipeline", choices=["ours", "timm"], default="ours")
-    parser.add_argument("--decode", choices=["fast", "full"], help="ours only (default: fast for train, full for val)")
+    parser.add_argument("--decode", choices=["fast", "full", "gpu"],
+                        help="ours only (default: fast for train, full for val); gpu (train): the workers' half only, "
+                             "reading the files and drawing the crops; the decoding itself runs on the GPU when training")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--images", type=int, default=0, help="at most this many (default: all)")

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="an ImageNet-layout folder (default: generate bench_imagenet/)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/<date>-<device>.md)")
+    parser.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/<date>-<device>[-N].md)")
     parser.add_argument("--reuse", type=Path,
                         help="the output of an earlier run on this machine: its successful results are taken "
                              "(marked reused) instead of measured again")
@@ -96,7 +96,10 @@ def main() -> None:
                     loader("ours", "val", 0, "--decode", "full"))
     rows.append(("Loader, val, 1 core (ours fast / timm / ours exact)", val))
     parallel = median_of(args.rounds, loader("ours", "train", args.workers), loader("timm", "train", args.workers))
-    rows.append((f"Loader, train, {args.workers} workers", parallel))
+    # data.train_decode=gpu: what the workers and the hand-over to the training process sustain.
+    gpu_half = median_of(args.rounds, loader("ours", "train", args.workers, "--decode", "gpu"))
+    rows.append((f"Loader, train, {args.workers} workers (last row: the workers' half of GPU decode)",
+                 parallel + gpu_half))
 
     model_args = ["benchmarks.model", "--batch-size", 128 if gpu else 16, "--steps", 20 if gpu else 3]
     if gpu:
@@ -108,11 +111,14 @@ def main() -> None:
     e2e = ["benchmarks.end_to_end", "--data-dir", data]
     classes = len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
     if gpu:
-        common = ["--steps", 100, f"data.workers={args.workers}", "batch_size=128", f"model.num_classes={classes}"]
+        common = ["--steps", 100, "batch_size=128", f"model.num_classes={classes}"]
+        all_cores = [*common, f"data.workers={args.workers}"]
+        # Fewer workers than cores leave the training process a core of its own.
+        fewer = [[*common, f"data.workers={n}"] for n in sorted({max(1, args.workers - 2), max(1, args.workers // 2)})]
         e2e_rows = [run(command, timeout=180) for command in (
-            [*e2e, *common], [*e2e, *common, "runtime.compile=true"], [*e2e, *common, "data.train_decode=gpu"],
-            [*e2e, "--pipeline", "timm", *common], [*e2e, *common, "runtime.deterministic=true"],
-            [*e2e, "--recipe", "cspresnet50_ra.yaml", *common])]
+            [*e2e, *all_cores], [*e2e, *all_cores, "runtime.compile=true"], [*e2e, *all_cores, "data.train_decode=gpu"],
+            [*e2e, "--pipeline", "timm", *all_cores], [*e2e, *all_cores, "runtime.deterministic=true"],
+            [*e2e, "--recipe", "cspresnet50_ra.yaml", *all_cores], *([*e2e, *options] for options in fewer))]
     else:
         common = ["--steps", 4, "--warmup", 1, "batch_size=16", f"data.workers={args.workers}", "runtime.amp=none",
                   f"model.num_classes={classes}"]
@@ -123,11 +129,18 @@ def main() -> None:
                      [run(["benchmarks.amp_flips", "--data-dir", data, "--images", 3000, "--workers", args.workers,
                            "--amp", amp], timeout=240) for amp in ("bf16", "fp16")]))
 
-    name = f"{datetime.now(timezone.utc):%Y-%m-%d}-{'gpu' if gpu else 'cpu'}.md"
-    out = args.out or RESULTS / name
+    out = args.out or results_path(RESULTS, "gpu" if gpu else "cpu", datetime.now(timezone.utc))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(facts, data, rows, per_core, parallel, model_rows, e2e_rows if gpu else None))
     print(out)
+
+
+def results_path(folder: Path, device: str, now: datetime) -> Path:
+    """<date>-<device>.md, or -2, -3, ...: a run never overwrites an earlier one's table."""
+    path, number = folder / f"{now:%Y-%m-%d}-{device}.md", 2
+    while path.exists():
+        path, number = folder / f"{now:%Y-%m-%d}-{device}-{number}.md", number + 1
+    return path
 
 
 def ratio(a: dict, b: dict, key_a: str = "images_per_s", key_b: str = "images_per_s") -> str:
@@ -146,7 +159,7 @@ def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> 
               f"- loader, {parallel[0].get('workers')} workers: {ratio(*parallel)}",
               f"- model-only train step, ours / timm: {ratio(model_rows[0], model_rows[0], 'ours_images_per_s', 'timm_images_per_s')}"]
     if e2e_rows:  # GPU: does the GPU wait on data, and how do we stand against timm's path
-        plain, compiled, gpu_decode, timm_path, deterministic, ra = e2e_rows
+        plain, compiled, gpu_decode, timm_path, deterministic, ra, *fewer_workers = e2e_rows
         eager_model, compiled_model = model_rows
         of_model = lambda row, model: ratio(row, model, "images_per_s", "ours_images_per_s")  # noqa: E731
         lines += [
@@ -156,6 +169,8 @@ def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> 
             f"- end to end, ours / timm's train.py path (both eager): {ratio(plain, timm_path)}",
             f"- end to end, deterministic kernels / default: {ratio(deterministic, plain)}",
             f"- end to end, RA recipe (RandAugment, mixup, erasing, EMA) / seed recipe: {ratio(ra, plain)}"]
+        lines += [f"- end to end with {row.get('workers', '?')} workers / model only (eager): {of_model(row, eager_model)}"
+                  for row in fewer_workers]
     lines += [""]
     for title, results in rows:
         lines += [f"## {title}", ""]

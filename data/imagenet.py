@@ -89,30 +89,33 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 @contextmanager
-def seeded_randomness(seed: int) -> Iterator[None]:
-    """Seed torch's, Python's and NumPy's global generators for one sample.
+def seeded_randomness(seed: int, numpy: bool = True) -> Iterator[None]:
+    """Seed torch's, Python's and (if `numpy`) NumPy's global generators for one sample.
 
     torchvision and timm augmentations (crop, flip, RandAugment) draw from these globals;
     seeding them per sample makes each image's augmentation a function of (seed, epoch,
     index), independent of which worker process draws it. In the main process (workers=0)
     the generators are restored afterwards, since training draws from them too; a loader
-    worker has no other use for them and skips that (saving NumPy's state alone costs
-    ~35 us). torch.default_generator, not torch.manual_seed, which also queues CUDA seeding
-    at ~80 us a call.
+    worker has no other use for them and skips that. NumPy is left alone unless the
+    transform draws from it: saving and restoring its state costs ~70 us, more than all
+    the rest together. torch.default_generator, not torch.manual_seed, which also queues
+    CUDA seeding at ~80 us a call.
     """
     restore = torch.utils.data.get_worker_info() is None
     if restore:
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state() if numpy else None
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    if numpy:
+        np.random.seed(seed % 2**32)
     try:
         yield
     finally:
         if restore:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
-            np.random.set_state(saved[2])
+            if numpy:
+                np.random.set_state(saved[2])
 
 
 # What a file that cannot be decoded raises: Pillow's UnidentifiedImageError and "image
@@ -141,7 +144,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, target = self.samples[index]
-        randomness = nullcontext() if self.seed is None else seeded_randomness(sample_seed(self.seed, epoch, index))
+        randomness = nullcontext() if self.seed is None else \
+            seeded_randomness(sample_seed(self.seed, epoch, index), self.transform.uses_numpy_random)
         with randomness:
             try:
                 decoded = self.transform.decode(path)

@@ -39,8 +39,9 @@ def pil_to_hwc_uint8(image: Image.Image) -> torch.Tensor:
 class FullDecode(ImageTransform):
     """Decode the whole file to RGB with Pillow, then run PIL transforms on it: timm's way."""
 
-    def __init__(self, steps: transforms.Compose):
+    def __init__(self, steps: transforms.Compose, uses_numpy_random: bool = False):
         self.steps = steps
+        self.uses_numpy_random = uses_numpy_random
 
     def decode(self, path: str) -> Image.Image:
         return load_rgb(path)
@@ -86,7 +87,7 @@ def train_transform(
         steps.append(transforms.RandomHorizontalFlip(hflip))
     if augment is not None:
         steps.append(augment)
-    return FullDecode(transforms.Compose([*steps, pil_to_hwc_uint8]))
+    return FullDecode(transforms.Compose([*steps, pil_to_hwc_uint8]), uses_numpy_random=augment is not None)
 
 
 def eval_resize_size(img_size: int, crop_pct: float) -> int:

@@ -2,7 +2,9 @@
 a timing is a benchmark, not an assertion)."""
 import json
 import sys
+from datetime import datetime, timezone
 
+from benchmarks.run import render, results_path
 from tests.helpers import run_cli
 
 
@@ -18,6 +20,19 @@ def test_loader_benchmark_both_pipelines_both_splits(tiny_imagenet):
                                         "--batch-size", "4", "--img-size", "64"]).stdout)
             assert result["images"] == (24 if split == "train" else 15) - 4  # the first batch is warm-up
             assert result["images_per_s"] > 0 and result["pipeline"] == pipeline
+        with_workers = last_json(run_cli([sys.executable, "-m", "benchmarks.loader", "--data-dir", tiny_imagenet,
+                                          "--workers", "2", "--pipeline", pipeline, "--batch-size", "4",
+                                          "--img-size", "64"]).stdout)
+        assert with_workers["images"] == 20 and with_workers["images_per_s_per_core"] > 0
+
+
+def test_a_benchmark_run_never_overwrites_an_earlier_table(tmp_path):
+    now = datetime(2026, 11, 24, tzinfo=timezone.utc)
+    assert results_path(tmp_path, "cpu", now).name == "2026-11-24-cpu.md"
+    for expected in ("2026-11-24-cpu-2.md", "2026-11-24-cpu-3.md"):
+        results_path(tmp_path, "cpu", now).write_text("a table")
+        assert results_path(tmp_path, "cpu", now).name == expected
+    assert results_path(tmp_path, "gpu", now).name == "2026-11-24-gpu.md"
 
 
 def test_model_and_end_to_end_benchmarks(tiny_imagenet):
@@ -40,3 +55,20 @@ def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
     row = lines[0]
     assert row["images"] == 6 and row["weights"] == "stand-in" and 0 <= row["top1_flips"] <= 6
     assert row["max_abs_logit_diff"] > 0  # bf16 autocast really ran: the logits moved
+
+
+def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():
+    """The GPU part of benchmarks.run only runs on a lent GPU: its table is checked here."""
+    per_core = [{"images_per_s": 400.0}, {"images_per_s": 200.0}]
+    parallel = [{"workers": 16, "images_per_s": 4000.0}, {"workers": 16, "images_per_s": 2000.0}]
+    model_rows = [{"ours_images_per_s": 3000.0, "timm_images_per_s": 3000.0}, {"ours_images_per_s": 4000.0}]
+    e2e_rows = [{"workers": 16, "images_per_s": rate, "command": "c"}
+                for rate in (2700.0, 3600.0, 1500.0, 1800.0, 2400.0, 2000.0)]
+    e2e_rows += [{"workers": 14, "images_per_s": 2850.0, "command": "c"}, {"error": "timed out", "command": "c"}]
+    table = render({"date": "today"}, "data", [("End to end", e2e_rows)], per_core, parallel, model_rows, e2e_rows)
+    assert "loader, one core: ours 400.0 img/s, timm 200.0 img/s: **2.00x**" in table
+    assert "end to end / model only (bf16, channels_last, eager): **0.90x**" in table
+    assert "end to end / model only (compiled): **0.90x**" in table
+    assert "end to end, ours / timm's train.py path (both eager): **1.50x**" in table
+    assert "end to end with 14 workers / model only (eager): **0.95x**" in table
+    assert "end to end with ? workers / model only (eager): n/a (a measurement failed)" in table
