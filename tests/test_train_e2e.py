@@ -57,9 +57,11 @@ def test_one_process_run_writes_its_outputs_and_validates(tiny_imagenet, tmp_pat
     assert result["top1"] == round(best_top1, 3)
 
 
-def test_same_seed_gives_the_same_numbers(tiny_imagenet, tmp_path):
-    for name in ("a", "b"):
-        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, "epochs=1")])
+def test_same_seed_gives_the_same_numbers_with_or_without_loader_workers(tiny_imagenet, tmp_path):
+    """Augmentation is a function of (seed, epoch, index), so worker processes change no
+    number; this also holds the workers' reused shared buffers to never serve a stale batch."""
+    for name, workers in (("a", 0), ("b", 2)):
+        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, "epochs=1", f"data.workers={workers}")])
     columns = ("train_loss", "eval_loss", "top1", "top5")
     assert [[r[c] for c in columns] for r in summary(tmp_path / "a")] == \
            [[r[c] for c in columns] for r in summary(tmp_path / "b")]
