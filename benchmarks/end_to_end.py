@@ -37,7 +37,21 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> 
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def ours(recipe, device: torch.device):
+def waited(batches, waits: list):
+    """The batches, adding to `waits` the seconds the training loop spent waiting for each:
+    how long the GPU waits on the loader, as against on the training process itself."""
+    batches = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waits.append(time.perf_counter() - start)
+        yield batch
+
+
+def ours(recipe, device: torch.device, waits: list):
     """An endless iterator of training steps, train.py's way; yields images per step."""
     data = build_loaders(recipe, 0, 1, device)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
@@ -47,13 +61,13 @@ def ours(recipe, device: torch.device):
     epoch = 0
     while True:
         data.train_sampler.set_epoch(epoch)
-        for batch in data.train:
+        for batch in waited(data.train, waits):
             trainer.train_step(batch)
             yield len(batch.targets)
         epoch += 1
 
 
-def timms(recipe, device: torch.device):
+def timms(recipe, device: torch.device, waits: list):
     """timm's train.py path: create_loader with its prefetcher (uint8 to the GPU, normalised
     there), its model, our optimizer (the same SGD)."""
     rt = recipe.runtime
@@ -68,7 +82,7 @@ def timms(recipe, device: torch.device):
     optimizer = build_optimizer(model, recipe)
     criterion = build_criterion(False, recipe.label_smoothing)
     while True:
-        for inputs, targets in loader:
+        for inputs, targets in waited(loader, waits):
             inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, rt.amp):
@@ -84,9 +98,11 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
     recipe = load_recipe(recipe_name, list(overrides), data_dir=str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
     configure_kernels(recipe.runtime.deterministic)
-    steps_iter = ours(recipe, device) if pipeline == "ours" else timms(recipe, device)
+    waits = []
+    steps_iter = (ours if pipeline == "ours" else timms)(recipe, device, waits)
     for _ in range(warmup):
         next(steps_iter)
+    waits.clear()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -101,7 +117,8 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
               "channels_last": recipe.runtime.channels_last, "compile": recipe.runtime.compile,
               "deterministic": recipe.runtime.deterministic,
               "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
-              "steps": steps, "images_per_s": round(images / seconds, 1)}
+              "steps": steps, "images_per_s": round(images / seconds, 1),
+              "data_wait_fraction": round(sum(waits) / seconds, 3)}
     if device.type == "cuda":
         achieved = images / seconds * FLOP_PER_TRAINING_IMAGE / 1e12
         peak = bf16_peak_tflops(device)

@@ -45,6 +45,7 @@ def test_model_and_end_to_end_benchmarks(tiny_imagenet):
                                  "data.img_size=64", "data.workers=0", "runtime.amp=none",
                                  "model.num_classes=3"]).stdout)
         assert e2e["images_per_s"] > 0 and e2e["pipeline"] == pipeline
+        assert 0 < e2e["data_wait_fraction"] < 1  # workers=0: each batch is loaded while the loop waits
 
 
 def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
