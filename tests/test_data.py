@@ -1,3 +1,4 @@
+import pickle
 import random
 import shutil
 import time
@@ -143,6 +144,16 @@ def test_sampling_leaves_global_rng_untouched(tiny_imagenet, options):
     seed_all(1)
     train[(0, 2)]
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_a_batch_crosses_processes_with_its_labels_as_lists():
+    """Each tensor would cross through a shared-memory file of its own (~1 ms a batch each)."""
+    batch = collate_batch([(torch.ones(2, 2, 3, dtype=torch.uint8), 3, 7, None), (None, 1, 8, "OSError: broken")])
+    assert batch.__getstate__()["targets"] == [3] and batch.__getstate__()["indices"] == [7]
+    copy = pickle.loads(pickle.dumps(batch))
+    assert copy.targets.dtype == copy.indices.dtype == torch.long
+    assert torch.equal(copy.targets, batch.targets) and torch.equal(copy.indices, batch.indices)
+    assert torch.equal(copy.images, batch.images) and copy.unreadable == [(8, "OSError: broken")]
 
 
 class RecordingRing(SharedBatchRing):
