@@ -1,13 +1,14 @@
 """What it costs to hand a batch from a loader worker to the training process: the worker's
 time to stack it, and the training process's time (wall and CPU) to receive it.
 
-    python -m benchmarks.handover --batch-size 128 --img-size 256
+    python -m benchmarks.handover --way ours|label_tensors|fresh|per_image --batch-size 128 --img-size 256
 
-Three ways, all with ready-made images so that only the hand-over is timed:
+The ways, all with ready-made images so that only the hand-over is timed:
 - ours: stacked into the worker's reused shared buffers, labels and indices as lists;
+- label_tensors: the same, with labels and indices as two tensors;
 - fresh: torch's default_collate, which stacks into fresh shared memory for every batch;
 - per_image: one tensor per image (how GPU-decode batches travelled before they were packed).
-The final line is JSON: per way, worker_ms, main_wall_ms and main_cpu_ms per batch (medians).
+The final line is JSON with worker_ms, main_wall_ms and main_cpu_ms per batch (medians).
 """
 import argparse
 import statistics
@@ -35,6 +36,12 @@ class ReadyImages(Dataset):
 
 def fresh(samples):
     return default_collate([(image, target) for image, target, _, _ in samples])
+
+
+class LabelTensors(SharedBatchRing):
+    def __call__(self, samples):
+        batch = super().__call__(samples)
+        return batch.images, batch.targets, batch.indices
 
 
 def per_image(samples):
@@ -74,16 +81,20 @@ def measure(collate, batch_size: int, img_size: int, repeats: int, settle_s: flo
             "main_cpu_ms": round(statistics.median(cpu) * 1e3, 2)}
 
 
+WAYS = {"ours": lambda: SharedBatchRing(PREFETCH_FACTOR), "label_tensors": lambda: LabelTensors(PREFETCH_FACTOR),
+        "fresh": lambda: fresh, "per_image": lambda: per_image}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--way", choices=list(WAYS), default="ours")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--settle-s", type=float, default=1.5)
     args = parser.parse_args()
-    result = {"batch_size": args.batch_size, "img_size": args.img_size, "workers": WORKERS}
-    for name, collate in (("ours", SharedBatchRing(PREFETCH_FACTOR)), ("fresh", fresh), ("per_image", per_image)):
-        result[name] = measure(collate, args.batch_size, args.img_size, args.repeats, args.settle_s)
+    result = {"way": args.way, "batch_size": args.batch_size, "img_size": args.img_size, "workers": WORKERS}
+    result.update(measure(WAYS[args.way](), args.batch_size, args.img_size, args.repeats, args.settle_s))
     print_result(result)
 
 

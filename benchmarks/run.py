@@ -101,6 +101,9 @@ def main() -> None:
     rows.append((f"Loader, train, {args.workers} workers (last row: the workers' half of GPU decode)",
                  parallel + gpu_half))
 
+    rows.append(("Handing a batch from a worker to the training process (ms per batch of 128, 256 px)",
+                 [run(["benchmarks.handover", "--way", way]) for way in ("ours", "label_tensors", "fresh", "per_image")]))
+
     model_args = ["benchmarks.model", "--batch-size", 128 if gpu else 16, "--steps", 20 if gpu else 3]
     if gpu:
         model_rows = [run([*model_args, "--amp", "bf16"]), run([*model_args, "--amp", "bf16", "--compile"])]
