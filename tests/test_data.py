@@ -147,7 +147,7 @@ def test_sampling_leaves_global_rng_untouched(tiny_imagenet, options):
 
 
 def test_a_batch_crosses_processes_with_its_labels_as_lists():
-    """Each tensor would cross through a shared-memory file of its own (~1 ms a batch each)."""
+    """Each tensor would cross through a shared-memory file of its own (~0.6 ms a batch each)."""
     batch = collate_batch([(torch.ones(2, 2, 3, dtype=torch.uint8), 3, 7, None), (None, 1, 8, "OSError: broken")])
     assert batch.__getstate__()["targets"] == [3] and batch.__getstate__()["indices"] == [7]
     copy = pickle.loads(pickle.dumps(batch))
