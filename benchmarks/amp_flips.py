@@ -23,6 +23,8 @@ from timm.data import ImageDataset, create_transform, resolve_data_config
 from benchmarks.common import print_result, stand_in_timm_model
 from data.val_layouts import read_eval_set
 
+AMPS = ("bf16", "fp16")  # compared with fp32
+
 
 def centred_weights(folder: Path, path: Path, num_classes: int, seed: int = 0) -> None:
     """The stand-in model, its head bias shifted so that the mean logit on (up to 256 of)
@@ -76,7 +78,7 @@ def stand_in_folder(folder: Path, tmp: Path, images: int) -> Tuple[Path, Path]:
 
 
 def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, channels_last: bool,
-            amps=("bf16", "fp16")) -> list:
+            amps=AMPS) -> list:
     folder = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
     extra = ["--device", device, "--workers", workers, "--batch-size", 256]
     extra += ["--channels-last"] if channels_last else []
@@ -104,11 +106,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
-    parser.add_argument("--amp", choices=["bf16", "fp16"], action="append",
+    parser.add_argument("--amp", choices=AMPS, action="append",
                         help="which autocast dtypes to compare with fp32 (default both; one JSON line each)")
     args = parser.parse_args()
     for row in measure(args.data_dir, args.checkpoint, args.images, args.device, args.workers, not args.contiguous,
-                       args.amp or ("bf16", "fp16")):
+                       args.amp or AMPS):
         print_result(row)
 
 

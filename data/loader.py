@@ -112,8 +112,8 @@ def collate_batch(samples, out: Optional[torch.Tensor] = None) -> Batch:
 
 
 class SharedBatchRing:
-    """collate_batch for loader workers: each worker stacks its batches into a ring of
-    shared-memory buffers that it allocates once and then reuses.
+    """collate_batch; in a loader worker, into a ring of shared-memory buffers that the
+    worker allocates once and then reuses.
 
     Why: a batch must be in shared memory to reach the main process, and fresh shared
     memory is slow to fill (a page fault per 4 KiB: ~170 us an image here, more than the
@@ -198,11 +198,10 @@ def loader_options(workers: int, pin_memory: bool) -> dict:
     """DataLoader arguments shared by training, evaluation and benchmarks.loader."""
     # A private generator: creating a loader iterator draws a worker seed from it, and the
     # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
-    options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=collate_batch,
+    options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=SharedBatchRing(PREFETCH_FACTOR),
                    generator=torch.Generator().manual_seed(0))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=ignore_stop_signals,
-                       collate_fn=SharedBatchRing(PREFETCH_FACTOR))
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=ignore_stop_signals)
     return options
 
 
