@@ -90,8 +90,9 @@ def main() -> None:
         return ["benchmarks.loader", "--data-dir", data, "--split", split, "--workers", workers, "--pipeline", pipeline,
                 "--images", (2000 if split == "train" else 1000) if workers == 0 else 0, *extra]
 
-    per_core = median_of(args.rounds, loader("ours", "train", 0), loader("timm", "train", 0))
-    rows.append(("Loader, train, 1 core (`--workers 0`)", per_core))
+    per_core = median_of(args.rounds, loader("ours", "train", 0), loader("timm", "train", 0),
+                         loader("ours", "train", 0, "--whole-jpeg"))
+    rows.append(("Loader, train, 1 core (`--workers 0`; last row: ours decoding whole files)", per_core))
     val = median_of(args.rounds, loader("ours", "val", 0, "--decode", "fast"), loader("timm", "val", 0),
                     loader("ours", "val", 0, "--decode", "full"))
     rows.append(("Loader, val, 1 core (ours fast / timm / ours exact)", val))
@@ -152,14 +153,25 @@ def ratio(a: dict, b: dict, key_a: str = "images_per_s", key_b: str = "images_pe
     return f"**{a[key_a] / b[key_b]:.2f}x**"
 
 
+def box_decoding_summary(per_core) -> list:
+    """What decoding only the crops' boxes (data/jpeg_box.py) adds, from the per-core rows."""
+    if len(per_core) < 3:
+        return []
+    if per_core[0].get("jpeg") != "box":
+        return ["- loader, one core: data/jpeg_box.py could not be built here, so ours decoded whole files"]
+    return [f"- loader, one core, ours decoding whole files (`--whole-jpeg`): {ratio(per_core[2], per_core[1])}; "
+            f"decoding only the crops' boxes is {ratio(per_core[0], per_core[2])} that"]
+
+
 def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> str:
     lines = [f"# Benchmark, {facts['date']}", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items() if key != "date"]
     lines += [f"- data: `{data}`", f"- command: `{' '.join(['python -m benchmarks.run', *sys.argv[1:]])}`", ""]
     lines += ["## Summary", "",
               f"- loader, one core: ours {per_core[0].get('images_per_s')} img/s, timm "
-              f"{per_core[1].get('images_per_s')} img/s: {ratio(*per_core)}",
-              f"- loader, {parallel[0].get('workers')} workers: {ratio(*parallel)}",
+              f"{per_core[1].get('images_per_s')} img/s: {ratio(per_core[0], per_core[1])}",
+              *box_decoding_summary(per_core),
+              f"- loader, {parallel[0].get('workers')} workers: {ratio(parallel[0], parallel[1])}",
               f"- model-only train step, ours / timm: {ratio(model_rows[0], model_rows[0], 'ours_images_per_s', 'timm_images_per_s')}"]
     if e2e_rows:  # GPU: does the GPU wait on data, and how do we stand against timm's path
         plain, compiled, gpu_decode, timm_path, deterministic, ra, *fewer_workers = e2e_rows

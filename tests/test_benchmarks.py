@@ -5,6 +5,7 @@ import sys
 from datetime import datetime, timezone
 
 from benchmarks.run import render, results_path
+from data.jpeg_box import box_decoder
 from tests.helpers import run_cli
 
 
@@ -20,10 +21,15 @@ def test_loader_benchmark_both_pipelines_both_splits(tiny_imagenet):
                                         "--batch-size", "4", "--img-size", "64"]).stdout)
             assert result["images"] == (24 if split == "train" else 15) - 4  # the first batch is warm-up
             assert result["images_per_s"] > 0 and result["pipeline"] == pipeline
+            if pipeline == "ours" and split == "train":
+                assert result["jpeg"] == ("box" if box_decoder() else "whole")
         with_workers = last_json(run_cli([sys.executable, "-m", "benchmarks.loader", "--data-dir", tiny_imagenet,
                                           "--workers", "2", "--pipeline", pipeline, "--batch-size", "4",
                                           "--img-size", "64"]).stdout)
         assert with_workers["images"] == 20 and with_workers["images_per_s_per_core"] > 0
+    whole = last_json(run_cli([sys.executable, "-m", "benchmarks.loader", "--data-dir", tiny_imagenet, "--workers", "0",
+                               "--batch-size", "4", "--img-size", "64", "--whole-jpeg"]).stdout)
+    assert whole["jpeg"] == "whole" and whole["images"] == 20
 
 
 def test_handover_benchmark_times_each_way():
@@ -67,7 +73,7 @@ def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
 
 def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():
     """The GPU part of benchmarks.run only runs on a lent GPU: its table is checked here."""
-    per_core = [{"images_per_s": 400.0}, {"images_per_s": 200.0}]
+    per_core = [{"images_per_s": 400.0, "jpeg": "box"}, {"images_per_s": 200.0}, {"images_per_s": 320.0}]
     parallel = [{"workers": 16, "images_per_s": 4000.0}, {"workers": 16, "images_per_s": 2000.0}]
     model_rows = [{"ours_images_per_s": 3000.0, "timm_images_per_s": 3000.0}, {"ours_images_per_s": 4000.0}]
     e2e_rows = [{"workers": 16, "images_per_s": rate, "command": "c"}
@@ -75,6 +81,8 @@ def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():
     e2e_rows += [{"workers": 14, "images_per_s": 2850.0, "command": "c"}, {"error": "timed out", "command": "c"}]
     table = render({"date": "today"}, "data", [("End to end", e2e_rows)], per_core, parallel, model_rows, e2e_rows)
     assert "loader, one core: ours 400.0 img/s, timm 200.0 img/s: **2.00x**" in table
+    assert "ours decoding whole files (`--whole-jpeg`): **1.60x**; decoding only the crops' boxes is **1.25x** that" \
+        in table
     assert "end to end / model only (bf16, channels_last, eager): **0.90x**" in table
     assert "end to end / model only (compiled): **0.90x**" in table
     assert "end to end, ours / timm's train.py path (both eager): **1.50x**" in table

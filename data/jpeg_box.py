@@ -1,0 +1,115 @@
+"""Decode only the box that a crop keeps (jpeg_box.c), compiled on first use and cached.
+
+The C file is built with the machine's C compiler against its libjpeg-turbo (Debian and
+Ubuntu: `apt install gcc libjpeg-dev`) into ~/.cache/cspresnet/ (or $XDG_CACHE_HOME). Where
+that cannot be done, or with CSPRESNET_JPEG_BOX=0, the fast path decodes whole files with
+simplejpeg instead, after one note on stderr: the same pixels, more time.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import simplejpeg
+
+SOURCE = Path(__file__).with_name("jpeg_box.c")
+SWITCH = "CSPRESNET_JPEG_BOX"  # "0": decode whole files (benchmarks.loader --whole-jpeg compares the two)
+FLAGS = ["-O2", "-shared", "-fPIC"]
+
+
+class Unavailable(RuntimeError):
+    """The box decoder cannot be built, loaded or trusted here; the message says why."""
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cspresnet"
+
+
+def build(folder: Path) -> Path:
+    """The compiled library, built once per version of jpeg_box.c and compiler."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    library = folder / f"jpeg_box-{key}.so"
+    if library.is_file():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-ljpeg"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        reason = next((line for line in lines if "error" in line), lines[-1])
+        raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
+    os.replace(partial, library)  # processes building at once each see a whole library or none
+    return library
+
+
+class BoxDecoder:
+    """ctypes front of decode_box(): RGB uint8, libjpeg-turbo's fast IDCT and upsampling."""
+
+    def __init__(self, library: Path):
+        self.decode_box = ctypes.CDLL(str(library)).decode_box
+        c_int, c_ulong, c_int_p = ctypes.c_int, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
+        self.decode_box.argtypes = [ctypes.c_char_p, c_ulong, c_int, c_int, c_int, c_int, c_int, ctypes.c_void_p,
+                                    c_ulong, c_int_p, c_int_p, ctypes.c_char_p, c_int]
+        self.decode_box.restype = c_int
+        self.buffer = np.empty(0, dtype=np.uint8)  # reused: a fresh array a call costs page faults
+        self.row_width, self.box_column = ctypes.c_int(), ctypes.c_int()
+        self.message = ctypes.create_string_buffer(256)
+
+    def decode(self, data: bytes, scale: int, top: int, left: int, height: int, width: int,
+               image_width: int) -> np.ndarray:
+        """Rows top..top+height-1, columns left..left+width-1 of the image decoded at 1/scale
+        (image_width wide): a (height, width, 3) view of a buffer that the next call reuses.
+        Raises ValueError, as simplejpeg does, for a file that it cannot decode."""
+        if self.buffer.size < height * image_width * 3:
+            self.buffer = np.empty(height * image_width * 3, dtype=np.uint8)
+        failed = self.decode_box(data, len(data), scale, top, left, height, width, self.buffer.ctypes.data,
+                                 self.buffer.size, self.row_width, self.box_column, self.message, len(self.message))
+        if failed:
+            raise ValueError(self.message.value.decode(errors="replace"))
+        row_width, column = self.row_width.value, self.box_column.value
+        return self.buffer[:height * row_width * 3].reshape(height, row_width, 3)[:, column:column + width]
+
+
+def check(decoder: BoxDecoder) -> None:
+    """Boxes must be exactly those pixels of the whole decoded image. libjpeg-turbo's row
+    skipping has had bugs in some releases, and this machine's release is not pinned."""
+    image = np.random.default_rng(0).integers(0, 256, (75, 93, 3), dtype=np.uint8)  # odd sizes, 4:2:0: edge iMCUs
+    jpeg = simplejpeg.encode_jpeg(image, quality=90, colorsubsampling="420")
+    for scale in (1, 2):
+        height, width = -(-75 // scale), -(-93 // scale)
+        try:
+            whole = decoder.decode(jpeg, scale, 0, 0, height, width, width).copy()
+            for top, left, box_height, box_width in [(1, 3, 30, 41), (17, 17, 20, 29), (33, 40, 4, 5),
+                                                     (height - 1, width - 1, 1, 1), (9, 0, height - 9, width)]:
+                box = decoder.decode(jpeg, scale, top, left, box_height, box_width, width)
+                if not np.array_equal(box, whole[top:top + box_height, left:left + box_width]):
+                    raise Unavailable(f"this libjpeg-turbo decodes box {(top, left, box_height, box_width)} at "
+                                      f"1/{scale} differently from the same box of the whole image")
+        except ValueError as exc:
+            raise Unavailable(f"the box decoder failed on a test image: {exc}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def box_decoder() -> Optional[BoxDecoder]:
+    """The decoder (built on the first call), or None after a note saying why not."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return None
+    try:
+        decoder = BoxDecoder(build(cache_folder()))
+        check(decoder)
+        return decoder
+    except (Unavailable, OSError) as exc:  # OSError: the library did not load
+        print(f"note: decoding whole JPEGs, not only the crops ({exc}). Cropped decoding needs a C compiler and "
+              f"libjpeg-turbo's headers (Debian/Ubuntu: apt install gcc libjpeg-dev).", file=sys.stderr, flush=True)
+        return None
