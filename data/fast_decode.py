@@ -88,8 +88,8 @@ def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, i
         scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
         try:
             region = _decode_box(data, scale, height, width, top, left, box_height, box_width)
-        except ValueError:  # truncated or damaged: Pillow decides whether it can be read at all
-            region = None
+        except ValueError:
+            pass  # truncated or damaged: Pillow decides whether it can be read at all
     if region is None:  # Pillow, at full size, as timm reads every file
         pixels = _pillow_rgb(path)
         top, left, box_height, box_width = choose_box(pixels.shape[0], pixels.shape[1])

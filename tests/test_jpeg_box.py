@@ -1,7 +1,11 @@
 """jpeg_box decodes only a crop's box, and must give exactly the pixels of that box of the
 whole decoded file; where it cannot be built, the fast path decodes whole files instead."""
 import io
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +143,41 @@ def test_the_switch_turns_it_off_quietly(fresh_build, monkeypatch, capsys):
     monkeypatch.setenv(jpeg_box.SWITCH, "0")
     assert jpeg_box.box_decoder() is None
     assert capsys.readouterr().err == ""
+
+
+def test_corrupted_files_raise_or_decode_but_never_crash_the_process(decoder):
+    """Flipped bytes and cut files at random boxes, in a child process, so that a crash in
+    the C code fails this test instead of killing pytest. Each must decode or raise
+    ValueError (which sends the file to Pillow)."""
+    script = """
+import json, random
+import numpy as np
+from data import jpeg_box
+from tests.test_jpeg_box import noise_jpeg
+decoder = jpeg_box.BoxDecoder(jpeg_box.build(jpeg_box.cache_folder()))
+rng = random.Random(0)
+originals = [noise_jpeg(120, 160, kind, seed) for kind in ("420", "444", "progressive") for seed in range(3)]
+outcomes = {"decoded": 0, "ValueError": 0}
+for _ in range(400):
+    jpeg = bytearray(rng.choice(originals))
+    if rng.random() < 0.3:
+        jpeg = jpeg[:rng.randrange(len(jpeg))]
+    for _ in range(rng.randint(1, 20)):
+        if jpeg:
+            jpeg[rng.randrange(len(jpeg))] = rng.randrange(256)
+    scale = rng.choice([1, 2, 4, 8])
+    height, width = -(-120 // scale), -(-160 // scale)
+    box_height, box_width = rng.randint(1, height), rng.randint(1, width)
+    try:
+        decoder.decode(bytes(jpeg), scale, rng.randint(0, height - box_height), rng.randint(0, width - box_width),
+                       box_height, box_width, width)
+        outcomes["decoded"] += 1
+    except ValueError:
+        outcomes["ValueError"] += 1
+print(json.dumps(outcomes))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcomes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcomes["decoded"] > 20 and outcomes["ValueError"] > 20, outcomes  # both ways were exercised
