@@ -1,9 +1,12 @@
 """Decode only the box that a crop keeps (jpeg_box.c), compiled on first use and cached.
 
-The C file is built with the machine's C compiler against its libjpeg-turbo (Debian and
-Ubuntu: `apt install gcc libjpeg-dev`) into ~/.cache/cspresnet/ (or $XDG_CACHE_HOME). Where
-that cannot be done, or with CSPRESNET_JPEG_BOX=0, the fast path decodes whole files with
-simplejpeg instead, after one note on stderr: the same pixels, more time.
+The C file is built with the machine's C compiler ($CC, default cc) against its
+libjpeg-turbo (Debian and Ubuntu: `apt install gcc libjpeg-dev`) into ~/.cache/cspresnet/
+(or $XDG_CACHE_HOME/cspresnet/). For a libjpeg-turbo outside the system folders (conda, a
+module system), the compiler reads the usual CPATH and LIBRARY_PATH, and the loader
+LD_LIBRARY_PATH. Where it cannot be built, or with CSPRESNET_JPEG_BOX=0, the fast path
+decodes whole files with simplejpeg instead, after one note on stderr: the same pixels,
+more time.
 """
 import ctypes
 import functools
