@@ -51,6 +51,7 @@ int decode_box(const unsigned char *data, unsigned long size, int scale, int top
     JDIMENSION first_column, columns;
     int done = 0;
 
+    memset(&cinfo, 0, sizeof cinfo); /* a failure inside jpeg_create_decompress then destroys nothing */
     cinfo.err = jpeg_std_error(&failure.manager);
     failure.manager.error_exit = fail;
     failure.manager.emit_message = warn;
