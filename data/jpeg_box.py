@@ -40,7 +40,10 @@ def build(folder: Path) -> Path:
     library = folder / f"jpeg_box-{key}.so"
     if library.is_file():
         return library
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Unavailable(f"cannot create the build folder: {exc}") from None
     partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
     try:
         done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-ljpeg"],

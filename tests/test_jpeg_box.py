@@ -139,6 +139,12 @@ def test_without_a_working_compiler_whole_files_are_decoded_after_a_note(fresh_b
     assert fast_decode._decode_box(jpeg, 1, 90, 120, 5, 7, 30, 40).shape == (30, 40, 3)
 
 
+def test_an_unwritable_cache_means_whole_files_after_a_note(fresh_build, capsys):
+    fresh_build.write_text("a file where the build folder should be")
+    assert jpeg_box.box_decoder() is None
+    assert "cannot create the build folder" in capsys.readouterr().err
+
+
 def test_the_switch_turns_it_off_quietly(fresh_build, monkeypatch, capsys):
     monkeypatch.setenv(jpeg_box.SWITCH, "0")
     assert jpeg_box.box_decoder() is None
