@@ -49,7 +49,6 @@ int decode_box(const unsigned char *data, unsigned long size, int scale, int top
     struct failure failure;
     JSAMPROW rows[16];
     JDIMENSION first_column, columns;
-    int done = 0;
 
     memset(&cinfo, 0, sizeof cinfo); /* a failure inside jpeg_create_decompress then destroys nothing */
     cinfo.err = jpeg_std_error(&failure.manager);
@@ -57,10 +56,7 @@ int decode_box(const unsigned char *data, unsigned long size, int scale, int top
     failure.manager.emit_message = warn;
     failure.message = message;
     failure.message_size = message_size;
-    if (setjmp(failure.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
-    }
+    if (setjmp(failure.jump)) goto failed; /* libjpeg's errors and warnings come back here */
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, size);
     jpeg_read_header(&cinfo, TRUE);
@@ -74,30 +70,26 @@ int decode_box(const unsigned char *data, unsigned long size, int scale, int top
         (JDIMENSION)(left + width) > cinfo.output_width) {
         snprintf(message, message_size, "box (top %d, left %d, height %d, width %d) is outside the %ux%u image",
                  top, left, height, width, cinfo.output_height, cinfo.output_width);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto failed;
     }
     first_column = (JDIMENSION)left;
     columns = (JDIMENSION)width;
     jpeg_crop_scanline(&cinfo, &first_column, &columns);
     if ((unsigned long)height * columns * 3 > capacity) {
         snprintf(message, message_size, "output buffer of %lu bytes is too small", capacity);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto failed;
     }
     if (top > 0 && jpeg_skip_scanlines(&cinfo, (JDIMENSION)top) != (JDIMENSION)top) {
         snprintf(message, message_size, "could not skip to row %d", top);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto failed;
     }
-    while (done < height) {
+    for (int done = 0; done < height;) {
         int count = height - done < 16 ? height - done : 16, read;
         for (int i = 0; i < count; i++) rows[i] = out + (size_t)(done + i) * columns * 3;
         read = (int)jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)count);
         if (read == 0) {
             snprintf(message, message_size, "no rows decoded after row %d", top + done);
-            jpeg_destroy_decompress(&cinfo);
-            return 1;
+            goto failed;
         }
         done += read;
     }
@@ -105,4 +97,8 @@ int decode_box(const unsigned char *data, unsigned long size, int scale, int top
     *box_column = left - (int)first_column;
     jpeg_destroy_decompress(&cinfo); /* the rows below the box are never decoded */
     return 0;
+
+failed:
+    jpeg_destroy_decompress(&cinfo);
+    return 1;
 }

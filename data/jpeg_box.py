@@ -69,6 +69,7 @@ class BoxDecoder:
                                     c_ulong, c_int_p, c_int_p, ctypes.c_char_p, c_int]
         self.decode_box.restype = c_int
         self.buffer = np.empty(0, dtype=np.uint8)  # reused: a fresh array a call costs page faults
+        self.address = self.buffer.ctypes.data
         self.row_width, self.box_column = ctypes.c_int(), ctypes.c_int()
         self.message = ctypes.create_string_buffer(256)
 
@@ -79,7 +80,8 @@ class BoxDecoder:
         Raises ValueError, as simplejpeg does, for a file that it cannot decode."""
         if self.buffer.size < height * image_width * 3:
             self.buffer = np.empty(height * image_width * 3, dtype=np.uint8)
-        failed = self.decode_box(data, len(data), scale, top, left, height, width, self.buffer.ctypes.data,
+            self.address = self.buffer.ctypes.data
+        failed = self.decode_box(data, len(data), scale, top, left, height, width, self.address,
                                  self.buffer.size, self.row_width, self.box_column, self.message, len(self.message))
         if failed:
             raise ValueError(self.message.value.decode(errors="replace"))
