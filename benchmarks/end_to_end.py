@@ -6,6 +6,7 @@ memory format. On a GPU it also reports peak memory and achieved TFLOP/s.
     python -m benchmarks.end_to_end --data-dir DIR --pipeline ours --steps 50 batch_size=128 data.workers=16
 """
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cspresnet.fit import build_trainer
 from cspresnet.model import build_model
 from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
+from data.loader import Batch
 from data.pipeline import build_loaders
 
 FLOP_PER_TRAINING_IMAGE = 27e9  # 3 x 2 x 4.5 GMAC at 256 px (DESIGN.md section 2)
@@ -51,20 +53,40 @@ def waited(batches, waits: list):
         yield batch
 
 
-def ours(recipe, device: torch.device, waits: list):
-    """An endless iterator of training steps, train.py's way; yields images per step."""
+def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sleep_step: float = 0.0,
+         pass_per_epoch: bool = False):
+    """An endless iterator of training steps, train.py's way; yields (images, epoch) per step.
+    Without the loader, the same step runs on one real batch over and over (pinned on a
+    GPU, as the loader hands it over): what the step costs when data is free. With
+    `sleep_step`, a sleep stands in for the step: a device of that speed that needs no CPU.
+    With `pass_per_epoch`, a new pass of the loader starts each epoch, and its workers
+    start from an empty queue."""
     data = build_loaders(recipe, 0, 1, device)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
-    trainer = build_trainer(recipe, model, device, recipe.runtime.amp, len(data.train_sampler))
+    trainer = build_trainer(recipe, model, device, recipe.runtime.amp, data.train_sampler.steps_per_epoch)
     if recipe.runtime.compile:
         trainer.train_model = torch.compile(trainer.model)
-    epoch = 0
-    while True:
-        data.train_sampler.set_epoch(epoch)
-        for batch in waited(data.train, waits):
-            trainer.train_step(batch)
-            yield len(batch.targets)
-        epoch += 1
+    step = (lambda batch: time.sleep(sleep_step)) if sleep_step else trainer.train_step
+    if not use_loader:
+        first = next(iter(data.train))
+        batch = Batch(first.images.clone(), first.targets, first.indices, first.unreadable)  # off the workers' ring
+        batches = itertools.repeat((batch.pin_memory() if device.type == "cuda" else batch, 0))
+    elif pass_per_epoch:
+        batches = passes_per_epoch(data.train_sampler, data.train)
+    else:  # as train.py makes it: one pass through the epochs
+        data.train_sampler.set_epoch(0, end_epoch=1_000_000)
+        batches = ((batch, i // data.train_sampler.steps_per_epoch) for i, batch in enumerate(data.train))
+    for batch, epoch in waited(batches, waits):
+        step(batch)
+        yield len(batch.targets), epoch
+
+
+def passes_per_epoch(sampler, loader):
+    """(batch, epoch), a new pass of the loader each epoch: what timm's train.py makes."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch, epoch
 
 
 def timms(recipe, device: torch.device, waits: list):
@@ -81,7 +103,7 @@ def timms(recipe, device: torch.device, waits: list):
     train_model = torch.compile(model) if rt.compile else model
     optimizer = build_optimizer(model, recipe)
     criterion = build_criterion(False, recipe.label_smoothing)
-    while True:
+    for epoch in itertools.count():
         for inputs, targets in waited(loader, waits):
             inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
@@ -90,25 +112,31 @@ def timms(recipe, device: torch.device, waits: list):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            yield len(targets)
+            yield len(targets), epoch
 
 
 def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int = 5, overrides=(),
-            recipe_name: str = "cspresnet50.yaml") -> dict:
+            recipe_name: str = "cspresnet50.yaml", use_loader: bool = True, sleep_step: float = 0.0,
+            pass_per_epoch: bool = False) -> dict:
     recipe = load_recipe(recipe_name, list(overrides), data_dir=str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
     configure_kernels(recipe.runtime.deterministic)
     waits = []
-    steps_iter = (ours if pipeline == "ours" else timms)(recipe, device, waits)
+    if pipeline == "ours":
+        steps_iter = ours(recipe, device, waits, use_loader, sleep_step, pass_per_epoch)
+    else:
+        steps_iter = timms(recipe, device, waits)
+    first_epoch = 0
     for _ in range(warmup):
-        next(steps_iter)
+        _, first_epoch = next(steps_iter)
     waits.clear()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start, images = time.perf_counter(), 0
+    start, images, epoch = time.perf_counter(), 0, first_epoch
     for _ in range(steps):
-        images += next(steps_iter)
+        step_images, epoch = next(steps_iter)
+        images += step_images
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -118,7 +146,11 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
               "deterministic": recipe.runtime.deterministic,
               "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
               "steps": steps, "images_per_s": round(images / seconds, 1),
-              "data_wait_fraction": round(sum(waits) / seconds, 3)}
+              "loader": "none" if not use_loader else "pass per epoch" if pass_per_epoch else "one pass",
+              "sleep_step": sleep_step, "data_wait_fraction": round(sum(waits) / seconds, 3),
+              # the loader refills at an epoch's start, and the GPU may wait then: a timed
+              # window that crosses epoch ends measures more than the steady state
+              "epoch_ends": epoch - first_epoch}
     if device.type == "cuda":
         achieved = images / seconds * FLOP_PER_TRAINING_IMAGE / 1e12
         peak = bf16_peak_tflops(device)
@@ -137,9 +169,19 @@ def main() -> None:
                              "timm's path always runs the seed recipe's augmentation")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-loader", action="store_true",
+                        help="ours: train on one real batch over and over, to time the step without the loader")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for cspresnet50.yaml, e.g. batch_size=256")
-    args = parser.parse_args()
-    print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides, args.recipe))
+    parser.add_argument("--sleep-step", type=float, default=0.0, metavar="SECONDS",
+                        help="ours: sleep this long instead of each training step, a stand-in for a device "
+                             "that needs no CPU: can the loader on this machine feed a device that fast?")
+    parser.add_argument("--pass-per-epoch", action="store_true",
+                        help="ours: a new loader pass each epoch (as timm's train.py makes), not one for the run")
+    args = parser.parse_intermixed_args()
+    if (args.no_loader or args.sleep_step or args.pass_per_epoch) and args.pipeline != "ours":
+        parser.error("--no-loader, --sleep-step and --pass-per-epoch apply to our pipeline, not to --pipeline timm")
+    print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides, args.recipe,
+                         use_loader=not args.no_loader, sleep_step=args.sleep_step, pass_per_epoch=args.pass_per_epoch))
 
 
 if __name__ == "__main__":

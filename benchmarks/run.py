@@ -80,8 +80,9 @@ def main() -> None:
                 result = json.loads(line)
                 REUSED.setdefault(result.pop("command"), []).append(result)
     gpu = torch.cuda.is_available()
-    # A GPU eats 2,000 images in under a second: 10,000 there, so that an epoch's end is rare.
-    data = args.data_dir or generate(Path("bench_imagenet"), classes=10, per_class=1000 if gpu else 200,
+    # A GPU eats 2,000 images in under a second: 14,000 there, so that the timed steps of the
+    # end-to-end rows (5 + 100 of 128 images) stay in one epoch, and measure the steady state.
+    data = args.data_dir or generate(Path("bench_imagenet"), classes=10, per_class=1400 if gpu else 200,
                                      val_per_class=300 if gpu else 50)
     facts = machine()
     rows = []
@@ -101,6 +102,15 @@ def main() -> None:
     gpu_half = median_of(args.rounds, loader("ours", "train", args.workers, "--decode", "gpu"))
     rows.append((f"Loader, train, {args.workers} workers (last row: the workers' half of GPU decode)",
                  parallel + gpu_half))
+    epoch_ends = []
+    if not gpu and parallel[0].get("images_per_s"):
+        # A device that takes 2/3 of the loader's pace and no CPU: does it wait at the epochs' ends?
+        sleep = round(64 / (parallel[0]["images_per_s"] * 2 / 3), 4)
+        stand_in = ["benchmarks.end_to_end", "--data-dir", data, "--steps", 93, "--sleep-step", sleep, "batch_size=64",
+                    f"data.workers={args.workers}", "runtime.amp=none", f"model.num_classes={class_count(data)}"]
+        epoch_ends = median_of(args.rounds, stand_in, [*stand_in, "--pass-per-epoch"])
+        rows.append(("Feeding a stand-in device (a sleep per step, no CPU) across epoch ends: one loader pass for "
+                     "the run, as train.py makes, and a pass per epoch", epoch_ends))
 
     rows.append(("Handing a batch from a worker to the training process (ms per batch of 128, 256 px)",
                  [run(["benchmarks.handover", "--way", way]) for way in ("ours", "label_tensors", "fresh", "per_image")]))
@@ -113,7 +123,7 @@ def main() -> None:
     rows.append(("Model only, train step, synthetic tensors", model_rows))
 
     e2e = ["benchmarks.end_to_end", "--data-dir", data]
-    classes = len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
+    classes = class_count(data)
     if gpu:
         common = ["--steps", 100, "batch_size=128", f"model.num_classes={classes}"]
         all_cores = [*common, f"data.workers={args.workers}"]
@@ -122,7 +132,8 @@ def main() -> None:
         e2e_rows = [run(command, timeout=180) for command in (
             [*e2e, *all_cores], [*e2e, *all_cores, "runtime.compile=true"], [*e2e, *all_cores, "data.train_decode=gpu"],
             [*e2e, "--pipeline", "timm", *all_cores], [*e2e, *all_cores, "runtime.deterministic=true"],
-            [*e2e, "--recipe", "cspresnet50_ra.yaml", *all_cores], *([*e2e, *options] for options in fewer))]
+            [*e2e, "--recipe", "cspresnet50_ra.yaml", *all_cores], [*e2e, "--no-loader", *all_cores],
+            *([*e2e, *options] for options in fewer))]
     else:
         common = ["--steps", 4, "--warmup", 1, "batch_size=16", f"data.workers={args.workers}", "runtime.amp=none",
                   f"model.num_classes={classes}"]
@@ -135,8 +146,12 @@ def main() -> None:
 
     out = args.out or results_path(RESULTS, "gpu" if gpu else "cpu", datetime.now(timezone.utc))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(facts, data, rows, per_core, parallel, model_rows, e2e_rows if gpu else None))
+    out.write_text(render(facts, data, rows, per_core, parallel, model_rows, e2e_rows if gpu else None, epoch_ends))
     print(out)
+
+
+def class_count(data) -> int:
+    return len([p for p in (Path(data) / "train").iterdir() if p.is_dir()])
 
 
 def results_path(folder: Path, device: str, now: datetime) -> Path:
@@ -163,7 +178,7 @@ def box_decoding_summary(per_core) -> list:
             f"decoding only the crops' boxes is {ratio(per_core[0], per_core[2])} that"]
 
 
-def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> str:
+def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None, epoch_ends=()) -> str:
     lines = [f"# Benchmark, {facts['date']}", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items() if key != "date"]
     lines += [f"- data: `{data}`", f"- command: `{' '.join(['python -m benchmarks.run', *sys.argv[1:]])}`", ""]
@@ -173,12 +188,19 @@ def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None) -> 
               *box_decoding_summary(per_core),
               f"- loader, {parallel[0].get('workers')} workers: {ratio(parallel[0], parallel[1])}",
               f"- model-only train step, ours / timm: {ratio(model_rows[0], model_rows[0], 'ours_images_per_s', 'timm_images_per_s')}"]
+    if epoch_ends:
+        one_pass, per_epoch = epoch_ends
+        lines += [f"- a stand-in device across {one_pass.get('epoch_ends', '?')} epoch ends, one loader pass / a pass "
+                  f"per epoch: {ratio(one_pass, per_epoch)} (waiting for data: {one_pass.get('data_wait_fraction')} "
+                  f"of the time against {per_epoch.get('data_wait_fraction')})"]
     if e2e_rows:  # GPU: does the GPU wait on data, and how do we stand against timm's path
-        plain, compiled, gpu_decode, timm_path, deterministic, ra, *fewer_workers = e2e_rows
+        plain, compiled, gpu_decode, timm_path, deterministic, ra, no_loader, *fewer_workers = e2e_rows
         eager_model, compiled_model = model_rows
         of_model = lambda row, model: ratio(row, model, "images_per_s", "ours_images_per_s")  # noqa: E731
         lines += [
             f"- end to end / model only (bf16, channels_last, eager): {of_model(plain, eager_model)}",
+            f"- our step without the loader / model only (eager): {of_model(no_loader, eager_model)}; end to end / "
+            f"our step without the loader: {ratio(plain, no_loader)}",
             f"- end to end / model only (compiled): {of_model(compiled, compiled_model)}",
             f"- end to end with GPU decode / model only (eager): {of_model(gpu_decode, eager_model)}",
             f"- end to end, ours / timm's train.py path (both eager): {ratio(plain, timm_path)}",

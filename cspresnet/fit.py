@@ -1,6 +1,7 @@
 """A training run: build everything from the recipe, resume if asked, then the epoch loop
 with its checkpoints, logs and stop conditions."""
 import dataclasses
+import itertools
 import random
 import sys
 import time
@@ -87,7 +88,7 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     torch.manual_seed(recipe.seed)
     data = build_loaders(recipe, ctx.rank, ctx.world_size, ctx.device)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
-    trainer = build_trainer(recipe, model, ctx.device, rt.amp, len(data.train_sampler))
+    trainer = build_trainer(recipe, model, ctx.device, rt.amp, data.train_sampler.steps_per_epoch)
     model, optimizer = trainer.model, trainer.optimizer
     unreadable = UnreadableImages(data.train_set, recipe.data.max_unreadable_batch_fraction,
                                   recipe.data.max_unreadable_fraction, ctx.world_size)
@@ -133,12 +134,17 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     stop = StopRequest()
     steps_per_epoch = data.train_sampler.steps_per_epoch
     every = recipe.checkpoint.every_steps
+    if progress.epoch < recipe.epochs:
+        # One pass over all remaining epochs: the workers decode the next epoch's first
+        # batches while this one ends and is evaluated, so the GPU does not wait for them.
+        data.train_sampler.set_epoch(progress.epoch, progress.step_in_epoch, end_epoch=recipe.epochs)
+        batches = iter(data.train)
     for epoch in range(progress.epoch, recipe.epochs):
-        data.train_sampler.set_epoch(epoch, progress.step_in_epoch)
         model.train()
         started = time.perf_counter() - progress.epoch_seconds
-        bar = tqdm(data.train, desc=f"epoch {epoch + 1}/{recipe.epochs}", initial=progress.step_in_epoch,
-                   total=steps_per_epoch, disable=None if ctx.is_main else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(itertools.islice(batches, steps_per_epoch - progress.step_in_epoch),
+                   desc=f"epoch {epoch + 1}/{recipe.epochs}", initial=progress.step_in_epoch, total=steps_per_epoch,
+                   disable=None if ctx.is_main else True, leave=False, dynamic_ncols=True)
         for batch in bar:
             unreadable.check(batch)
             trainer.train_step(batch)

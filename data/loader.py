@@ -13,11 +13,15 @@ from .imagenet import ImageFolderDataset, UnreadableDataError
 
 
 class TrainSampler(Sampler[List[Tuple[int, int]]]):
-    """Yields this rank's batches of (epoch, index) keys for one epoch.
+    """Yields this rank's batches of (epoch, index) keys, epoch after epoch.
 
     Like DistributedSampler with drop_last: one permutation per epoch from (seed, epoch),
     cut to a whole number of global batches, rank r taking every world_size-th index.
     Every rank gets the same number of batches, so DDP never waits on a missing one.
+
+    One pass may run through several epochs (`set_epoch(..., end_epoch=...)`), so that
+    the loader's workers go on decoding at an epoch's end instead of draining and
+    starting again from an empty queue, a wait of one worker's whole batch for the GPU.
     """
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int):
@@ -32,16 +36,20 @@ class TrainSampler(Sampler[List[Tuple[int, int]]]):
         self.world_size = world_size
         self.rank = rank
         self.seed = seed
-        self.epoch = 0
-        self.start_step = 0
         self.steps_per_epoch = num_samples // global_batch
+        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Serve `epoch` from its batch number `start_step` on (to resume mid-epoch)."""
+    def set_epoch(self, epoch: int, start_step: int = 0, end_epoch: Optional[int] = None) -> None:
+        """Serve `epoch` from its batch number `start_step` on (to resume mid-epoch), then
+        every following epoch before `end_epoch` (default: `epoch` alone)."""
+        end_epoch = epoch + 1 if end_epoch is None else end_epoch
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
+        if end_epoch <= epoch:
+            raise ValueError(f"end_epoch {end_epoch} must come after epoch {epoch}")
         self.epoch = epoch
         self.start_step = start_step
+        self.end_epoch = end_epoch
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """All ranks' indices for one epoch, in the order they are consumed."""
@@ -50,12 +58,15 @@ class TrainSampler(Sampler[List[Tuple[int, int]]]):
         return order[: self.steps_per_epoch * self.batch_size * self.world_size]
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        return (self.end_epoch - self.epoch) * self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        mine = self.epoch_order(self.epoch)[self.rank :: self.world_size].tolist()
-        for start in range(self.start_step * self.batch_size, len(mine), self.batch_size):
-            yield [(self.epoch, index) for index in mine[start : start + self.batch_size]]
+        start_step = self.start_step
+        for epoch in range(self.epoch, self.end_epoch):
+            mine = self.epoch_order(epoch)[self.rank :: self.world_size].tolist()
+            for start in range(start_step * self.batch_size, len(mine), self.batch_size):
+                yield [(epoch, index) for index in mine[start : start + self.batch_size]]
+            start_step = 0
 
 
 class EvalSampler(Sampler[int]):

@@ -57,6 +57,25 @@ def test_model_and_end_to_end_benchmarks(tiny_imagenet):
                                  "model.num_classes=3"]).stdout)
         assert e2e["images_per_s"] > 0 and e2e["pipeline"] == pipeline
         assert 0 < e2e["data_wait_fraction"] < 1  # workers=0: each batch is loaded while the loop waits
+        assert e2e["loader"] == "one pass" and e2e["epoch_ends"] == 0
+    tiny = ["--warmup", "1", "batch_size=4", "data.img_size=64", "runtime.amp=none", "model.num_classes=3"]
+    no_loader = last_json(run_cli([sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet,
+                                   "--no-loader", "--steps", "2", "data.workers=0", *tiny]).stdout)
+    assert no_loader["loader"] == "none" and no_loader["data_wait_fraction"] < 0.05
+    refused = run_cli([sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet, "--pipeline",
+                       "timm", "--no-loader"], check=False)
+    assert refused.returncode == 2 and "apply to our pipeline" in refused.stderr
+
+
+def test_a_stand_in_device_step_across_epoch_ends(tiny_imagenet):
+    """24 images in batches of 4: 6 steps an epoch; steps 1 to 12 end epochs 0 and 1."""
+    stand_in = [sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet, "--sleep-step", "0.01",
+                "--steps", "12", "--warmup", "1", "batch_size=4", "data.img_size=64", "data.workers=2",
+                "model.num_classes=3"]
+    for extra, loader in (([], "one pass"), (["--pass-per-epoch"], "pass per epoch")):
+        row = last_json(run_cli([*stand_in, *extra]).stdout)
+        assert row["loader"] == loader and row["epoch_ends"] == 2 and row["sleep_step"] == 0.01
+        assert 0 < row["images_per_s"] <= 4 / 0.01  # the sleep stood in for the training step
 
 
 def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
@@ -75,14 +94,29 @@ def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():
     parallel = [{"workers": 16, "images_per_s": 4000.0}, {"workers": 16, "images_per_s": 2000.0}]
     model_rows = [{"ours_images_per_s": 3000.0, "timm_images_per_s": 3000.0}, {"ours_images_per_s": 4000.0}]
     e2e_rows = [{"workers": 16, "images_per_s": rate, "command": "c"}
-                for rate in (2700.0, 3600.0, 1500.0, 1800.0, 2400.0, 2000.0)]
+                for rate in (2700.0, 3600.0, 1500.0, 1800.0, 2400.0, 2000.0, 2880.0)]
     e2e_rows += [{"workers": 14, "images_per_s": 2850.0, "command": "c"}, {"error": "timed out", "command": "c"}]
     table = render({"date": "today"}, "data", [("End to end", e2e_rows)], per_core, parallel, model_rows, e2e_rows)
     assert "loader, one core: ours 400.0 img/s, timm 200.0 img/s: **2.00x**" in table
     assert "ours decoding whole files (`--whole-jpeg`): **1.60x**; decoding only the crops' boxes is **1.25x** that" \
         in table
     assert "end to end / model only (bf16, channels_last, eager): **0.90x**" in table
+    assert "our step without the loader / model only (eager): **0.96x**; end to end / our step without the " \
+           "loader: **0.94x**" in table
     assert "end to end / model only (compiled): **0.90x**" in table
     assert "end to end, ours / timm's train.py path (both eager): **1.50x**" in table
     assert "end to end with 14 workers / model only (eager): **0.95x**" in table
     assert "end to end with ? workers / model only (eager): n/a (a measurement failed)" in table
+
+
+def test_the_cpu_summary_compares_one_loader_pass_with_a_pass_per_epoch():
+    per_core = [{"images_per_s": 400.0, "jpeg": "box"}, {"images_per_s": 200.0}, {"images_per_s": 320.0}]
+    parallel = [{"workers": 2, "images_per_s": 800.0}, {"workers": 2, "images_per_s": 400.0}]
+    model_rows = [{"ours_images_per_s": 5.0, "timm_images_per_s": 5.0}]
+    epoch_ends = [{"images_per_s": 520.0, "epoch_ends": 3, "data_wait_fraction": 0.02, "command": "c"},
+                  {"images_per_s": 500.0, "epoch_ends": 3, "data_wait_fraction": 0.06, "command": "c"}]
+    table = render({"date": "today"}, "data", [("Stand-in", epoch_ends)], per_core, parallel, model_rows,
+                   epoch_ends=epoch_ends)
+    assert "a stand-in device across 3 epoch ends, one loader pass / a pass per epoch: **1.04x** (waiting for " \
+           "data: 0.02 of the time against 0.06)" in table
+    assert "end to end / model only" not in table

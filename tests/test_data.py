@@ -101,6 +101,21 @@ def test_train_sampler_shards_disjointly_and_reshuffles():
     assert [i for b in samplers[0] for _, i in b] != [i for b in batches[0] for _, i in b]
 
 
+def test_one_train_sampler_pass_runs_through_several_epochs_as_separate_passes_would():
+    sampler = TrainSampler(103, batch_size=4, world_size=3, rank=1, seed=5)
+    separate = []
+    for epoch, start_step in ((2, 5), (3, 0), (4, 0)):
+        sampler.set_epoch(epoch, start_step)
+        separate += list(sampler)
+    sampler.set_epoch(2, 5, end_epoch=5)
+    assert list(sampler) == separate and len(sampler) == len(separate) == 3 + 8 + 8
+    assert [key[0] for batch in separate for key in batch] == [2] * 12 + [3] * 32 + [4] * 32
+    with pytest.raises(ValueError, match="end_epoch 2 must come after epoch 2"):
+        sampler.set_epoch(2, end_epoch=2)
+    with pytest.raises(ValueError, match="start_step 9 is outside the epoch's 8 steps"):
+        sampler.set_epoch(2, 9, end_epoch=5)
+
+
 def test_train_sampler_needs_one_global_batch():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         TrainSampler(10, batch_size=4, world_size=3, rank=0, seed=0)

@@ -59,9 +59,10 @@ def test_one_process_run_writes_its_outputs_and_validates(tiny_imagenet, tmp_pat
 
 def test_same_seed_gives_the_same_numbers_with_or_without_loader_workers(tiny_imagenet, tmp_path):
     """Augmentation is a function of (seed, epoch, index), so worker processes change no
-    number; this also holds the workers' reused shared buffers to never serve a stale batch."""
+    number; this also holds the workers' reused shared buffers to never serve a stale batch,
+    while the workers run on into the next epoch during the evaluation."""
     for name, workers in (("a", 0), ("b", 2)):
-        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, "epochs=1", f"data.workers={workers}")])
+        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, f"data.workers={workers}")])
     columns = ("train_loss", "eval_loss", "top1", "top5")
     assert [[r[c] for c in columns] for r in summary(tmp_path / "a")] == \
            [[r[c] for c in columns] for r in summary(tmp_path / "b")]
@@ -80,7 +81,35 @@ def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_pat
     resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
     assert "resumed from" in resumed.stdout
     assert [int(r["epoch"]) for r in summary(output)] == [1, 2]
+    finished = (output / "last.pt").read_bytes()
     assert load_checkpoint(output / "last.pt")["step"] == 6
+
+    # A launcher that restarts a finished run (torchrun --max-restarts, a job array) is told so.
+    again = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
+    assert "done: best top-1" in again.stdout and (output / "last.pt").read_bytes() == finished
+
+
+# train.py, counting the passes each DataLoader makes.
+COUNT_LOADER_PASSES = """
+import sys
+from torch.utils.data import DataLoader
+import train
+passes = []
+iterate = DataLoader.__iter__
+DataLoader.__iter__ = lambda loader: passes.append(type(loader.batch_sampler).__name__) or iterate(loader)
+code = train.main(sys.argv[1:])
+print(passes)
+sys.exit(code)
+"""
+
+
+def test_one_pass_of_the_training_loader_serves_every_epoch(tiny_imagenet, tmp_path):
+    """Its workers then never drain at an epoch's end: the GPU would wait there for a whole
+    batch to be decoded, once per epoch."""
+    out = run_cli([sys.executable, "-c", COUNT_LOADER_PASSES,
+                   *train_args(tiny_imagenet, tmp_path / "run", "epochs=3")[1:]]).stdout
+    passes = eval(out.strip().splitlines()[-1])
+    assert passes.count("TrainSampler") == 1 and passes.count("BatchSampler") == 3  # evaluation after each epoch
 
 
 def test_two_processes_under_torchrun(tiny_imagenet, tmp_path):
