@@ -146,7 +146,8 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
               "deterministic": recipe.runtime.deterministic,
               "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
               "steps": steps, "images_per_s": round(images / seconds, 1),
-              "loader": "none" if not use_loader else "pass per epoch" if pass_per_epoch else "one pass",
+              "loader": "none" if not use_loader else "one pass" if pipeline == "ours" and not pass_per_epoch
+                        else "pass per epoch",
               "sleep_step": sleep_step, "data_wait_fraction": round(sum(waits) / seconds, 3),
               # the loader refills at an epoch's start, and the GPU may wait then: a timed
               # window that crosses epoch ends measures more than the steady state
