@@ -140,14 +140,19 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if not use_loader:
+        loader_passes = "none"
+    elif pipeline == "timm" or pass_per_epoch:
+        loader_passes = "pass per epoch"
+    else:
+        loader_passes = "one pass"
     result = {"pipeline": pipeline, "recipe": recipe_name, "device": device.type, "batch_size": recipe.batch_size,
               "img_size": recipe.data.img_size, "workers": recipe.data.workers, "amp": recipe.runtime.amp,
               "channels_last": recipe.runtime.channels_last, "compile": recipe.runtime.compile,
               "deterministic": recipe.runtime.deterministic,
               "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
               "steps": steps, "images_per_s": round(images / seconds, 1),
-              "loader": "none" if not use_loader else "one pass" if pipeline == "ours" and not pass_per_epoch
-                        else "pass per epoch",
+              "loader": loader_passes,
               "sleep_step": sleep_step, "data_wait_fraction": round(sum(waits) / seconds, 3),
               # the loader refills at an epoch's start, and the GPU may wait then: a timed
               # window that crosses epoch ends measures more than the steady state
