@@ -1,5 +1,6 @@
 """The real train.py and validate.py, as a user runs them: one process, two processes under
 torchrun, and two "nodes" on this machine."""
+import ast
 import csv
 import json
 import subprocess
@@ -108,7 +109,7 @@ def test_one_pass_of_the_training_loader_serves_every_epoch(tiny_imagenet, tmp_p
     batch to be decoded, once per epoch."""
     out = run_cli([sys.executable, "-c", COUNT_LOADER_PASSES,
                    *train_args(tiny_imagenet, tmp_path / "run", "epochs=3")[1:]]).stdout
-    passes = eval(out.strip().splitlines()[-1])
+    passes = ast.literal_eval(out.strip().splitlines()[-1])
     assert passes.count("TrainSampler") == 1 and passes.count("BatchSampler") == 3  # evaluation after each epoch
 
 
