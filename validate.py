@@ -9,8 +9,14 @@ Reads our training checkpoints (model or EMA weights), timm's .pth state dicts,
 .safetensors files and DDP's module.-prefixed state dicts; the number of classes comes
 from the weights. The evaluation folder is DIR/<split> if it exists, else DIR: class
 folders, ImageNetV2's numbered folders, or a flat folder with the devkit or Kaggle's
-solution file. The last line printed is JSON with top1, top5 (percent), images and the
+solution file; a DIR that holds other splits (train/, val/, validation/, test/) but not
+<split> is refused. The last line printed is JSON with top1, top5 (percent), images and the
 settings used.
+
+Exit codes:
+    0  evaluated (images that could not be decoded are skipped, each with a warning)
+    2  a bad checkpoint, data folder or option, or nothing could be evaluated: one line
+       "error: ..." on stderr says which (argparse's own usage errors also exit 2)
 """
 import argparse
 import json
@@ -26,18 +32,28 @@ from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import configure_kernels, evaluate
 from cspresnet.recipe import DataConfig, RecipeError
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
+from cspresnet.signals import end_child_processes
 from cspresnet.weights import load_cspresnet, trained_data_config
-from data.imagenet import DatasetLayoutError, ImageFolderDataset
+from data.imagenet import DatasetLayoutError, ImageFolderDataset, UnreadableDataError
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform
-from data.val_layouts import EvalSet, read_eval_set
+from data.val_layouts import EvalSet, eval_folder, read_eval_set
+
+
+class OptionError(ValueError):
+    """A command-line option that cannot work, found before any evaluation."""
+
+
+BAD_INPUT = (CheckpointError, DatasetLayoutError, RecipeError, UnreadableDataError, OptionError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="last.pt/best.pt, timm .pth, or .safetensors")
     parser.add_argument("--data-dir", required=True, help="ImageNet root, or the evaluation folder itself")
-    parser.add_argument("--split", default="val", help="subfolder of --data-dir to evaluate, if present (default: val)")
+    parser.add_argument("--split", default="val",
+                        help="subfolder of --data-dir to evaluate, if present (default: val); "
+                             "a --data-dir holding train/, val/, validation/ or test/ must have it")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--devkit", type=Path, help="labels of a flat folder: ILSVRC2012_devkit_t12.tar.gz or meta.bin")
     labels.add_argument("--val-solution", type=Path, help="labels of a flat folder: Kaggle's LOC_val_solution.csv")
@@ -78,6 +94,18 @@ def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
     return data
 
 
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Every file validate.py would write must have a folder to go in: fail now, not after evaluating."""
+    for option, path in (("--results-file", args.results_file), ("--results-csv", args.results_csv),
+                         ("--logits-file", args.logits_file)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OptionError(f"{option} {path} is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise OptionError(f"{option} {path}: its folder {path.parent} does not exist")
+
+
 def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labels: bool) -> None:
     """Refuse an evaluation whose labels cannot mean what the model's outputs mean."""
     if len(eval_set.classes) != num_classes:
@@ -95,14 +123,15 @@ def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labe
 
 
 def main(argv=None) -> dict:
+    """Evaluate and return the summary; bad input raises one of BAD_INPUT (see cli)."""
     args = parse_args(argv)
+    check_output_paths(args)
+    folder = eval_folder(Path(args.data_dir).expanduser(), args.split)
     checkpoint = load_checkpoint(Path(args.checkpoint))
     model, weights = load_cspresnet(checkpoint, args.weights)
     num_classes = model.num_classes
     settings = eval_settings(args, checkpoint)
 
-    folder = Path(args.data_dir).expanduser()
-    folder = folder / args.split if (folder / args.split).is_dir() else folder
     eval_set = read_eval_set(folder, args.devkit or args.val_solution)
     check_labels(eval_set, checkpoint.get("classes"), num_classes, args.real_labels)
 
@@ -114,11 +143,21 @@ def main(argv=None) -> dict:
     dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
     loader = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
                                args.workers, pin_memory=ctx.device.type == "cuda")
+    unreadable_example = []  # this rank's first (path, reason), for the error if nothing could be decoded
+
+    def on_unreadable(index: int, reason: str) -> None:
+        path = dataset.samples[index][0]
+        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+        if not unreadable_example:
+            unreadable_example.append((path, reason))
+
     result = evaluate(model, loader, len(dataset), num_classes, DeviceNormalizer(ctx.device, args.channels_last),
-                      args.amp, keep_logits=args.logits_file is not None,
-                      on_unreadable=lambda index, reason: print(
-                          f"warning: skipping unreadable image {dataset.samples[index][0]} ({reason})", file=sys.stderr),
+                      args.amp, keep_logits=args.logits_file is not None, on_unreadable=on_unreadable,
                       progress=lambda it: tqdm(it, desc="eval", disable=None if ctx.is_main else True, leave=False))
+    if result.images == 0:  # every rank sees the gathered count, so every rank stops here
+        shutdown()
+        example = " (e.g. {}: {})".format(*unreadable_example[0]) if unreadable_example else ""
+        raise UnreadableDataError(f"none of the {len(dataset)} images in {folder} could be decoded{example}")
 
     paths = [dataset.samples[i][0] for i in result.indices.tolist()]
     summary = dict(
@@ -148,8 +187,19 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() as a command: bad input is one line "error: ..." on stderr and exit code 2."""
     try:
-        main()
-    except (CheckpointError, DatasetLayoutError, RecipeError) as exc:
-        sys.exit(f"error: {exc}")
+        main(argv)
+    except BAD_INPUT as exc:
+        # One line, whatever the message: data.imagenet's layout hint, for one, is a table of several.
+        message = " ".join(str(exc).split()) if "\n" in str(exc) else str(exc)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        end_child_processes()  # an error must end the loader workers too, or the exit would wait for them
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

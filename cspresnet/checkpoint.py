@@ -8,7 +8,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -70,6 +70,30 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, says the disk or quota is full.
+    torch.save reports a full disk as a RuntimeError ("unexpected pos") raised while
+    handling the file's OSError(ENOSPC), so the whole chain is looked at."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unless_disk_full(write: Callable[[], None], what: str) -> None:
+    """For the run folder's small files: a full disk costs that write and a warning, not the
+    run (the checkpoints hold what they record)."""
+    try:
+        write()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"warning: disk full: {what} not written", file=sys.stderr, flush=True)
+
+
 def _replace_with_link(source: Path, target: Path) -> None:
     """Make `target` the same file as `source` in one atomic rename (a hard link, or a copy
     where the filesystem has no hard links)."""
@@ -120,12 +144,12 @@ class CheckpointFolder:
             _replace_with_link(path, self.folder / "last.pt")
             if is_best:
                 _replace_with_link(path, self.folder / "best.pt")
-        except OSError as exc:
-            if exc.errno not in DISK_FULL_ERRNOS:
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
                 raise
             self.remove_partial_files()
-            print(f"warning: disk full in {self.folder} ({exc.strerror}); checkpoint of step {step} not written, "
-                  f"earlier checkpoints kept, training goes on", file=sys.stderr, flush=True)
+            print(f"warning: disk full in {self.folder}; checkpoint of step {step} not written, earlier checkpoints "
+                  f"kept, training goes on and the next checkpoint tries again", file=sys.stderr, flush=True)
             return None
         files = self.step_files()
         for _, old in files[: max(0, len(files) - self.keep_last)]:

@@ -1,4 +1,5 @@
 """One process or many (torchrun): who we are, which device, and the few collectives we use."""
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, List
@@ -33,8 +34,9 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto") -> DistContext:
-    """Read torchrun's environment; join the process group if there is more than one process."""
+def init_distributed(device_preference: str = "auto", timeout_s: float = 600.0) -> DistContext:
+    """Read torchrun's environment; join the process group if there is more than one process.
+    A collective that waits longer than `timeout_s` for a rank fails instead of hanging."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,11 +47,13 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
         # pytorch/pytorch#167288 for NCCL); a key prefix per restart keeps attempts apart.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        timeout = datetime.timedelta(seconds=timeout_s)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device)
+            dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device,
+                                    timeout=timeout)
         else:
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from data.loader import UnreadableImages
 from data.pipeline import build_loaders
 from data.transforms import DeviceNormalizer, build_batch_augment
 
-from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, CheckpointFolder, load_checkpoint
+from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, unless_disk_full
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .engine import (NonFiniteLossError, Trainer, build_criterion, build_grad_scaler, configure_kernels,
                      evaluate)
@@ -27,8 +27,13 @@ from .model import build_model
 from .optim import build_optimizer, build_schedule
 from .recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from .run_log import RunLog
+from .run_folder import RunFolder, RunFolderError
 from .run_state import capture_rng, dataset_fingerprint, restore_rng
 from .signals import EXIT_PREEMPTED, StopRequest
+
+
+class FinalCheckpointError(RuntimeError):
+    """The run trained to its end but could not write its final checkpoint (a full disk)."""
 
 
 @dataclass
@@ -57,30 +62,52 @@ def build_trainer(recipe: Recipe, model: torch.nn.Module, device: torch.device, 
     )
 
 
-def find_resume_checkpoint(resume: Optional[str], folder: CheckpointFolder):
-    """(path, state) to continue from, or None for a fresh run, which must not overwrite one."""
-    if resume is None:
-        if (folder.folder / "last.pt").exists():
-            raise CheckpointError(
-                f"{folder.folder} already holds a run (last.pt); pass --resume auto to continue it, "
-                f"or --output NEW_FOLDER to start another"
-            )
+def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext):
+    """Rank 0 locks the folder and picks the checkpoint to continue from, (path, state), or
+    None; every rank follows its decision, or fails with its error."""
+    decision, state = ("start",), None
+    if ctx.is_main:
+        try:
+            folder.lock()
+            found = folder.choose_start(resume)
+            if found is not None:
+                decision, state = ("resume", str(found[0])), found[1]
+        except (RunFolderError, CheckpointError) as exc:
+            decision = ("error", str(exc))
+    decision = all_gather_objects(decision)[0]
+    if decision[0] == "error":
+        raise RunFolderError(decision[1])
+    if decision[0] == "start":
         return None
-    if resume == "auto":
-        return folder.newest_loadable()
-    return Path(resume), load_checkpoint(Path(resume))
+    if not ctx.is_main:
+        state = load_checkpoint(Path(decision[1]))
+    barrier()  # every rank has read the checkpoint before rank 0 may replace it
+    return Path(decision[1]), state
 
 
 def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
     """Train; returns the process exit code (0, or EXIT_PREEMPTED after a stop signal)."""
+    folder = RunFolder(output, recipe.checkpoint.keep_last)
+    resumed = claim_run_folder(folder, resume, ctx)
+    try:
+        return train(recipe, ctx, folder, resumed)
+    except BaseException as exc:
+        if ctx.is_main:
+            last_line = (str(exc).strip().splitlines() or ["no message"])[-1]
+            try:
+                folder.set_status(f"failed: {type(exc).__name__}: {last_line}")
+            except OSError as status_error:  # e.g. the folder turned read-only: the first error is the one to tell
+                print(f"warning: status not written: {status_error}", file=sys.stderr, flush=True)
+        raise
+
+
+def train(recipe: Recipe, ctx: DistContext, folder: RunFolder, resumed) -> int:
     rt = recipe.runtime
+    output = folder.path
     if rt.amp == "bf16" and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if ctx.is_main:
             print(f"warning: {torch.cuda.get_device_name(ctx.device)} has no bf16: runtime.amp=fp16 instead", flush=True)
         rt = dataclasses.replace(rt, amp="fp16")
-    folder = CheckpointFolder(output, recipe.checkpoint.keep_last)
-    resumed = find_resume_checkpoint(resume, folder)
-    barrier()  # every rank has read the checkpoint before rank 0 may replace it
 
     configure_kernels(rt.deterministic)
     random.seed(recipe.seed)
@@ -91,39 +118,48 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
     trainer = build_trainer(recipe, model, ctx.device, rt.amp, data.train_sampler.steps_per_epoch)
     model, optimizer = trainer.model, trainer.optimizer
     unreadable = UnreadableImages(data.train_set, recipe.data.max_unreadable_batch_fraction,
-                                  recipe.data.max_unreadable_fraction, ctx.world_size)
+                                  recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed)
     fingerprint = dataset_fingerprint(data.train_set.samples)
-    progress = Progress()
+    progress, notes = Progress(), []
     if resumed is not None:
-        progress = restore(resumed[1], trainer, unreadable, ctx, recipe, fingerprint)
+        progress, notes = restore(resumed[1], trainer, unreadable, ctx, recipe, fingerprint,
+                                  data.train_sampler.steps_per_epoch)
 
     if ctx.is_distributed:
         trainer.train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     if rt.compile:
         trainer.train_model = torch.compile(trainer.train_model)
 
-    log = RunLog(output, ctx.is_main, resumed_at_step=trainer.step if resumed else None, rows=progress.rows)
+    start_step = trainer.step
+    log = RunLog(output, ctx.is_main, start_step=start_step, rows=progress.rows)
     if ctx.is_main:
-        folder.remove_partial_files()
-        (output / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        announce(recipe, ctx, data, trainer, output, resumed)
+        folder.checkpoints.remove_partial_files()
+        if resumed is None:
+            unless_disk_full(lambda: (output / "recipe.yaml").write_text(recipe_to_yaml(recipe)), "recipe.yaml")
+        if progress.epoch < recipe.epochs:
+            folder.add_segment(start_step, recipe_to_dict(recipe), ctx.world_size, notes,
+                               resumed[0] if resumed else None)
+            folder.set_status(f"running from step {start_step}")
+        announce(recipe, ctx, data, trainer, output, resumed, notes)
 
-    def save(is_best: bool = False) -> None:
-        """All ranks: gather per-rank state; rank 0 writes. Never writes non-finite weights."""
+    def save(is_best: bool = False) -> bool:
+        """All ranks: gather per-rank state; rank 0 writes (False: the disk was full).
+        Never writes non-finite weights."""
         per_rank = all_gather_objects(dict(rng=capture_rng(ctx.device), totals=trainer.totals.state_dict(),
                                            unreadable=unreadable.state_dict()))
         if not trainer.weights_are_finite():
             raise NonFiniteLossError(f"the weights are not finite at step {trainer.step}; "
                                      f"refusing to overwrite the last good checkpoint")
+        written = True
         if ctx.is_main:
             state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          model_ema=trainer.ema.module.state_dict() if trainer.ema else None,
                          scaler=trainer.scaler.state_dict(), step=trainer.step, **asdict(progress),
                          per_rank=per_rank, world_size=ctx.world_size, dataset=fingerprint,
-                         classes=data.train_set.classes,
+                         batch_size=recipe.batch_size, classes=data.train_set.classes,
                          recipe=recipe_to_dict(recipe), metrics=progress.rows[-1] if progress.rows else None)
-            folder.save(state, trainer.step, is_best)
-        barrier()
+            written = folder.checkpoints.save(state, trainer.step, is_best) is not None
+        return all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
 
     def evaluate_weights(weights: torch.nn.Module):
         return evaluate(weights, data.val, len(data.val_set), recipe.model.num_classes, trainer.normalize, rt.amp,
@@ -131,7 +167,8 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
                             f"warning: skipping unreadable validation image {data.val_set.samples[index][0]} ({reason})",
                             file=sys.stderr))
 
-    stop = StopRequest()
+    stop = StopRequest(rt.stop_timeout_s, on_give_up=lambda reason: ctx.is_main and folder.set_status(
+        f"interrupted at step {trainer.step}: {reason}"))
     steps_per_epoch = data.train_sampler.steps_per_epoch
     every = recipe.checkpoint.every_steps
     if progress.epoch < recipe.epochs:
@@ -163,6 +200,7 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
                 save()
             if stopping:
                 if ctx.is_main:
+                    folder.set_status(f"preempted at step {trainer.step}")
                     print(f"stopping on {stop.signal_name or 'a signal to another rank'}: checkpoint saved at "
                           f"step {trainer.step}; continue with --resume auto", flush=True)
                 return EXIT_PREEMPTED
@@ -187,23 +225,31 @@ def fit(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = 
                    nonfinite_steps=stats.nonfinite_steps, unreadable_images=unreadable_count)
         progress.rows.append(row)
         progress.epoch, progress.step_in_epoch, progress.epoch_seconds = epoch + 1, 0, 0.0
-        save(is_best)
+        saved = save(is_best)
         log.epoch(progress.rows[-1])
+        if not saved and progress.epoch == recipe.epochs:
+            raise FinalCheckpointError(f"the run trained to its end (step {trainer.step}) but the disk is full and its final "
+                                  f"checkpoint was not written; free space in {output} and rerun with --resume auto "
+                                  f"to redo the steps since its last checkpoint")
         if stop.agreed(ctx.device):
             if ctx.is_main:
+                folder.set_status(f"preempted at step {trainer.step}")
                 print(f"stopping on a signal after epoch {epoch + 1}; continue with --resume auto", flush=True)
             return EXIT_PREEMPTED
 
     log.close()
     if ctx.is_main:
+        folder.set_status(f"done at step {trainer.step}")
         print(f"done: best top-1 {progress.best_top1:.3f} after {recipe.epochs} epochs, {trainer.step} steps; "
               f"checkpoints in {output}", flush=True)
     return 0
 
 
 def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: DistContext, recipe: Recipe,
-            fingerprint: str) -> Progress:
-    """Put the run back where the checkpoint left it, down to every rank's random generators."""
+            fingerprint: str, steps_per_epoch: int) -> Tuple[Progress, List[str]]:
+    """Put the run back where the checkpoint left it, down to every rank's random generators;
+    also the reasons why the rest of the run will not be exactly what it would have been."""
+    check_same_classes(state, recipe.model.num_classes)
     trainer.model.load_state_dict(state["model"])
     if trainer.ema is not None:
         if state.get("model_ema") is None:
@@ -219,6 +265,14 @@ def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: Di
     if state["dataset"] != fingerprint:
         notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
                      "so the remaining order of images differs")
+    old_batch = state.get("batch_size", recipe.batch_size)
+    if old_batch != recipe.batch_size and progress.step_in_epoch:
+        images = progress.step_in_epoch * old_batch
+        progress.step_in_epoch = min(images // recipe.batch_size, steps_per_epoch)
+        goes_on = (f"from its step {progress.step_in_epoch + 1} of {steps_per_epoch}"
+                   if progress.step_in_epoch < steps_per_epoch else "with its evaluation")
+        notes.append(f"the global batch changed from {old_batch} to {recipe.batch_size} in epoch {progress.epoch + 1}, "
+                     f"after {images} of its images; it goes on {goes_on}")
     if state["world_size"] == ctx.world_size:
         mine = state["per_rank"][ctx.rank]
         restore_rng(mine["rng"], ctx.device)
@@ -226,7 +280,7 @@ def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: Di
         unreadable.load_state_dict(mine["unreadable"])
     else:
         notes.append(f"it was saved by {state['world_size']} processes, this run has {ctx.world_size}: "
-                     f"the same images per step, but new random draws for dropout")
+                     f"new random draws for dropout and mixup")
         torch.manual_seed(recipe.seed + 1_000_003 * ctx.rank + trainer.step)
         if ctx.is_main:  # the epoch's totals so far, summed over the old ranks
             merged = trainer.totals
@@ -237,24 +291,34 @@ def restore(state: Dict, trainer: Trainer, unreadable: UnreadableImages, ctx: Di
     changed = diff_recipes(state["recipe"], recipe_to_dict(recipe))
     if changed:
         notes.append("the recipe changed: " + ", ".join(changed))
-    if ctx.is_main:
-        for note in notes:
-            print(f"warning: resuming inexactly: {note}", flush=True)
-    return progress
+    return progress, notes
+
+
+def check_same_classes(state: Dict, num_classes: int) -> None:
+    saved = state["model"]["head.fc.weight"].shape[0]
+    if saved != num_classes:
+        raise CheckpointError(f"the checkpoint's classifier has {saved} classes but the recipe has "
+                              f"model.num_classes={num_classes}: a run cannot change its classes on resume")
+
+
+# Keys that change where and how a run goes, not a number it computes.
+NO_EFFECT_ON_RESULTS = {"data.dir", "data.workers", "runtime.log_interval", "runtime.stop_timeout_s",
+                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last"}
 
 
 def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
+    """The changed keys that can change the trained weights."""
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changes += diff_recipes(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and f"{prefix}{key}" not in NO_EFFECT_ON_RESULTS:
             changes.append(f"{prefix}{key} {a!r} -> {b!r}")
     return changes
 
 
-def announce(recipe: Recipe, ctx: DistContext, data, trainer: Trainer, output: Path, resumed) -> None:
+def announce(recipe: Recipe, ctx: DistContext, data, trainer: Trainer, output: Path, resumed, notes: List[str]) -> None:
     total = recipe.epochs * data.train_sampler.steps_per_epoch
     print(f"{ctx.world_size} process(es) on {ctx.device.type}; {len(data.train_set)} train / "
           f"{len(data.val_set)} val images; global batch {recipe.batch_size}; lr {recipe.scaled_lr():g} "
@@ -265,3 +329,5 @@ def announce(recipe: Recipe, ctx: DistContext, data, trainer: Trainer, output: P
               f"the learning rate never reaches {recipe.scaled_lr():g}", flush=True)
     if resumed is not None:
         print(f"resumed from {resumed[0]} at step {trainer.step}", flush=True)
+    for note in notes:
+        print(f"warning: resuming inexactly: {note}", flush=True)

@@ -4,6 +4,7 @@ Every value is checked once, here, so that a typo or an impossible value stops t
 before any data is read, with a message that names the key and what it allows.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ class DataConfig:
     eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     eval_batch_size: int = 256  # global, like batch_size
     max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
-    max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded
+    max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded ...
+    min_unreadable_allowed: int = 2  # ... but always allow this many, however small the set
 
 
 @dataclass
@@ -100,6 +102,8 @@ class RuntimeConfig:
     deterministic: bool = False  # GPU: repeatable kernels, so a resumed run is bitwise exact there too; slower
     log_interval: int = 50  # steps between loss reads and stop checks (each read syncs the GPU)
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
+    stop_timeout_s: float = 60.0  # after SIGTERM/SIGINT, save and exit within this, else exit without saving
+    collective_timeout_s: float = 600.0  # a rank waiting this long for the others fails the job
 
 
 @dataclass
@@ -152,14 +156,80 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe '{name_or_path}' not found: not a file, and not in {RECIPES_DIR} (available: {available})")
 
 
+class DuplicateKeyError(ValueError):
+    """A mapping in recipe YAML names the same key twice."""
+
+    def __init__(self, key: Any, section: str, lines: Tuple[int, int]):
+        self.key, self.section, self.lines = key, section, lines
+        where = "at the top level" if section == "" else f"in section '{section}'"
+        super().__init__(f"key '{key}' appears twice {where}")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping naming one key twice (safe_load keeps the last).
+
+    `root` names the section the document itself is (an override's dotted key), for messages.
+    """
+
+    root = ""
+
+    def construct_document(self, node):
+        self._sections = {}
+        self._name_sections(node, self.root)
+        return super().construct_document(node)
+
+    def _name_sections(self, node, where: str) -> None:
+        """Remember each mapping's dotted place in the document, for construct_mapping's messages."""
+        if id(node) in self._sections:  # an alias: the same node again
+            return
+        if isinstance(node, yaml.MappingNode):
+            self._sections[id(node)] = where
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._name_sections(value_node, f"{where}.{name}" if where else str(name))
+        elif isinstance(node, yaml.SequenceNode):
+            self._sections[id(node)] = where
+            for i, item in enumerate(node.value):
+                self._name_sections(item, f"{where}[{i}]")
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may override, as YAML intends
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if first is not key_node:
+                    section = self._sections.get(id(node), "?")
+                    raise DuplicateKeyError(key, section, (first.start_mark.line + 1, key_node.start_mark.line + 1))
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, root: str = "") -> Any:
+    """Recipe YAML, as yaml.safe_load reads it, except that a key given twice in one
+    mapping raises DuplicateKeyError instead of the last one silently winning."""
+    loader = RecipeLoader(text)
+    loader.root = root
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, chain: Tuple[Path, ...]) -> Dict[str, Any]:
     """Read one file and, recursively, the file it extends; child keys win."""
     if path in chain:
         raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"recipe {path}: {exc} (lines {exc.lines[0]} and {exc.lines[1]})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop("base", None)
@@ -188,9 +258,11 @@ def _apply_override(raw: Dict[str, Any], override: str) -> None:
     if not all(keys):
         raise RecipeError(f"override '{override}': '{dotted}' is not a dotted key like optim.lr")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text, root=".".join(keys)) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"override '{override}': {exc}") from None
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
@@ -206,7 +278,9 @@ def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_d
     for override in overrides or []:
         _apply_override(raw, override)
     if data_dir is not None:
-        raw.setdefault("data", {})["dir"] = data_dir
+        data = raw.setdefault("data", {})
+        if isinstance(data, dict):  # otherwise _build reports the section as it would without --data-dir
+            data["dir"] = data_dir
     recipe = _build(Recipe, raw, "")
     validate(recipe)
     return recipe
@@ -266,14 +340,17 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
             raise wrong
         return value
     if kind is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e30 and 5e-4 (no dot) as strings
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise wrong
-        return float(value)
+        try:  # a string: YAML 1.1 reads 1e30 and 5e-4 (no dot) as strings
+            number = float(value)
+        except ValueError:
+            raise wrong from None
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):  # .inf, -.inf, .nan, 1e400: no use as a rate, size or probability
+            raise RecipeError(f"recipe key '{key}' must be a finite number, got {number!r}")
+        return number
     if kind is str:
         if not isinstance(value, str):
             raise wrong
@@ -376,6 +453,10 @@ def validate(recipe: Recipe) -> None:
              "in (0, 1): a batch must keep at least one image", d.max_unreadable_batch_fraction)
     _require(0.0 <= d.max_unreadable_fraction < 1.0, "data.max_unreadable_fraction", "in [0, 1)",
              d.max_unreadable_fraction)
+    _require(d.min_unreadable_allowed >= 0, "data.min_unreadable_allowed", ">= 0", d.min_unreadable_allowed)
+    _require(recipe.runtime.stop_timeout_s > 0, "runtime.stop_timeout_s", "> 0", recipe.runtime.stop_timeout_s)
+    _require(recipe.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s", "> 0",
+             recipe.runtime.collective_timeout_s)
     _require(recipe.runtime.log_interval >= 1, "runtime.log_interval", ">= 1", recipe.runtime.log_interval)
     _require(recipe.runtime.max_nonfinite_steps >= 1, "runtime.max_nonfinite_steps", ">= 1",
              recipe.runtime.max_nonfinite_steps)

@@ -2,26 +2,28 @@
 Only the main rank writes; the others get a RunLog that does nothing."""
 import csv
 import os
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from .checkpoint import is_disk_full, unless_disk_full
+
 
 class RunLog:
-    def __init__(self, output_dir: Path, enabled: bool, resumed_at_step: Optional[int] = None,
-                 rows: Optional[List[Dict]] = None):
-        """A resumed run drops TensorBoard events after its checkpoint's step and rewrites
+    def __init__(self, output_dir: Path, enabled: bool, start_step: int = 0, rows: Optional[List[Dict]] = None):
+        """A run that starts at `start_step` drops TensorBoard events after it and rewrites
         summary.csv from the checkpoint's rows: the logs then read as if it never stopped."""
         self.enabled = enabled
-        self.csv_path = Path(output_dir) / "summary.csv"
+        self.output_dir = Path(output_dir)
+        self.csv_path = self.output_dir / "summary.csv"
         self.writer: Optional[SummaryWriter] = None
+        self.purge_step: Optional[int] = start_step + 1
         if enabled:
-            purge = None if resumed_at_step is None else resumed_at_step + 1
-            self.writer = SummaryWriter(str(output_dir), purge_step=purge)
-            if resumed_at_step is not None:
-                self._rewrite_csv(rows or [])
+            unless_disk_full(lambda: self._rewrite_csv(rows or []), "summary.csv")
+            self._tensorboard(lambda writer: None)
 
     def _rewrite_csv(self, rows: List[Dict]) -> None:
         if not rows:
@@ -34,32 +36,63 @@ class RunLog:
             writer.writerows(rows)
         os.replace(tmp, self.csv_path)
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            tqdm.write(f"step {step} loss {loss:.4f} lr {lr:.6g}")
-
-    def epoch(self, row: Dict[str, float]) -> None:
-        """Append one row to summary.csv, mirror it to TensorBoard, print it."""
-        if not self.enabled:
-            return
+    def _append_csv(self, row: Dict[str, float]) -> None:
         new_file = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
-        step = int(row["step"])  # one x-axis for everything, so a resume can purge by step
-        for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(f"epoch/{key}", value, step)
-        self.writer.flush()
+
+    def _tensorboard(self, write: Callable[[SummaryWriter], None]) -> None:
+        """TensorBoard's writer dies with its first failed write. On a full disk it is dropped
+        with a warning, and made anew (a new event file) at the next epoch's end."""
+        try:
+            if self.writer is None:
+                self.writer = SummaryWriter(str(self.output_dir), purge_step=self.purge_step)
+                self.purge_step = None  # only the segment's first event file purges
+            write(self.writer)
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
+            print("warning: disk full: TensorBoard events lost until the next epoch's end", file=sys.stderr, flush=True)
+            writer, self.writer = self.writer, None
+            try:
+                if writer is not None:
+                    writer.close()
+            except (OSError, RuntimeError):
+                pass  # its thread has already failed on the same full disk
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            def write(writer: SummaryWriter) -> None:
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", lr, step)
+
+            self._tensorboard(write)
+        tqdm.write(f"step {step} loss {loss:.4f} lr {lr:.6g}")
+
+    def epoch(self, row: Dict[str, float]) -> None:
+        """Append one row to summary.csv, mirror it to TensorBoard, print it."""
+        if not self.enabled:
+            return
+        unless_disk_full(lambda: self._append_csv(row), f"summary.csv row of epoch {row['epoch']}")
+
+        def write(writer: SummaryWriter) -> None:
+            step = int(row["step"])  # one x-axis for everything, so a resume can purge by step
+            for key, value in row.items():
+                if key != "step":
+                    writer.add_scalar(f"epoch/{key}", value, step)
+            writer.flush()
+
+        self._tensorboard(write)
         tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._tensorboard(lambda writer: writer.close())
 
 
 def _fmt(value) -> str:

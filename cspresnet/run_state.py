@@ -2,6 +2,7 @@
 states of every rank, and a fingerprint of the training set."""
 import hashlib
 import random
+from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
@@ -34,9 +35,11 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
 
 
 def dataset_fingerprint(samples: Sequence[Tuple[str, int]]) -> str:
-    """Changes when any file is added, removed or relabelled: then sample indices moved."""
+    """Changes when any file is added, removed or relabelled: then sample indices moved.
+    Only the class folder and file name count, not where the dataset is mounted."""
     digest = hashlib.sha1()
     for path, target in samples:
-        digest.update(f"{path}\t{target}\n".encode())
+        path = Path(path)
+        digest.update(f"{path.parent.name}/{path.name}\t{target}\n".encode())
     return f"{len(samples)}:{digest.hexdigest()}"
 

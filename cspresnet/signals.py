@@ -1,28 +1,88 @@
-"""SIGTERM and SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, exit 75."""
+"""How a training process stops. The first SIGTERM or SIGINT (preemption, scancel, Ctrl-C)
+lets the step finish, a checkpoint be saved and the process exit 75; a second signal, or no
+exit within runtime.stop_timeout_s, ends it at once without saving. Whichever way it ends,
+its loader workers end with it."""
+import multiprocessing
+import os
+import select
 import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
 
 import torch
 
 from .distributed import all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun with --resume auto
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def end_child_processes() -> None:
+    """Kill this process's multiprocessing children (the loader workers) and reap them.
+
+    Why: at exit, multiprocessing sends daemonic children SIGTERM and then joins them with
+    no time limit. Our workers outlive a first SIGTERM for a while (so that a preempted run
+    can finish its step), and a worker stuck in a system call may never leave, so without
+    this an error anywhere would hang the exit. Callable from any thread.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
 
 
 class StopRequest:
-    """Remembers that a stop signal arrived; a second Ctrl-C interrupts at once."""
+    """Remembers the first stop signal, for the training loop to act on at a step's end.
 
-    def __init__(self):
-        self.signal_name = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    Python runs signal handlers only in the main thread between bytecodes, so a process
+    blocked in a collective whose peer is gone would never see a signal there. CPython's
+    C-level handler also writes each signal's number to the wakeup fd at once; a watchdog
+    thread reads it from there, so that it counts signals and keeps the time limit
+    whatever the main thread is doing.
+    """
 
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+    def __init__(self, timeout_s: float, on_give_up: Callable[[str], None] = lambda reason: None):
+        self.signal_name: Optional[str] = None
+        self.timeout_s = timeout_s
+        self.on_give_up = on_give_up  # e.g. writes the run's status; called by the watchdog before it exits
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: None)  # the watchdog acts; this only keeps the default away
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read_end,), name="stop-watchdog", daemon=True).start()
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank got a signal (a collective: call on all ranks)."""
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         return all_reduce_sum(flag).item() > 0
 
+    def _watch(self, read_end: int) -> None:
+        deadline = None
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([read_end], [], [], wait)[0]:
+                self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of {self.signal_name}")
+            for signum in os.read(read_end, 64):  # every signal with a Python handler lands here: keep ours
+                if signum not in STOP_SIGNALS:
+                    continue
+                if self.signal_name is not None:
+                    self._give_up(f"a second stop signal ({signal.Signals(signum).name})")
+                self.signal_name = signal.Signals(signum).name
+                deadline = time.monotonic() + self.timeout_s
+
+    def _give_up(self, reason: str) -> None:
+        code = 128 + signal.Signals[self.signal_name].value
+        message = f"ending without saving: {reason}; the last checkpoint stays as it was (exit code {code})"
+        os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
+        try:
+            self.on_give_up(message)
+        except Exception:  # noqa: BLE001  (nothing may stop this exit)
+            pass
+        end_child_processes()
+        os._exit(code)

@@ -1,5 +1,6 @@
 """Samplers and DataLoaders for training (sharded, reshuffled per epoch, resumable
 mid-epoch) and evaluation (every image exactly once across ranks)."""
+import math
 import signal
 import sys
 from dataclasses import dataclass
@@ -157,14 +158,20 @@ class SharedBatchRing:
 
 class UnreadableImages:
     """Skips files that cannot be decoded, warns once per file, counts them, and stops the
-    run when more than the allowed fraction of a batch, or of this rank's share of the
-    training set, is unreadable. Skipping never changes which images the sampler serves."""
+    run when more than the allowed fraction of a batch is unreadable, or more distinct files
+    than the set's budget: the larger of `min_allowed` and `max_fraction` of the set (a
+    floor, so that a few bad files in a small set train through). Each rank checks the
+    files it has seen against the whole budget: the sampler reshuffles every epoch, so a
+    rank meets most bad files within a few epochs. Skipping never changes which images the
+    sampler serves."""
 
-    def __init__(self, dataset: ImageFolderDataset, max_batch_fraction: float, max_fraction: float, world_size: int):
+    def __init__(self, dataset: ImageFolderDataset, max_batch_fraction: float, max_fraction: float,
+                 min_allowed: int):
         self.samples = dataset.samples
         self.max_batch_fraction = max_batch_fraction
-        self.max_fraction = max_fraction
-        self.limit = max_fraction * len(dataset) / world_size
+        self.budget_rule = (f"the larger of data.min_unreadable_allowed={min_allowed} and "
+                            f"data.max_unreadable_fraction={max_fraction:g} x {len(dataset)} images")
+        self.limit = max(min_allowed, int(max_fraction * len(dataset)))
         self.seen: set = set()
         self.epoch_count = 0
 
@@ -174,18 +181,19 @@ class UnreadableImages:
         for index, reason in batch.unreadable:
             if index not in self.seen:
                 self.seen.add(index)
-                print(f"warning: skipping unreadable image {self.samples[index][0]} ({reason})", file=sys.stderr, flush=True)
+                print(f"warning: skipping unreadable image {self.samples[index][0]} ({reason}); "
+                      f"{len(self.seen)} of the {self.limit} allowed", file=sys.stderr, flush=True)
         self.epoch_count += len(batch.unreadable)
+        example = f"{self.samples[batch.unreadable[0][0]][0]}: {batch.unreadable[0][1]}"
         if len(batch.unreadable) > self.max_batch_fraction * batch.requested:
             raise UnreadableDataError(
                 f"{len(batch.unreadable)} of the {batch.requested} images of one batch could not be decoded "
-                f"(data.max_unreadable_batch_fraction={self.max_batch_fraction}); e.g. "
-                f"{self.samples[batch.unreadable[0][0]][0]}: {batch.unreadable[0][1]}"
+                f"(data.max_unreadable_batch_fraction={self.max_batch_fraction}); e.g. {example}"
             )
         if len(self.seen) > self.limit:
             raise UnreadableDataError(
-                f"{len(self.seen)} distinct training images could not be decoded, more than "
-                f"data.max_unreadable_fraction={self.max_fraction} of the set allows; check the copy of the dataset"
+                f"{len(self.seen)} distinct training images could not be decoded, more than the {self.limit} allowed "
+                f"({self.budget_rule}); e.g. {example}. Repair or remove the files, or raise either key"
             )
 
     def state_dict(self) -> Dict:
@@ -196,32 +204,55 @@ class UnreadableImages:
         self.epoch_count = state["epoch_count"]
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGINT/SIGTERM to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class WorkerSignals:
+    """A loader worker's signal handling, set as it starts.
+
+    SIGINT (Ctrl-C reaches the whole process group) is ignored: the training process decides.
+    A first SIGTERM (a scheduler may signal every process of a job) leaves the worker serving
+    the batches that the training process needs to finish its step and save, but arms an
+    alarm that ends it within `timeout_s`; a second SIGTERM ends it at once. The training
+    process kills its workers whenever it exits (cspresnet.signals.end_child_processes), and
+    a worker whose training process died leaves by itself (torch's watchdog), so no worker
+    outlives its job.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def __call__(self, worker_id: int) -> None:
+        signal.set_wakeup_fd(-1)  # the inherited pipe belongs to the training process's stop watchdog
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._first_sigterm)
+
+    def _first_sigterm(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(max(1, math.ceil(self.timeout_s)))  # SIGALRM's default action ends the process
 
 
 PREFETCH_FACTOR = 4  # batches in flight per worker
 
 
-def loader_options(workers: int, pin_memory: bool) -> dict:
+def loader_options(workers: int, pin_memory: bool, stop_timeout_s: float = 60.0) -> dict:
     """DataLoader arguments shared by training, evaluation and benchmarks.loader."""
     # A private generator: creating a loader iterator draws a worker seed from it, and the
     # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
     options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=SharedBatchRing(PREFETCH_FACTOR),
                    generator=torch.Generator().manual_seed(0))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=ignore_stop_signals)
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR,
+                       worker_init_fn=WorkerSignals(stop_timeout_s))
     return options
 
 
-def build_train_loader(dataset: Dataset, sampler: TrainSampler, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, pin_memory))
+def build_train_loader(dataset: Dataset, sampler: TrainSampler, workers: int, pin_memory: bool,
+                       stop_timeout_s: float = 60.0) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(workers, pin_memory, stop_timeout_s))
 
 
 def build_eval_loader(
-    dataset: Dataset, batch_size: int, world_size: int, rank: int, workers: int, pin_memory: bool
+    dataset: Dataset, batch_size: int, world_size: int, rank: int, workers: int, pin_memory: bool,
+    stop_timeout_s: float = 60.0,
 ) -> DataLoader:
     sampler = EvalSampler(len(dataset), world_size, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_options(workers, pin_memory))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      **loader_options(workers, pin_memory, stop_timeout_s))

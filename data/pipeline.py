@@ -50,8 +50,13 @@ def build_loaders(recipe: Recipe, rank: int, world_size: int, device: torch.devi
             f"recipe key 'model.num_classes' is {recipe.model.num_classes} but {d.dir}/train has "
             f"{len(train_set.classes)} class folders; set model.num_classes={len(train_set.classes)}"
         )
+    if len(train_set) < recipe.batch_size:
+        raise RecipeError(f"{d.dir}/train has {len(train_set)} images, fewer than one global batch "
+                          f"(batch_size={recipe.batch_size}); lower batch_size")
     sampler = TrainSampler(len(train_set), per_process(recipe.batch_size, world_size, "batch_size"),
                            world_size, rank, recipe.seed)
     eval_batch = -(-d.eval_batch_size // world_size)
-    val = build_eval_loader(val_set, eval_batch, world_size, rank, d.workers, pin_memory)
-    return Loaders(build_train_loader(train_set, sampler, d.workers, pin_memory), sampler, val, train_set, val_set)
+    timeout = recipe.runtime.stop_timeout_s
+    val = build_eval_loader(val_set, eval_batch, world_size, rank, d.workers, pin_memory, timeout)
+    train = build_train_loader(train_set, sampler, d.workers, pin_memory, timeout)
+    return Loaders(train, sampler, val, train_set, val_set)

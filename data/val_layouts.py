@@ -22,12 +22,14 @@ from typing import Dict, List, Optional
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
-from .imagenet import EXPECTED_LAYOUT, DatasetLayoutError, Sample, image_files, index_split, subfolders
+from .imagenet import DatasetLayoutError, Sample, image_files, index_split, subfolders
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 
+EVAL_LAYOUTS = ("expected class folders (DIR/<wnid>/*.JPEG), ImageNetV2's numbered folders (DIR/0 .. DIR/999), "
+                "or a flat folder of ILSVRC2012_val_*.JPEG with its labels")
 FLAT_HELP = (f"a flat folder of ILSVRC2012_val_*.JPEG needs its labels: --devkit {DEVKIT_ARCHIVE} (or the "
              f"{META_FILE} torchvision writes from it) or --val-solution {KAGGLE_SOLUTION}, or rearrange it "
              f"into class folders with: python -m data.val_layouts arrange")
@@ -93,11 +95,29 @@ def flat_images(folder: Path) -> List[Path]:
     return [folder / name for name in image_files(folder)]
 
 
+SPLIT_NAMES = ("train", "val", "validation", "test")  # subfolders that mark a dataset root
+
+
+def eval_folder(root: Path, split: str) -> Path:
+    """The folder to evaluate: root/<split> if it exists, else root itself (class folders,
+    ImageNetV2's numbered folders, a flat folder), unless root is plainly a dataset root
+    (it holds train/, val/, validation/ or test/) that lacks the split."""
+    root = Path(root)
+    if (root / split).is_dir():
+        return root / split
+    if root.is_dir():
+        splits = [name for name in subfolders(root) if name.lower() in SPLIT_NAMES]
+        if splits:
+            raise DatasetLayoutError(f"{root} has no {split}/ folder (it has {', '.join(n + '/' for n in splits)}): "
+                                     f"pass the evaluation folder itself, or --split NAME")
+    return root
+
+
 def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
     """Whichever layout `folder` is in; `label_file` labels a flat folder (found if not given)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetLayoutError(f"{folder} does not exist or is not a folder; {EXPECTED_LAYOUT}")
+        raise DatasetLayoutError(f"{folder} does not exist or is not a folder; {EVAL_LAYOUTS}")
     folders = subfolders(folder)
     if folders:
         if all(name.isdigit() for name in folders):
@@ -110,7 +130,7 @@ def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
 
     images = flat_images(folder)
     if not images:
-        raise DatasetLayoutError(f"{folder} holds no images and no class folders; {EXPECTED_LAYOUT}")
+        raise DatasetLayoutError(f"{folder} holds no images and no class folders; {EVAL_LAYOUTS}")
     label_file = label_file or find_label_file(folder)
     if label_file is None:
         raise DatasetLayoutError(f"{folder}: {FLAT_HELP}")

@@ -71,3 +71,51 @@ def read_until(process: subprocess.Popen, marker: str) -> str:
 def child_pids(pid: int):
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(p) for p in handle.read().split()]
+
+
+class PrivateMount:
+    """A tmpfs at `path` that only the processes started through it see (a private mount
+    namespace): a real filesystem that fills up or turns read-only, for the failure tests,
+    without touching the machine's own mounts. The test reaches its files through
+    `outside(path)`. Skips the test where the machine does not allow it (needs root)."""
+
+    def __init__(self, path, size: str, options: str = ""):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        mount = f"mount -t tmpfs -o size={size}{',' + options if options else ''} tmpfs {self.path}"
+        self.holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                        f"{mount} && echo mounted && exec sleep 3600"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)
+        STARTED.append(self.holder)
+        first = self.holder.stdout.readline()
+        if first.strip() != "mounted":
+            import pytest
+
+            pytest.skip(f"needs a private mount namespace (unshare -m and mount, as root): {first.strip()}")
+
+    def run(self, command: str) -> None:
+        """A shell command inside the namespace (mount -o remount,ro ...)."""
+        subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "sh", "-c", command], check=True)
+
+    def start(self, args, **popen) -> subprocess.Popen:
+        return start(["nsenter", "-t", self.holder.pid, "-m", f"--wd={REPO}", "--", *args], **popen)
+
+    def outside(self, path) -> Path:
+        """`path` (under the mount) as this process sees it."""
+        return Path(f"/proc/{self.holder.pid}/root") / Path(path).resolve().relative_to("/")
+
+    def fill(self) -> Path:
+        """Fill the filesystem to the last byte; returns the filler file, to delete."""
+        filler = self.outside(self.path / "filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for chunk in (1 << 20, 4096, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+        return filler

@@ -76,6 +76,12 @@ def test_linear_lr_scaling_with_the_global_batch():
     ("schedule.power=0", "'schedule.power' must be > 0"),
     ("optim.lr", "must look like key.sub=value"),
     ("epochs.sub=1", "'epochs' is a value, not a section"),
+    ("optim.lr=.inf", "recipe key 'optim.lr' must be a finite number, got inf"),
+    ("optim.lr=nan", "recipe key 'optim.lr' must be a finite number, got nan"),
+    ("optim.lr=-.inf", "recipe key 'optim.lr' must be a finite number, got -inf"),
+    ("optim.weight_decay=1e400", "recipe key 'optim.weight_decay' must be a finite number, got inf"),
+    ("data.crop_scale=[0.1, .inf]", "recipe key 'data.crop_scale\\[1\\]' must be a finite number, got inf"),
+    ("data.crop_ratio=[0.75, .inf]", "recipe key 'data.crop_ratio\\[1\\]' must be a finite number, got inf"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(RecipeError, match=message):
@@ -110,4 +116,46 @@ def test_cli_error_is_one_clear_line():
     result = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "optim.lrr=1"], check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown recipe key 'optim.lrr'")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("base: cspresnet50.yaml\noptim:\n  lr: 0.2\n  momentum: 0.8\n\n  # again\n  lr: 0.3\n")
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(str(path))
+    assert str(raised.value) == f"recipe {path}: key 'lr' appears twice in section 'optim' (lines 3 and 7)"
+
+    path.write_text("base: cspresnet50.yaml\nepochs: 3\nseed: 1\nepochs: 4\n")
+    with pytest.raises(RecipeError, match="key 'epochs' appears twice at the top level \\(lines 2 and 4\\)"):
+        load_recipe(str(path))
+
+
+def test_a_key_given_twice_in_a_base_file_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("base: cspresnet50.yaml\ndata:\n  img_size: 64\n  img_size: 96\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nepochs: 3\n")
+    with pytest.raises(RecipeError, match=f"recipe {tmp_path / 'base.yaml'}: key 'img_size' appears twice "
+                                          "in section 'data' \\(lines 3 and 4\\)"):
+        load_recipe(str(tmp_path / "child.yaml"))
+
+
+def test_a_key_given_twice_in_an_override_value_is_refused():
+    with pytest.raises(RecipeError, match="override 'optim=\\{lr: 0.2, lr: 0.3\\}': key 'lr' appears twice "
+                                          "in section 'optim'"):
+        load_recipe("cspresnet50.yaml", ["optim={lr: 0.2, lr: 0.3}"])
+
+
+def test_a_data_section_that_is_not_a_mapping_is_the_same_error_with_a_data_dir():
+    with pytest.raises(RecipeError) as without:
+        load_recipe("demo.yaml", ["data=5"])
+    with pytest.raises(RecipeError) as with_dir:
+        load_recipe("demo.yaml", ["data=5"], data_dir="x")
+    assert str(with_dir.value) == str(without.value) == "recipe section 'data' must be a mapping, got 5"
+
+
+def test_cli_data_dir_with_a_data_section_that_is_not_a_mapping_is_one_clear_line(tmp_path):
+    result = run_cli([sys.executable, "train.py", "--recipe", "demo.yaml", "--data-dir", tmp_path, "data=5"],
+                     check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: recipe section 'data' must be a mapping, got 5"
     assert "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ import csv
 import errno
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ from PIL import Image
 
 from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import TINY_OVERRIDES, child_pids, read_until, run_cli, start, torchrun
+from tests.helpers import TINY_OVERRIDES, PrivateMount, child_pids, read_until, run_cli, start, torchrun
 
 # 6 steps per epoch, 12 in all; dropout and drop-path on, so the random generators matter.
 RESUME_OVERRIDES = [*TINY_OVERRIDES, "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
@@ -251,7 +252,7 @@ def test_unreadable_batch_fraction():
         def __len__(self):
             return 100
 
-    guard = UnreadableImages(Fake(), max_batch_fraction=0.5, max_fraction=0.5, world_size=1)
+    guard = UnreadableImages(Fake(), max_batch_fraction=0.5, max_fraction=0.5, min_allowed=0)
     batch = lambda good, bad: Batch(torch.zeros(good, 2, 2, 3, dtype=torch.uint8), torch.zeros(good, dtype=torch.long),  # noqa: E731
                                     torch.arange(good), [(i, "OSError: broken") for i in bad])
     guard.check(batch(3, [7]))
@@ -299,3 +300,61 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
         trainer.check_numerics(max_nonfinite_steps=2)
     stats = trainer.finish_epoch(seconds=1.0)
     assert stats.nonfinite_steps == 3 and stats.images == 16 and torch.isfinite(torch.tensor(stats.loss))
+
+
+def test_a_disk_that_really_fills_up_skips_saves_and_a_resume_on_it_ends_bitwise_exact(tiny_imagenet, tmp_path,
+                                                                                         one_process_baseline):
+    """A tmpfs filled to its last byte under the running job: torch.save's 'unexpected pos'
+    error is known as a full disk, the save is skipped, the previous checkpoint stays. A
+    crash then, and --resume auto on the still-full disk, train on; once space is back the
+    next due save works, and the run ends as if nothing had happened."""
+    disk = PrivateMount(tmp_path / "disk", size="1g")
+    output, seen = disk.path / "run", disk.outside(disk.path / "run")
+    process = disk.start([sys.executable, *train_args(tiny_imagenet, output)])
+    read_until(process, "step 3 ")  # the step-2 checkpoint is written
+    process.send_signal(signal.SIGSTOP)
+    filler = disk.fill()
+    process.send_signal(signal.SIGCONT)
+    read_until(process, "warning: disk full in")  # the step-4 save
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint(seen / "last.pt")["step"] == 2 and not list(seen.glob(".*.tmp"))
+
+    resumed = disk.start([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    read_until(resumed, "warning: disk full in")  # its step-4 save, on the disk still full
+    resumed.send_signal(signal.SIGSTOP)
+    filler.unlink()
+    resumed.send_signal(signal.SIGCONT)
+    rest = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, rest
+    assert not list(seen.glob(".*.tmp")) and (seen / "status").read_text() == "done at step 12\n"
+    assert_same_run(seen, one_process_baseline)
+
+
+def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
+    from data.imagenet import ImageFolderDataset, UnreadableDataError
+    from data.loader import Batch, UnreadableImages
+
+    hundred = ImageFolderDataset([(f"/d/{i}.JPEG", 0) for i in range(100)], ["n0"], transform=None)
+    guard = UnreadableImages(hundred, max_batch_fraction=0.5, max_fraction=0.001, min_allowed=2)
+    one_bad = lambda index: Batch(torch.zeros(3, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),  # noqa: E731
+                                  torch.arange(3), [(index, "OSError: broken")])
+    guard.check(one_bad(7))
+    guard.check(one_bad(8))  # 0.001 x 100 allows 0.1 files; the floor allows 2
+    with pytest.raises(UnreadableDataError, match=r"3 distinct training images could not be decoded, more than the "
+                                                  r"2 allowed \(the larger of data.min_unreadable_allowed=2 and "
+                                                  r"data.max_unreadable_fraction=0.001 x 100 images\)"):
+        guard.check(one_bad(9))
+
+
+def test_a_dataset_moved_to_another_path_resumes_bitwise_exact(tiny_imagenet, tmp_path, one_process_baseline):
+    data = shutil.copytree(tiny_imagenet, tmp_path / "mounted_here")
+    output = tmp_path / "run"
+    process = start([sys.executable, *train_args(data, output)])
+    read_until(process, "step 9 ")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    moved = data.rename(tmp_path / "mounted_elsewhere")
+    resumed = run_cli([sys.executable, *train_args(moved, output, "--resume", "auto")])
+    assert "at step 8" in resumed.stdout and "inexactly" not in resumed.stdout
+    assert_same_run(output, one_process_baseline)

@@ -141,6 +141,74 @@ def test_bad_checkpoints_give_one_clear_line(val_images, weights, tmp_path, brea
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def assert_one_error_line(result, message):
+    """Exit code 2, the last line of stderr is `error: ...` naming the problem, no traceback."""
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert last.startswith("error: ") and message in last, last
+    assert "Traceback" not in result.stderr
+
+
+def validate_cli(*args):
+    return run_cli([sys.executable, "validate.py", "--workers", "0", "--img-size", "64", *args], check=False)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("checkpoint", "not a readable PyTorch checkpoint"),
+    ("data", "does not exist or is not a folder"),
+    ("empty_class", "missing or empty folders"),  # data.imagenet's message, with its multi-line layout hint
+    ("recipe", "recipe key 'optim.lr' must be > 0"),
+])
+def test_bad_input_exits_2_with_one_error_line(val_images, weights, tmp_path, breakage, message):
+    checkpoint, data = tmp_path / "w.pth", val_images
+    if breakage == "checkpoint":
+        checkpoint.write_bytes(weights[1].read_bytes()[:1000])
+    elif breakage in ("data", "empty_class"):
+        shutil.copy(weights[1], checkpoint)
+        data = tmp_path / "missing"
+        if breakage == "empty_class":
+            shutil.copytree(val_images / "val", data)
+            for image in (data / "n00000001").iterdir():
+                image.unlink()
+    else:  # a training checkpoint whose stored recipe is impossible
+        torch.save({"model": weights[0].state_dict(), "recipe": {"optim": {"lr": -1.0}}}, checkpoint)
+    assert_one_error_line(validate_cli("--checkpoint", checkpoint, "--data-dir", data), message)
+
+
+@pytest.mark.parametrize("option", ["--results-file", "--results-csv", "--logits-file"])
+def test_an_output_file_in_a_missing_folder_is_refused_before_anything_else(val_images, tmp_path, option):
+    """The checkpoint does not exist either: the output folder is checked first, before any real work."""
+    target = tmp_path / "no" / "such" / "folder" / "out"
+    result = validate_cli("--checkpoint", tmp_path / "missing.pth", "--data-dir", val_images, option, target)
+    assert_one_error_line(result, f"{option} {target}: its folder {target.parent} does not exist")
+
+
+def test_a_set_with_no_decodable_image_is_an_error(val_images, weights, tmp_path):
+    folder = tmp_path / "set"
+    shutil.copytree(val_images / "val", folder)
+    images = sorted(folder.glob("*/*.JPEG"))
+    assert len(images) == 30
+    images[0].write_bytes(b"not a JPEG at all")
+    partly = run_validate_small("--checkpoint", weights[1], "--data-dir", folder)  # some unreadable: evaluates
+    assert (partly["images"], partly["unreadable"]) == (29, 1)
+
+    for image in images:
+        image.write_bytes(b"not a JPEG at all")
+    result = validate_cli("--checkpoint", weights[1], "--data-dir", folder)
+    assert_one_error_line(result, f"error: none of the 30 images in {folder} could be decoded (e.g. {images[0]}: ")
+    assert result.stdout.strip() == ""  # no JSON result line
+
+
+def test_a_dataset_root_without_the_split_is_refused(val_images, weights, tmp_path):
+    root = tmp_path / "imagenet"
+    shutil.copytree(val_images / "train", root / "train")  # train/ but no val/
+    result = validate_cli("--checkpoint", weights[1], "--data-dir", root)
+    assert_one_error_line(result, f"{root} has no val/ folder (it has train/): pass the evaluation folder "
+                                  "itself, or --split NAME")
+    evaluated = run_validate_small("--checkpoint", weights[1], "--data-dir", root, "--split", "train")
+    assert evaluated["images"] == 3 and evaluated["layout"] == "class-folders"
+
+
 def test_export_loads_in_timm(weights, tmp_path, val_images):
     model, _ = weights
     torch.save({"model": model.state_dict(), "classes": ["n00000000", "n00000001", "n00000002"],

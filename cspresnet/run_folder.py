@@ -1,0 +1,119 @@
+"""A run folder belongs to one run: a lock held for the run's life, no start on top of
+another run's files, a status line for requeue scripts, and the record of which recipe
+trained which steps. Only rank 0 touches the folder; the other ranks follow its decisions."""
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint, unless_disk_full
+
+LOCK_FILE = ".lock"
+STATUS_FILE = "status"
+SEGMENTS_FILE = "segments.jsonl"
+# Files that hold a trained result: never started over, never overwritten by another run.
+RESULT_FILES = ("last.pt", "best.pt", "summary.csv")
+OTHER_RUN_FILES = ("recipe.yaml", SEGMENTS_FILE, STATUS_FILE)
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used for this run; the message says why and what to do."""
+
+
+def run_files(folder: Path) -> List[str]:
+    """The names of the files in `folder` that belong to a run."""
+    if not folder.is_dir():
+        return []
+    return sorted(path.name for path in folder.iterdir()
+                  if path.name in RESULT_FILES + OTHER_RUN_FILES or STEP_FILE.match(path.name)
+                  or path.name.startswith("events.out.tfevents."))
+
+
+def holds_results(names: List[str]) -> bool:
+    return any(name in RESULT_FILES or STEP_FILE.match(name) for name in names)
+
+
+class RunFolder:
+    """Rank 0's handle on the run folder."""
+
+    def __init__(self, path: Path, keep_last: int):
+        self.path = Path(path)
+        self.checkpoints = CheckpointFolder(self.path, keep_last)
+        self._lock_fd: Optional[int] = None
+
+    def lock(self) -> None:
+        """Hold the folder for this process's life. A POSIX record lock: the kernel drops it
+        when the process dies however it dies, forked loader workers do not inherit it, and
+        it works across hosts on NFS. A second job on the folder is refused, naming the holder."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"--output {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunFolderError(f"cannot write in the run folder {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is in use by another job ({holder}); "
+                                 f"wait for it to end, or pass --output NEW_FOLDER") from None
+        self._lock_fd = fd
+        holder = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
+        unless_disk_full(lambda: os.pwrite(fd, holder.ljust(80), 0), "the lock holder's name")
+
+    def choose_start(self, resume: Optional[str]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """(path, state) of the checkpoint to continue from, or None to start the run; refuses
+        anything that would put a new run on top of another run's files."""
+        found = run_files(self.path)
+        if resume is None:
+            if found:
+                raise RunFolderError(f"{self.path} already holds a run ({', '.join(found)}); continue it with "
+                                     f"--resume auto, or pass --output NEW_FOLDER to start another")
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            inside = path.resolve().parent == self.path.resolve()
+            if not inside and holds_results(found):
+                raise RunFolderError(f"{self.path} holds another run ({', '.join(found)}); to continue from "
+                                     f"{path}, pass --output NEW_FOLDER")
+            return path, load_checkpoint(path)
+        loaded = self.checkpoints.newest_loadable()
+        if loaded is None and holds_results(found):
+            raise RunFolderError(f"--resume auto: none of the checkpoints in {self.path} loads, but it holds a run's "
+                                 f"results ({', '.join(found)}); refusing to start over on top of them. Move them "
+                                 f"away, or pass --output NEW_FOLDER")
+        return loaded
+
+    def set_status(self, text: str) -> None:
+        """One line: 'running from step N', 'preempted at step N', 'done at step N' or
+        'failed: ...'. Written atomically; a full disk costs the update, not the run."""
+        tmp = self.path / f".{STATUS_FILE}.tmp"
+
+        def write() -> None:
+            try:
+                tmp.write_text(text.replace("\n", " ") + "\n")
+                os.replace(tmp, self.path / STATUS_FILE)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        unless_disk_full(write, f"status '{text}'")
+
+    def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str],
+                    resumed_from: Optional[Path]) -> None:
+        """Append this segment of training (who, when, from which step, with which recipe)
+        to segments.jsonl; a run's recipe.yaml is its first segment's and is never rewritten."""
+        record = dict(start_step=start_step, started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      host=socket.gethostname(), world_size=world_size, resumed_from=str(resumed_from) if resumed_from else None,
+                      argv=sys.argv, inexact=notes, recipe=recipe)
+
+        def write() -> None:
+            with open(self.path / SEGMENTS_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+        unless_disk_full(write, f"{SEGMENTS_FILE} entry of the segment from step {start_step}")
