@@ -25,10 +25,9 @@ def end_child_processes() -> None:
     Why: at exit, multiprocessing sends daemonic children SIGTERM and then joins them with
     no time limit. Our workers outlive a first SIGTERM for a while (so that a preempted run
     can finish its step), and a worker stuck in a system call may never leave, so without
-    this an error anywhere would hang the exit. Callable from any thread.
+    this an error anywhere would hang the exit.
     """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
     children = multiprocessing.active_children()
     for child in children:
         child.kill()
@@ -84,5 +83,4 @@ class StopRequest:
             self.on_give_up(message)
         except Exception:  # noqa: BLE001  (nothing may stop this exit)
             pass
-        end_child_processes()
-        os._exit(code)
+        os._exit(code)  # the kernel ends the loader workers with it (WorkerSignals: parent-death signal)

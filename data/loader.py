@@ -1,5 +1,6 @@
 """Samplers and DataLoaders for training (sharded, reshuffled per epoch, resumable
 mid-epoch) and evaluation (every image exactly once across ranks)."""
+import ctypes
 import math
 import signal
 import sys
@@ -204,6 +205,9 @@ class UnreadableImages:
         self.epoch_count = state["epoch_count"]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 class WorkerSignals:
     """A loader worker's signal handling, set as it starts.
 
@@ -211,15 +215,16 @@ class WorkerSignals:
     A first SIGTERM (a scheduler may signal every process of a job) leaves the worker serving
     the batches that the training process needs to finish its step and save, but arms an
     alarm that ends it within `timeout_s`; a second SIGTERM ends it at once. The training
-    process kills its workers whenever it exits (cspresnet.signals.end_child_processes), and
-    a worker whose training process died leaves by itself (torch's watchdog), so no worker
-    outlives its job.
+    process kills its workers when it exits (cspresnet.signals.end_child_processes), and the
+    kernel kills them when it dies (a parent-death signal, which also reaches a stopped or
+    stuck worker), so no worker outlives its job.
     """
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
 
     def __call__(self, worker_id: int) -> None:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.set_wakeup_fd(-1)  # the inherited pipe belongs to the training process's stop watchdog
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._first_sigterm)
