@@ -30,10 +30,11 @@ from tqdm import tqdm
 from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import configure_kernels, evaluate
-from cspresnet.recipe import DataConfig, RecipeError
+from cspresnet.recipe import RecipeError
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
 from cspresnet.signals import end_child_processes
 from cspresnet.weights import load_cspresnet, trained_data_config
+from data.config import DataConfig
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, UnreadableDataError
 from data.loader import build_eval_loader
 from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform

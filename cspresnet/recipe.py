@@ -12,31 +12,13 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
+from data.config import DataConfig
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class RecipeError(ValueError):
     """A recipe, a base file or an override is wrong; the message says where and why."""
-
-
-@dataclass
-class DataConfig:
-    dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/
-    img_size: int = 256  # training crop
-    workers: int = 8  # loader processes per training process
-    train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
-    crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
-    hflip: float = 0.5
-    train_decode: Literal["fast", "full", "gpu"] = "fast"  # fast: libjpeg-turbo + DCT scaling; gpu: nvJPEG
-    eval_decode: Literal["full", "fast"] = "full"  # full: timm's evaluation, bit for bit
-    eval_img_size: int = 256
-    eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
-    eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    eval_batch_size: int = 256  # global, like batch_size
-    max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
-    max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded ...
-    min_unreadable_allowed: int = 2  # ... but always allow this many, however small the set
 
 
 @dataclass

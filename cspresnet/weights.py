@@ -7,7 +7,9 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .model import CSPResNet50, build_model
-from .recipe import DataConfig, recipe_from_dict
+from data.config import DataConfig
+
+from .recipe import recipe_from_dict
 
 
 def extract_state_dict(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[Dict[str, torch.Tensor], str]:
