@@ -13,18 +13,14 @@ runtime.stop_timeout_s of the first, without saving. Rank 0 also writes the outc
 <run folder>/status.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from cspresnet.checkpoint import CheckpointError
+from cspresnet.console import run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
-from cspresnet.engine import NonFiniteLossError
-from cspresnet.fit import FinalCheckpointError, fit
-from cspresnet.provenance import annotated_yaml
-from cspresnet.recipe import RecipeError, load_recipe
-from cspresnet.run_folder import RunFolderError
-from cspresnet.signals import end_child_processes
-from data.imagenet import DatasetLayoutError, UnreadableDataError
+from cspresnet.recipe import describe_recipe, load_recipe
+from cspresnet.training import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,36 +36,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, args.data_dir)
-        if args.print_recipe:
-            print(annotated_yaml(recipe, args.recipe, args.overrides, args.data_dir), end="")
-            return 0
-        ctx = init_distributed(recipe.runtime.device, recipe.runtime.collective_timeout_s)
-        output = Path(args.output or Path("runs") / Path(args.recipe).stem)
-        code = fit(recipe, ctx, output, args.resume)
-    except (RecipeError, DatasetLayoutError, UnreadableDataError, CheckpointError, RunFolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
-    except FinalCheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as exc:
-        if "unable to allocate shared memory" not in str(exc):
-            raise
-        print(f"error: a loader worker ran out of shared memory ({str(exc).strip().splitlines()[-1]}); /dev/shm is "
-              f"too small for data.workers: lower it, or give the job more (Docker: --shm-size=8g or --ipc=host)",
-              file=sys.stderr, flush=True)
-        return 1
-    finally:
-        end_child_processes()  # an error must end the loader workers too, or the exit would wait for them
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, args.data_dir)
+    if args.print_recipe:
+        print(describe_recipe(args.recipe, args.overrides, args.data_dir), end="")
+        return 0
+    ctx = init_distributed(recipe.runtime.device, recipe.runtime.collective_timeout_s)
+    code = train(recipe, ctx, Path(args.output or Path("runs") / Path(args.recipe).stem), args.resume)
     shutdown()
     return code
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))  # torchrun sets RANK before the process starts
+    return run_script(lambda: run(args))
 
 
 if __name__ == "__main__":

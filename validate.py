@@ -20,6 +20,7 @@ Exit codes:
 """
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,25 +28,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cspresnet.checkpoint import CheckpointError, load_checkpoint
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.console import OptionError, run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
-from cspresnet.engine import configure_kernels, evaluate
-from cspresnet.recipe import RecipeError
-from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
-from cspresnet.signals import end_child_processes
+from cspresnet.engine import EvalResult, configure_kernels, evaluate
+from cspresnet.files import append_csv_row
+from cspresnet.reports import VAL_NAME, real_accuracy, timm_results_row
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.config import DataConfig
-from data.imagenet import DatasetLayoutError, ImageFolderDataset, UnreadableDataError
-from data.loader import build_eval_loader
-from data.transforms import DeviceNormalizer, INTERPOLATIONS, eval_transform
+from data.imagenet import DatasetLayoutError, UnreadableDataError
+from data.loaders import build_eval_data
+from data.transforms import INTERPOLATIONS, DevicePreprocess, decode_path, memory_format
 from data.val_layouts import EvalSet, eval_folder, read_eval_set
 
-
-class OptionError(ValueError):
-    """A command-line option that cannot work, found before any evaluation."""
-
-
-BAD_INPUT = (CheckpointError, DatasetLayoutError, RecipeError, UnreadableDataError, OptionError)
+log = logging.getLogger("cspresnet.validate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +88,7 @@ def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
     data.eval_crop_pct = args.crop_pct or data.eval_crop_pct
     data.eval_interpolation = args.interpolation or data.eval_interpolation
     data.eval_decode = args.decode or data.eval_decode
+    data.eval_batch_size, data.workers = args.batch_size, args.workers
     return data
 
 
@@ -124,82 +121,68 @@ def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labe
 
 
 def main(argv=None) -> dict:
-    """Evaluate and return the summary; bad input raises one of BAD_INPUT (see cli)."""
+    """Evaluate and return the summary (also the last line printed, as JSON); bad input
+    raises an error that run_script turns into one line and exit code 2."""
     args = parse_args(argv)
     check_output_paths(args)
     folder = eval_folder(Path(args.data_dir).expanduser(), args.split)
     checkpoint = load_checkpoint(Path(args.checkpoint))
     model, weights = load_cspresnet(checkpoint, args.weights)
-    num_classes = model.num_classes
     settings = eval_settings(args, checkpoint)
-
     eval_set = read_eval_set(folder, args.devkit or args.val_solution)
-    check_labels(eval_set, checkpoint.get("classes"), num_classes, args.real_labels)
+    check_labels(eval_set, checkpoint.get("classes"), model.num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
     configure_kernels(deterministic=False)  # eval shapes are fixed: let cuDNN pick its fastest kernels
-    model = model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    transform = eval_transform(settings.eval_img_size, settings.eval_crop_pct, settings.eval_interpolation,
-                               settings.eval_decode)
-    dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
-    loader = build_eval_loader(dataset, -(-args.batch_size // ctx.world_size), ctx.world_size, ctx.rank,
-                               args.workers, pin_memory=ctx.device.type == "cuda")
-    unreadable_example = []  # this rank's first (path, reason), for the error if nothing could be decoded
-
-    def on_unreadable(index: int, reason: str) -> None:
-        path = dataset.samples[index][0]
-        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
-        if not unreadable_example:
-            unreadable_example.append((path, reason))
-
-    result = evaluate(model, loader, len(dataset), num_classes, DeviceNormalizer(ctx.device, args.channels_last),
-                      args.amp, keep_logits=args.logits_file is not None, on_unreadable=on_unreadable,
+    model = model.to(ctx.device, memory_format=memory_format(args.channels_last))
+    dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx.rank, ctx.world_size,
+                                      ctx.device)
+    log.info("%d images (%s) in %s; JPEGs: %s", len(dataset), eval_set.layout, folder,
+             decode_path(settings.eval_decode))
+    result = evaluate(model, loader, model.num_classes, DevicePreprocess(ctx.device, args.channels_last), args.amp,
+                      keep_logits=args.logits_file is not None,
                       progress=lambda it: tqdm(it, desc="eval", disable=None if ctx.is_main else True, leave=False))
-    if result.images == 0:  # every rank sees the gathered count, so every rank stops here
+    if result.images == 0:  # every rank sees the gathered result, so every rank stops here
         shutdown()
-        example = " (e.g. {}: {})".format(*unreadable_example[0]) if unreadable_example else ""
-        raise UnreadableDataError(f"none of the {len(dataset)} images in {folder} could be decoded{example}")
-
+        index, reason = result.unreadable[0]
+        raise UnreadableDataError(f"none of the {len(dataset)} images in {folder} could be decoded "
+                                  f"(e.g. {dataset.samples[index][0]}: {reason})")
     paths = [dataset.samples[i][0] for i in result.indices.tolist()]
     summary = dict(
-        top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images, unreadable=result.unreadable,
-        eval_loss=round(result.loss, 5), checkpoint=str(args.checkpoint), weights=weights, num_classes=num_classes,
-        layout=eval_set.layout, img_size=settings.eval_img_size, crop_pct=settings.eval_crop_pct,
-        interpolation=settings.eval_interpolation, decode=settings.eval_decode, amp=args.amp,
-        channels_last=args.channels_last,
-        world_size=ctx.world_size, device=ctx.device.type,
+        top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images,
+        unreadable=len(result.unreadable), eval_loss=round(result.loss, 5), checkpoint=str(args.checkpoint),
+        weights=weights, num_classes=model.num_classes, layout=eval_set.layout, img_size=settings.eval_img_size,
+        crop_pct=settings.eval_crop_pct, interpolation=settings.eval_interpolation, decode=settings.eval_decode,
+        amp=args.amp, channels_last=args.channels_last, world_size=ctx.world_size, device=ctx.device.type,
         images_per_s=round(result.images / max(result.seconds, 1e-9), 1),
     )
     if args.real_labels:
         summary.update({k: round(v, 3) for k, v in real_accuracy(result.predictions, paths).items()})
     if ctx.is_main:
-        if args.results_file:
-            full = dict(summary, per_class_top1=dict(zip(eval_set.classes, result.per_class_top1(num_classes))))
-            args.results_file.write_text(json.dumps(full, indent=2) + "\n")
-        if args.results_csv:
-            append_csv_row(args.results_csv, timm_results_row(
-                args.name or Path(args.checkpoint).stem, result.top1, result.top5,
-                sum(p.numel() for p in model.parameters()), settings.eval_img_size, settings.eval_crop_pct,
-                settings.eval_interpolation))
-        if args.logits_file:
-            torch.save({"paths": paths, "targets": result.targets, "logits": result.logits}, args.logits_file)
+        write_reports(args, summary, result, eval_set, paths, model, settings)
         print(json.dumps(summary), flush=True)
     shutdown()
     return summary
 
 
+def write_reports(args: argparse.Namespace, summary: dict, result: EvalResult, eval_set: EvalSet, paths,
+                  model: torch.nn.Module, settings: DataConfig) -> None:
+    """--results-file, --results-csv and --logits-file."""
+    if args.results_file:
+        full = dict(summary, per_class_top1=dict(zip(eval_set.classes, result.per_class_top1(model.num_classes))))
+        args.results_file.write_text(json.dumps(full, indent=2) + "\n")
+    if args.results_csv:
+        append_csv_row(args.results_csv, timm_results_row(
+            args.name or Path(args.checkpoint).stem, result.top1, result.top5,
+            sum(p.numel() for p in model.parameters()), settings.eval_img_size, settings.eval_crop_pct,
+            settings.eval_interpolation))
+    if args.logits_file:
+        torch.save({"paths": paths, "targets": result.targets, "logits": result.logits}, args.logits_file)
+
+
 def cli(argv=None) -> int:
-    """main() as a command: bad input is one line "error: ..." on stderr and exit code 2."""
-    try:
-        main(argv)
-    except BAD_INPUT as exc:
-        # One line, whatever the message: data.imagenet's layout hint, for one, is a table of several.
-        message = " ".join(str(exc).split()) if "\n" in str(exc) else str(exc)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        end_child_processes()  # an error must end the loader workers too, or the exit would wait for them
-    return 0
+    setup_logging(int(os.environ.get("RANK", "0")))
+    return run_script(lambda: main(argv) and 0)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import timm
 import torch
 
 from benchmarks.common import print_result
-from cspresnet.engine import autocast, build_criterion, configure_kernels
-from cspresnet.fit import build_trainer
-from cspresnet.model import build_model
+from cspresnet.distributed import DistContext
+from cspresnet.engine import autocast, build_criterion, build_train_step, configure_kernels
 from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
-from data.loader import Batch
-from data.pipeline import build_loaders
+from data.batches import Batch
+from data.loaders import build_training_data
+from data.transforms import memory_format
 
 FLOP_PER_TRAINING_IMAGE = 27e9  # 3 x 2 x 4.5 GMAC at 256 px (DESIGN.md section 2)
 
@@ -61,21 +61,22 @@ def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sle
     `sleep_step`, a sleep stands in for the step: a device of that speed that needs no CPU.
     With `pass_per_epoch`, a new pass of the loader starts each epoch, and its workers
     start from an empty queue."""
-    data = build_loaders(recipe, 0, 1, device)
-    model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
-    trainer = build_trainer(recipe, model, device, recipe.runtime.amp, data.train_sampler.steps_per_epoch)
-    if recipe.runtime.compile:
-        trainer.train_model = torch.compile(trainer.model)
-    step = (lambda batch: time.sleep(sleep_step)) if sleep_step else trainer.train_step
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, 0, 1, device,
+                               recipe.runtime.stop_timeout_s)
+    train_step = build_train_step(recipe, DistContext(rank=0, world_size=1, local_rank=0, device=device),
+                                  data.sampler.steps_per_epoch)
+    step_number = itertools.count(1)
+    step = (lambda batch: time.sleep(sleep_step)) if sleep_step else \
+        (lambda batch: train_step(batch, next(step_number)))
     if not use_loader:
         first = next(iter(data.train))
         batch = Batch(first.images.clone(), first.targets, first.indices, first.unreadable)  # off the workers' ring
         batches = itertools.repeat((batch.pin_memory() if device.type == "cuda" else batch, 0))
     elif pass_per_epoch:
-        batches = passes_per_epoch(data.train_sampler, data.train)
+        batches = passes_per_epoch(data.sampler, data.train)
     else:  # as train.py makes it: one pass through the epochs
-        data.train_sampler.set_epoch(0, end_epoch=1_000_000)
-        batches = ((batch, i // data.train_sampler.steps_per_epoch) for i, batch in enumerate(data.train))
+        data.sampler.set_epoch(0, end_epoch=1_000_000)
+        batches = ((batch, i // data.sampler.steps_per_epoch) for i, batch in enumerate(data.train))
     for batch, epoch in waited(batches, waits):
         step(batch)
         yield len(batch.targets), epoch
@@ -98,14 +99,14 @@ def timms(recipe, device: torch.device, waits: list):
         dataset, input_size=(3, recipe.data.img_size, recipe.data.img_size), batch_size=recipe.batch_size,
         is_training=True, color_jitter=None, interpolation=recipe.data.train_interpolation,
         num_workers=recipe.data.workers, device=device, use_prefetcher=device.type == "cuda", persistent_workers=True)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = timm.create_model("cspresnet50", num_classes=recipe.model.num_classes).to(device, memory_format=memory_format)
+    layout = memory_format(rt.channels_last)
+    model = timm.create_model("cspresnet50", num_classes=recipe.model.num_classes).to(device, memory_format=layout)
     train_model = torch.compile(model) if rt.compile else model
     optimizer = build_optimizer(model, recipe)
     criterion = build_criterion(False, recipe.label_smoothing)
     for epoch in itertools.count():
         for inputs, targets in waited(loader, waits):
-            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=layout)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, rt.amp):
                 loss = criterion(train_model(inputs), targets)
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--pipeline", choices=["ours", "timm"], default="ours")
     parser.add_argument("--recipe", default="cspresnet50.yaml",
                         help="ours: the recipe whose whole step is timed (augmentation, mixup, EMA included); "
-                             "timm's path always runs the seed recipe's augmentation")
+                             "timm's path always runs the darknet recipe's augmentation")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-loader", action="store_true",

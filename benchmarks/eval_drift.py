@@ -4,6 +4,7 @@ how much faster it is: the same checkpoint and images through both.
     python -m benchmarks.eval_drift --checkpoint runs/demo/best.pt --data-dir sample_imagenet
 """
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,10 +13,9 @@ from benchmarks.common import print_result
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.engine import evaluate
 from cspresnet.weights import load_cspresnet, trained_data_config
-from data.imagenet import ImageFolderDataset
-from data.loader import build_eval_loader
-from data.transforms import DeviceNormalizer, eval_transform
-from data.val_layouts import read_eval_set
+from data.loaders import build_eval_data
+from data.transforms import DevicePreprocess
+from data.val_layouts import eval_folder, read_eval_set
 
 
 def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: int = 0) -> dict:
@@ -23,15 +23,14 @@ def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: 
     checkpoint = load_checkpoint(checkpoint_path)
     model, _ = load_cspresnet(checkpoint)
     data = trained_data_config(checkpoint)
-    folder = data_dir / split if (data_dir / split).is_dir() else data_dir
-    eval_set = read_eval_set(folder)
+    eval_set = read_eval_set(eval_folder(data_dir, split))
+    cpu = torch.device("cpu")
     results = {}
     for decode in ("full", "fast"):
-        transform = eval_transform(data.eval_img_size, data.eval_crop_pct, data.eval_interpolation, decode)
-        dataset = ImageFolderDataset(eval_set.samples, eval_set.classes, transform)
-        loader = build_eval_loader(dataset, 64, 1, 0, workers, pin_memory=False)
-        results[decode] = evaluate(model, loader, len(dataset), len(eval_set.classes),
-                                   DeviceNormalizer(torch.device("cpu"), False), "none", keep_logits=True)
+        settings = dataclasses.replace(data, eval_decode=decode, eval_batch_size=64, workers=workers)
+        _, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, 0, 1, cpu)
+        results[decode] = evaluate(model, loader, len(eval_set.classes), DevicePreprocess(cpu, False), "none",
+                                   keep_logits=True)
     full, fast = results["full"], results["fast"]
     return {"images": full.images, "img_size": data.eval_img_size, "top1_full": round(full.top1, 3),
             "top1_fast": round(fast.top1, 3),

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from benchmarks.common import print_result
-from data.loader import PREFETCH_FACTOR, SharedBatchRing
+from data.batches import SharedBatchRing
+from data.loaders import PREFETCH_FACTOR
 
 WORKERS = 2
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from benchmarks.common import print_result
 from data.imagenet import ImageFolderDataset, find_classes, index_split
 from data.jpeg_box import SWITCH, box_decoder
-from data.loader import PREFETCH_FACTOR, loader_options
+from data.loaders import PREFETCH_FACTOR, loader_options
 from data.transforms import eval_transform, train_transform
 
 

@@ -1,16 +1,19 @@
 """Checkpoint files: written atomically, read without unpickling code, kept and pruned in
 a run folder without ever losing the last good one."""
-import errno
+import logging
 import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+from .files import is_disk_full
+
+log = logging.getLogger(__name__)
 
 TRAIN_CHECKPOINT_FORMAT = "cspresnet-train-v1"
 
@@ -66,32 +69,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
 
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or an error it was raised from, says the disk or quota is full.
-    torch.save reports a full disk as a RuntimeError ("unexpected pos") raised while
-    handling the file's OSError(ENOSPC), so the whole chain is looked at."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def unless_disk_full(write: Callable[[], None], what: str) -> None:
-    """For the run folder's small files: a full disk costs that write and a warning, not the
-    run (the checkpoints hold what they record)."""
-    try:
-        write()
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        print(f"warning: disk full: {what} not written", file=sys.stderr, flush=True)
 
 
 def _replace_with_link(source: Path, target: Path) -> None:
@@ -102,7 +80,7 @@ def _replace_with_link(source: Path, target: Path) -> None:
     try:
         os.link(source, tmp)
     except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
+        if is_disk_full(exc):
             raise
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
@@ -148,8 +126,8 @@ class CheckpointFolder:
             if not is_disk_full(exc):
                 raise
             self.remove_partial_files()
-            print(f"warning: disk full in {self.folder}; checkpoint of step {step} not written, earlier checkpoints "
-                  f"kept, training goes on and the next checkpoint tries again", file=sys.stderr, flush=True)
+            log.warning("disk full in %s; checkpoint of step %d not written, earlier checkpoints kept, training goes "
+                        "on and the next checkpoint tries again", self.folder, step)
             return None
         files = self.step_files()
         for _, old in files[: max(0, len(files) - self.keep_last)]:
@@ -165,5 +143,5 @@ class CheckpointFolder:
             try:
                 return path, load_checkpoint(path)
             except CheckpointError as exc:
-                print(f"warning: skipping unreadable checkpoint: {exc}", file=sys.stderr, flush=True)
+                log.warning("skipping unreadable checkpoint: %s", exc)
         return None

@@ -1,20 +1,30 @@
-"""The training step, the per-epoch running totals, and evaluation."""
+"""The training step, an epoch of them, and evaluation."""
 import contextlib
+import itertools
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from data.loader import Batch
+from data.batches import Batch
+from data.transforms import DevicePreprocess, build_batch_augment, memory_format
+from data.unreadable import warn_unreadable
 
-from .distributed import all_gather_objects, all_reduce_sum
-from .optim import set_lr
+from .distributed import DistContext, all_gather_objects, all_reduce_sum
+from .model import build_model
+from .optim import build_optimizer, build_schedule, set_lr
+from .recipe import Recipe
+from .run_log import RunLog
+from .run_state import RunState
+from .signals import StopRequest
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -61,126 +71,113 @@ def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 
 @dataclass
-class EpochTotals:
-    """Running sums for the current epoch, kept on the device so that no step waits for them."""
-
-    device: torch.device
-    sums: torch.Tensor = None  # [loss x images, images with a finite loss, non-finite steps]
-    streak: torch.Tensor = None  # current run of non-finite losses
-    max_streak: torch.Tensor = None  # longest run since the last check
-    window: torch.Tensor = None  # [loss sum, steps] since the last log line
-    images: int = 0  # images trained on (decodable ones)
-
-    def __post_init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        zeros = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
-        self.sums, self.streak, self.max_streak, self.window = zeros(3), zeros(()), zeros(()), zeros(2)
-        self.images = 0
-
-    def add(self, loss: torch.Tensor, batch_size: int) -> None:
-        loss = loss.detach().double()
-        finite = torch.isfinite(loss)
-        safe = torch.where(finite, loss, torch.zeros_like(loss))
-        self.sums += torch.stack([safe * batch_size, finite * float(batch_size), (~finite).double()])
-        self.window += torch.stack([safe, finite.double()])
-        self.streak = (self.streak + 1) * (~finite)
-        self.max_streak = torch.maximum(self.max_streak, self.streak)
-        self.images += batch_size
-
-    def state_dict(self) -> Dict:
-        return {"sums": self.sums.cpu(), "streak": self.streak.cpu(), "max_streak": self.max_streak.cpu(),
-                "window": self.window.cpu(), "images": self.images}
-
-    def load_state_dict(self, state: Dict) -> None:
-        for key in ("sums", "streak", "max_streak", "window"):
-            setattr(self, key, state[key].to(self.device))
-        self.images = state["images"]
-
-
-@dataclass
-class EpochStats:
-    loss: float  # mean training loss over all ranks' images with a finite loss
-    images: int  # images trained on, all ranks
-    nonfinite_steps: int
-    seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-
-@dataclass
-class Trainer:
-    """One optimizer step at a time, and the totals of the current epoch."""
+class TrainStep:
+    """One optimizer step, and everything it needs around the model."""
 
     model: nn.Module  # what is trained and saved
     train_model: nn.Module  # the same model, maybe wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    schedule: Callable[[int], float]
+    schedule: Callable[[int], float]  # step number (from 1) -> learning rate
     criterion: nn.Module
-    normalize: Callable[[torch.Tensor], torch.Tensor]
+    preprocess: DevicePreprocess
     amp: str
     augment: Optional[Callable] = None  # (inputs, targets) -> (inputs, targets) on the device: erasing, mixup
     ema: Optional[ModelEmaV3] = None  # moving average of the weights, updated after every step
-    step: int = 0  # optimizer steps taken (skipped ones included) since the run began
-    lr: float = 0.0
-    totals: EpochTotals = field(init=False)
 
-    def __post_init__(self):
-        self.device = next(self.model.parameters()).device
-        self.totals = EpochTotals(self.device)
-
-    def train_step(self, batch: Batch) -> None:
-        self.step += 1
-        self.lr = self.schedule(self.step)
-        set_lr(self.optimizer, self.lr)
-        inputs = self.normalize(batch.images)
-        targets = batch.targets.to(self.device, non_blocking=True)
+    def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
+        """Optimizer update number `step`; its loss (on the device: reading it would wait
+        for the device) and learning rate."""
+        lr = self.schedule(step)
+        set_lr(self.optimizer, lr)
+        inputs = self.preprocess(batch.images)
+        targets = batch.targets.to(self.preprocess.device, non_blocking=True)
         if self.augment is not None:
             inputs, targets = self.augment(inputs, targets)
-        with autocast(self.device, self.amp):
+        with autocast(self.preprocess.device, self.amp):
             loss = self.criterion(self.train_model(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # skipped on the device if any gradient is inf/NaN
         self.scaler.update(None if self.amp == "fp16" else 1.0)
         if self.ema is not None:
-            self.ema.update(self.model, step=self.step)  # step 1 copies the weights, as in timm's train.py
-        self.totals.add(loss, targets.shape[0])
-
-    def read_window_loss(self) -> float:
-        """Mean loss of this rank since the last call (waits for the device)."""
-        loss_sum, steps = self.totals.window.tolist()
-        self.totals.window.zero_()
-        return loss_sum / steps if steps else float("nan")
-
-    def check_numerics(self, max_nonfinite_steps: int) -> None:
-        """Stop when any rank saw too many non-finite losses in a row (a collective)."""
-        longest = self.totals.max_streak.clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
-        if longest.item() >= max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"the loss was not finite for {int(longest.item())} steps in a row (up to step {self.step}); "
-                f"those steps were skipped and the run stops here, leaving the last checkpoint as it was. "
-                f"Try a lower optim.lr; with runtime.amp=fp16, try bf16 or none"
-            )
-
-    def finish_epoch(self, seconds: float) -> EpochStats:
-        totals = all_reduce_sum(torch.cat([self.totals.sums,
-                                           torch.tensor([float(self.totals.images)], device=self.device,
-                                                        dtype=torch.float64)]))
-        loss_sum, counted, nonfinite, images = totals.tolist()
-        self.totals.reset()
-        return EpochStats(loss=loss_sum / counted if counted else float("nan"), images=int(images),
-                          nonfinite_steps=int(nonfinite), seconds=seconds)
+            self.ema.update(self.model, step=step)  # step 1 copies the weights, as in timm's train.py
+        return loss, lr
 
     def weights_are_finite(self) -> bool:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
+
+
+def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int) -> TrainStep:
+    """The model on its device and everything around it, wrapped in DDP when there are
+    several processes and compiled when the recipe says so."""
+    rt = recipe.runtime
+    model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
+    model = model.to(ctx.device, memory_format=memory_format(rt.channels_last))
+    train_model = model
+    step = TrainStep(
+        model=model, train_model=model, optimizer=build_optimizer(model, recipe),
+        scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
+        criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
+        preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp,
+        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
+        ema=ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None,
+    )
+    if ctx.is_distributed:
+        train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if rt.compile:
+        train_model = torch.compile(train_model)
+    step.train_model = train_model
+    return step
+
+
+def train_one_epoch(train_step: TrainStep, batches: Iterator[Batch], run: RunState, steps_per_epoch: int,
+                    recipe: Recipe, ctx: DistContext, stop: StopRequest, log: RunLog,
+                    save: Callable[[], bool]) -> bool:
+    """Train from run.step_in_epoch to the epoch's end, saving every checkpoint.every_steps;
+    False when it stopped on a signal (after saving). Every runtime.log_interval steps all
+    ranks read the loss, check for non-finite losses and agree on stopping."""
+    rt, every = recipe.runtime, recipe.checkpoint.every_steps
+    started = time.perf_counter() - run.epoch_seconds
+    bar = tqdm(itertools.islice(batches, steps_per_epoch - run.step_in_epoch), initial=run.step_in_epoch,
+               desc=f"epoch {run.epoch + 1}/{recipe.epochs}", total=steps_per_epoch,
+               disable=None if ctx.is_main else True, leave=False, dynamic_ncols=True)
+    train_step.model.train()
+    for batch in bar:
+        run.unreadable.check(batch)
+        run.step += 1
+        loss, lr = train_step(batch, run.step)
+        run.totals.add(loss, len(batch.targets))
+        run.step_in_epoch += 1
+        stopping = False
+        if run.step % rt.log_interval == 0:
+            log.step(run.step, run.totals.read_window_loss(), lr)
+            check_numerics(run, rt.max_nonfinite_steps)
+            stopping = stop.agreed(ctx.device)
+        elif not ctx.is_distributed:
+            stopping = stop.signal_name is not None  # one process: no need to agree, stop at once
+        mid_epoch = run.step_in_epoch < steps_per_epoch
+        if stopping or (every and run.step % every == 0 and mid_epoch):
+            check_numerics(run, rt.max_nonfinite_steps)
+            run.epoch_seconds = time.perf_counter() - started
+            save()
+        if stopping:
+            return False
+    bar.close()
+    run.epoch_seconds = time.perf_counter() - started
+    return True
+
+
+def check_numerics(run: RunState, max_nonfinite_steps: int) -> None:
+    """Stop when any rank saw too many non-finite losses in a row (a collective)."""
+    longest = run.totals.longest_nonfinite_streak()
+    if longest >= max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"the loss was not finite for {longest} steps in a row (up to step {run.step}); those steps were "
+            f"skipped and the run stops here, leaving the last checkpoint as it was. Try a lower optim.lr; with "
+            f"runtime.amp=fp16, try bf16 or none"
+        )
 
 
 @dataclass
@@ -189,7 +186,7 @@ class EvalResult:
     top5: float
     loss: float  # plain cross-entropy, no label smoothing
     images: int  # images evaluated (all ranks)
-    unreadable: int  # images that could not be decoded, left out of the figures above
+    unreadable: List[Tuple[int, str]]  # (dataset index, reason) of the images that could not be decoded
     seconds: float
     predictions: torch.Tensor  # (images, k) top-k class ids, in dataset order of the evaluated images
     targets: torch.Tensor  # (images,)
@@ -204,69 +201,63 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader,
-    dataset_size: int,
-    num_classes: int,
-    normalize: Callable[[torch.Tensor], torch.Tensor],
-    amp: str,
-    on_unreadable: Callable[[int, str], None] = lambda index, reason: None,
-    progress: Callable = lambda iterable: iterable,
-    keep_logits: bool = False,
-) -> EvalResult:
-    """Evaluate this rank's share, then gather every rank's predictions.
+def evaluate(model: nn.Module, loader, num_classes: int, preprocess: DevicePreprocess, amp: str,
+             progress: Callable = lambda iterable: iterable, keep_logits: bool = False) -> EvalResult:
+    """Evaluate this rank's share of loader.dataset, then gather every rank's predictions.
 
     Each image is counted exactly once: the gathered dataset indices (evaluated plus
     unreadable) must be 0..N-1 with no gaps and no repeats, or the evaluation is wrong.
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     k = min(5, num_classes)
-    indices, topk, targets, unreadable, kept_logits = [], [], [], [], []
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    parts = dict(indices=[], topk=[], targets=[], unreadable=[], logits=[])
+    loss_sum = torch.zeros((), device=preprocess.device, dtype=torch.float64)
     start = time.perf_counter()
     for batch in progress(loader):
         for index, reason in batch.unreadable:
-            on_unreadable(index, reason)
-            unreadable.append(index)
+            warn_unreadable(loader.dataset.samples[index][0], reason)
+            parts["unreadable"].append((index, reason))
         if not len(batch.targets):
             continue
-        batch_targets = batch.targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(normalize(batch.images))
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, batch_targets, reduction="sum").double()
-        topk.append(logits.topk(k, dim=1).indices.cpu())
-        targets.append(batch.targets)
-        indices.append(batch.indices)
+        with autocast(preprocess.device, amp):
+            logits = model(preprocess(batch.images)).float()
+        loss_sum += F.cross_entropy(logits, batch.targets.to(preprocess.device), reduction="sum").double()
+        parts["topk"].append(logits.topk(k, dim=1).indices.cpu())
+        parts["targets"].append(batch.targets)
+        parts["indices"].append(batch.indices)
         if keep_logits:
-            kept_logits.append(logits.cpu())
+            parts["logits"].append(logits.cpu())
     seconds = time.perf_counter() - start
     model.train(was_training)
-    cat = lambda parts, *shape: torch.cat(parts) if parts else torch.empty(0, *shape, dtype=torch.long)  # noqa: E731
-    logits_part = torch.cat(kept_logits) if kept_logits else torch.empty(0, num_classes)
-    gathered = all_gather_objects((cat(indices), cat(topk, k), cat(targets), unreadable, logits_part))
+    return gather_results(parts, len(loader.dataset), k, num_classes, all_reduce_sum(loss_sum).item(), seconds,
+                          keep_logits)
+
+
+def gather_results(parts, dataset_size: int, k: int, num_classes: int, loss_total: float, seconds: float,
+                   keep_logits: bool) -> EvalResult:
+    """Every rank's share, in dataset order (a collective)."""
+    def cat(values, *shape):
+        return torch.cat(values) if values else torch.empty(0, *shape, dtype=torch.long)
+
+    logits = torch.cat(parts["logits"]) if parts["logits"] else torch.empty(0, num_classes)
+    gathered = all_gather_objects((cat(parts["indices"]), cat(parts["topk"], k), cat(parts["targets"]),
+                                   parts["unreadable"], logits))
     order = torch.cat([g[0] for g in gathered])
-    every = torch.cat([order, torch.tensor([i for g in gathered for i in g[3]], dtype=torch.long)])
+    unreadable = sorted(pair for g in gathered for pair in g[3])
+    every = torch.cat([order, torch.tensor([index for index, _ in unreadable], dtype=torch.long)])
     if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
-        raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of {dataset_size} once")
+        raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of "
+                           f"{dataset_size} once")
     ascending = order.argsort()
     predictions = torch.cat([g[1] for g in gathered])[ascending]
-    all_targets = torch.cat([g[2] for g in gathered])[ascending]
-    loss_total = all_reduce_sum(loss_sum).item()
-    hits = predictions == all_targets[:, None]
-    evaluated = len(all_targets)
+    targets = torch.cat([g[2] for g in gathered])[ascending]
+    hits = predictions == targets[:, None]
+    evaluated = len(targets)
     return EvalResult(
         top1=100.0 * hits[:, 0].double().mean().item() if evaluated else 0.0,
         top5=100.0 * hits.any(dim=1).double().mean().item() if evaluated else 0.0,
-        loss=loss_total / max(evaluated, 1),
-        images=evaluated,
-        unreadable=dataset_size - evaluated,
-        seconds=seconds,
-        predictions=predictions,
-        targets=all_targets,
-        indices=order[ascending],
+        loss=loss_total / max(evaluated, 1), images=evaluated, unreadable=unreadable, seconds=seconds,
+        predictions=predictions, targets=targets, indices=order[ascending],
         logits=torch.cat([g[4] for g in gathered])[ascending] if keep_logits else None,
     )

@@ -1,6 +1,5 @@
 """What validate.py reports beyond top-1/top-5: ImageNet-ReaL accuracy and a row in the
 style of timm's results-imagenet.csv."""
-import csv
 import json
 import os
 import pkgutil
@@ -44,13 +43,3 @@ def timm_results_row(name: str, top1: float, top5: float, param_count: int, img_
     return {"model": name, "top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
             "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2), "img_size": img_size,
             "crop_pct": crop_pct, "interpolation": interpolation}
-
-
-def append_csv_row(path: Path, row: Dict[str, object]) -> None:
-    path = Path(path)
-    new_file = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)

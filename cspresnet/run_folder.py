@@ -4,13 +4,17 @@ trained which steps. Only rank 0 touches the folder; the other ranks follow its 
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint, unless_disk_full
+from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint
+from .files import unless_disk_full, write_atomically
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 STATUS_FILE = "status"
@@ -93,16 +97,17 @@ class RunFolder:
     def set_status(self, text: str) -> None:
         """One line: 'running from step N', 'preempted at step N', 'done at step N' or
         'failed: ...'. Written atomically; a full disk costs the update, not the run."""
-        tmp = self.path / f".{STATUS_FILE}.tmp"
+        line = text.replace("\n", " ") + "\n"
+        unless_disk_full(lambda: write_atomically(self.path / STATUS_FILE, line), f"status '{text}'")
 
-        def write() -> None:
-            try:
-                tmp.write_text(text.replace("\n", " ") + "\n")
-                os.replace(tmp, self.path / STATUS_FILE)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-        unless_disk_full(write, f"status '{text}'")
+    def record_failure(self, exc: BaseException) -> None:
+        """'failed: <the error's last line>', unless the folder cannot take even that (a
+        read-only folder): the first error is the one to tell."""
+        last_line = (str(exc).strip().splitlines() or ["no message"])[-1]
+        try:
+            self.set_status(f"failed: {type(exc).__name__}: {last_line}")
+        except OSError as status_error:
+            log.warning("status not written: %s", status_error)
 
     def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str],
                     resumed_from: Optional[Path]) -> None:

@@ -1,15 +1,14 @@
 """What a run reports: TensorBoard scalars, summary.csv (a row per epoch) and console lines.
 Only the main rank writes; the others get a RunLog that does nothing."""
-import csv
-import os
-import sys
+import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from .checkpoint import is_disk_full, unless_disk_full
+from .files import append_csv_row, is_disk_full, unless_disk_full, write_csv
+
+log = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -22,27 +21,8 @@ class RunLog:
         self.writer: Optional[SummaryWriter] = None
         self.purge_step: Optional[int] = start_step + 1
         if enabled:
-            unless_disk_full(lambda: self._rewrite_csv(rows or []), "summary.csv")
+            unless_disk_full(lambda: write_csv(self.csv_path, rows or []), "summary.csv")
             self._tensorboard(lambda writer: None)
-
-    def _rewrite_csv(self, rows: List[Dict]) -> None:
-        if not rows:
-            self.csv_path.unlink(missing_ok=True)
-            return
-        tmp = self.csv_path.with_name(".summary.csv.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
-
-    def _append_csv(self, row: Dict[str, float]) -> None:
-        new_file = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
 
     def _tensorboard(self, write: Callable[[SummaryWriter], None]) -> None:
         """TensorBoard's writer dies with its first failed write. On a full disk it is dropped
@@ -55,7 +35,7 @@ class RunLog:
         except (OSError, RuntimeError) as exc:
             if not is_disk_full(exc):
                 raise
-            print("warning: disk full: TensorBoard events lost until the next epoch's end", file=sys.stderr, flush=True)
+            log.warning("disk full: TensorBoard events lost until the next epoch's end")
             writer, self.writer = self.writer, None
             try:
                 if writer is not None:
@@ -72,13 +52,13 @@ class RunLog:
                 writer.add_scalar("train/lr", lr, step)
 
             self._tensorboard(write)
-        tqdm.write(f"step {step} loss {loss:.4f} lr {lr:.6g}")
+        log.info("step %d loss %.4f lr %.6g", step, loss, lr)
 
     def epoch(self, row: Dict[str, float]) -> None:
         """Append one row to summary.csv, mirror it to TensorBoard, print it."""
         if not self.enabled:
             return
-        unless_disk_full(lambda: self._append_csv(row), f"summary.csv row of epoch {row['epoch']}")
+        unless_disk_full(lambda: append_csv_row(self.csv_path, row), f"summary.csv row of epoch {row['epoch']}")
 
         def write(writer: SummaryWriter) -> None:
             step = int(row["step"])  # one x-axis for everything, so a resume can purge by step
@@ -88,7 +68,7 @@ class RunLog:
             writer.flush()
 
         self._tensorboard(write)
-        tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+        log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
 
     def close(self) -> None:
         if self.writer is not None:

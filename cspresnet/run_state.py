@@ -1,12 +1,143 @@
-"""The parts of a training checkpoint that are not model or optimizer: random generator
-states of every rank, and a fingerprint of the training set."""
+"""Where a run is, and what each rank has counted: everything a checkpoint holds besides the
+weights, the optimizer and the recipe. A resumed run loads it and goes on as if it had never
+stopped, down to every rank's random generators."""
 import hashlib
+import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from data.unreadable import UnreadableImages
+
+from .distributed import all_reduce_sum
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss over all ranks' images with a finite loss
+    images: int  # images trained on, all ranks
+    nonfinite_steps: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class EpochTotals:
+    """This rank's running sums for the current epoch, kept on the device so that no step
+    waits for them."""
+
+    device: torch.device
+    sums: torch.Tensor = None  # [loss x images, images with a finite loss, non-finite steps]
+    streak: torch.Tensor = None  # current run of non-finite losses
+    max_streak: torch.Tensor = None  # longest run since the last check
+    window: torch.Tensor = None  # [loss sum, steps] since the last log line
+    images: int = 0  # images trained on (decodable ones)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        zeros = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
+        self.sums, self.streak, self.max_streak, self.window = zeros(3), zeros(()), zeros(()), zeros(2)
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, batch_size: int) -> None:
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        safe = torch.where(finite, loss, torch.zeros_like(loss))
+        self.sums += torch.stack([safe * batch_size, finite * float(batch_size), (~finite).double()])
+        self.window += torch.stack([safe, finite.double()])
+        self.streak = (self.streak + 1) * (~finite)
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
+        self.images += batch_size
+
+    def read_window_loss(self) -> float:
+        """Mean loss of this rank since the last call (waits for the device)."""
+        loss_sum, steps = self.window.tolist()
+        self.window.zero_()
+        return loss_sum / steps if steps else float("nan")
+
+    def longest_nonfinite_streak(self) -> int:
+        """Over all ranks (a collective)."""
+        longest = self.max_streak.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        return int(longest.item())
+
+    def finish_epoch(self, seconds: float) -> EpochStats:
+        """The epoch's figures over all ranks (a collective); starts the next epoch's sums."""
+        images = torch.tensor([float(self.images)], device=self.device, dtype=torch.float64)
+        loss_sum, counted, nonfinite, images = all_reduce_sum(torch.cat([self.sums, images])).tolist()
+        self.reset()
+        return EpochStats(loss=loss_sum / counted if counted else float("nan"), images=int(images),
+                          nonfinite_steps=int(nonfinite), seconds=seconds)
+
+    def state_dict(self) -> Dict:
+        return {"sums": self.sums.cpu(), "streak": self.streak.cpu(), "max_streak": self.max_streak.cpu(),
+                "window": self.window.cpu(), "images": self.images}
+
+    def load_state_dict(self, state: Dict) -> None:
+        for key in ("sums", "streak", "max_streak", "window"):
+            setattr(self, key, state[key].to(self.device))
+        self.images = state["images"]
+
+    def add_state(self, state: Dict) -> None:
+        """Fold another rank's totals into these (a resume on fewer or more processes)."""
+        for key in ("sums", "window"):
+            getattr(self, key).add_(state[key].to(self.device))
+        self.images += state["images"]
+
+
+POSITION = ("epoch", "step_in_epoch", "step", "epoch_seconds", "best_top1", "rows")
+
+
+@dataclass
+class RunState:
+    """The position is the same on every rank; the totals, the unreadable files seen and the
+    random generators are each rank's own, gathered from every rank when a checkpoint is
+    written (`per_rank`)."""
+
+    totals: EpochTotals
+    unreadable: UnreadableImages
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the current epoch completed
+    step: int = 0  # optimizer steps since the run began, skipped ones included
+    epoch_seconds: float = 0.0  # training time spent in the current epoch so far
+    best_top1: float = -math.inf
+    rows: List[Dict] = field(default_factory=list)  # summary.csv, one row per completed epoch
+
+    def state_dict(self, per_rank: List[Dict]) -> Dict[str, Any]:
+        """The checkpoint's run entries; `per_rank` is every rank's rank_state_dict()."""
+        return dict({key: getattr(self, key) for key in POSITION}, per_rank=per_rank, world_size=len(per_rank))
+
+    def rank_state_dict(self) -> Dict[str, Any]:
+        return dict(rng=capture_rng(self.totals.device), totals=self.totals.state_dict(),
+                    unreadable=self.unreadable.state_dict())
+
+    def load_state_dict(self, state: Dict[str, Any], rank: int, world_size: int, seed: int) -> Optional[str]:
+        """Back to where the checkpoint was, this rank's own part included; on another number
+        of processes than saved it, the reason why the rest will not be exactly the same."""
+        for key in POSITION:
+            setattr(self, key, state[key])
+        if state["world_size"] == world_size:
+            mine = state["per_rank"][rank]
+            restore_rng(mine["rng"], self.totals.device)
+            self.totals.load_state_dict(mine["totals"])
+            self.unreadable.load_state_dict(mine["unreadable"])
+            return None
+        torch.manual_seed(seed + 1_000_003 * rank + self.step)
+        if rank == 0:  # the epoch's totals so far, summed over the old ranks
+            for rank_state in state["per_rank"]:
+                self.totals.add_state(rank_state["totals"])
+        return (f"it was saved by {state['world_size']} processes, this run has {world_size}: "
+                f"new random draws for dropout and mixup")
 
 
 def capture_rng(device: torch.device) -> Dict[str, Any]:
@@ -34,6 +165,12 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def dataset_fingerprint(samples: Sequence[Tuple[str, int]]) -> str:
     """Changes when any file is added, removed or relabelled: then sample indices moved.
     Only the class folder and file name count, not where the dataset is mounted."""
@@ -42,4 +179,3 @@ def dataset_fingerprint(samples: Sequence[Tuple[str, int]]) -> str:
         path = Path(path)
         digest.update(f"{path.parent.name}/{path.name}\t{target}\n".encode())
     return f"{len(samples)}:{digest.hexdigest()}"
-

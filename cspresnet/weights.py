@@ -5,10 +5,10 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .model import CSPResNet50, build_model
 from data.config import DataConfig
 
+from .checkpoint import CheckpointError
+from .model import CSPResNet50, build_model
 from .recipe import recipe_from_dict
 
 

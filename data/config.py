@@ -5,6 +5,10 @@ from dataclasses import dataclass
 from typing import Literal, Tuple
 
 
+class DataConfigError(ValueError):
+    """A data setting that cannot work with this dataset or launch; the message names the key."""
+
+
 @dataclass
 class DataConfig:
     dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/

@@ -59,8 +59,8 @@ def load_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-def _pillow_rgb(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8, copy=True))
+def pil_to_hwc_uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
 def read_jpeg(path: str) -> Tuple[bytes, Optional[Tuple[int, int]]]:
@@ -91,7 +91,7 @@ def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, i
         except ValueError:
             pass  # truncated or damaged: Pillow decides whether it can be read at all
     if region is None:  # Pillow, at full size, as timm reads every file
-        pixels = _pillow_rgb(path)
+        pixels = pil_to_hwc_uint8(load_rgb(path))
         top, left, box_height, box_width = choose_box(pixels.shape[0], pixels.shape[1])
         region = pixels[top:top + box_height, left:left + box_width]
     # As a channels_last NCHW batch of one, torch's uint8 antialiased resize runs its fast
@@ -153,7 +153,7 @@ class FastRandomResizedCrop(ImageTransform):
         if self._flip():
             pixels = pixels.flip(1)
         if self.pil_steps is not None:
-            pixels = torch.from_numpy(np.array(self.pil_steps(Image.fromarray(pixels.numpy())), dtype=np.uint8))
+            pixels = pil_to_hwc_uint8(self.pil_steps(Image.fromarray(pixels.numpy())))
         return pixels
 
 

@@ -8,7 +8,7 @@ it is tested on machines without a GPU.
 """
 import dataclasses
 import io
-import sys
+import logging
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -17,6 +17,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .fast_decode import Box, FastRandomResizedCrop, decode_region, read_jpeg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,5 +109,4 @@ def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
 
 
 def warn_fallback(reason: str) -> None:
-    print(f"warning: data.train_decode=gpu but {reason}: decoding on the CPU workers (fast) instead", file=sys.stderr,
-          flush=True)
+    log.warning("data.train_decode=gpu but %s: decoding on the CPU workers (fast) instead", reason)

@@ -2,26 +2,29 @@
 
 The C file is built with the machine's C compiler ($CC, default cc) against its
 libjpeg-turbo (Debian and Ubuntu: `apt install gcc libjpeg-dev`) into ~/.cache/cspresnet/
-(or $XDG_CACHE_HOME/cspresnet/). For a libjpeg-turbo outside the system folders (conda, a
-module system), the compiler reads the usual CPATH and LIBRARY_PATH, and the loader
-LD_LIBRARY_PATH. Where it cannot be built, or with CSPRESNET_JPEG_BOX=0, the fast path
-decodes whole files with simplejpeg instead, after one note on stderr: the same pixels,
-more time.
+(or $XDG_CACHE_HOME/cspresnet/), one build per source, compiler and libjpeg version. For a
+libjpeg-turbo outside the system folders (conda, a module system), the compiler reads the
+usual CPATH and LIBRARY_PATH, and the loader LD_LIBRARY_PATH. Where it cannot be built, the
+fast path decodes whole files with simplejpeg instead, after one warning: the same pixels,
+more time. CSPRESNET_JPEG_BOX=0 decodes whole files without a warning; =require makes a
+missing box decoder an error instead (for clusters and CI, where a slow run costs more).
 """
 import ctypes
 import functools
 import hashlib
 import os
+import logging
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import simplejpeg
 
+log = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).with_name("jpeg_box.c")
-SWITCH = "CSPRESNET_JPEG_BOX"  # "0": decode whole files (benchmarks.loader --whole-jpeg compares the two)
+SWITCH = "CSPRESNET_JPEG_BOX"  # "0": whole files (benchmarks.loader --whole-jpeg compares the two); "require"
 FLAGS = ["-O2", "-shared", "-fPIC"]
 
 
@@ -29,14 +32,38 @@ class Unavailable(RuntimeError):
     """The box decoder cannot be built, loaded or trusted here; the message says why."""
 
 
+class Required(RuntimeError):
+    """CSPRESNET_JPEG_BOX=require, and the box decoder is unavailable."""
+
+
+def libjpeg_version(compiler: str) -> str:
+    """The libjpeg(-turbo) version the build compiles against, from its headers' macros."""
+    try:
+        done = subprocess.run([compiler, "-E", "-dM", "-x", "c", "-"], input="#include <stdio.h>\n#include <jpeglib.h>\n",
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        reason = next((line for line in lines if "error" in line), lines[-1])
+        raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
+    macros = {}
+    for line in done.stdout.splitlines():  # "#define NAME VALUE"
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            macros[parts[1]] = parts[2]
+    return macros.get("LIBJPEG_TURBO_VERSION", f"libjpeg {macros.get('JPEG_LIB_VERSION', '?')}")
+
+
 def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cspresnet"
 
 
 def build(folder: Path) -> Path:
-    """The compiled library, built once per version of jpeg_box.c and compiler."""
+    """The compiled library, built once per version of jpeg_box.c, compiler and libjpeg."""
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    identity = " ".join([compiler, *FLAGS, libjpeg_version(compiler)])
+    key = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:16]
     library = folder / f"jpeg_box-{key}.so"
     if library.is_file():
         return library
@@ -62,7 +89,8 @@ def build(folder: Path) -> Path:
 class BoxDecoder:
     """ctypes front of decode_box(): RGB uint8, libjpeg-turbo's fast IDCT and upsampling."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, version: str = ""):
+        self.version = version  # of the libjpeg it was built against
         self.decode_box = ctypes.CDLL(str(library)).decode_box
         c_int, c_ulong, c_int_p = ctypes.c_int, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
         self.decode_box.argtypes = [ctypes.c_char_p, c_ulong, c_int, c_int, c_int, c_int, c_int, ctypes.c_void_p,
@@ -108,16 +136,34 @@ def check(decoder: BoxDecoder) -> None:
             raise Unavailable(f"the box decoder failed on a test image: {exc}") from None
 
 
+_why_not = ""  # why box_decoder() returned None
+
+
 @functools.lru_cache(maxsize=None)
 def box_decoder() -> Optional[BoxDecoder]:
-    """The decoder (built on the first call), or None after a note saying why not."""
-    if os.environ.get(SWITCH, "1") == "0":
+    """The decoder (built on the first call), or None after a warning saying why not."""
+    global _why_not
+    switch = os.environ.get(SWITCH, "1")
+    if switch == "0":
+        _why_not = f"{SWITCH}=0"
         return None
     try:
-        decoder = BoxDecoder(build(cache_folder()))
+        version = libjpeg_version(os.environ.get("CC", "cc"))
+        decoder = BoxDecoder(build(cache_folder()), version)
         check(decoder)
         return decoder
     except (Unavailable, OSError) as exc:  # OSError: the library did not load
-        print(f"note: decoding whole JPEGs, not only the crops ({exc}). Cropped decoding needs a C compiler and "
-              f"libjpeg-turbo's headers (Debian/Ubuntu: apt install gcc libjpeg-dev).", file=sys.stderr, flush=True)
+        _why_not = (f"the box decoder is unavailable: {exc}. It needs a C compiler and libjpeg-turbo's headers "
+                    f"(Debian/Ubuntu: apt install gcc libjpeg-dev)")
+        if switch == "require":
+            raise Required(f"{SWITCH}=require, but {_why_not}") from None
+        log.warning("decoding whole JPEGs, not only the crops: %s", _why_not)
         return None
+
+
+def status() -> str:
+    """Which JPEG path the fast decode runs, for the start-up line."""
+    decoder = box_decoder()
+    if decoder is not None:
+        return f"libjpeg-turbo ({decoder.version}) decoding only each crop's box ({SOURCE.name})"
+    return f"simplejpeg decoding whole files ({_why_not})"

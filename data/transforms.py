@@ -12,7 +12,6 @@ the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's 
 import math
 from typing import Optional, Tuple, Union
 
-import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, RandomResizedCropAndInterpolation, rand_augment_transform
@@ -20,7 +19,8 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, load_rgb
+from . import jpeg_box
+from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, load_rgb, pil_to_hwc_uint8
 from .gpu_decode import EncodedBatch, EncodedRandomResizedCrop, decode_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,10 +30,6 @@ INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-
-
-def pil_to_hwc_uint8(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
 class FullDecode(ImageTransform):
@@ -90,6 +86,15 @@ def train_transform(
     return FullDecode(transforms.Compose([*steps, pil_to_hwc_uint8]), uses_numpy_random=augment is not None)
 
 
+def decode_path(decode: str) -> str:
+    """What decodes the JPEGs for a `decode` setting, in words, for the start-up lines."""
+    if decode == "fast":
+        return jpeg_box.status()
+    if decode == "gpu":
+        return "nvJPEG on the device; the workers read the files and draw the crops"
+    return "Pillow, whole files (timm's transform)"
+
+
 def eval_resize_size(img_size: int, crop_pct: float) -> int:
     """timm's rule: the short side is resized to floor(img_size / crop_pct) (256 / 0.887 -> 288)."""
     return math.floor(img_size / crop_pct)
@@ -107,13 +112,18 @@ def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinea
     ]))
 
 
-class DeviceNormalizer:
-    """uint8 NHWC batch on the host (or JPEGs, decoded on the device first) -> normalised
-    float32 NCHW batch on the device."""
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of the model's weights and inputs: channels_last runs convolutions faster on GPUs."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class DevicePreprocess:
+    """A batch as the loader hands it over (uint8 NHWC on the host, or JPEGs, which it
+    decodes on the device first) -> the model's input: normalised float32 NCHW on the device."""
 
     def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 

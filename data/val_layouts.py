@@ -14,7 +14,6 @@ sorted wnid order; torchvision's parser turns them into wnids, then wnids into l
 import argparse
 import csv
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from .imagenet import DatasetLayoutError, Sample, image_files, index_split, subf
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
-VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 
 EVAL_LAYOUTS = ("expected class folders (DIR/<wnid>/*.JPEG), ImageNetV2's numbered folders (DIR/0 .. DIR/999), "
                 "or a flat folder of ILSVRC2012_val_*.JPEG with its labels")

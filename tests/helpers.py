@@ -1,4 +1,6 @@
 """Shared by the tests: the repository root, a tiny recipe, and subprocess runners."""
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -39,6 +41,15 @@ def run_cli(args, timeout=300, check=True, gpu=False) -> subprocess.CompletedPro
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def in_this_process(main, *argv) -> subprocess.CompletedProcess:
+    """A script's main(argv) run here, its output caught: for checks of what it says and its
+    exit code, without the ten seconds of a new process's start-up."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def torchrun(nproc: int, *args, extra=("--standalone",)):

@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 
 from data.fast_decode import load_rgb
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split
-from data.loader import EvalSampler, SharedBatchRing, TrainSampler, collate_batch, loader_options
+from data.batches import SharedBatchRing, collate_batch
+from data.loaders import loader_options
+from data.samplers import EvalSampler, TrainSampler
 from data.transforms import eval_transform, train_transform
 
 

@@ -1,4 +1,4 @@
-"""Our evaluation transform (workers) + DeviceNormalizer (device) against timm's own eval
+"""Our evaluation transform (workers) + DevicePreprocess (device) against timm's own eval
 transform for cspresnet50: the same float32 tensors, bit for bit."""
 import pytest
 import timm
@@ -7,12 +7,12 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from data.fast_decode import load_rgb
-from data.transforms import DeviceNormalizer, eval_resize_size, eval_transform
+from data.transforms import DevicePreprocess, eval_resize_size, eval_transform
 
 
 def ours(path, img_size, crop_pct, interpolation, channels_last=False):
     hwc = eval_transform(img_size, crop_pct, interpolation)(str(path))
-    return DeviceNormalizer(torch.device("cpu"), channels_last)(hwc[None])[0]
+    return DevicePreprocess(torch.device("cpu"), channels_last)(hwc[None])[0]
 
 
 def test_timm_config_for_cspresnet50_is_the_recipe_default():

@@ -115,9 +115,9 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
     """The GPU decode path (with device=cpu its code runs through torchvision's CPU decoder):
     same crops and flips as the fast CPU path, nearly the same pixels; PNG and CMYK files
     travel decoded."""
+    from data.batches import collate_batch
     from data.gpu_decode import EncodedBatch
-    from data.loader import collate_batch
-    from data.transforms import DeviceNormalizer
+    from data.transforms import DevicePreprocess
 
     paths = [str(p) for p in sorted(tiny_imagenet.glob("train/*/*.JPEG"))[:10]]
     Image.new("RGB", (90, 70), (10, 200, 30)).save(tmp_path / "png.JPEG", "PNG")
@@ -138,23 +138,23 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
     # The files travel as one tensor (one shared-memory handover, not one per image), whole.
     assert all(image.data is None for image in encoded.images.images)
     assert bytes(encoded.images.files.numpy()) == b"".join(Path(p).read_bytes() for p, kind in zip(paths, kinds) if kind)
-    on_device = DeviceNormalizer(torch.device(device), channels_last=True)(encoded.images).cpu()
-    on_cpu = DeviceNormalizer(torch.device("cpu"), channels_last=True)(
+    on_device = DevicePreprocess(torch.device(device), channels_last=True)(encoded.images).cpu()
+    on_cpu = DevicePreprocess(torch.device("cpu"), channels_last=True)(
         collate_batch([cpu[(0, i)] for i in range(len(paths))]).images)
     assert on_device.shape == on_cpu.shape == (12, 3, 48, 48)
     difference = (on_device - on_cpu).abs().mean(dim=(1, 2, 3)) * 0.226 * 255  # back to grey levels
     assert difference.max() < 3, difference
 
 
-def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, capsys):
+def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
     from cspresnet.recipe import RecipeError, load_recipe
     from data.fast_decode import FastRandomResizedCrop
-    from data.pipeline import build_loaders
+    from data.loaders import build_training_data
 
     recipe = load_recipe("demo.yaml", ["data.train_decode=gpu", "model.num_classes=3", "batch_size=8"],
                          data_dir=str(tiny_imagenet))
-    loaders = build_loaders(recipe, 0, 1, torch.device("cpu"))
-    assert type(loaders.train_set.transform) is FastRandomResizedCrop
-    assert "data.train_decode=gpu but no CUDA GPU: decoding on the CPU workers (fast) instead" in capsys.readouterr().err
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, "", 0, 1, torch.device("cpu"), 60.0)
+    assert type(data.train_set.transform) is FastRandomResizedCrop and data.train_decode == "fast"
+    assert "data.train_decode=gpu but no CUDA GPU: decoding on the CPU workers (fast) instead" in caplog.text
     with pytest.raises(RecipeError, match="data.train_decode.*RandAugment"):
         load_recipe("cspresnet50_ra.yaml", ["data.train_decode=gpu"])

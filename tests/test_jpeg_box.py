@@ -128,27 +128,45 @@ def test_it_is_built_once_and_cached(decoder, fresh_build):
 
 @pytest.mark.parametrize("compiler, reason", [("/no/such/cc", "could not run the C compiler '/no/such/cc'"),
                                               ("false", "false could not build jpeg_box.c: exit code 1")])
-def test_without_a_working_compiler_whole_files_are_decoded_after_a_note(fresh_build, monkeypatch, capsys,
-                                                                         compiler, reason):
+def test_without_a_working_compiler_whole_files_are_decoded_after_a_warning(fresh_build, monkeypatch, caplog,
+                                                                           compiler, reason):
     monkeypatch.setenv("CC", compiler)
     assert jpeg_box.box_decoder() is None
-    note = capsys.readouterr().err
-    assert note.startswith("note: decoding whole JPEGs") and reason in note and "apt install gcc libjpeg-dev" in note
+    assert caplog.text.count("decoding whole JPEGs, not only the crops") == 1
+    assert reason in caplog.text and "apt install gcc libjpeg-dev" in caplog.text
+    assert jpeg_box.status().startswith("simplejpeg decoding whole files (the box decoder is unavailable") and \
+        reason in jpeg_box.status()
     assert not list(fresh_build.glob("*"))
     jpeg = noise_jpeg(90, 120, "420")
     assert fast_decode._decode_box(jpeg, 1, 90, 120, 5, 7, 30, 40).shape == (30, 40, 3)
 
 
-def test_an_unwritable_cache_means_whole_files_after_a_note(fresh_build, capsys):
+def test_an_unwritable_cache_means_whole_files_after_a_warning(fresh_build, caplog):
     fresh_build.write_text("a file where the build folder should be")
     assert jpeg_box.box_decoder() is None
-    assert "cannot create the build folder" in capsys.readouterr().err
+    assert "cannot create the build folder" in caplog.text
 
 
-def test_the_switch_turns_it_off_quietly(fresh_build, monkeypatch, capsys):
+def test_the_switch_turns_it_off_quietly(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv(jpeg_box.SWITCH, "0")
     assert jpeg_box.box_decoder() is None
-    assert capsys.readouterr().err == ""
+    assert caplog.text == "" and jpeg_box.status() == f"simplejpeg decoding whole files ({jpeg_box.SWITCH}=0)"
+
+
+def test_the_switch_can_require_it(fresh_build, monkeypatch):
+    """On a cluster a whole-file fallback is a slower run nobody asked for: make it an error."""
+    monkeypatch.setenv(jpeg_box.SWITCH, "require")
+    monkeypatch.setenv("CC", "/no/such/cc")
+    with pytest.raises(jpeg_box.Required, match="CSPRESNET_JPEG_BOX=require, but the box decoder is unavailable: "
+                                                "could not run the C compiler"):
+        jpeg_box.box_decoder()
+
+
+def test_the_build_is_keyed_by_the_libjpeg_version(decoder, fresh_build, monkeypatch):
+    library = jpeg_box.build(fresh_build)
+    assert jpeg_box.box_decoder().version == jpeg_box.libjpeg_version("cc") != ""
+    monkeypatch.setattr(jpeg_box, "libjpeg_version", lambda compiler: "9.9.9")  # as after an upgrade
+    assert jpeg_box.build(fresh_build) != library and len(list(fresh_build.glob("jpeg_box-*.so"))) == 2
 
 
 def test_corrupted_files_raise_or_decode_but_never_crash_the_process(decoder):

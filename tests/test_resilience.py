@@ -244,7 +244,8 @@ def test_too_many_unreadable_files_stop_the_run(tiny_imagenet, tmp_path):
 
 def test_unreadable_batch_fraction():
     from data.imagenet import UnreadableDataError
-    from data.loader import Batch, UnreadableImages
+    from data.batches import Batch
+    from data.unreadable import UnreadableImages
 
     class Fake:
         samples = [(f"/d/{i}.JPEG", 0) for i in range(100)]
@@ -252,7 +253,7 @@ def test_unreadable_batch_fraction():
         def __len__(self):
             return 100
 
-    guard = UnreadableImages(Fake(), max_batch_fraction=0.5, max_fraction=0.5, min_allowed=0)
+    guard = UnreadableImages(Fake().samples, max_batch_fraction=0.5, max_fraction=0.5, min_allowed=0)
     batch = lambda good, bad: Batch(torch.zeros(good, 2, 2, 3, dtype=torch.uint8), torch.zeros(good, dtype=torch.long),  # noqa: E731
                                     torch.arange(good), [(i, "OSError: broken") for i in bad])
     guard.check(batch(3, [7]))
@@ -263,42 +264,51 @@ def test_unreadable_batch_fraction():
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device():
-    from cspresnet.engine import NonFiniteLossError, Trainer, build_grad_scaler
+    from cspresnet.engine import NonFiniteLossError, TrainStep, build_grad_scaler, check_numerics
     from cspresnet.model import build_model
     from cspresnet.optim import build_optimizer
     from cspresnet.recipe import load_recipe
-    from data.loader import Batch
-    from data.transforms import DeviceNormalizer
+    from cspresnet.run_state import EpochTotals, RunState
+    from data.batches import Batch
+    from data.transforms import DevicePreprocess
+    from data.unreadable import UnreadableImages
 
     torch.manual_seed(0)
+    cpu = torch.device("cpu")
     model = build_model(3)
     poisoned = {1, 3, 4}
+    run = RunState(EpochTotals(cpu), UnreadableImages([], 0.5, 0.0, 0))
 
     class Criterion(torch.nn.Module):
         def forward(self, logits, targets):
             loss = torch.nn.functional.cross_entropy(logits, targets)
-            return loss * float("nan") if trainer.step in poisoned else loss
+            return loss * float("nan") if run.step in poisoned else loss
 
-    trainer = Trainer(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
-                      scaler=build_grad_scaler(torch.device("cpu"), "none"), schedule=lambda step: 0.05,
-                      criterion=Criterion(), normalize=DeviceNormalizer(torch.device("cpu"), False), amp="none")
+    step = TrainStep(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
+                     scaler=build_grad_scaler(cpu, "none"), schedule=lambda step: 0.05, criterion=Criterion(),
+                     preprocess=DevicePreprocess(cpu, False), amp="none")
     batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
                   torch.arange(4), [])
+
+    def train_step():  # as engine.train_one_epoch takes one
+        run.step += 1
+        run.totals.add(step(batch, run.step)[0], len(batch.targets))
+
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer.train_step(batch)  # step 1: NaN, skipped: nothing moves, momentum stays zero
+    train_step()  # step 1: NaN, skipped: nothing moves, momentum stays zero
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("running_mean")
                and not k.endswith("running_var") and not k.endswith("num_batches_tracked"))
-    assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in trainer.optimizer.state.values())
-    trainer.train_step(batch)  # step 2: finite, a real update
+    assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in step.optimizer.state.values())
+    train_step()  # step 2: finite, a real update
     assert not torch.equal(before["head.fc.weight"], model.state_dict()["head.fc.weight"])
-    assert trainer.weights_are_finite()
-    trainer.check_numerics(max_nonfinite_steps=2)  # one in a row so far: fine
-    trainer.train_step(batch)
-    trainer.train_step(batch)  # steps 3 and 4: two in a row
+    assert step.weights_are_finite()
+    check_numerics(run, max_nonfinite_steps=2)  # one in a row so far: fine
+    train_step()
+    train_step()  # steps 3 and 4: two in a row
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
-        trainer.check_numerics(max_nonfinite_steps=2)
-    stats = trainer.finish_epoch(seconds=1.0)
+        check_numerics(run, max_nonfinite_steps=2)
+    stats = run.totals.finish_epoch(seconds=1.0)
     assert stats.nonfinite_steps == 3 and stats.images == 16 and torch.isfinite(torch.tensor(stats.loss))
 
 
@@ -332,10 +342,11 @@ def test_a_disk_that_really_fills_up_skips_saves_and_a_resume_on_it_ends_bitwise
 
 
 def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
-    from data.imagenet import ImageFolderDataset, UnreadableDataError
-    from data.loader import Batch, UnreadableImages
+    from data.batches import Batch
+    from data.imagenet import UnreadableDataError
+    from data.unreadable import UnreadableImages
 
-    hundred = ImageFolderDataset([(f"/d/{i}.JPEG", 0) for i in range(100)], ["n0"], transform=None)
+    hundred = [(f"/d/{i}.JPEG", 0) for i in range(100)]
     guard = UnreadableImages(hundred, max_batch_fraction=0.5, max_fraction=0.001, min_allowed=2)
     one_bad = lambda index: Batch(torch.zeros(3, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),  # noqa: E731
                                   torch.arange(3), [(index, "OSError: broken")])

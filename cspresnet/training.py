@@ -1,0 +1,290 @@
+"""A training run, top to bottom.
+
+    train()
+      claim_run_folder      rank 0 locks the folder and picks the checkpoint; every rank follows
+      build                 loaders -> TrainStep (model, optimizer, schedule, DDP, compile) -> RunState
+      restore               the checkpoint's weights, optimizer, position and random generators
+      for each epoch:
+        train_one_epoch     (engine.py) steps to the epoch's end; on a signal: checkpoint, exit 75
+        evaluate_epoch      the weights, and their EMA
+        save_run            step-<N>.pt, last.pt, best.pt
+
+Every rank must reach these collectives in the same order, or the job hangs until
+runtime.collective_timeout_s: the decision in claim_run_folder (all_gather) and the barrier
+after loading the checkpoint; DDP's all-reduce in every backward pass; every
+runtime.log_interval steps the non-finite check (all_reduce MAX) and the stop agreement
+(all_reduce); in every save_run two all_gathers (per-rank state, whether it was
+written); at each epoch's end the totals (all_reduce), each evaluation (all_gather,
+all_reduce) and the unreadable count (all_reduce). Everything that decides whether to call
+one of them is the same on every rank (step numbers, agreed flags), never rank-local.
+"""
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from data.loaders import TrainingData, build_training_data
+from data.transforms import decode_path
+from data.unreadable import UnreadableImages
+
+from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
+from .engine import (NonFiniteLossError, TrainStep, build_train_step, check_numerics, configure_kernels, evaluate,
+                     train_one_epoch)
+from .files import unless_disk_full
+from .recipe import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
+from .run_folder import RunFolder, RunFolderError
+from .run_log import RunLog
+from .run_state import EpochTotals, RunState, dataset_fingerprint, seed_everything
+from .signals import EXIT_PREEMPTED, StopRequest
+
+log = logging.getLogger(__name__)
+Resumed = Optional[Tuple[Path, Dict]]  # the checkpoint to continue from, and its contents
+
+
+class FinalCheckpointError(RuntimeError):
+    """The run trained to its end but could not write its final checkpoint (a full disk)."""
+
+
+def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
+    """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal."""
+    folder = RunFolder(output, recipe.checkpoint.keep_last)
+    resumed = claim_run_folder(folder, resume, ctx)
+    try:
+        recipe = as_it_runs(recipe, ctx)
+        check_batch_sizes(recipe, ctx.world_size)
+        configure_kernels(recipe.runtime.deterministic)
+        seed_everything(recipe.seed)
+        data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, ctx.rank,
+                                   ctx.world_size, ctx.device, recipe.runtime.stop_timeout_s)
+        check_classes(recipe, data)
+        step = build_train_step(recipe, ctx, data.sampler.steps_per_epoch)
+        run = RunState(EpochTotals(ctx.device), UnreadableImages(
+            data.train_set.samples, recipe.data.max_unreadable_batch_fraction, recipe.data.max_unreadable_fraction,
+            recipe.data.min_unreadable_allowed))
+        notes = restore(resumed[1], step, run, recipe, ctx, data) if resumed else []
+        start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps)
+        return epochs(recipe, ctx, folder, data, step, run)
+    except BaseException as exc:
+        if ctx.is_main:
+            folder.record_failure(exc)
+        raise
+
+
+def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:
+    """Rank 0 locks the folder and picks the checkpoint to continue from; every rank follows
+    its decision, or fails with its error."""
+    decision, state = ("start",), None
+    if ctx.is_main:
+        try:
+            folder.lock()
+            found = folder.choose_start(resume)
+            if found is not None:
+                decision, state = ("resume", str(found[0])), found[1]
+        except (RunFolderError, CheckpointError) as exc:
+            decision = ("error", str(exc))
+    decision = all_gather_objects(decision)[0]
+    if decision[0] == "error":
+        raise RunFolderError(decision[1])
+    if decision[0] == "start":
+        return None
+    if not ctx.is_main:
+        state = load_checkpoint(Path(decision[1]))
+    barrier()  # every rank has read the checkpoint before rank 0 may replace it
+    return Path(decision[1]), state
+
+
+def as_it_runs(recipe: Recipe, ctx: DistContext) -> Recipe:
+    """The recipe as this machine runs it, which is what the run folder records: GPUs
+    without bf16 (before Ampere) train in fp16 instead."""
+    if recipe.runtime.amp == "bf16" and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("%s has no bf16: runtime.amp=fp16 instead", torch.cuda.get_device_name(ctx.device))
+        return dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, amp="fp16"))
+    return recipe
+
+
+def check_batch_sizes(recipe: Recipe, world_size: int) -> None:
+    if recipe.batch_size % world_size:
+        raise RecipeError(f"recipe key 'batch_size' is {recipe.batch_size}, the global batch across {world_size} "
+                          f"processes; it must be a multiple of {world_size}")
+
+
+def check_classes(recipe: Recipe, data: TrainingData) -> None:
+    found = len(data.train_set.classes)
+    if found != recipe.model.num_classes:
+        raise RecipeError(f"recipe key 'model.num_classes' is {recipe.model.num_classes} but {recipe.data.dir}/train "
+                          f"has {found} class folders; set model.num_classes={found}")
+
+
+def restore(state: Dict, step: TrainStep, run: RunState, recipe: Recipe, ctx: DistContext,
+            data: TrainingData) -> List[str]:
+    """Put the run back where the checkpoint left it; returns why the rest of the run will
+    not be exactly what it would have been, if it will not."""
+    saved_classes = state["model"]["head.fc.weight"].shape[0]
+    if saved_classes != recipe.model.num_classes:
+        raise CheckpointError(f"the checkpoint's classifier has {saved_classes} classes but the recipe has "
+                              f"model.num_classes={recipe.model.num_classes}: a run cannot change its classes on "
+                              f"resume")
+    step.model.load_state_dict(state["model"])
+    if step.ema is not None:
+        if state.get("model_ema") is None:
+            raise CheckpointError("this recipe keeps an EMA of the weights but the checkpoint has none; "
+                                  "resume with ema.enabled=false or start a new run")
+        step.ema.module.load_state_dict(state["model_ema"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    step.scaler.load_state_dict(state["scaler"])
+    notes = [run.load_state_dict(state, ctx.rank, ctx.world_size, recipe.seed)]
+    if state["dataset"] != dataset_fingerprint(data.train_set.samples):
+        notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
+                     "so the remaining order of images differs")
+    notes.append(continue_with_new_batch(run, state.get("batch_size", recipe.batch_size), recipe.batch_size,
+                                         data.sampler.steps_per_epoch))
+    changed = diff_recipes(state["recipe"], recipe_to_dict(recipe))
+    if changed:
+        notes.append("the recipe changed: " + ", ".join(changed))
+    return [note for note in notes if note]
+
+
+def continue_with_new_batch(run: RunState, old_batch: int, new_batch: int, steps_per_epoch: int) -> Optional[str]:
+    """A global batch changed in the middle of an epoch: go on after the images already
+    trained, rounded down to a whole batch."""
+    if old_batch == new_batch or not run.step_in_epoch:
+        return None
+    images = run.step_in_epoch * old_batch
+    run.step_in_epoch = min(images // new_batch, steps_per_epoch)
+    goes_on = (f"from its step {run.step_in_epoch + 1} of {steps_per_epoch}"
+               if run.step_in_epoch < steps_per_epoch else "with its evaluation")
+    return (f"the global batch changed from {old_batch} to {new_batch} in epoch {run.epoch + 1}, after {images} "
+            f"of its images; it goes on {goes_on}")
+
+
+# Keys that change where and how a run goes, not a number it computes.
+NO_EFFECT_ON_RESULTS = {"data.dir", "data.workers", "runtime.log_interval", "runtime.stop_timeout_s",
+                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last"}
+
+
+def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
+    """The changed keys that can change the trained weights."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += diff_recipes(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in NO_EFFECT_ON_RESULTS:
+            changes.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return changes
+
+
+def start(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingData, run: RunState, resumed: Resumed,
+          notes: List[str], warmup_steps: int) -> None:
+    """Rank 0 records the run's start or resume in its folder and says what it is doing."""
+    if not ctx.is_main:
+        return
+    folder.checkpoints.remove_partial_files()
+    if resumed is None:
+        unless_disk_full(lambda: (folder.path / "recipe.yaml").write_text(recipe_to_yaml(recipe)), "recipe.yaml")
+    if run.epoch < recipe.epochs:
+        folder.add_segment(run.step, recipe_to_dict(recipe), ctx.world_size, notes, resumed[0] if resumed else None)
+        folder.set_status(f"running from step {run.step}")
+    total = recipe.epochs * data.sampler.steps_per_epoch
+    log.info("%d process(es) on %s; %d train / %d val images; global batch %d; lr %g (optim.lr %g x %d/%d %s); "
+             "%d steps; output %s", ctx.world_size, ctx.device.type, len(data.train_set), len(data.val_set),
+             recipe.batch_size, recipe.scaled_lr(), recipe.optim.lr, recipe.batch_size,
+             recipe.optim.reference_batch_size, recipe.optim.lr_scaling, total, folder.path)
+    if warmup_steps >= total:
+        log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
+                    warmup_steps, total, recipe.scaled_lr())
+    log.info("training JPEGs: %s; evaluation JPEGs: %s", decode_path(data.train_decode),
+             decode_path(recipe.data.eval_decode))
+    if resumed is not None:
+        log.info("resumed from %s at step %d", resumed[0], run.step)
+    for note in notes:
+        log.info("resuming inexactly: %s", note)
+
+
+def epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingData, step: TrainStep,
+           run: RunState) -> int:
+    """The epoch loop, from where `run` is to the recipe's last epoch."""
+    run_log = RunLog(folder.path, ctx.is_main, start_step=run.step, rows=run.rows)
+    stop = StopRequest(recipe.runtime.stop_timeout_s, on_give_up=lambda reason: ctx.is_main and folder.set_status(
+        f"interrupted at step {run.step}: {reason}"))
+
+    def save(is_best: bool = False) -> bool:
+        return save_run(folder, recipe, ctx, data, step, run, is_best)
+
+    if run.epoch < recipe.epochs:
+        # One pass over all remaining epochs: the workers decode the next epoch's first
+        # batches while this one ends and is evaluated, so the GPU does not wait for them.
+        data.sampler.set_epoch(run.epoch, run.step_in_epoch, end_epoch=recipe.epochs)
+        batches = iter(data.train)
+    for _ in range(run.epoch, recipe.epochs):
+        if not train_one_epoch(step, batches, run, data.sampler.steps_per_epoch, recipe, ctx, stop, run_log, save):
+            return preempted(folder, ctx, run, stop)
+        saved = save(is_best=evaluate_epoch(recipe, ctx, data, step, run))
+        run_log.epoch(run.rows[-1])
+        if not saved and run.epoch == recipe.epochs:
+            raise FinalCheckpointError(f"the run trained to its end (step {run.step}) but the disk is full and its "
+                                       f"final checkpoint was not written; free space in {folder.path} and rerun "
+                                       f"with --resume auto to redo the steps since its last checkpoint")
+        if stop.agreed(ctx.device):
+            return preempted(folder, ctx, run, stop)
+    run_log.close()
+    if ctx.is_main:
+        folder.set_status(f"done at step {run.step}")
+    log.info("done: best top-1 %.3f after %d epochs, %d steps; checkpoints in %s", run.best_top1, recipe.epochs,
+             run.step, folder.path)
+    return 0
+
+
+def evaluate_epoch(recipe: Recipe, ctx: DistContext, data: TrainingData, step: TrainStep, run: RunState) -> bool:
+    """Close the epoch: its totals, the evaluation of the weights (and of their EMA), its
+    summary row; whether it is the best epoch yet (on the better of the two)."""
+    check_numerics(run, recipe.runtime.max_nonfinite_steps)
+    stats = run.totals.finish_epoch(run.epoch_seconds)
+    result = evaluate(step.model, data.val, recipe.model.num_classes, step.preprocess, step.amp)
+    row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(run.step), train_loss=stats.loss,
+               eval_loss=result.loss, top1=result.top1, top5=result.top5)
+    score = result.top1
+    if step.ema is not None:
+        ema_result = evaluate(step.ema.module, data.val, recipe.model.num_classes, step.preprocess, step.amp)
+        row.update(ema_eval_loss=ema_result.loss, ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+        score = max(score, ema_result.top1)
+    is_best = score > run.best_top1
+    run.best_top1 = max(run.best_top1, score)
+    unreadable = all_reduce_sum(torch.tensor([float(run.unreadable.epoch_count)], device=ctx.device))
+    run.unreadable.epoch_count = 0
+    row.update(images_per_s=stats.images_per_s, epoch_seconds=stats.seconds, eval_seconds=result.seconds,
+               nonfinite_steps=stats.nonfinite_steps, unreadable_images=int(unreadable.item()))
+    run.rows.append(row)
+    run.epoch, run.step_in_epoch, run.epoch_seconds = run.epoch + 1, 0, 0.0
+    return is_best
+
+
+def save_run(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingData, step: TrainStep,
+                    run: RunState, is_best: bool = False) -> bool:
+    """All ranks: gather the per-rank state; rank 0 writes. False when the disk was full.
+    Never writes non-finite weights."""
+    per_rank = all_gather_objects(run.rank_state_dict())
+    if not step.weights_are_finite():
+        raise NonFiniteLossError(f"the weights are not finite at step {run.step}; "
+                                 f"refusing to overwrite the last good checkpoint")
+    written = True
+    if ctx.is_main:
+        state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=step.model.state_dict(),
+                     optimizer=step.optimizer.state_dict(), scaler=step.scaler.state_dict(),
+                     model_ema=step.ema.module.state_dict() if step.ema else None, **run.state_dict(per_rank),
+                     dataset=dataset_fingerprint(data.train_set.samples), batch_size=recipe.batch_size,
+                     classes=data.train_set.classes, recipe=recipe_to_dict(recipe),
+                     metrics=run.rows[-1] if run.rows else None)
+        written = folder.checkpoints.save(state, run.step, is_best) is not None
+    return all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
+
+
+def preempted(folder: RunFolder, ctx: DistContext, run: RunState, stop: StopRequest) -> int:
+    if ctx.is_main:
+        folder.set_status(f"preempted at step {run.step}")
+    log.info("stopping on %s: checkpoint saved at step %d; continue with --resume auto",
+             stop.signal_name or "a signal to another rank", run.step)
+    return EXIT_PREEMPTED

@@ -1,0 +1,114 @@
+"""DataLoaders for training and evaluation, built from the data section of a recipe
+(data.config.DataConfig), and the loader workers' signal handling."""
+import ctypes
+import math
+import signal
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .batches import SharedBatchRing
+from .config import DataConfig, DataConfigError
+from .gpu_decode import gpu_decode_available, warn_fallback
+from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
+from .samplers import EvalSampler, TrainSampler
+from .transforms import eval_transform, train_transform
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class WorkerSignals:
+    """A loader worker's signal handling, set as it starts.
+
+    SIGINT (Ctrl-C reaches the whole process group) is ignored: the training process decides.
+    A first SIGTERM (a scheduler may signal every process of a job) leaves the worker serving
+    the batches that the training process needs to finish its step and save, but arms an
+    alarm that ends it within `timeout_s`; a second SIGTERM ends it at once. The training
+    process kills its workers when it exits (cspresnet.signals.end_child_processes), and the
+    kernel kills them when it dies (a parent-death signal, which also reaches a stopped or
+    stuck worker), so no worker outlives its job.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+
+    def __call__(self, worker_id: int) -> None:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.set_wakeup_fd(-1)  # the inherited pipe belongs to the training process's stop watchdog
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._first_sigterm)
+
+    def _first_sigterm(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.alarm(max(1, math.ceil(self.timeout_s)))  # SIGALRM's default action ends the process
+
+
+PREFETCH_FACTOR = 4  # batches in flight per worker
+
+
+def loader_options(workers: int, pin_memory: bool, stop_timeout_s: float = 60.0) -> dict:
+    """DataLoader arguments shared by training, evaluation and benchmarks.loader."""
+    # A private generator: creating a loader iterator draws a worker seed from it, and the
+    # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
+    options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=SharedBatchRing(PREFETCH_FACTOR),
+                   generator=torch.Generator().manual_seed(0))
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR,
+                       worker_init_fn=WorkerSignals(stop_timeout_s))
+    return options
+
+
+@dataclass
+class TrainingData:
+    train: DataLoader  # batches of (epoch, index) keys from `sampler`, one pass for the whole run
+    sampler: TrainSampler
+    train_set: ImageFolderDataset
+    val: DataLoader
+    val_set: ImageFolderDataset
+    train_decode: str  # the recipe's, or "fast" where a GPU decode is not available
+
+
+def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_augment: str, rank: int,
+                        world_size: int, device: torch.device, stop_timeout_s: float) -> TrainingData:
+    """`batch_size` and config.eval_batch_size are global, across the `world_size` processes."""
+    decode = config.train_decode
+    if decode == "gpu":
+        available, reason = gpu_decode_available(device)
+        if not available:
+            warn_fallback(reason)
+            decode = "fast"
+    train_set, val_set = build_imagenet_splits(
+        config.dir,
+        train_transform(config.img_size, config.crop_scale, config.crop_ratio, config.train_interpolation,
+                        config.hflip, auto_augment, decode),
+        eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
+        seed=seed,
+    )
+    if len(train_set) < batch_size:
+        raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
+                              f"(batch_size={batch_size}); lower batch_size")
+    pin_memory = device.type == "cuda"
+    sampler = TrainSampler(len(train_set), batch_size // world_size, world_size, rank, seed)
+    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(config.workers, pin_memory, stop_timeout_s))
+    val = eval_loader(val_set, config.eval_batch_size, rank, world_size, config.workers, pin_memory, stop_timeout_s)
+    return TrainingData(train, sampler, train_set, val, val_set, decode)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int, pin_memory: bool,
+                stop_timeout_s: float = 60.0) -> DataLoader:
+    """Every image exactly once across the ranks; `batch_size` is global."""
+    sampler = EvalSampler(len(dataset), world_size, rank)
+    return DataLoader(dataset, batch_size=-(-batch_size // world_size), sampler=sampler,
+                      **loader_options(workers, pin_memory, stop_timeout_s))
+
+
+def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, rank: int, world_size: int,
+                    device: torch.device) -> Tuple[ImageFolderDataset, DataLoader]:
+    """An evaluation set (validate.py, benchmarks) read with config's evaluation transform."""
+    transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
+                               config.eval_decode)
+    dataset = ImageFolderDataset(samples, classes, transform)
+    return dataset, eval_loader(dataset, config.eval_batch_size, rank, world_size, config.workers,
+                                pin_memory=device.type == "cuda")

@@ -1,0 +1,59 @@
+"""Files that cannot be decoded: one warning for training and evaluation alike, and a
+training run's budget of them."""
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .batches import Batch
+from .imagenet import Sample, UnreadableDataError
+
+log = logging.getLogger(__name__)
+
+
+def warn_unreadable(path: str, reason: str, note: str = "") -> None:
+    log.warning("skipping unreadable image %s (%s)%s", path, reason, f"; {note}" if note else "")
+
+
+class UnreadableImages:
+    """Skips files that cannot be decoded, warns once per file, counts them, and stops the
+    run when more than the allowed fraction of a batch is unreadable, or more distinct files
+    than the set's budget: the larger of `min_allowed` and `max_fraction` of the set (a
+    floor, so that a few bad files in a small set train through). Each rank checks the
+    files it has seen against the whole budget: the sampler reshuffles every epoch, so a
+    rank meets most bad files within a few epochs. Skipping never changes which images the
+    sampler serves."""
+
+    def __init__(self, samples: Sequence[Sample], max_batch_fraction: float, max_fraction: float, min_allowed: int):
+        self.samples = samples
+        self.max_batch_fraction = max_batch_fraction
+        self.budget_rule = (f"the larger of data.min_unreadable_allowed={min_allowed} and "
+                            f"data.max_unreadable_fraction={max_fraction:g} x {len(samples)} images")
+        self.limit = max(min_allowed, int(max_fraction * len(samples)))
+        self.seen: set = set()
+        self.epoch_count = 0
+
+    def check(self, batch: Batch) -> None:
+        if not batch.unreadable:
+            return
+        for index, reason in batch.unreadable:
+            if index not in self.seen:
+                self.seen.add(index)
+                warn_unreadable(self.samples[index][0], reason, f"{len(self.seen)} of the {self.limit} allowed")
+        self.epoch_count += len(batch.unreadable)
+        example = f"{self.samples[batch.unreadable[0][0]][0]}: {batch.unreadable[0][1]}"
+        if len(batch.unreadable) > self.max_batch_fraction * batch.requested:
+            raise UnreadableDataError(
+                f"{len(batch.unreadable)} of the {batch.requested} images of one batch could not be decoded "
+                f"(data.max_unreadable_batch_fraction={self.max_batch_fraction}); e.g. {example}"
+            )
+        if len(self.seen) > self.limit:
+            raise UnreadableDataError(
+                f"{len(self.seen)} distinct training images could not be decoded, more than the {self.limit} allowed "
+                f"({self.budget_rule}); e.g. {example}. Repair or remove the files, or raise either key"
+            )
+
+    def state_dict(self) -> Dict:
+        return {"seen": sorted(self.seen), "epoch_count": self.epoch_count}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.seen = set(state["seen"])
+        self.epoch_count = state["epoch_count"]
