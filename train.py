@@ -20,7 +20,7 @@ from cspresnet.checkpoint import CheckpointError
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import NonFiniteLossError
 from cspresnet.fit import FinalCheckpointError, fit
-from cspresnet.provenance import annotated_yaml
+from cspresnet.recipe import describe_recipe
 from cspresnet.recipe import RecipeError, load_recipe
 from cspresnet.run_folder import RunFolderError
 from cspresnet.signals import end_child_processes
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides, args.data_dir)
         if args.print_recipe:
-            print(annotated_yaml(recipe, args.recipe, args.overrides, args.data_dir), end="")
+            print(describe_recipe(args.recipe, args.overrides, args.data_dir), end="")
             return 0
         ctx = init_distributed(recipe.runtime.device, recipe.runtime.collective_timeout_s)
         output = Path(args.output or Path("runs") / Path(args.recipe).stem)
