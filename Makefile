@@ -1,13 +1,17 @@
 # Two commands do all the set-up:  `make demo` and `make test`.
+# `make` alone installs .venv: the pinned requirements, then this project, editable.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: install demo test clean
 
-$(VENV)/installed: requirements.txt
+install: $(VENV)/installed
+
+$(VENV)/installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # Generate the sample dataset, train the real CSPResNet-50 on it, validate the best checkpoint.
@@ -16,6 +20,7 @@ demo: $(VENV)/installed
 	$(PY) train.py --recipe demo.yaml --output runs/demo --resume auto
 	$(PY) validate.py --checkpoint runs/demo/best.pt --data-dir sample_imagenet --workers 2
 
+# The whole suite; `$(PY) -m pytest -q tests -m 'not slow'` leaves out the subprocess runs.
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
 

@@ -4,7 +4,6 @@ from typing import Callable, List
 
 import torch
 from timm.optim import RMSpropTF
-from timm.scheduler import StepLRScheduler
 from torch import nn
 
 from .recipe import Recipe
@@ -63,27 +62,41 @@ class DarknetPolySchedule:
         return self.base_lr * max(0.0, 1.0 - step / self.total) ** self.power
 
 
+@dataclass(frozen=True)
 class StepSchedule:
-    """timm's StepLRScheduler, counted in optimizer steps instead of epochs, so that the
-    warmup is linear per step and the staircase falls exactly every decay_epochs.
+    """timm's StepLRScheduler (warmup_prefix=False, t_in_epochs=False) counted in optimizer
+    steps, as a pure function of the step: a linear warmup from warmup_lr, then a staircase
+    that falls by decay_rate every decay_epochs, counted from step 0 (the warmup only
+    overrides its start).
 
-    timm's train.py sets the rate for update k from t = k - 1 (step_update after each
-    update), and so do we. warmup_prefix=False is timm's default: the staircase counts from
-    step 0, the warmup only overrides its start.
+    timm's train.py sets the rate for update `step` (from 1) from t = step - 1 (step_update
+    after each update), and so do we. The arithmetic is timm's, operation for operation, so
+    the rates are equal as floats: the slope is divided before it is multiplied by t, and
+    the staircase floor-divides t by the float decay length. At a t that is a whole multiple
+    of a decay length like 16.8 (2.4 epochs of 7 steps) t / decay_steps can round up to the
+    whole number while t // decay_steps does not: the step falls one update later, as timm's.
     """
 
-    def __init__(self, base_lr: float, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
-                 decay_epochs: float, decay_rate: float):
-        holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)  # timm reads base_lr from it
-        self.base_lr = base_lr
-        self.warmup_steps = round(warmup_epochs * steps_per_epoch)
-        self.timm = StepLRScheduler(
-            holder, decay_t=decay_epochs * steps_per_epoch, decay_rate=decay_rate,
-            warmup_t=self.warmup_steps, warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False,
-        )
+    base_lr: float
+    steps_per_epoch: int
+    warmup_epochs: float
+    warmup_lr: float
+    decay_epochs: float
+    decay_rate: float
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def decay_steps(self) -> float:
+        return self.decay_epochs * self.steps_per_epoch  # a float, as timm gets it
 
     def __call__(self, step: int) -> float:
-        return self.timm._get_lr(step - 1)[0]  # timm's pure t -> rate (no noise configured)
+        t = step - 1
+        if t < self.warmup_steps:
+            return self.warmup_lr + t * ((self.base_lr - self.warmup_lr) / self.warmup_steps)
+        return self.base_lr * self.decay_rate ** (t // self.decay_steps)
 
 
 def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:

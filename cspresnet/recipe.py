@@ -5,10 +5,11 @@ before any data is read, with a message that names the key and what it allows.
 """
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
@@ -148,12 +149,27 @@ class DuplicateKeyError(ValueError):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping naming one key twice (safe_load keeps the last).
+    """yaml.SafeLoader that refuses a mapping naming one key twice (safe_load keeps the last),
+    and notes where each key stands, so that the comment beside it can be found.
 
     `root` names the section the document itself is (an override's dotted key), for messages.
+    After loading, `key_lines` maps each dotted key to its line (0-based) and `line_ends`
+    maps each line to the column where its last token ends: what follows is a comment.
     """
 
     root = ""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.key_lines: Dict[str, int] = {}
+        self.line_ends: Dict[int, int] = {}
+
+    def get_token(self):
+        token = super().get_token()
+        if token is not None:
+            end = token.end_mark
+            self.line_ends[end.line] = max(self.line_ends.get(end.line, 0), end.column)
+        return token
 
     def construct_document(self, node):
         self._sections = {}
@@ -161,14 +177,17 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
     def _name_sections(self, node, where: str) -> None:
-        """Remember each mapping's dotted place in the document, for construct_mapping's messages."""
+        """Remember each mapping's dotted place in the document, for construct_mapping's
+        messages, and each key's line."""
         if id(node) in self._sections:  # an alias: the same node again
             return
         if isinstance(node, yaml.MappingNode):
             self._sections[id(node)] = where
             for key_node, value_node in node.value:
                 name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                self._name_sections(value_node, f"{where}.{name}" if where else str(name))
+                dotted = f"{where}.{name}" if where else str(name)
+                self.key_lines.setdefault(dotted, key_node.start_mark.line)
+                self._name_sections(value_node, dotted)
         elif isinstance(node, yaml.SequenceNode):
             self._sections[id(node)] = where
             for i, item in enumerate(node.value):
@@ -194,45 +213,95 @@ class RecipeLoader(yaml.SafeLoader):
 def load_yaml(text: str, root: str = "") -> Any:
     """Recipe YAML, as yaml.safe_load reads it, except that a key given twice in one
     mapping raises DuplicateKeyError instead of the last one silently winning."""
+    return load_yaml_with_comments(text, root)[0]
+
+
+YAML_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a new line
+
+
+def load_yaml_with_comments(text: str, root: str = "") -> Tuple[Any, Dict[str, str]]:
+    """load_yaml's value, and {dotted key: the comment written beside it} ("" for none)."""
     loader = RecipeLoader(text)
     loader.root = root
     try:
-        return loader.get_single_data()
+        value = loader.get_single_data()
     finally:
         loader.dispose()
+    lines = YAML_LINE_BREAK.split(text.removeprefix("\ufeff"))  # YAML's columns do not count a byte-order mark
+    comments = {key: key_comment(lines, line, loader.line_ends[line]) for key, line in loader.key_lines.items()}
+    return value, comments
 
 
-def _read_yaml(path: Path, chain: Tuple[Path, ...]) -> Dict[str, Any]:
-    """Read one file and, recursively, the file it extends; child keys win."""
+def key_comment(lines: List[str], line: int, column: int) -> str:
+    """The comment on `lines[line]` after `column` (where its last token ends), continued by
+    the comment-only lines right below whose '#' is in the same column, joined with spaces."""
+    rest = lines[line][column:]
+    if not rest.lstrip().startswith("#"):
+        return ""
+    hash_column = column + len(rest) - len(rest.lstrip())
+    parts = [lines[line][hash_column + 1:].strip()]
+    for below in lines[line + 1:]:
+        text = below.lstrip()
+        if not text.startswith("#") or len(below) - len(text) != hash_column:
+            break
+        parts.append(text[1:].strip())
+    return " ".join(parts).strip()
+
+
+# Where a value of a resolved recipe comes from: (recipe file name, the comment beside the
+# key there), ("command line", "key=value" or "--data-dir DIR"); no entry: the default.
+Origin = Tuple[str, str]
+
+
+def _read_yaml(path: Path, chain: Tuple[Path, ...], origins: Dict[str, Origin]) -> Dict[str, Any]:
+    """Read one file and, recursively, the file it extends; child keys win. Records in
+    `origins`, for every dotted key a file sets, the file and the comment beside the key."""
     if path in chain:
         raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
     try:
-        raw = load_yaml(path.read_text()) or {}
+        raw, comments = load_yaml_with_comments(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     except DuplicateKeyError as exc:
         raise RecipeError(f"recipe {path}: {exc} (lines {exc.lines[0]} and {exc.lines[1]})") from None
+    raw = raw or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop("base", None)
-    if base is None:
-        return raw
-    sibling = path.parent / str(base)
-    base_path = sibling if sibling.is_file() else resolve_recipe_path(str(base))
-    return _merge(_read_yaml(base_path.resolve(), chain + (path,)), raw)
+    merged: Dict[str, Any] = {}
+    if base is not None:
+        sibling = path.parent / str(base)
+        base_path = sibling if sibling.is_file() else resolve_recipe_path(str(base))
+        merged = _read_yaml(base_path.resolve(), chain + (path,), origins)
+    return _merge(merged, raw, origins, lambda key: (path.name, comments.get(key, "")))
 
 
-def _merge(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
+def _merge(base: Dict[str, Any], child: Dict[str, Any], origins: Dict[str, Origin],
+           origin_of: Callable[[str], Origin], prefix: str = "") -> Dict[str, Any]:
+    """`child` over `base`: sections merge key by key, any other value replaces. Each value
+    `child` sets is recorded in `origins` under its dotted key, as `origin_of(key)`."""
     merged = dict(base)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _merge(merged[key], value, origins, origin_of, f"{prefix}{key}.")
         else:
             merged[key] = value
+            _record(origins, f"{prefix}{key}", value, origin_of)
     return merged
 
 
-def _apply_override(raw: Dict[str, Any], override: str) -> None:
+def _record(origins: Dict[str, Origin], dotted: str, value: Any, origin_of: Callable[[str], Origin]) -> None:
+    """`value` now stands at `dotted`, replacing whatever was there and below it."""
+    for stale in [key for key in origins if key == dotted or key.startswith(dotted + ".")]:
+        del origins[stale]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _record(origins, f"{dotted}.{key}", inner, origin_of)
+    else:
+        origins[dotted] = origin_of(dotted)
+
+
+def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origin]) -> None:
     if "=" not in override:
         raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. optim.lr=0.05)")
     dotted, text = override.split("=", 1)
@@ -252,20 +321,56 @@ def _apply_override(raw: Dict[str, Any], override: str) -> None:
             raise RecipeError(f"override '{override}': '{key}' is a value, not a section")
         node = child
     node[keys[-1]] = value
+    _record(origins, ".".join(keys), value, lambda key: ("command line", override))
 
 
-def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_dir: Optional[str] = None) -> Recipe:
-    path = resolve_recipe_path(name_or_path).resolve()
-    raw = _read_yaml(path, ())
+def _resolve(name_or_path: str, overrides: Optional[List[str]],
+             data_dir: Optional[str]) -> Tuple[Recipe, Dict[str, Origin]]:
+    """The recipe file, the files it extends, the overrides and --data-dir, in that order,
+    checked; and where each value that is not a default came from."""
+    origins: Dict[str, Origin] = {}
+    raw = _read_yaml(resolve_recipe_path(name_or_path).resolve(), (), origins)
     for override in overrides or []:
-        _apply_override(raw, override)
+        _apply_override(raw, override, origins)
     if data_dir is not None:
         data = raw.setdefault("data", {})
         if isinstance(data, dict):  # otherwise _build reports the section as it would without --data-dir
             data["dir"] = data_dir
+            origins["data.dir"] = ("command line", f"--data-dir {data_dir}")
     recipe = _build(Recipe, raw, "")
     validate(recipe)
-    return recipe
+    return recipe, origins
+
+
+def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_dir: Optional[str] = None) -> Recipe:
+    return _resolve(name_or_path, overrides, data_dir)[0]
+
+
+def describe_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_dir: Optional[str] = None) -> str:
+    """The resolved recipe as YAML, each value followed by where it came from: the recipe
+    file that set it last and the comment beside it there, the command line, or [default].
+
+        python train.py --recipe cspresnet50_ra.yaml --print-recipe
+    """
+    recipe, origins = _resolve(name_or_path, overrides, data_dir)
+
+    def note(dotted: str) -> str:
+        where, comment = origins.get(dotted, ("default", ""))
+        return f"[command line: {comment}]" if where == "command line" else f"[{where}] {comment}".rstrip()
+
+    lines = []
+    for key, value in recipe_to_dict(recipe).items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"{f'  {sub}: {_inline(v)}':<44} # {note(f'{key}.{sub}')}" for sub, v in value.items()]
+        else:
+            lines.append(f"{f'{key}: {_inline(value)}':<44} # {note(key)}")
+    return "\n".join(lines) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """One value as one line of YAML (lists in flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).splitlines()[0]
 
 
 def recipe_from_dict(raw: Dict[str, Any]) -> Recipe:
@@ -384,8 +489,9 @@ def _only_for(section: Any, prefix: str, chosen: str, keys_by_name: Dict[str, Tu
 
 
 def validate(recipe: Recipe) -> None:
-    """Reject values that type-check but cannot work."""
-    r, d, o, s, a = recipe, recipe.data, recipe.optim, recipe.schedule, recipe.augment
+    """Reject values that type-check but cannot work (in the order of the keys, so the first
+    wrong key is the one named)."""
+    r, d = recipe, recipe.data
     _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
     _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
     _require(r.seed >= 0, "seed", ">= 0", r.seed)
@@ -398,6 +504,13 @@ def validate(recipe: Recipe) -> None:
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)
     _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct", "in (0, 1]", d.eval_crop_pct)
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    _validate_training(recipe)
+    _validate_input_and_runtime(recipe)
+
+
+def _validate_training(recipe: Recipe) -> None:
+    """The model, optimizer, schedule, augmentation and EMA keys."""
+    r, o, s, a = recipe, recipe.optim, recipe.schedule, recipe.augment
     _require(recipe.model.num_classes >= 1, "model.num_classes", ">= 1", recipe.model.num_classes)
     _require(0.0 <= recipe.model.drop_rate < 1.0, "model.drop_rate", "in [0, 1)", recipe.model.drop_rate)
     _require(0.0 <= recipe.model.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", recipe.model.drop_path_rate)
@@ -428,6 +541,11 @@ def validate(recipe: Recipe) -> None:
     _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
              r.batch_size)
     _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
+
+
+def _validate_input_and_runtime(recipe: Recipe) -> None:
+    """Decoding and unreadable-image limits, then the runtime and checkpoint keys."""
+    d, a = recipe.data, recipe.augment
     _require(d.train_decode != "gpu" or not a.auto_augment, "data.train_decode",
              "fast or full with augment.auto_augment (RandAugment runs on the CPU, before any GPU decode)",
              d.train_decode)

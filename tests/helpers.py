@@ -27,8 +27,7 @@ def free_port() -> int:
 def child_env(gpu: bool, **extra) -> dict:
     """Single-threaded math (2 cores, maybe 2 processes), and no GPU unless asked: the CPU
     tests compare bits, and must compare the same bits on a machine with a GPU."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env

@@ -1,33 +1,37 @@
+import math
+
 import pytest
 import torch
+from timm.scheduler import StepLRScheduler
 
 from cspresnet.model import CSPResNet50
-from cspresnet.optim import DarknetPolySchedule, build_optimizer, build_schedule, parameter_groups, set_lr
+from cspresnet.optim import (DarknetPolySchedule, StepSchedule, build_optimizer, build_schedule, parameter_groups,
+                             set_lr)
 from cspresnet.recipe import load_recipe
 
 
-def seed_schedule(steps_per_epoch=10009):
+def darknet_schedule(steps_per_epoch=10009):
     return build_schedule(load_recipe("cspresnet50.yaml"), steps_per_epoch)
 
 
-def test_seed_schedule_spans_the_whole_run():
-    s = seed_schedule()
+def test_darknet_schedule_spans_the_whole_run():
+    s = darknet_schedule()
     assert (s.base_lr, s.burn_in, s.total, s.power) == (0.1, 1000, 80 * 10009, 4.0)
 
 
 @pytest.mark.parametrize("step", [1, 10, 250, 500, 999])
 def test_burn_in_curve(step):
-    assert seed_schedule()(step) == pytest.approx(0.1 * (step / 1000) ** 4, rel=1e-12)
+    assert darknet_schedule()(step) == pytest.approx(0.1 * (step / 1000) ** 4, rel=1e-12)
 
 
 @pytest.mark.parametrize("step", [1000, 1001, 100_000, 400_360, 800_000, 800_719])
 def test_poly_curve(step):
     total = 80 * 10009
-    assert seed_schedule()(step) == pytest.approx(0.1 * (1 - step / total) ** 4, rel=1e-12)
+    assert darknet_schedule()(step) == pytest.approx(0.1 * (1 - step / total) ** 4, rel=1e-12)
 
 
 def test_last_step_and_shape():
-    s = seed_schedule()
+    s = darknet_schedule()
     assert s(s.total) == 0.0  # darknet's last update, batch_num == max_batches, has rate 0
     assert s(s.total + 5) == 0.0
     assert s(1) == pytest.approx(1e-13)
@@ -55,6 +59,27 @@ def test_schedule_is_resume_safe():
     restored = torch.optim.SGD(model.parameters(), lr=123.0, momentum=0.9)
     restored.load_state_dict(optimizer.state_dict())
     assert first + run(restored, range(6, 11)) == [s(k) for k in range(1, 11)]
+
+
+@pytest.mark.parametrize("steps_per_epoch, warmup_epochs, decay_epochs, steps", [(7, 3, 2.4, 400),
+                                                                                (1251, 0.5, 0.3, 4000)])
+def test_step_schedule_is_timms_step_lr_scheduler_to_the_last_bit(steps_per_epoch, warmup_epochs, decay_epochs, steps):
+    """The closed form against timm's StepLRScheduler stepped after every update, as timm's
+    train.py does, over a run that crosses the warmup's end and many decays, at a decay
+    length in steps that is not a whole number."""
+    ours = StepSchedule(0.05, steps_per_epoch, warmup_epochs=warmup_epochs, warmup_lr=1e-4,
+                        decay_epochs=decay_epochs, decay_rate=0.9)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    theirs = StepLRScheduler(optimizer, decay_t=decay_epochs * steps_per_epoch, decay_rate=0.9,
+                             warmup_t=round(warmup_epochs * steps_per_epoch), warmup_lr_init=1e-4,
+                             warmup_prefix=False, t_in_epochs=False)
+    for step in range(1, steps + 1):
+        assert ours(step) == optimizer.param_groups[0]["lr"], step  # the rate timm set after update step - 1
+        theirs.step_update(num_updates=step)
+    decay_steps = decay_epochs * steps_per_epoch
+    assert decay_steps != int(decay_steps) and 0 < ours.warmup_steps < steps - 5 * decay_steps
+    # and it crosses a t where t / decay_steps rounds up to a whole number, which timm's t // decay_steps does not
+    assert any(math.floor(t / decay_steps) != t // decay_steps for t in range(ours.warmup_steps, steps))
 
 
 def test_no_weight_decay_on_batchnorm_and_bias():

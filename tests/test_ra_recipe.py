@@ -31,7 +31,7 @@ from tests.helpers import TINY_OVERRIDES, read_until, run_cli, start
 CPU = torch.device("cpu")
 
 
-def test_seed_recipe_keeps_every_extra_off():
+def test_darknet_recipe_keeps_every_extra_off():
     r = load_recipe("cspresnet50.yaml")
     assert (r.augment.auto_augment, r.augment.random_erasing, r.augment.mixup_alpha, r.augment.cutmix_alpha) == ("", 0, 0, 0)
     assert not r.ema.enabled and (r.model.drop_rate, r.model.drop_path_rate) == (0, 0)
@@ -55,6 +55,7 @@ def test_ra_recipe_values():
     assert isinstance(build_optimizer(torch.nn.Linear(2, 2), r), RMSpropTF)
 
 
+@pytest.mark.slow
 def test_print_recipe_gives_every_value_its_provenance():
     out = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50_ra.yaml", "--print-recipe",
                    "optim.lr=0.02"]).stdout
@@ -188,6 +189,7 @@ def ra_args(data, output, *extra):
     return ["train.py", "--recipe", "cspresnet50_ra.yaml", "--data-dir", data, "--output", output, *RA_TINY, *extra]
 
 
+@pytest.mark.slow
 def test_ra_recipe_trains_resumes_exactly_and_its_ema_validates(tiny_imagenet, tmp_path):
     straight = tmp_path / "straight"
     run_cli([sys.executable, *ra_args(tiny_imagenet, straight)])

@@ -3,11 +3,11 @@ import sys
 import pytest
 import yaml
 
-from cspresnet.recipe import RecipeError, load_recipe, recipe_to_yaml
+from cspresnet.recipe import RecipeError, describe_recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from tests.helpers import run_cli
 
 
-def test_seed_recipe_values():
+def test_darknet_recipe_values():
     r = load_recipe("cspresnet50.yaml")
     assert (r.epochs, r.batch_size, r.label_smoothing) == (80, 128, 0.1)
     assert (r.optim.name, r.optim.lr, r.optim.momentum, r.optim.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
@@ -105,6 +105,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert load_recipe(str(tmp_path / "resolved.yaml")) == r
 
 
+@pytest.mark.slow
 def test_print_recipe_cli():
     out = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "--print-recipe", "optim.lr=0.2"]).stdout
     printed = yaml.safe_load(out)
@@ -112,6 +113,59 @@ def test_print_recipe_cli():
     assert printed["batch_size"] == 128 and printed["schedule"]["burn_in_iters"] == 1000
 
 
+def notes(described: str) -> dict:
+    """{dotted key: the note after its value} from describe_recipe's output."""
+    found, section = {}, ""
+    for line in described.splitlines():
+        if line.endswith(":"):
+            section = line[:-1]
+            continue
+        key = line.split(":")[0].strip()
+        found[f"{section}.{key}" if line.startswith(" ") else key] = line[line.index("# [") + 2:]
+    return found
+
+
+def test_describe_recipe_names_the_file_that_set_each_value_last_and_the_comment_there(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "base: cspresnet50.yaml\n"
+        "epochs: 5        # five epochs,\n"
+        "                 # for a quick look\n"
+        "\n"
+        "                 # a blank line ends a comment\n"
+        "seed: 3          # a seed\n"
+        "data:\n"
+        "  dir: 'x # y'   # the '#' in the value is not the comment\n"
+        "  workers: 2     # two\n"
+        "    # in another column: not part of it\n"
+    )
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nseed: 4\noptim: {lr: 0.2, momentum: 0.8}  # flow style\n")
+    overrides = ["model={num_classes: 5}", "batch_size=64"]
+    described = describe_recipe(str(tmp_path / "b.yaml"), overrides)
+    assert yaml.safe_load(described) == recipe_to_dict(load_recipe(str(tmp_path / "b.yaml"), overrides))
+    note = notes(described)
+    assert note["epochs"] == "[a.yaml] five epochs, for a quick look"
+    assert note["seed"] == "[b.yaml]"  # b set it last, without a comment: a's comment went with a's value
+    assert note["data.dir"] == "[a.yaml] the '#' in the value is not the comment"
+    assert note["data.workers"] == "[a.yaml] two"
+    assert note["optim.lr"] == note["optim.momentum"] == "[b.yaml] flow style"
+    assert note["optim.weight_decay"].startswith("[cspresnet50.yaml] cfg decay=0.0005. ")
+    assert note["data.img_size"] == "[cspresnet50.yaml] cfg width=256 height=256"
+    assert note["batch_size"] == "[command line: batch_size=64]"
+    assert note["model.num_classes"] == "[command line: model={num_classes: 5}]"
+    assert note["model.drop_rate"] == "[default]"  # the override replaced the whole section
+    assert note["runtime.stop_timeout_s"] == "[default]"
+    with_dir = notes(describe_recipe(str(tmp_path / "b.yaml"), data_dir="/data/imagenet"))
+    assert with_dir["data.dir"] == "[command line: --data-dir /data/imagenet]"
+
+
+def test_describe_recipe_reads_comments_in_windows_line_endings_and_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "crlf.yaml"
+    path.write_bytes("\ufeffepochs: 5   # five,\r\n            # really\r\nseed: 2\r\n".encode())
+    note = notes(describe_recipe(str(path)))
+    assert (note["epochs"], note["seed"], note["batch_size"]) == ("[crlf.yaml] five, really", "[crlf.yaml]", "[default]")
+
+
+@pytest.mark.slow
 def test_cli_error_is_one_clear_line():
     result = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "optim.lrr=1"], check=False)
     assert result.returncode != 0
@@ -153,6 +207,7 @@ def test_a_data_section_that_is_not_a_mapping_is_the_same_error_with_a_data_dir(
     assert str(with_dir.value) == str(without.value) == "recipe section 'data' must be a mapping, got 5"
 
 
+@pytest.mark.slow
 def test_cli_data_dir_with_a_data_section_that_is_not_a_mapping_is_one_clear_line(tmp_path):
     result = run_cli([sys.executable, "train.py", "--recipe", "demo.yaml", "--data-dir", tmp_path, "data=5"],
                      check=False)
