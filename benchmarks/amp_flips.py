@@ -21,7 +21,7 @@ import torch
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from benchmarks.common import print_result, stand_in_timm_model
-from data.val_layouts import read_eval_set
+from data.val_layouts import eval_folder, read_eval_set
 
 AMPS = ("bf16", "fp16")  # compared with fp32
 
@@ -79,7 +79,7 @@ def stand_in_folder(folder: Path, tmp: Path, images: int) -> Tuple[Path, Path]:
 
 def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, channels_last: bool,
             amps=AMPS) -> list:
-    folder = data_dir / "val" if (data_dir / "val").is_dir() else data_dir
+    folder = eval_folder(data_dir, "val")
     extra = ["--device", device, "--workers", workers, "--batch-size", 256]
     extra += ["--channels-last"] if channels_last else []
     with tempfile.TemporaryDirectory() as tmp:

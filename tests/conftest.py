@@ -3,9 +3,18 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.sample_data import generate
 from tests.helpers import STARTED
+
+
+@pytest.fixture(autouse=True)
+def same_threads_after():
+    """Some tests run a benchmark's main here, which may pin torch to one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -51,6 +51,21 @@ def in_this_process(main, *argv) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+def module_in_this_process(module, *argv) -> subprocess.CompletedProcess:
+    """`python -m module ARGV...` run here: the module's main() with sys.argv set."""
+    def main(args):
+        saved = sys.argv
+        sys.argv = [module.__name__, *args]
+        try:
+            return module.main() or 0
+        except SystemExit as exc:  # argparse's errors
+            return exc.code
+        finally:
+            sys.argv = saved
+
+    return in_this_process(main, *argv)
+
+
 def torchrun(nproc: int, *args, extra=("--standalone",)):
     """torchrun on this machine; --standalone picks a free port for each run."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, *args]

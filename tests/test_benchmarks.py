@@ -4,25 +4,34 @@ import json
 import sys
 from datetime import datetime, timezone
 
+import pytest
+
+import benchmarks.amp_flips
+import benchmarks.end_to_end
+import benchmarks.handover
+import benchmarks.loader
+import benchmarks.model
 from benchmarks.run import render, results_path
 from data.jpeg_box import box_decoder
-from tests.helpers import run_cli
+from tests.helpers import module_in_this_process, run_cli
 
 
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_loader_benchmark_both_pipelines_both_splits(tiny_imagenet):
     for pipeline in ("ours", "timm"):
         for split in ("train", "val"):
-            result = last_json(run_cli([sys.executable, "-m", "benchmarks.loader", "--data-dir", tiny_imagenet,
-                                        "--split", split, "--workers", "0", "--pipeline", pipeline,
-                                        "--batch-size", "4", "--img-size", "64"]).stdout)
+            result = last_json(module_in_this_process(
+                benchmarks.loader, "--data-dir", tiny_imagenet, "--split", split, "--workers", "0", "--pipeline",
+                pipeline, "--batch-size", "4", "--img-size", "64").stdout)
             assert result["images"] == (24 if split == "train" else 15) - 4  # the first batch is warm-up
             assert result["images_per_s"] > 0 and result["pipeline"] == pipeline
             if pipeline == "ours" and split == "train":
                 assert result["jpeg"] == ("box" if box_decoder() else "whole")
+        # A process of its own: --whole-jpeg must come before the first decoder is made.
         with_workers = last_json(run_cli([sys.executable, "-m", "benchmarks.loader", "--data-dir", tiny_imagenet,
                                           "--workers", "2", "--pipeline", pipeline, "--batch-size", "4",
                                           "--img-size", "64", *(["--whole-jpeg"] if pipeline == "ours" else [])]).stdout)
@@ -32,8 +41,8 @@ def test_loader_benchmark_both_pipelines_both_splits(tiny_imagenet):
 
 def test_handover_benchmark_times_each_way():
     for way in ("ours", "label_tensors", "fresh", "per_image"):
-        result = last_json(run_cli([sys.executable, "-m", "benchmarks.handover", "--way", way, "--batch-size", "4",
-                                    "--img-size", "16", "--repeats", "1", "--settle-s", "0.2"]).stdout)
+        result = last_json(module_in_this_process(benchmarks.handover, "--way", way, "--batch-size", "4",
+                                                  "--img-size", "16", "--repeats", "1", "--settle-s", "0.2").stdout)
         assert result["way"] == way and result["main_wall_ms"] > 0 and result["worker_ms"] >= 0
 
 
@@ -46,41 +55,42 @@ def test_a_benchmark_run_never_overwrites_an_earlier_table(tmp_path):
     assert results_path(tmp_path, "gpu", now).name == "2026-11-24-gpu.md"
 
 
+@pytest.mark.slow
 def test_model_and_end_to_end_benchmarks(tiny_imagenet):
-    model = last_json(run_cli([sys.executable, "-m", "benchmarks.model", "--batch-size", "2", "--img-size", "64",
-                               "--steps", "1", "--rounds", "1"]).stdout)
+    model = last_json(module_in_this_process(benchmarks.model, "--batch-size", "2", "--img-size", "64", "--steps", "1",
+                                             "--rounds", "1").stdout)
     assert model["ours_images_per_s"] > 0 and model["timm_images_per_s"] > 0 and "ours_over_timm" in model
     for pipeline in ("ours", "timm"):
-        e2e = last_json(run_cli([sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet,
-                                 "--pipeline", pipeline, "--steps", "2", "--warmup", "1", "batch_size=4",
-                                 "data.img_size=64", "data.workers=0", "runtime.amp=none",
-                                 "model.num_classes=3"]).stdout)
+        e2e = last_json(module_in_this_process(
+            benchmarks.end_to_end, "--data-dir", tiny_imagenet, "--pipeline", pipeline, "--steps", "2", "--warmup",
+            "1", "batch_size=4", "data.img_size=64", "data.workers=0", "runtime.amp=none",
+            "model.num_classes=3").stdout)
         assert e2e["images_per_s"] > 0 and e2e["pipeline"] == pipeline
         assert 0 < e2e["data_wait_fraction"] < 1  # workers=0: each batch is loaded while the loop waits
         assert e2e["loader"] == ("one pass" if pipeline == "ours" else "pass per epoch") and e2e["epoch_ends"] == 0
     tiny = ["--warmup", "1", "batch_size=4", "data.img_size=64", "runtime.amp=none", "model.num_classes=3"]
-    no_loader = last_json(run_cli([sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet,
-                                   "--no-loader", "--steps", "2", "data.workers=0", *tiny]).stdout)
+    no_loader = last_json(module_in_this_process(benchmarks.end_to_end, "--data-dir", tiny_imagenet, "--no-loader",
+                                                 "--steps", "2", "data.workers=0", *tiny).stdout)
     assert no_loader["loader"] == "none" and no_loader["data_wait_fraction"] < 0.05
-    refused = run_cli([sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet, "--pipeline",
-                       "timm", "--no-loader"], check=False)
+    refused = module_in_this_process(benchmarks.end_to_end, "--data-dir", tiny_imagenet, "--pipeline", "timm",
+                                     "--no-loader")
     assert refused.returncode == 2 and "apply to our pipeline" in refused.stderr
 
 
 def test_a_stand_in_device_step_across_epoch_ends(tiny_imagenet):
     """24 images in batches of 4: 6 steps an epoch; steps 1 to 12 end epochs 0 and 1."""
-    stand_in = [sys.executable, "-m", "benchmarks.end_to_end", "--data-dir", tiny_imagenet, "--sleep-step", "0.01",
-                "--steps", "12", "--warmup", "1", "batch_size=4", "data.img_size=64", "data.workers=2",
-                "model.num_classes=3"]
+    stand_in = ["--data-dir", tiny_imagenet, "--sleep-step", "0.01", "--steps", "12", "--warmup", "1", "batch_size=4",
+                "data.img_size=64", "data.workers=2", "model.num_classes=3"]
     for extra, loader in (([], "one pass"), (["--pass-per-epoch"], "pass per epoch")):
-        row = last_json(run_cli([*stand_in, *extra]).stdout)
+        row = last_json(module_in_this_process(benchmarks.end_to_end, *stand_in, *extra).stdout)
         assert row["loader"] == loader and row["epoch_ends"] == 2 and row["sleep_step"] == 0.01
         assert 0 < row["images_per_s"] <= 4 / 0.01  # the sleep stood in for the training step
 
 
+@pytest.mark.slow
 def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
-    out = run_cli([sys.executable, "-m", "benchmarks.amp_flips", "--data-dir", tiny_imagenet, "--images", "6",
-                   "--workers", "0", "--device", "cpu", "--amp", "bf16"]).stdout
+    out = module_in_this_process(benchmarks.amp_flips, "--data-dir", tiny_imagenet, "--images", "6", "--workers", "0",
+                                 "--device", "cpu", "--amp", "bf16").stdout
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert [row["amp"] for row in lines] == ["bf16"]
     row = lines[0]

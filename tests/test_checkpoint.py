@@ -1,10 +1,11 @@
+import errno
 import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from cspresnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cspresnet.checkpoint import CheckpointError, CheckpointFolder, load_checkpoint, save_checkpoint
 from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
 from cspresnet.model import CSPResNet50
 
@@ -113,3 +114,33 @@ def test_wrong_architecture_lists_the_keys(weights):
     with pytest.raises(CheckpointError, match="not a state dict"):
         extract_state_dict({"epoch": 3, "arch": "resnet50"})
     assert num_classes_of({"fc.weight": torch.zeros(3, 3)}) == 1000  # then loading lists the keys
+
+
+def test_a_full_disk_skips_the_save_and_keeps_the_old_checkpoints(tmp_path, monkeypatch, caplog):
+    folder = CheckpointFolder(tmp_path, keep_last=1)
+    folder.save({"step": 1}, 1, is_best=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert folder.save({"step": 2}, 2, is_best=True) is None
+    assert "disk full" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000001.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    monkeypatch.undo()
+    folder.save({"step": 3}, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000003.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 1  # a link keeps its data when the step file goes
+
+
+def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
+    folder = CheckpointFolder(tmp_path, keep_last=3)
+    for step in (1, 2):
+        folder.save({"step": step}, step)
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "step-00000002.pt").write_bytes(b"\x00" * 10)
+    path, state = folder.newest_loadable()
+    assert (path.name, state["step"]) == ("step-00000001.pt", 1)
+    assert "skipping unreadable checkpoint" in caplog.text
+    assert CheckpointFolder(tmp_path / "empty", 2).newest_loadable() is None

@@ -213,3 +213,41 @@ def test_transform_output_is_uint8_hwc(tiny_imagenet):
     assert image.dtype == torch.uint8 and image.shape == (48, 48, 3) and isinstance(target, int)
     assert (index, error) == (0, None)
     assert val[3][0].shape == (40, 40, 3)
+
+
+def test_unreadable_batch_fraction():
+    from data.imagenet import UnreadableDataError
+    from data.batches import Batch
+    from data.unreadable import UnreadableImages
+
+    class Fake:
+        samples = [(f"/d/{i}.JPEG", 0) for i in range(100)]
+
+        def __len__(self):
+            return 100
+
+    guard = UnreadableImages(Fake().samples, max_batch_fraction=0.5, max_fraction=0.5, min_allowed=0)
+    batch = lambda good, bad: Batch(torch.zeros(good, 2, 2, 3, dtype=torch.uint8), torch.zeros(good, dtype=torch.long),  # noqa: E731
+                                    torch.arange(good), [(i, "OSError: broken") for i in bad])
+    guard.check(batch(3, [7]))
+    guard.check(batch(2, [7, 8]))  # 2 of 4: at the limit, allowed
+    assert guard.epoch_count == 3 and guard.seen == {7, 8}
+    with pytest.raises(UnreadableDataError, match="3 of the 4 images of one batch"):
+        guard.check(batch(1, [1, 2, 3]))
+
+
+def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
+    from data.batches import Batch
+    from data.imagenet import UnreadableDataError
+    from data.unreadable import UnreadableImages
+
+    hundred = [(f"/d/{i}.JPEG", 0) for i in range(100)]
+    guard = UnreadableImages(hundred, max_batch_fraction=0.5, max_fraction=0.001, min_allowed=2)
+    one_bad = lambda index: Batch(torch.zeros(3, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),  # noqa: E731
+                                  torch.arange(3), [(index, "OSError: broken")])
+    guard.check(one_bad(7))
+    guard.check(one_bad(8))  # 0.001 x 100 allows 0.1 files; the floor allows 2
+    with pytest.raises(UnreadableDataError, match=r"3 distinct training images could not be decoded, more than the "
+                                                  r"2 allowed \(the larger of data.min_unreadable_allowed=2 and "
+                                                  r"data.max_unreadable_fraction=0.001 x 100 images\)"):
+        guard.check(one_bad(9))

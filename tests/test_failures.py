@@ -15,6 +15,8 @@ import pytest
 from cspresnet.signals import EXIT_PREEMPTED
 from tests.helpers import TINY_OVERRIDES, PrivateMount, child_pids, read_until, start, torchrun
 
+pytestmark = pytest.mark.slow  # every test here starts train.py
+
 BOUND_S = 90  # a failing job must be gone within this, start-up (~10 s a process here) included
 
 

@@ -169,6 +169,7 @@ def test_the_build_is_keyed_by_the_libjpeg_version(decoder, fresh_build, monkeyp
     assert jpeg_box.build(fresh_build) != library and len(list(fresh_build.glob("jpeg_box-*.so"))) == 2
 
 
+@pytest.mark.slow
 def test_corrupted_files_raise_or_decode_but_never_crash_the_process(decoder):
     """Flipped bytes and cut files at random boxes, in a child process, so that a crash in
     the C code fails this test instead of killing pytest. Each must decode or raise

@@ -20,13 +20,16 @@ from timm.optim import RMSpropTF
 from timm.scheduler import create_scheduler_v2
 
 from cspresnet.checkpoint import load_checkpoint
-from cspresnet.engine import Trainer, build_criterion, build_grad_scaler
+from cspresnet.engine import TrainStep, build_criterion, build_grad_scaler
 from cspresnet.model import build_model
 from cspresnet.optim import StepSchedule, build_optimizer, build_schedule
 from cspresnet.recipe import load_recipe
-from data.loader import Batch
-from data.transforms import DeviceNormalizer, build_batch_augment, train_transform
-from tests.helpers import TINY_OVERRIDES, read_until, run_cli, start
+from data.batches import Batch
+from data.transforms import DevicePreprocess, build_batch_augment, train_transform
+
+import train
+import validate
+from tests.helpers import TINY_OVERRIDES, in_this_process, read_until, run_cli, start
 
 CPU = torch.device("cpu")
 
@@ -55,10 +58,8 @@ def test_ra_recipe_values():
     assert isinstance(build_optimizer(torch.nn.Linear(2, 2), r), RMSpropTF)
 
 
-@pytest.mark.slow
 def test_print_recipe_gives_every_value_its_provenance():
-    out = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50_ra.yaml", "--print-recipe",
-                   "optim.lr=0.02"]).stdout
+    out = in_this_process(train.main, "--recipe", "cspresnet50_ra.yaml", "--print-recipe", "optim.lr=0.02").stdout
     assert load_recipe("cspresnet50_ra.yaml", ["optim.lr=0.02"]).epochs == yaml.safe_load(out)["epochs"]
     value_lines = [line for line in out.splitlines() if not line.endswith(":")]
     assert all("# [" in line for line in value_lines)
@@ -88,7 +89,7 @@ def test_train_transform_is_timms(tmp_path, options):
             random.seed(seed)
             np.random.seed(seed)
             outputs.append(transform(source))
-        normalised = DeviceNormalizer(CPU, channels_last=False)(outputs[0][None])[0]
+        normalised = DevicePreprocess(CPU, channels_last=False)(outputs[0][None])[0]
         assert torch.equal(normalised, outputs[1]), seed
         torch.manual_seed(seed)
         random.seed(seed)
@@ -163,21 +164,21 @@ def test_ema_update_is_timms_once_per_step():
     torch.manual_seed(0)
     model = build_model(3, drop_rate=0.3, drop_path_rate=0.2)
     recipe = load_recipe("cspresnet50_ra.yaml", ["ema.decay=0.9"])
-    trainer = Trainer(model=model, train_model=model, optimizer=build_optimizer(model, recipe),
-                      scaler=build_grad_scaler(CPU, "none"), schedule=build_schedule(recipe, 10),
-                      criterion=build_criterion(False, 0.1), normalize=DeviceNormalizer(CPU, False), amp="none",
-                      ema=timm.utils.ModelEmaV3(model, decay=recipe.ema.decay))
+    train_step = TrainStep(model=model, train_model=model, optimizer=build_optimizer(model, recipe),
+                           scaler=build_grad_scaler(CPU, "none"), schedule=build_schedule(recipe, 10),
+                           criterion=build_criterion(False, 0.1), preprocess=DevicePreprocess(CPU, False), amp="none",
+                           ema=timm.utils.ModelEmaV3(model, decay=recipe.ema.decay))
     batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
                   torch.arange(4), [])
     expected = None
-    for _ in range(4):
-        trainer.train_step(batch)
+    for step in range(1, 5):
+        train_step(batch, step)
         now = {k: v.clone() for k, v in model.state_dict().items()}
         if expected is None:
             expected = now  # the first update copies the weights (timm: decay 0 at step 1)
         else:
             expected = {k: v.lerp(now[k], 0.1) if v.is_floating_point() else now[k] for k, v in expected.items()}
-    for key, value in trainer.ema.module.state_dict().items():
+    for key, value in train_step.ema.module.state_dict().items():
         torch.testing.assert_close(value, expected[key], msg=key)
 
 
@@ -206,7 +207,6 @@ def test_ra_recipe_trains_resumes_exactly_and_its_ema_validates(tiny_imagenet, t
     assert a["rows"][-1]["ema_top1"] == b["rows"][-1]["ema_top1"]
     assert not all(torch.equal(a["model"][k], a["model_ema"][k]) for k in a["model"])
 
-    out = run_cli([sys.executable, "validate.py", "--checkpoint", straight / "best.pt", "--data-dir", tiny_imagenet,
-                   "--workers", "0"]).stdout
-    result = yaml.safe_load(out.strip().splitlines()[-1])
+    result = validate.main(["--checkpoint", str(straight / "best.pt"), "--data-dir", str(tiny_imagenet),
+                            "--workers", "0"])
     assert result["weights"] == "ema" and result["images"] == 15

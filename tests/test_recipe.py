@@ -1,10 +1,10 @@
-import sys
 
 import pytest
 import yaml
 
 from cspresnet.recipe import RecipeError, describe_recipe, load_recipe, recipe_to_dict, recipe_to_yaml
-from tests.helpers import run_cli
+import train
+from tests.helpers import in_this_process
 
 
 def test_darknet_recipe_values():
@@ -105,9 +105,8 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert load_recipe(str(tmp_path / "resolved.yaml")) == r
 
 
-@pytest.mark.slow
 def test_print_recipe_cli():
-    out = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "--print-recipe", "optim.lr=0.2"]).stdout
+    out = in_this_process(train.main, "--recipe", "cspresnet50.yaml", "--print-recipe", "optim.lr=0.2").stdout
     printed = yaml.safe_load(out)
     assert printed["optim"]["lr"] == 0.2 and printed["optim"]["weight_decay"] == 5e-4
     assert printed["batch_size"] == 128 and printed["schedule"]["burn_in_iters"] == 1000
@@ -165,9 +164,8 @@ def test_describe_recipe_reads_comments_in_windows_line_endings_and_after_a_byte
     assert (note["epochs"], note["seed"], note["batch_size"]) == ("[crlf.yaml] five, really", "[crlf.yaml]", "[default]")
 
 
-@pytest.mark.slow
 def test_cli_error_is_one_clear_line():
-    result = run_cli([sys.executable, "train.py", "--recipe", "cspresnet50.yaml", "optim.lrr=1"], check=False)
+    result = in_this_process(train.main, "--recipe", "cspresnet50.yaml", "optim.lrr=1")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown recipe key 'optim.lrr'")
     assert "Traceback" not in result.stderr
@@ -207,10 +205,8 @@ def test_a_data_section_that_is_not_a_mapping_is_the_same_error_with_a_data_dir(
     assert str(with_dir.value) == str(without.value) == "recipe section 'data' must be a mapping, got 5"
 
 
-@pytest.mark.slow
 def test_cli_data_dir_with_a_data_section_that_is_not_a_mapping_is_one_clear_line(tmp_path):
-    result = run_cli([sys.executable, "train.py", "--recipe", "demo.yaml", "--data-dir", tmp_path, "data=5"],
-                     check=False)
+    result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tmp_path, "data=5")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: recipe section 'data' must be a mapping, got 5"
     assert "Traceback" not in result.stderr

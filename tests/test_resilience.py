@@ -1,7 +1,6 @@
 """A run survives kills, signals, full disks, bad files and NaNs, and a resumed run is
-bitwise the run that never stopped."""
+bitwise the run that never stopped. Every test here runs train.py (slow)."""
 import csv
-import errno
 import os
 import re
 import shutil
@@ -16,6 +15,8 @@ from PIL import Image
 from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
 from cspresnet.signals import EXIT_PREEMPTED
 from tests.helpers import TINY_OVERRIDES, PrivateMount, child_pids, read_until, run_cli, start, torchrun
+
+pytestmark = pytest.mark.slow
 
 # 6 steps per epoch, 12 in all; dropout and drop-path on, so the random generators matter.
 RESUME_OVERRIDES = [*TINY_OVERRIDES, "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
@@ -159,36 +160,6 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_full_disk_skips_the_save_and_keeps_the_old_checkpoints(tmp_path, monkeypatch, capsys):
-    folder = CheckpointFolder(tmp_path, keep_last=1)
-    folder.save({"step": 1}, 1, is_best=True)
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    assert folder.save({"step": 2}, 2, is_best=True) is None
-    assert "disk full" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000001.pt"]
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
-    monkeypatch.undo()
-    folder.save({"step": 3}, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "step-00000003.pt"]
-    assert load_checkpoint(tmp_path / "best.pt")["step"] == 1  # a link keeps its data when the step file goes
-
-
-def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
-    folder = CheckpointFolder(tmp_path, keep_last=3)
-    for step in (1, 2):
-        folder.save({"step": step}, step)
-    (tmp_path / "last.pt").unlink()
-    (tmp_path / "step-00000002.pt").write_bytes(b"\x00" * 10)
-    path, state = folder.newest_loadable()
-    assert (path.name, state["step"]) == ("step-00000001.pt", 1)
-    assert "skipping unreadable checkpoint" in capsys.readouterr().err
-    assert CheckpointFolder(tmp_path / "empty", 2).newest_loadable() is None
-
-
 def test_nonfinite_loss_stops_and_leaves_the_last_checkpoint_alone(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
     run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
@@ -242,76 +213,6 @@ def test_too_many_unreadable_files_stop_the_run(tiny_imagenet, tmp_path):
     assert "distinct training images could not be decoded" in result.stderr
 
 
-def test_unreadable_batch_fraction():
-    from data.imagenet import UnreadableDataError
-    from data.batches import Batch
-    from data.unreadable import UnreadableImages
-
-    class Fake:
-        samples = [(f"/d/{i}.JPEG", 0) for i in range(100)]
-
-        def __len__(self):
-            return 100
-
-    guard = UnreadableImages(Fake().samples, max_batch_fraction=0.5, max_fraction=0.5, min_allowed=0)
-    batch = lambda good, bad: Batch(torch.zeros(good, 2, 2, 3, dtype=torch.uint8), torch.zeros(good, dtype=torch.long),  # noqa: E731
-                                    torch.arange(good), [(i, "OSError: broken") for i in bad])
-    guard.check(batch(3, [7]))
-    guard.check(batch(2, [7, 8]))  # 2 of 4: at the limit, allowed
-    assert guard.epoch_count == 3 and guard.seen == {7, 8}
-    with pytest.raises(UnreadableDataError, match="3 of the 4 images of one batch"):
-        guard.check(batch(1, [1, 2, 3]))
-
-
-def test_a_nonfinite_step_is_skipped_on_the_device():
-    from cspresnet.engine import NonFiniteLossError, TrainStep, build_grad_scaler, check_numerics
-    from cspresnet.model import build_model
-    from cspresnet.optim import build_optimizer
-    from cspresnet.recipe import load_recipe
-    from cspresnet.run_state import EpochTotals, RunState
-    from data.batches import Batch
-    from data.transforms import DevicePreprocess
-    from data.unreadable import UnreadableImages
-
-    torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    model = build_model(3)
-    poisoned = {1, 3, 4}
-    run = RunState(EpochTotals(cpu), UnreadableImages([], 0.5, 0.0, 0))
-
-    class Criterion(torch.nn.Module):
-        def forward(self, logits, targets):
-            loss = torch.nn.functional.cross_entropy(logits, targets)
-            return loss * float("nan") if run.step in poisoned else loss
-
-    step = TrainStep(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
-                     scaler=build_grad_scaler(cpu, "none"), schedule=lambda step: 0.05, criterion=Criterion(),
-                     preprocess=DevicePreprocess(cpu, False), amp="none")
-    batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
-                  torch.arange(4), [])
-
-    def train_step():  # as engine.train_one_epoch takes one
-        run.step += 1
-        run.totals.add(step(batch, run.step)[0], len(batch.targets))
-
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_step()  # step 1: NaN, skipped: nothing moves, momentum stays zero
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("running_mean")
-               and not k.endswith("running_var") and not k.endswith("num_batches_tracked"))
-    assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in step.optimizer.state.values())
-    train_step()  # step 2: finite, a real update
-    assert not torch.equal(before["head.fc.weight"], model.state_dict()["head.fc.weight"])
-    assert step.weights_are_finite()
-    check_numerics(run, max_nonfinite_steps=2)  # one in a row so far: fine
-    train_step()
-    train_step()  # steps 3 and 4: two in a row
-    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
-        check_numerics(run, max_nonfinite_steps=2)
-    stats = run.totals.finish_epoch(seconds=1.0)
-    assert stats.nonfinite_steps == 3 and stats.images == 16 and torch.isfinite(torch.tensor(stats.loss))
-
-
 def test_a_disk_that_really_fills_up_skips_saves_and_a_resume_on_it_ends_bitwise_exact(tiny_imagenet, tmp_path,
                                                                                          one_process_baseline):
     """A tmpfs filled to its last byte under the running job: torch.save's 'unexpected pos'
@@ -339,23 +240,6 @@ def test_a_disk_that_really_fills_up_skips_saves_and_a_resume_on_it_ends_bitwise
     assert resumed.returncode == 0, rest
     assert not list(seen.glob(".*.tmp")) and (seen / "status").read_text() == "done at step 12\n"
     assert_same_run(seen, one_process_baseline)
-
-
-def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
-    from data.batches import Batch
-    from data.imagenet import UnreadableDataError
-    from data.unreadable import UnreadableImages
-
-    hundred = [(f"/d/{i}.JPEG", 0) for i in range(100)]
-    guard = UnreadableImages(hundred, max_batch_fraction=0.5, max_fraction=0.001, min_allowed=2)
-    one_bad = lambda index: Batch(torch.zeros(3, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),  # noqa: E731
-                                  torch.arange(3), [(index, "OSError: broken")])
-    guard.check(one_bad(7))
-    guard.check(one_bad(8))  # 0.001 x 100 allows 0.1 files; the floor allows 2
-    with pytest.raises(UnreadableDataError, match=r"3 distinct training images could not be decoded, more than the "
-                                                  r"2 allowed \(the larger of data.min_unreadable_allowed=2 and "
-                                                  r"data.max_unreadable_fraction=0.001 x 100 images\)"):
-        guard.check(one_bad(9))
 
 
 def test_a_dataset_moved_to_another_path_resumes_bitwise_exact(tiny_imagenet, tmp_path, one_process_baseline):

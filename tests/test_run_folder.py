@@ -15,18 +15,17 @@ import yaml
 import train
 from cspresnet.model import CSPResNet50
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import TINY_OVERRIDES, PrivateMount, read_until, run_cli, start, torchrun
+from tests.helpers import TINY_OVERRIDES, PrivateMount, in_this_process, read_until, run_cli, start, torchrun
 
 
 def train_args(data, output, *extra):
     return ["--recipe", "demo.yaml", "--data-dir", str(data), "--output", str(output), *TINY_OVERRIDES, *extra]
 
 
-def train_in_this_process(capsys, *argv):
+def train_in_this_process(*argv):
     """train.main here, for refusals that come before any training: exit code, last stderr line."""
-    code = train.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err[-1] if err else ""
+    result = in_this_process(train.main, *argv)
+    return result.returncode, (result.stderr.strip().splitlines() or [""])[-1]
 
 
 def run_files(folder):
@@ -40,24 +39,25 @@ def another_runs_results(folder):
     return run_files(folder)
 
 
-def test_a_new_run_refuses_a_folder_holding_another_runs_results(tiny_imagenet, tmp_path, capsys):
+def test_a_new_run_refuses_a_folder_holding_another_runs_results(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
     before = another_runs_results(output)  # no last.pt: the old guard let this through
-    code, line = train_in_this_process(capsys, *train_args(tiny_imagenet, output))
+    code, line = train_in_this_process(*train_args(tiny_imagenet, output))
     assert code == 2 and line.startswith("error: ") and "already holds a run (best.pt, summary.csv)" in line
     assert run_files(output) == before
 
 
-def test_resume_auto_refuses_to_start_over_when_no_checkpoint_loads(tiny_imagenet, tmp_path, capsys):
+def test_resume_auto_refuses_to_start_over_when_no_checkpoint_loads(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
     before = another_runs_results(output)
     (output / "last.pt").write_bytes(b"\0" * 100)
     before = run_files(output)
-    code, line = train_in_this_process(capsys, *train_args(tiny_imagenet, output, "--resume", "auto"))
+    code, line = train_in_this_process(*train_args(tiny_imagenet, output, "--resume", "auto"))
     assert code == 2 and "none of the checkpoints" in line and "refusing to start over" in line
     assert run_files(output) == before
 
 
+@pytest.mark.slow
 def test_every_rank_refuses_with_rank_0(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
     another_runs_results(output)
@@ -66,11 +66,12 @@ def test_every_rank_refuses_with_rank_0(tiny_imagenet, tmp_path):
     assert result.stderr.count("already holds a run (best.pt, summary.csv)") == 2, result.stderr
 
 
-def test_a_second_job_on_a_folder_in_use_is_refused_naming_the_holder(tiny_imagenet, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_second_job_on_a_folder_in_use_is_refused_naming_the_holder(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
     first = start([sys.executable, "train.py", *train_args(tiny_imagenet, output, "epochs=20")])
     read_until(first, "step 1 ")
-    code, line = train_in_this_process(capsys, *train_args(tiny_imagenet, output, "--resume", "auto"))
+    code, line = train_in_this_process(*train_args(tiny_imagenet, output, "--resume", "auto"))
     assert code == 2 and f"in use by another job (host {socket.gethostname()} pid {first.pid})" in line
     assert first.poll() is None  # the first job goes on
 
@@ -79,6 +80,7 @@ def segments(output):
     return [json.loads(line) for line in (output / "segments.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_imagenet, tmp_path):
     """Preempted mid-epoch, resumed with a bigger global batch (inexact, said so), done, then
     restarted once more with nothing left to train."""
@@ -109,6 +111,7 @@ def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_ima
     assert len(segments(output)) == 2 and yaml.safe_load((output / "recipe.yaml").read_text())["batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_a_preempted_torchrun_job_says_so_in_its_status_file(tiny_imagenet, tmp_path):
     """torchrun itself exits 1 with a traceback when a scheduler sends it SIGTERM, whatever
     its ranks did: the status file is what a requeue script reads."""
@@ -122,6 +125,7 @@ def test_a_preempted_torchrun_job_says_so_in_its_status_file(tiny_imagenet, tmp_
     assert f"checkpoint saved at step {status.split()[-1]}" in out
 
 
+@pytest.mark.slow
 def test_a_few_unreadable_files_in_a_small_set_train_through_and_are_counted(tiny_imagenet, tmp_path):
     data = shutil.copytree(tiny_imagenet, tmp_path / "data")
     good = next((data / "train" / "n00000001").glob("*.JPEG")).read_bytes()
@@ -143,7 +147,7 @@ def two_class_copy(source, target):
     ("output is a file", "is a file, not a folder"),
     ("classes changed on resume", "the checkpoint's classifier has 3 classes but the recipe has model.num_classes=2"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tiny_imagenet, tmp_path, capsys, case, message):
+def test_bad_input_is_one_line_and_exit_2(tiny_imagenet, tmp_path, case, message):
     data, output, extra = tiny_imagenet, tmp_path / "run", []
     if case == "fewer images than one batch":
         extra = ["batch_size=32"]
@@ -154,10 +158,11 @@ def test_bad_input_is_one_line_and_exit_2(tiny_imagenet, tmp_path, capsys, case,
         output.mkdir()
         torch.save({"model": CSPResNet50(num_classes=3).state_dict(), "step": 3}, output / "last.pt")
         extra = ["model.num_classes=2", "--resume", "auto"]
-    code, line = train_in_this_process(capsys, *train_args(data, output, *extra))
+    code, line = train_in_this_process(*train_args(data, output, *extra))
     assert code == 2 and line.startswith("error: ") and message in line, line
 
 
+@pytest.mark.slow
 def test_a_read_only_output_folder_is_one_line_and_exit_2(tiny_imagenet, tmp_path):
     disk = PrivateMount(tmp_path / "disk", size="1m", options="ro")
     process = disk.start([sys.executable, "train.py", *train_args(tiny_imagenet, disk.path / "run")])

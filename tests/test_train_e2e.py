@@ -6,12 +6,17 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import train
+import validate as validate_script
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.recipe import load_recipe
-from tests.helpers import REPO, TINY_OVERRIDES, free_port, run_cli, torchrun
+from tests.helpers import REPO, TINY_OVERRIDES, free_port, in_this_process, run_cli, torchrun
+
+pytestmark = pytest.mark.slow  # every test here starts train.py
 
 
 def train_args(data, output, *extra):
@@ -23,14 +28,35 @@ def summary(output):
         return list(csv.DictReader(handle))
 
 
-def validate(checkpoint, data, launcher=(sys.executable,)):
-    out = run_cli([*launcher, "validate.py", "--checkpoint", checkpoint, "--data-dir", data, "--workers", "0"]).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def validate(checkpoint, data, launcher=None):
+    """validate.py under `launcher` (torchrun), or its main in this process."""
+    args = ["--checkpoint", checkpoint, "--data-dir", data, "--workers", "0"]
+    if launcher is None:
+        return validate_script.main([str(a) for a in args])
+    return json.loads(run_cli([*launcher, "validate.py", *args]).stdout.strip().splitlines()[-1])
+
+
+# train.py, counting the passes each DataLoader makes.
+COUNT_LOADER_PASSES = """
+import sys
+from torch.utils.data import DataLoader
+import train
+passes = []
+iterate = DataLoader.__iter__
+DataLoader.__iter__ = lambda loader: passes.append(type(loader.batch_sampler).__name__) or iterate(loader)
+code = train.main(sys.argv[1:])
+print(passes)
+sys.exit(code)
+"""
 
 
 def test_one_process_run_writes_its_outputs_and_validates(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
-    run_cli([sys.executable, *train_args(tiny_imagenet, output)])
+    out = run_cli([sys.executable, "-c", COUNT_LOADER_PASSES, *train_args(tiny_imagenet, output)[1:]]).stdout
+    # One pass of the training loader serves every epoch: its workers then never drain at an
+    # epoch's end, where the GPU would wait for a whole batch to be decoded.
+    passes = ast.literal_eval(out.strip().splitlines()[-1])
+    assert passes.count("TrainSampler") == 1 and passes.count("BatchSampler") == 2  # evaluation after each epoch
 
     rows = summary(output)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -75,7 +101,7 @@ def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_pat
     output = tmp_path / "run"
     run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
     first = (output / "last.pt").read_bytes()
-    again = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")], check=False)
+    again = in_this_process(train.main, *train_args(tiny_imagenet, output, "epochs=1")[1:])  # refused at once
     assert again.returncode != 0 and "already holds a run" in again.stderr
     assert (output / "last.pt").read_bytes() == first
 
@@ -88,29 +114,6 @@ def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_pat
     # A launcher that restarts a finished run (torchrun --max-restarts, a job array) is told so.
     again = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
     assert "done: best top-1" in again.stdout and (output / "last.pt").read_bytes() == finished
-
-
-# train.py, counting the passes each DataLoader makes.
-COUNT_LOADER_PASSES = """
-import sys
-from torch.utils.data import DataLoader
-import train
-passes = []
-iterate = DataLoader.__iter__
-DataLoader.__iter__ = lambda loader: passes.append(type(loader.batch_sampler).__name__) or iterate(loader)
-code = train.main(sys.argv[1:])
-print(passes)
-sys.exit(code)
-"""
-
-
-def test_one_pass_of_the_training_loader_serves_every_epoch(tiny_imagenet, tmp_path):
-    """Its workers then never drain at an epoch's end: the GPU would wait there for a whole
-    batch to be decoded, once per epoch."""
-    out = run_cli([sys.executable, "-c", COUNT_LOADER_PASSES,
-                   *train_args(tiny_imagenet, tmp_path / "run", "epochs=3")[1:]]).stdout
-    passes = ast.literal_eval(out.strip().splitlines()[-1])
-    assert passes.count("TrainSampler") == 1 and passes.count("BatchSampler") == 3  # evaluation after each epoch
 
 
 def test_two_processes_under_torchrun(tiny_imagenet, tmp_path):
