@@ -1,6 +1,7 @@
 """A run folder belongs to one run: a lock held for the run's life, no start on top of
 another run's files, a status line for requeue scripts, and the record of which recipe
 trained which steps. Only rank 0 touches the folder; the other ranks follow its decisions."""
+import contextlib
 import datetime
 import fcntl
 import json
@@ -9,7 +10,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint
 from .files import unless_disk_full, write_atomically
@@ -70,6 +71,27 @@ class RunFolder:
         self._lock_fd = fd
         holder = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
         unless_disk_full(lambda: os.pwrite(fd, holder.ljust(80), 0), "the lock holder's name")
+
+    @contextlib.contextmanager
+    def released_at_exit(self) -> Iterator[None]:
+        """The lock goes when the process does; a caller that goes on (a test, a notebook)
+        must let it go itself."""
+        try:
+            yield
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @contextlib.contextmanager
+    def failure_recorded(self, enabled: bool) -> Iterator[None]:
+        """Any error that ends the run leaves 'failed: ...' in the status file (rank 0)."""
+        try:
+            yield
+        except BaseException as exc:
+            if enabled:
+                self.record_failure(exc)
+            raise
 
     def choose_start(self, resume: Optional[str]) -> Optional[Tuple[Path, Dict[str, Any]]]:
         """(path, state) of the checkpoint to continue from, or None to start the run; refuses

@@ -51,26 +51,23 @@ class FinalCheckpointError(RuntimeError):
 def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
     """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal."""
     folder = RunFolder(output, recipe.checkpoint.keep_last)
-    resumed = claim_run_folder(folder, resume, ctx)
-    try:
-        recipe = as_it_runs(recipe, ctx)
-        check_batch_sizes(recipe, ctx.world_size)
-        configure_kernels(recipe.runtime.deterministic)
-        seed_everything(recipe.seed)
-        data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, ctx.rank,
-                                   ctx.world_size, ctx.device, recipe.runtime.stop_timeout_s)
-        check_classes(recipe, data)
-        step = build_train_step(recipe, ctx, data.sampler.steps_per_epoch)
-        run = RunState(EpochTotals(ctx.device), UnreadableImages(
-            data.train_set.samples, recipe.data.max_unreadable_batch_fraction, recipe.data.max_unreadable_fraction,
-            recipe.data.min_unreadable_allowed))
-        notes = restore(resumed[1], step, run, recipe, ctx, data) if resumed else []
-        start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps)
-        return epochs(recipe, ctx, folder, data, step, run)
-    except BaseException as exc:
-        if ctx.is_main:
-            folder.record_failure(exc)
-        raise
+    with folder.released_at_exit():
+        resumed = claim_run_folder(folder, resume, ctx)
+        with folder.failure_recorded(ctx.is_main):
+            recipe = as_it_runs(recipe, ctx)
+            check_batch_sizes(recipe, ctx.world_size)
+            configure_kernels(recipe.runtime.deterministic)
+            seed_everything(recipe.seed)
+            data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment,
+                                       ctx.rank, ctx.world_size, ctx.device, recipe.runtime.stop_timeout_s)
+            check_classes(recipe, data)
+            step = build_train_step(recipe, ctx, data.sampler.steps_per_epoch)
+            run = RunState(EpochTotals(ctx.device), UnreadableImages(
+                data.train_set.samples, recipe.data.max_unreadable_batch_fraction,
+                recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed))
+            notes = restore(resumed[1], step, run, recipe, ctx, data) if resumed else []
+            start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps)
+            return epochs(recipe, ctx, folder, data, step, run)
 
 
 def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:
