@@ -15,6 +15,7 @@ from cspresnet.engine import autocast
 from cspresnet.model import build_model
 from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
+from data.transforms import memory_format
 
 
 def train_steps(model, optimizer, inputs, targets, amp: str, steps: int) -> float:
@@ -41,13 +42,13 @@ def measure(device: str = "cpu", batch_size: int = 16, img_size: int = 256, step
     device = torch.device(device)
     torch.backends.cudnn.benchmark = True
     recipe = load_recipe("cspresnet50.yaml")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format(channels_last)
     models = {"ours": build_model(1000), "timm": timm.create_model("cspresnet50")}
     runners = {}
     for name, model in models.items():
-        model = model.to(device, memory_format=memory_format).train()
+        model = model.to(device, memory_format=layout).train()
         runners[name] = (torch.compile(model) if compile else model, build_optimizer(model, recipe))
-    inputs = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=memory_format)
+    inputs = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=layout)
     targets = torch.randint(0, 1000, (batch_size,), device=device)
     for model, optimizer in runners.values():  # warm-up: allocator, cuDNN autotuning, compilation
         train_steps(model, optimizer, inputs, targets, amp, 2)

@@ -209,7 +209,7 @@ def render(facts, data, rows, per_core, parallel, model_rows, e2e_rows=None, epo
             f"- end to end with GPU decode / model only (eager): {of_model(gpu_decode, eager_model)}",
             f"- end to end, ours / timm's train.py path (both eager): {ratio(plain, timm_path)}",
             f"- end to end, deterministic kernels / default: {ratio(deterministic, plain)}",
-            f"- end to end, RA recipe (RandAugment, mixup, erasing, EMA) / seed recipe: {ratio(ra, plain)}"]
+            f"- end to end, RA recipe (RandAugment, mixup, erasing, EMA) / darknet recipe: {ratio(ra, plain)}"]
         lines += [f"- end to end with {row.get('workers', '?')} workers / model only (eager): {of_model(row, eager_model)}"
                   for row in fewer_workers]
     lines += [""]

@@ -153,7 +153,7 @@ class BatchAugment:
 
 
 def build_batch_augment(augment, label_smoothing: float, num_classes: int, device: torch.device) -> Optional[BatchAugment]:
-    """None when the recipe asks for neither (the seed recipe)."""
+    """None when the recipe asks for neither (the darknet recipe)."""
     erasing = RandomErasing(augment.random_erasing, mode=augment.random_erasing_mode, device=device) \
         if augment.random_erasing > 0 else None
     mixup = None
