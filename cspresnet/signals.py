@@ -49,12 +49,22 @@ class StopRequest:
         self.signal_name: Optional[str] = None
         self.timeout_s = timeout_s
         self.on_give_up = on_give_up  # e.g. writes the run's status; called by the watchdog before it exits
-        read_end, write_end = os.pipe()
-        os.set_blocking(write_end, False)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: None)  # the watchdog acts; this only keeps the default away
-        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        read_end, self._write_end = os.pipe()
+        os.set_blocking(self._write_end, False)
+        # The watchdog acts; these handlers only keep the defaults (death, KeyboardInterrupt) away.
+        self._previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in STOP_SIGNALS}
+        self._previous_fd = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, args=(read_end,), name="stop-watchdog", daemon=True).start()
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Signals as they were before, for a caller that goes on (a test, a notebook)."""
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.close(self._write_end)  # the watchdog reads the end of its pipe and leaves
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank got a signal (a collective: call on all ranks)."""
@@ -67,7 +77,11 @@ class StopRequest:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([read_end], [], [], wait)[0]:
                 self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of {self.signal_name}")
-            for signum in os.read(read_end, 64):  # every signal with a Python handler lands here: keep ours
+            received = os.read(read_end, 64)
+            if not received:  # closed: the run is over
+                os.close(read_end)
+                return
+            for signum in received:  # every signal with a Python handler lands here: keep ours
                 if signum not in STOP_SIGNALS:
                     continue
                 if self.signal_name is not None:

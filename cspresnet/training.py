@@ -4,10 +4,12 @@
       claim_run_folder      rank 0 locks the folder and picks the checkpoint; every rank follows
       build                 loaders -> TrainStep (model, optimizer, schedule, DDP, compile) -> RunState
       restore               the checkpoint's weights, optimizer, position and random generators
-      for each epoch:
-        train_one_epoch     (engine.py) steps to the epoch's end; on a signal: checkpoint, exit 75
-        evaluate_epoch      the weights, and their EMA
-        save_run            step-<N>.pt, last.pt, best.pt
+      start                 rank 0 records the start in the run folder and says what runs
+      epochs                the stop watchdog around train_epochs; how the run ends (status)
+        train_epochs        for each remaining epoch:
+          train_one_epoch     (engine.py) steps to the epoch's end; on a signal: checkpoint, exit 75
+          evaluate_epoch      the weights, and their EMA
+          save_run            step-<N>.pt, last.pt, best.pt
 
 Every rank must reach these collectives in the same order, or the job hangs until
 runtime.collective_timeout_s: the decision in claim_run_folder (all_gather) and the barrier
@@ -203,11 +205,23 @@ def start(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingDat
 
 def epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingData, step: TrainStep,
            run: RunState) -> int:
-    """The epoch loop, from where `run` is to the recipe's last epoch."""
+    """The epochs from where `run` is to the recipe's last, and how the run ends."""
     run_log = RunLog(folder.path, ctx.is_main, start_step=run.step, rows=run.rows)
-    stop = StopRequest(recipe.runtime.stop_timeout_s, on_give_up=lambda reason: ctx.is_main and folder.set_status(
-        f"interrupted at step {run.step}: {reason}"))
+    with StopRequest(recipe.runtime.stop_timeout_s, on_give_up=lambda reason: ctx.is_main and folder.set_status(
+            f"interrupted at step {run.step}: {reason}")) as stop:
+        if not train_epochs(recipe, ctx, folder, data, step, run, run_log, stop):
+            return preempted(folder, ctx, run, stop)
+    run_log.close()
+    if ctx.is_main:
+        folder.set_status(f"done at step {run.step}")
+    log.info("done: best top-1 %.3f after %d epochs, %d steps; checkpoints in %s", run.best_top1, recipe.epochs,
+             run.step, folder.path)
+    return 0
 
+
+def train_epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingData, step: TrainStep,
+                 run: RunState, run_log: RunLog, stop: StopRequest) -> bool:
+    """Train, evaluate and save each remaining epoch; False when stopped by a signal."""
     def save(is_best: bool = False) -> bool:
         return save_run(folder, recipe, ctx, data, step, run, is_best)
 
@@ -218,7 +232,7 @@ def epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingDa
         batches = iter(data.train)
     for _ in range(run.epoch, recipe.epochs):
         if not train_one_epoch(step, batches, run, data.sampler.steps_per_epoch, recipe, ctx, stop, run_log, save):
-            return preempted(folder, ctx, run, stop)
+            return False
         saved = save(is_best=evaluate_epoch(recipe, ctx, data, step, run))
         run_log.epoch(run.rows[-1])
         if not saved and run.epoch == recipe.epochs:
@@ -226,13 +240,8 @@ def epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingDa
                                        f"final checkpoint was not written; free space in {folder.path} and rerun "
                                        f"with --resume auto to redo the steps since its last checkpoint")
         if stop.agreed(ctx.device):
-            return preempted(folder, ctx, run, stop)
-    run_log.close()
-    if ctx.is_main:
-        folder.set_status(f"done at step {run.step}")
-    log.info("done: best top-1 %.3f after %d epochs, %d steps; checkpoints in %s", run.best_top1, recipe.epochs,
-             run.step, folder.path)
-    return 0
+            return False
+    return True
 
 
 def evaluate_epoch(recipe: Recipe, ctx: DistContext, data: TrainingData, step: TrainStep, run: RunState) -> bool:
