@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 train.py --recipe cspresnet50.yaml --data-dir /data/imagenet
     torchrun --nproc_per_node=8 --max-restarts=3 train.py --recipe cspresnet50.yaml --data-dir /data/imagenet --resume auto
     python train.py --recipe cspresnet50.yaml --print-recipe optim.lr=0.2
+    python train.py --recipe finetune.yaml --data-dir my_images --initial-weights cspresnet50_ra-d3e8d487.pth
 
 Exit codes: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with
 --resume auto); 2 bad recipe, data, checkpoint or run folder (one line on stderr, before any
@@ -13,6 +14,7 @@ runtime.stop_timeout_s of the first, without saving. Rank 0 also writes the outc
 <run folder>/status.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="run folder (default: runs/<recipe name>)")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint; auto: the newest in the run folder, or a fresh start")
+    parser.add_argument("--initial-weights", metavar="PATH",
+                        help="start a new run from these weights (sets model.initial_weights): timm's .pth, "
+                             ".safetensors, our best.pt/last.pt; unlike --resume, optimizer and schedule start fresh")
     parser.add_argument("--print-recipe", action="store_true",
                         help="print the resolved recipe as YAML, each value with the file and comment that set it, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. optim.lr=0.2")
@@ -37,9 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides, args.data_dir)
+    overrides = list(args.overrides)
+    if args.initial_weights is not None:  # quoted, so that YAML reads any path as a string
+        overrides.append(f"model.initial_weights={json.dumps(args.initial_weights)}")
+    recipe = load_recipe(args.recipe, overrides, args.data_dir)
     if args.print_recipe:
-        print(describe_recipe(args.recipe, args.overrides, args.data_dir), end="")
+        print(describe_recipe(args.recipe, overrides, args.data_dir), end="")
         return 0
     ctx = init_distributed(recipe.runtime.device, recipe.runtime.collective_timeout_s)
     code = train(recipe, ctx, Path(args.output or Path("runs") / Path(args.recipe).stem), args.resume)

@@ -114,6 +114,8 @@ def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int) -> 
     several processes and compiled when the recipe says so."""
     rt = recipe.runtime
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
+    if recipe.model.linear_probe:
+        model.freeze_backbone()  # before the optimizer, which then takes the classifier only
     model = model.to(ctx.device, memory_format=memory_format(rt.channels_last))
     train_model = model
     step = TrainStep(

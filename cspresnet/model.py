@@ -103,6 +103,7 @@ class CSPResNet50(nn.Module):
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
         self.head = Head(in_chs, num_classes, drop_rate)
+        self.backbone_frozen = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -119,6 +120,23 @@ class CSPResNet50(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
+
+    def freeze_backbone(self) -> None:
+        """A linear probe: only the classifier learns. The backbone gets no gradients (so an
+        optimizer built afterwards leaves it out) and stays in eval mode while the model
+        trains, so its BatchNorm statistics stay those of the weights loaded and drop-path
+        is off: the classifier learns on exactly the features those weights compute."""
+        self.backbone_frozen = True
+        self.stem.requires_grad_(False)
+        self.stages.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CSPResNet50":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.stem.eval()
+            self.stages.eval()
+        return self
 
 
 def build_model(num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> CSPResNet50:

@@ -9,7 +9,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
@@ -37,9 +37,16 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 1000
+    num_classes: Union[int, Literal["auto"]] = 1000  # auto: the number of class folders in train/
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, linear over the 13 blocks
+    # Start a new run from these weights instead of the random init (never on a resume): timm's
+    # .pth, a .safetensors, our last.pt/best.pt. "" = from scratch.
+    initial_weights: str = ""
+    initial_weights_kind: Literal["auto", "model", "ema"] = "auto"  # of our checkpoints; auto: EMA when present
+    # The file's SHA-256, or its first 8+ hex digits: checked when set, filled in as the run starts.
+    initial_weights_sha256: str = ""
+    linear_probe: bool = False  # train the classifier only: the backbone frozen and in eval mode
 
 
 @dataclass
@@ -400,7 +407,10 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def _type_name(kind: Any) -> str:
     if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(kind))
+        values = typing.get_args(kind)
+        return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(repr(v) for v in values)
+    if typing.get_origin(kind) is Union:
+        return " or ".join(_type_name(option) for option in typing.get_args(kind))
     if typing.get_origin(kind) is tuple:
         return f"a list of {len(typing.get_args(kind))} numbers"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
@@ -409,6 +419,13 @@ def _type_name(kind: Any) -> str:
 def _convert(kind: Any, value: Any, key: str) -> Any:
     wrong = RecipeError(f"recipe key '{key}' must be {_type_name(kind)}, got {value!r}")
     origin = typing.get_origin(kind)
+    if origin is Union:  # the first option that takes the value
+        for option in typing.get_args(kind):
+            try:
+                return _convert(option, value, key)
+            except RecipeError:
+                continue
+        raise wrong
     if origin is Literal:
         if value not in typing.get_args(kind):
             raise wrong
@@ -504,6 +521,8 @@ def validate(recipe: Recipe) -> None:
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)
     _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct", "in (0, 1]", d.eval_crop_pct)
     _require(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    _require(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1) (0: evaluate on val/)",
+             d.holdout_fraction)
     _validate_training(recipe)
     _validate_input_and_runtime(recipe)
 
@@ -511,9 +530,7 @@ def validate(recipe: Recipe) -> None:
 def _validate_training(recipe: Recipe) -> None:
     """The model, optimizer, schedule, augmentation and EMA keys."""
     r, o, s, a = recipe, recipe.optim, recipe.schedule, recipe.augment
-    _require(recipe.model.num_classes >= 1, "model.num_classes", ">= 1", recipe.model.num_classes)
-    _require(0.0 <= recipe.model.drop_rate < 1.0, "model.drop_rate", "in [0, 1)", recipe.model.drop_rate)
-    _require(0.0 <= recipe.model.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", recipe.model.drop_path_rate)
+    _validate_model(recipe.model)
     _require(o.lr > 0.0, "optim.lr", "> 0", o.lr)
     _require(o.reference_batch_size >= 1, "optim.reference_batch_size", ">= 1", o.reference_batch_size)
     _require(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)
@@ -541,6 +558,20 @@ def _validate_training(recipe: Recipe) -> None:
     _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
              r.batch_size)
     _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _require(m.num_classes == "auto" or m.num_classes >= 1, "model.num_classes", ">= 1 or auto", m.num_classes)
+    _require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "in [0, 1)", m.drop_rate)
+    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", m.drop_path_rate)
+    for key in ("initial_weights_kind", "initial_weights_sha256", "linear_probe"):
+        if getattr(m, key) != getattr(ModelConfig(), key) and not m.initial_weights:
+            raise RecipeError(f"recipe key 'model.{key}' only applies with model.initial_weights (a weights file), "
+                              f"which is not set" + (": a frozen random backbone learns nothing"
+                                                      if key == "linear_probe" else ""))
+    _require(m.initial_weights_sha256 == "" or re.fullmatch(r"[0-9a-f]{8,64}", m.initial_weights_sha256) is not None,
+             "model.initial_weights_sha256", "'' or 8 to 64 lowercase hex digits (a SHA-256 or its start)",
+             m.initial_weights_sha256)
 
 
 def _validate_input_and_runtime(recipe: Recipe) -> None:

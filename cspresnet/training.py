@@ -2,7 +2,9 @@
 
     train()
       claim_run_folder      rank 0 locks the folder and picks the checkpoint; every rank follows
-      build                 loaders -> TrainStep (model, optimizer, schedule, DDP, compile) -> RunState
+      read_start_weights    a fresh start from model.initial_weights: the file read and checked
+      build                 loaders -> class count -> TrainStep (model, optimizer, schedule, DDP,
+                            compile) -> the initial weights, on a fresh start -> RunState
       restore               the checkpoint's weights, optimizer, position and random generators
       start                 rank 0 records the start in the run folder and says what runs
       epochs                the stop watchdog around train_epochs; how the run ends (status)
@@ -41,6 +43,7 @@ from .run_folder import RunFolder, RunFolderError
 from .run_log import RunLog
 from .run_state import EpochTotals, RunState, dataset_fingerprint, seed_everything
 from .signals import EXIT_PREEMPTED, StopRequest
+from .weights import InitialWeights, apply_initial_weights, read_initial_weights
 
 log = logging.getLogger(__name__)
 Resumed = Optional[Tuple[Path, Dict]]  # the checkpoint to continue from, and its contents
@@ -58,12 +61,15 @@ def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] 
         with folder.failure_recorded(ctx.is_main):
             recipe = as_it_runs(recipe, ctx)
             check_batch_sizes(recipe, ctx.world_size)
+            recipe, initial = read_start_weights(recipe, resumed)
             configure_kernels(recipe.runtime.deterministic)
             seed_everything(recipe.seed)
             data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment,
                                        ctx.rank, ctx.world_size, ctx.device, recipe.runtime.stop_timeout_s)
-            check_classes(recipe, data)
+            recipe = with_class_count(recipe, data)
             step = build_train_step(recipe, ctx, data.sampler.steps_per_epoch)
+            if initial is not None:
+                start_from(initial, step, data)
             run = RunState(EpochTotals(ctx.device), UnreadableImages(
                 data.train_set.samples, recipe.data.max_unreadable_batch_fraction,
                 recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed))
@@ -110,11 +116,35 @@ def check_batch_sizes(recipe: Recipe, world_size: int) -> None:
                           f"processes; it must be a multiple of {world_size}")
 
 
-def check_classes(recipe: Recipe, data: TrainingData) -> None:
+def with_class_count(recipe: Recipe, data: TrainingData) -> Recipe:
+    """model.num_classes: auto becomes the number of class folders in train/ (and the run
+    folder records that number); an explicit count must equal it."""
     found = len(data.train_set.classes)
+    if recipe.model.num_classes == "auto":
+        log.info("model.num_classes: auto -> %d, the class folders of %s", found, Path(recipe.data.dir) / "train")
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=found))
     if found != recipe.model.num_classes:
         raise RecipeError(f"recipe key 'model.num_classes' is {recipe.model.num_classes} but {recipe.data.dir}/train "
-                          f"has {found} class folders; set model.num_classes={found}")
+                          f"has {found} class folders; set model.num_classes={found}, or auto")
+    return recipe
+
+
+def read_start_weights(recipe: Recipe, resumed: Resumed) -> Tuple[Recipe, Optional[InitialWeights]]:
+    """On a fresh start from model.initial_weights: the file, read and checked before any
+    work, and the recipe with its SHA-256, which the run folder records. A resume takes its
+    weights from the checkpoint and reads no other file."""
+    model = recipe.model
+    if resumed is not None or not model.initial_weights:
+        return recipe, None
+    initial = read_initial_weights(model.initial_weights, model.initial_weights_kind, model.initial_weights_sha256)
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, initial_weights_sha256=initial.sha256)), initial
+
+
+def start_from(initial: InitialWeights, step: TrainStep, data: TrainingData) -> None:
+    """The initial weights into the model and its EMA: the optimizer, schedule and step
+    count stay as a new run has them (unlike --resume)."""
+    models = [step.model] + ([step.ema.module] if step.ema is not None else [])
+    log.info("%s", apply_initial_weights(initial, models, data.train_set.classes))
 
 
 def restore(state: Dict, step: TrainStep, run: RunState, recipe: Recipe, ctx: DistContext,
@@ -138,6 +168,10 @@ def restore(state: Dict, step: TrainStep, run: RunState, recipe: Recipe, ctx: Di
     if state["dataset"] != dataset_fingerprint(data.train_set.samples):
         notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
                      "so the remaining order of images differs")
+    eval_set = dataset_fingerprint(data.val_set.samples)
+    if state.get("eval_dataset", eval_set) != eval_set:  # checkpoints before this key: not known
+        notes.append("the evaluation set changed since the checkpoint (val/, or the held-out part of train/): "
+                     "top-1 before and after this point are not comparable")
     notes.append(continue_with_new_batch(run, state.get("batch_size", recipe.batch_size), recipe.batch_size,
                                          data.sampler.steps_per_epoch))
     changed = diff_recipes(state["recipe"], recipe_to_dict(recipe))
@@ -159,9 +193,11 @@ def continue_with_new_batch(run: RunState, old_batch: int, new_batch: int, steps
             f"of its images; it goes on {goes_on}")
 
 
-# Keys that change where and how a run goes, not a number it computes.
+# Keys that change where and how a run goes, not a number it computes; and the initial
+# weights, which only a fresh start loads (a resume takes the checkpoint's).
 NO_EFFECT_ON_RESULTS = {"data.dir", "data.workers", "runtime.log_interval", "runtime.stop_timeout_s",
-                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last"}
+                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last",
+                        "model.initial_weights", "model.initial_weights_kind", "model.initial_weights_sha256"}
 
 
 def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
@@ -281,7 +317,8 @@ def save_run(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: Training
         state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=step.model.state_dict(),
                      optimizer=step.optimizer.state_dict(), scaler=step.scaler.state_dict(),
                      model_ema=step.ema.module.state_dict() if step.ema else None, **run.state_dict(per_rank),
-                     dataset=dataset_fingerprint(data.train_set.samples), batch_size=recipe.batch_size,
+                     dataset=dataset_fingerprint(data.train_set.samples),
+                     eval_dataset=dataset_fingerprint(data.val_set.samples), batch_size=recipe.batch_size,
                      classes=data.train_set.classes, recipe=recipe_to_dict(recipe),
                      metrics=run.rows[-1] if run.rows else None)
         written = folder.checkpoints.save(state, run.step, is_best) is not None

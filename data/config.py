@@ -24,6 +24,9 @@ class DataConfig:
     eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
     eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     eval_batch_size: int = 256  # global, like batch_size
+    # > 0: evaluate on this fraction of each class of train/, held out from training (chosen
+    # from the seed), instead of on val/; for a dataset without a val/ folder.
+    holdout_fraction: float = 0.0
     max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
     max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded ...
     min_unreadable_allowed: int = 2  # ... but always allow this many, however small the set

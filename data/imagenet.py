@@ -1,4 +1,5 @@
 """Index an ImageNet-layout folder and read its images as RGB."""
+import hashlib
 import os
 import random
 from contextlib import contextmanager, nullcontext
@@ -155,14 +156,49 @@ class ImageFolderDataset(Dataset):
 
 
 def build_imagenet_splits(
-    root: str, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int
+    root: str, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
+    holdout_fraction: float = 0.0,
 ) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    """Training and evaluation sets: train/ and val/, or (holdout_fraction > 0) train/ split in two."""
     if not root:
         raise DatasetLayoutError(f"no dataset folder given: pass --data-dir DIR or data.dir=DIR; {EXPECTED_LAYOUT}")
     root_dir = Path(root).expanduser()
     if not root_dir.is_dir():
         raise DatasetLayoutError(f"dataset folder {root_dir} does not exist; {EXPECTED_LAYOUT}")
     classes = find_classes(root_dir / "train")
-    train = ImageFolderDataset(index_split(root_dir / "train", classes), classes, train_transform, seed=seed)
-    val = ImageFolderDataset(index_split(root_dir / "val", classes), classes, eval_transform)
+    train_samples = index_split(root_dir / "train", classes)
+    if holdout_fraction > 0:
+        train_samples, val_samples = hold_out(train_samples, classes, holdout_fraction, seed)
+    elif (root_dir / "val").is_dir():
+        val_samples = index_split(root_dir / "val", classes)
+    else:
+        raise DatasetLayoutError(f"{root_dir / 'val'} does not exist: add it with the same class folders as train/, "
+                                 f"or set data.holdout_fraction (e.g. 0.1) to evaluate on that fraction of each class "
+                                 f"of train/, held out from training; {EXPECTED_LAYOUT}")
+    train = ImageFolderDataset(train_samples, classes, train_transform, seed=seed)
+    val = ImageFolderDataset(val_samples, classes, eval_transform)
     return train, val
+
+
+def hold_out(samples: List[Sample], classes: Sequence[str], fraction: float,
+             seed: int) -> Tuple[List[Sample], List[Sample]]:
+    """(kept, held out): round(fraction x n) of each class's n images held out, at least one,
+    never all. An image is held out when its hash of (seed, class folder, file name) is
+    among its class's lowest, so the split is a function of those alone: the same on every
+    rank, on resume and wherever the dataset is mounted, and a file added later moves at
+    most one other image across."""
+    def rank(sample: Sample) -> bytes:
+        path = Path(sample[0])
+        return hashlib.sha256(f"{seed}/{path.parent.name}/{path.name}".encode()).digest()
+
+    by_class: List[List[Sample]] = [[] for _ in classes]
+    for sample in samples:
+        by_class[sample[1]].append(sample)
+    held = set()
+    for name, members in zip(classes, by_class):
+        if len(members) < 2:
+            raise DatasetLayoutError(f"class {name} has {len(members)} image(s) in train/: data.holdout_fraction "
+                                     f"needs at least 2 in each class (one to train on, one to hold out)")
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        held.update(path for path, _ in sorted(members, key=rank)[:count])
+    return [s for s in samples if s[0] not in held], [s for s in samples if s[0] in held]

@@ -84,7 +84,7 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_aug
         train_transform(config.img_size, config.crop_scale, config.crop_ratio, config.train_interpolation,
                         config.hflip, auto_augment, decode),
         eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
-        seed=seed,
+        seed=seed, holdout_fraction=config.holdout_fraction,
     )
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
