@@ -3,7 +3,7 @@ passes x images, and that every cut trains the same weights as darknet's one big
 
 The SyncBatchNorm check runs this module under torchrun (`sync_bn_worker`)."""
 import copy
-import os
+import json
 import signal
 import sys
 
@@ -94,6 +94,18 @@ def test_one_process_4_passes_of_2_trains_the_weights_of_4_processes_of_2():
     optimizer.step()
     for (name, ours), theirs in zip(step.model.named_parameters(), ranks[0].parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_accumulation_benchmark_compares_the_same_images_both_ways(capsys):
+    """What it promises, not how fast (a timing is a benchmark, not an assertion)."""
+    import benchmarks.accumulation
+
+    benchmarks.accumulation.main(["--micro-batch", "2", "--passes", "2", "--img-size", "32", "--updates", "1",
+                                  "--rounds", "1", "--threads", "1", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["micro_batch"] == 2 and result["passes"] == 2 and result["cores"] and result["commit"]
+    assert result["accumulated_over_single"] == pytest.approx(
+        result["accumulated_images_per_s"] / result["single_images_per_s"], rel=0.01)
 
 
 # The slow tests: train.py on the tiny set, batch 4: one epoch of 6 updates.
