@@ -60,10 +60,13 @@ def cannot_cut(batch: int, world_size: int, micro: int) -> str:
     share = batch // world_size
     text = (f"global batch {batch} cannot be cut into {counted(world_size, 'process', 'processes')} x whole passes "
             f"x {micro} images (recipe keys 'batch_size', 'micro_batch_size'): each process has {share} images")
-    if micro > share and micro % share == 0:
-        return (f"{text}, fewer than one pass. Set micro_batch_size={share} (BatchNorm over {share}), and to "
-                f"normalise over {micro} as before add runtime.sync_bn=true runtime.sync_bn_group_size="
-                f"{micro // share}")
+    if micro > share:
+        text = f"{text}, fewer than one pass. Set micro_batch_size={share} (BatchNorm over {share})"
+        pooled = micro // share
+        if micro % share == 0 and world_size % pooled == 0:
+            return (f"{text}, and to normalise over {micro} as before add runtime.sync_bn=true "
+                    f"runtime.sync_bn_group_size={pooled}")
+        return f"{text}, or raise batch_size to a multiple of {micro * world_size}"
     return f"{text}, not a multiple of {micro}: set micro_batch_size to a divisor of {share}, or 0 (one pass)"
 
 

@@ -500,8 +500,8 @@ def validate(recipe: Recipe) -> None:
     r, d = recipe, recipe.data
     _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
     _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
-    _require(0 <= r.micro_batch_size <= r.batch_size, "micro_batch_size",
-             f"in [0, batch_size={r.batch_size}] (0: each process's share in one pass)", r.micro_batch_size)
+    _require(r.micro_batch_size >= 0, "micro_batch_size", ">= 0 (0: each process's share in one pass)",
+             r.micro_batch_size)  # whether it fits the batch depends on the processes: arrangement.py
     _require(r.seed >= 0, "seed", ">= 0", r.seed)
     _require(0.0 <= r.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", r.label_smoothing)
     _require(d.img_size >= 32, "data.img_size", ">= 32 (the network downsamples 32x)", d.img_size)

@@ -51,6 +51,7 @@ class TimmTrainLoop:
                                                 decay_epochs=s.decay_epochs, decay_rate=s.decay_rate,
                                                 warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
                                                 step_on_epochs=False, updates_per_epoch=1)
+        # train.py's loop mixes with Mixup (its prefetcher path does the same in FastCollateMixup)
         self.mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=3)
         self.loss_fn = SoftTargetCrossEntropy()  # train.py's choice when mixup is on
         self.ema = ModelEmaV3(model, decay=e.decay)
