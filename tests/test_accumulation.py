@@ -1,7 +1,7 @@
 """Micro-batches and SyncBatchNorm: how one update's global batch is cut into processes x
 passes x images, and that every cut trains the same weights as darknet's one big batch.
 
-The SyncBatchNorm check runs this module under torchrun (`sync_bn_worker`)."""
+The checks of real DDP processes run this module under torchrun (`torchrun_worker`)."""
 import copy
 import json
 import signal
@@ -130,16 +130,6 @@ def accumulated_run(tiny_imagenet, tmp_path_factory):
     return output
 
 
-@pytest.mark.slow
-def test_two_processes_of_2_train_the_weights_of_one_process_of_2_passes(tiny_imagenet, tmp_path, accumulated_run):
-    run_cli(torchrun(2, *train_args(tiny_imagenet, tmp_path)))
-    ours, theirs = load_checkpoint(accumulated_run / "last.pt"), load_checkpoint(tmp_path / "last.pt")
-    assert ours["step"] == theirs["step"] == 6
-    for name, value in ours["model"].items():
-        if "running" not in name and "num_batches" not in name:  # parameters; BatchNorm statistics differ
-            torch.testing.assert_close(value, theirs["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-
-
 # train.py, killed by SIGKILL from inside update 5, as its second pass starts.
 KILLED_BETWEEN_PASSES = """
 import os, signal, sys
@@ -173,16 +163,22 @@ def test_a_kill_between_passes_resumes_at_the_updates_start_bitwise_exact(tiny_i
 
 
 @pytest.mark.slow
-def test_syncbn_over_2_processes_is_batchnorm_over_both_halves():
+def test_two_real_ddp_processes_train_as_one_with_syncbn_over_both_and_with_accumulation():
     run_cli(torchrun(2, "-m", "tests.test_accumulation"))
 
 
-def sync_bn_worker() -> None:
-    """Under torchrun with 2 processes, each holding half of a batch of 4: one update with
-    SyncBatchNorm over both, as build_train_step builds it (SyncBN, then DDP), gives the
-    weights and BatchNorm statistics of one process's update on the whole batch; the state
-    dict keeps its keys (checkpoints, export); a group of 1 is each process's own BatchNorm."""
+def torchrun_worker() -> None:
     ctx = init_distributed("cpu")
+    syncbn_over_2_processes_is_batchnorm_over_both_halves(ctx)
+    two_processes_of_2_passes_train_the_weights_of_one_process_of_4_passes(ctx)
+    dist.destroy_process_group()
+
+
+def syncbn_over_2_processes_is_batchnorm_over_both_halves(ctx: DistContext) -> None:
+    """Each process holds half of a batch of 4: one update with SyncBatchNorm over both, as
+    build_train_step builds it (SyncBN, then DDP), gives the weights and BatchNorm statistics
+    of one process's update on the whole batch; the state dict keeps its keys (checkpoints,
+    export); a group of 1 is each process's own BatchNorm."""
     overrides = [*TINY_OVERRIDES, "batch_size=4", "runtime.sync_bn=true"]
     torch.manual_seed(0)
     synced = build_train_step(load_recipe("demo.yaml", overrides), ctx, steps_per_epoch=6)
@@ -202,8 +198,25 @@ def sync_bn_worker() -> None:
     half = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(ctx.rank))
     torch.testing.assert_close(own(half), plain(half))
     torch.testing.assert_close(own.running_var, plain.running_var)
-    dist.destroy_process_group()
+
+
+def two_processes_of_2_passes_train_the_weights_of_one_process_of_4_passes(ctx: DistContext) -> None:
+    """DDP's real path: gradients synced only in the last pass (no_sync before). Rank r
+    holds the batch's images r, r + 2, ... (the sampler's deal); its pass k is then what
+    pass r + 2k of one process takes. Parameters agree (BatchNorm statistics differ)."""
+    recipe = load_recipe("demo.yaml", [*TINY_OVERRIDES, "micro_batch_size=2"])
+    torch.manual_seed(0)
+    accumulating = build_train_step(recipe, ctx, steps_per_epoch=6)
+    torch.manual_seed(0)
+    alone = build_train_step(recipe, CPU, steps_per_epoch=6)
+    assert (accumulating.passes, alone.passes) == (2, 4)
+    batch = fixed_batch(8, seed=2)
+    mine = slice(ctx.rank, None, 2)
+    accumulating(Batch(batch.images[mine], batch.targets[mine], batch.indices[mine], []), 3)
+    alone(batch, 3)
+    for (name, ours), theirs in zip(accumulating.model.named_parameters(), alone.model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
 if __name__ == "__main__":
-    sync_bn_worker()
+    torchrun_worker()
