@@ -190,7 +190,7 @@ def start(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingDat
              ctx.world_size, ctx.device.type, len(data.train_set), len(data.val_set), recipe.scaled_lr(),
              recipe.optim.lr, recipe.batch_size, recipe.optim.reference_batch_size, recipe.optim.lr_scaling, total,
              folder.path)
-    log.info(arrangement.describe())
+    log.log(logging.WARNING if arrangement.short_of_micro_batch else logging.INFO, arrangement.describe())
     if warmup_steps >= total:
         log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
                     warmup_steps, total, recipe.scaled_lr())
