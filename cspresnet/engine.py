@@ -15,9 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.batches import Batch
+from data.imagenet import UnreadableDataError
 from data.transforms import DevicePreprocess, build_batch_augment, memory_format
 from data.unreadable import warn_unreadable
 
+from .arrangement import arrange
 from .distributed import DistContext, all_gather_objects, all_reduce_sum
 from .model import build_model
 from .optim import build_optimizer, build_schedule, set_lr
@@ -25,6 +27,7 @@ from .recipe import Recipe
 from .run_log import RunLog
 from .run_state import RunState
 from .signals import StopRequest
+from .sync_bn import convert_to_sync_bn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -72,7 +75,9 @@ def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 @dataclass
 class TrainStep:
-    """One optimizer step, and everything it needs around the model."""
+    """One weight update: `passes` forward/backward passes over this process's share of the
+    global batch (gradient accumulation), then one optimizer step; and everything it needs
+    around the model."""
 
     model: nn.Module  # what is trained and saved
     train_model: nn.Module  # the same model, maybe wrapped in DDP and/or compiled
@@ -84,25 +89,53 @@ class TrainStep:
     amp: str
     augment: Optional[Callable] = None  # (inputs, targets) -> (inputs, targets) on the device: erasing, mixup
     ema: Optional[ModelEmaV3] = None  # moving average of the weights, updated after every step
+    passes: int = 1  # forward/backward passes per update
+    ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
         """Optimizer update number `step`; its loss (on the device: reading it would wait
-        for the device) and learning rate."""
+        for the device) and learning rate. The schedule, the skip of a non-finite update and
+        the EMA act once per update, never per pass."""
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         inputs = self.preprocess(batch.images)
         targets = batch.targets.to(self.preprocess.device, non_blocking=True)
-        if self.augment is not None:
-            inputs, targets = self.augment(inputs, targets)
-        with autocast(self.preprocess.device, self.amp):
-            loss = self.criterion(self.train_model(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses = [self.backward_pass(x, y, len(y) / len(targets), last=k == self.passes - 1)
+                  for k, (x, y) in enumerate(self.split(inputs, targets))]
         self.scaler.step(self.optimizer)  # skipped on the device if any gradient is inf/NaN
         self.scaler.update(None if self.amp == "fp16" else 1.0)
         if self.ema is not None:
             self.ema.update(self.model, step=step)  # step 1 copies the weights, as in timm's train.py
-        return loss, lr
+        return sum(losses), lr
+
+    def split(self, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The update's images in `passes` strided slices: pass k takes images k, k + passes, ...
+        The sampler deals rank r of P every P-th image, so pass k of rank r gets exactly the
+        images that rank r + P*k of P x passes processes would get in one pass: accumulation
+        and more processes train on the same batches."""
+        if self.passes == 1:
+            yield inputs, targets
+            return
+        if len(targets) < self.passes:
+            raise UnreadableDataError(f"only {len(targets)} images of a batch could be decoded, fewer than its "
+                                      f"{self.passes} passes; lower data.max_unreadable_batch_fraction")
+        for k in range(self.passes):
+            yield inputs[k::self.passes].contiguous(memory_format=self.preprocess.memory_format), \
+                targets[k::self.passes]
+
+    def backward_pass(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, last: bool) -> torch.Tensor:
+        """Forward and backward over one pass that holds `weight` of the update's images: its
+        loss is scaled by that weight, so the summed gradients are those of the mean loss over
+        all of them, as in one big pass. DDP averages the gradients over the processes only
+        in the update's last pass."""
+        with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+            if self.augment is not None:
+                inputs, targets = self.augment(inputs, targets)  # mixup within the pass, as timm's accumulation
+            with autocast(self.preprocess.device, self.amp):
+                loss = self.criterion(self.train_model(inputs), targets) * weight
+            self.scaler.scale(loss).backward()
+        return loss.detach()
 
     def weights_are_finite(self) -> bool:
         tensors = list(self.model.parameters()) + list(self.model.buffers())
@@ -110,27 +143,31 @@ class TrainStep:
 
 
 def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int) -> TrainStep:
-    """The model on its device and everything around it, wrapped in DDP when there are
-    several processes and compiled when the recipe says so."""
+    """The model on its device and everything around it: its EMA (a copy with plain
+    BatchNorm: it is only evaluated), SyncBatchNorm, then DDP when there are several
+    processes, compiled when the recipe says so."""
     rt = recipe.runtime
+    arrangement = arrange(recipe, ctx.world_size)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
     if recipe.model.linear_probe:
         model.freeze_backbone()  # before the optimizer, which then takes the classifier only
     model = model.to(ctx.device, memory_format=memory_format(rt.channels_last))
-    train_model = model
+    ema = ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None
+    if arrangement.bn_group > 1:
+        model = convert_to_sync_bn(model, arrangement.bn_group, ctx.world_size, ctx.device)
     step = TrainStep(
         model=model, train_model=model, optimizer=build_optimizer(model, recipe),
         scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
         criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
         preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp,
         augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
-        ema=ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None,
+        ema=ema, passes=arrangement.passes,
     )
     if ctx.is_distributed:
-        train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        step.ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        step.train_model = step.ddp
     if rt.compile:
-        train_model = torch.compile(train_model)
-    step.train_model = train_model
+        step.train_model = torch.compile(step.train_model)
     return step
 
 

@@ -94,6 +94,8 @@ class RuntimeConfig:
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
     stop_timeout_s: float = 60.0  # after SIGTERM/SIGINT, save and exit within this, else exit without saving
     collective_timeout_s: float = 600.0  # a rank waiting this long for the others fails the job
+    sync_bn: bool = False  # SyncBatchNorm: BatchNorm statistics pooled over processes (converted before DDP)
+    sync_bn_group_size: int = 0  # processes per SyncBatchNorm group, consecutive ranks; 0: all processes
 
 
 @dataclass
@@ -105,7 +107,11 @@ class CheckpointConfig:
 @dataclass
 class Recipe:
     epochs: int = 80
-    batch_size: int = 128  # global, across all processes
+    batch_size: int = 128  # global, across all processes: the images of one weight update
+    # Images per forward pass per process, which BatchNorm normalises over (without SyncBN);
+    # each update accumulates the gradients of batch_size / (processes x this) passes.
+    # 0: each process's whole share in one pass.
+    micro_batch_size: int = 0
     seed: int = 0
     label_smoothing: float = 0.1
     data: DataConfig = field(default_factory=DataConfig)
@@ -511,6 +517,8 @@ def validate(recipe: Recipe) -> None:
     r, d = recipe, recipe.data
     _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
     _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
+    _require(r.micro_batch_size >= 0, "micro_batch_size", ">= 0 (0: each process's share in one pass)",
+             r.micro_batch_size)  # whether it fits the batch depends on the processes: arrangement.py
     _require(r.seed >= 0, "seed", ">= 0", r.seed)
     _require(0.0 <= r.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", r.label_smoothing)
     _require(d.img_size >= 32, "data.img_size", ">= 32 (the network downsamples 32x)", d.img_size)
@@ -557,6 +565,9 @@ def _validate_training(recipe: Recipe) -> None:
              a.mixup_switch_prob)
     _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
              r.batch_size)
+    _require(not r.mixing() or r.micro_batch_size % 2 == 0, "micro_batch_size",
+             "even when mixup or cutmix is on (each pass is mixed on its own, as timm's --grad-accum-steps)",
+             r.micro_batch_size)
     _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
 
 
@@ -589,6 +600,10 @@ def _validate_input_and_runtime(recipe: Recipe) -> None:
     _require(recipe.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s", "> 0",
              recipe.runtime.collective_timeout_s)
     _require(recipe.runtime.log_interval >= 1, "runtime.log_interval", ">= 1", recipe.runtime.log_interval)
+    _require(recipe.runtime.sync_bn_group_size >= 0, "runtime.sync_bn_group_size", ">= 0 (0: all processes)",
+             recipe.runtime.sync_bn_group_size)
+    _require(recipe.runtime.sync_bn or recipe.runtime.sync_bn_group_size == 0, "runtime.sync_bn_group_size",
+             "0 unless runtime.sync_bn is true", recipe.runtime.sync_bn_group_size)
     _require(recipe.runtime.max_nonfinite_steps >= 1, "runtime.max_nonfinite_steps", ">= 1",
              recipe.runtime.max_nonfinite_steps)
     _require(recipe.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0 (0: epoch ends only)",

@@ -1,10 +1,11 @@
 """A training run, top to bottom.
 
     train()
+      arrange               processes x passes x images per pass; an impossible cut stops here
       claim_run_folder      rank 0 locks the folder and picks the checkpoint; every rank follows
       read_start_weights    a fresh start from model.initial_weights: the file read and checked
-      build                 loaders -> class count -> TrainStep (model, optimizer, schedule, DDP,
-                            compile) -> the initial weights, on a fresh start -> RunState
+      build                 loaders -> class count -> TrainStep (model, SyncBN, optimizer, schedule,
+                            DDP, compile) -> the initial weights, on a fresh start -> RunState
       restore               the checkpoint's weights, optimizer, position and random generators
       start                 rank 0 records the start in the run folder and says what runs
       epochs                the stop watchdog around train_epochs; how the run ends (status)
@@ -15,7 +16,9 @@
 
 Every rank must reach these collectives in the same order, or the job hangs until
 runtime.collective_timeout_s: the decision in claim_run_folder (all_gather) and the barrier
-after loading the checkpoint; DDP's all-reduce in every backward pass; every
+after loading the checkpoint; DDP's buffer broadcast in every forward pass and its gradient
+all-reduce in the last backward pass of every update; with SyncBatchNorm, all-reduces in
+every BatchNorm's forward and backward (within its group); every
 runtime.log_interval steps the non-finite check (all_reduce MAX) and the stop agreement
 (all_reduce); in every save_run two all_gathers (per-rank state, whether it was
 written); at each epoch's end the totals (all_reduce), each evaluation (all_gather,
@@ -33,6 +36,7 @@ from data.loaders import TrainingData, build_training_data
 from data.transforms import decode_path
 from data.unreadable import UnreadableImages
 
+from .arrangement import Arrangement, arrange
 from .checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .engine import (NonFiniteLossError, TrainStep, build_train_step, check_numerics, configure_kernels, evaluate,
@@ -55,12 +59,12 @@ class FinalCheckpointError(RuntimeError):
 
 def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
     """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal."""
+    arrangement = arrange(recipe, ctx.world_size)  # an impossible one is refused before anything is touched
     folder = RunFolder(output, recipe.checkpoint.keep_last)
     with folder.released_at_exit():
         resumed = claim_run_folder(folder, resume, ctx)
         with folder.failure_recorded(ctx.is_main):
             recipe = as_it_runs(recipe, ctx)
-            check_batch_sizes(recipe, ctx.world_size)
             recipe, initial = read_start_weights(recipe, resumed)
             configure_kernels(recipe.runtime.deterministic)
             seed_everything(recipe.seed)
@@ -74,7 +78,7 @@ def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] 
                 data.train_set.samples, recipe.data.max_unreadable_batch_fraction,
                 recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed))
             notes = restore(resumed[1], step, run, recipe, ctx, data) if resumed else []
-            start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps)
+            start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps, arrangement)
             return epochs(recipe, ctx, folder, data, step, run)
 
 
@@ -108,12 +112,6 @@ def as_it_runs(recipe: Recipe, ctx: DistContext) -> Recipe:
         log.warning("%s has no bf16: runtime.amp=fp16 instead", torch.cuda.get_device_name(ctx.device))
         return dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, amp="fp16"))
     return recipe
-
-
-def check_batch_sizes(recipe: Recipe, world_size: int) -> None:
-    if recipe.batch_size % world_size:
-        raise RecipeError(f"recipe key 'batch_size' is {recipe.batch_size}, the global batch across {world_size} "
-                          f"processes; it must be a multiple of {world_size}")
 
 
 def with_class_count(recipe: Recipe, data: TrainingData) -> Recipe:
@@ -213,7 +211,7 @@ def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
 
 
 def start(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingData, run: RunState, resumed: Resumed,
-          notes: List[str], warmup_steps: int) -> None:
+          notes: List[str], warmup_steps: int, arrangement: Arrangement) -> None:
     """Rank 0 records the run's start or resume in its folder and says what it is doing."""
     if not ctx.is_main:
         return
@@ -224,10 +222,11 @@ def start(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: TrainingDat
         folder.add_segment(run.step, recipe_to_dict(recipe), ctx.world_size, notes, resumed[0] if resumed else None)
         folder.set_status(f"running from step {run.step}")
     total = recipe.epochs * data.sampler.steps_per_epoch
-    log.info("%d process(es) on %s; %d train / %d val images; global batch %d; lr %g (optim.lr %g x %d/%d %s); "
-             "%d steps; output %s", ctx.world_size, ctx.device.type, len(data.train_set), len(data.val_set),
-             recipe.batch_size, recipe.scaled_lr(), recipe.optim.lr, recipe.batch_size,
-             recipe.optim.reference_batch_size, recipe.optim.lr_scaling, total, folder.path)
+    log.info("%d process(es) on %s; %d train / %d val images; lr %g (optim.lr %g x %d/%d %s); %d steps; output %s",
+             ctx.world_size, ctx.device.type, len(data.train_set), len(data.val_set), recipe.scaled_lr(),
+             recipe.optim.lr, recipe.batch_size, recipe.optim.reference_batch_size, recipe.optim.lr_scaling, total,
+             folder.path)
+    log.log(logging.WARNING if arrangement.short_of_micro_batch else logging.INFO, arrangement.describe())
     if warmup_steps >= total:
         log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
                     warmup_steps, total, recipe.scaled_lr())

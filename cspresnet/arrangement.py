@@ -1,0 +1,91 @@
+"""How one weight update's global batch is cut: processes x passes x images per pass, and
+how many images each BatchNorm normalises over.
+
+darknet's csresnet50.cfg says batch=128 subdivisions=4: an update accumulates 4 forward
+passes of 32 images, so BatchNorm sees 32 at a time. Here `batch_size` is the update,
+`micro_batch_size` the images of one pass in one process, and SyncBatchNorm may pool a
+group of processes' passes; the trainer prints the result at start, e.g.
+
+    global batch 128 = 1 process x 4 passes x 32 images; BatchNorm over 32
+"""
+from dataclasses import dataclass
+
+from .recipe import Recipe, RecipeError
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    global_batch: int  # images per weight update, all processes
+    processes: int
+    passes: int  # forward/backward passes per update in each process (gradient accumulation)
+    images_per_pass: int  # per process
+    bn_group: int  # processes whose BatchNorm statistics are pooled (SyncBatchNorm); 1: each its own
+    micro_batch_size: int  # the recipe's images per pass (0: one pass); a process may hold fewer
+
+    @property
+    def bn_images(self) -> int:
+        return self.images_per_pass * self.bn_group
+
+    def describe(self) -> str:
+        line = (f"global batch {self.global_batch} = {counted(self.processes, 'process', 'processes')} x "
+                f"{counted(self.passes, 'pass', 'passes')} x {self.images_per_pass} images; "
+                f"BatchNorm over {self.bn_images}")
+        if self.bn_group > 1:
+            line += f" (SyncBatchNorm over groups of {self.bn_group} processes)"
+        if self.short_of_micro_batch:
+            line += f", not the recipe's micro_batch_size {self.micro_batch_size}: {self.fewer_images_than_a_pass()}"
+        return line
+
+    @property
+    def short_of_micro_batch(self) -> bool:
+        return self.bn_images < self.micro_batch_size
+
+    def fewer_images_than_a_pass(self) -> str:
+        share, micro = self.images_per_pass, self.micro_batch_size
+        text = f"each process has {share} images, fewer than one pass, so it takes them in one"
+        pooled = micro // share
+        if micro % share == 0 and self.processes % pooled == 0:
+            return (f"{text}; to normalise over {micro} add runtime.sync_bn=true "
+                    f"runtime.sync_bn_group_size={pooled}")
+        return f"{text}; to normalise over {micro}, raise batch_size to a multiple of {micro * self.processes}"
+
+
+def counted(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def arrange(recipe: Recipe, world_size: int) -> Arrangement:
+    """The arrangement of `recipe` on `world_size` processes, or a RecipeError that names the
+    global batch, the processes and the images per pass, and what would fit."""
+    batch, micro = recipe.batch_size, recipe.micro_batch_size
+    share = batch // world_size
+    if batch % world_size or share == 0:
+        raise RecipeError(f"recipe key 'batch_size' is {batch}, the global batch, which {world_size} processes "
+                          f"cannot share equally; it must be a multiple of {world_size}")
+    images = min(micro, share) if micro else share  # a share smaller than a pass is one pass, said at start
+    if share % images:
+        raise RecipeError(cannot_cut(batch, world_size, micro))
+    if recipe.mixing() and images % 2:
+        raise RecipeError(f"global batch {batch} = {counted(world_size, 'process', 'processes')} x {share} images "
+                          f"in one pass: mixup and cutmix need an even number of images per pass; use a global "
+                          f"batch that is a multiple of {2 * world_size}")
+    return Arrangement(batch, world_size, share // images, images, bn_group_size(recipe, world_size), micro)
+
+
+def cannot_cut(batch: int, world_size: int, micro: int) -> str:
+    share = batch // world_size
+    return (f"global batch {batch} cannot be cut into {counted(world_size, 'process', 'processes')} x whole passes "
+            f"x {micro} images (recipe keys 'batch_size', 'micro_batch_size'): each process has {share} images, "
+            f"not a multiple of {micro}: set micro_batch_size to a divisor of {share}, or 0 (one pass)")
+
+
+def bn_group_size(recipe: Recipe, world_size: int) -> int:
+    """Processes per SyncBatchNorm group: 1 without SyncBN; consecutive ranks otherwise."""
+    if not recipe.runtime.sync_bn:
+        return 1
+    group = recipe.runtime.sync_bn_group_size or world_size
+    if world_size % group:
+        raise RecipeError(f"recipe key 'runtime.sync_bn_group_size' is {group} but the job has "
+                          f"{counted(world_size, 'process', 'processes')}; it must divide {world_size} "
+                          f"(0: one group of all)")
+    return group
