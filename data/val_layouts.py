@@ -151,7 +151,7 @@ def find_eval_set(folder: Path, split: str, label_file: Optional[Path], trained_
                   num_classes: int, index_dir: str = "") -> EvalSet:
     """The tar shards of `split` in `folder` if it holds them, else read_eval_set. Shards
     that do not name their classes take the model's: its checkpoint's, else default_classes."""
-    if not subfolders(folder) and holds_shards(folder, split):
+    if folder.is_dir() and not subfolders(folder) and holds_shards(folder, split):
         shards, classes = read_eval_shards(folder, split, trained_classes or default_classes(num_classes), index_dir)
         return EvalSet(shards.samples, classes, "shards", shards)
     return read_eval_set(folder, label_file)
