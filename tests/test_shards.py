@@ -112,34 +112,34 @@ def folder_run(tiny_imagenet, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def packed_run(packed, tmp_path_factory):
-    return train_run(packed, tmp_path_factory.mktemp("packed_run") / "run")
+def handmade(tiny_imagenet, tmp_path_factory):
+    """tiny_imagenet in timm's published layout, written with plain tarfile (not our packer)."""
+    return timm_layout(tiny_imagenet, tmp_path_factory.mktemp("handmade") / "wds")
+
+
+@pytest.fixture(scope="module")
+def handmade_run(handmade, tmp_path_factory):
+    return train_run(handmade, tmp_path_factory.mktemp("handmade_run") / "run")
 
 
 # ----------------------------------------------------------------------------- the same numbers as the folders
 
 
-def test_training_from_packed_shards_gives_bitwise_the_weights_of_the_folder(tiny_imagenet, packed, folder_run,
-                                                                            packed_run):
-    first_member = tarfile.open(packed / "imagenet1k-train-00.tar").getnames()[1]
+def test_shards_in_timms_layout_written_by_hand_train_to_the_folders_weights_bitwise_and_validate_the_same(
+        tiny_imagenet, packed, handmade, folder_run, handmade_run):
+    """Our packer's shards give the folders' weights too: with 2 processes, killed and
+    resumed, in the slow test below."""
+    first_member = tarfile.open(handmade / "imagenet1k-train-0000.tar").getnames()[0]
     first_file = index_split(tiny_imagenet / "train", find_classes(tiny_imagenet / "train"))[0][0]
     assert first_member.split(".")[0] != os.path.basename(first_file).split(".")[0]  # shuffled across shards
-    assert_same_weights(folder_run, packed_run)
-    assert load_checkpoint(packed_run / "last.pt")["classes"] == find_classes(tiny_imagenet / "train")
-    from_folder = run_validate(packed_run / "last.pt", tiny_imagenet)
-    from_shards = run_validate(packed_run / "last.pt", packed)
-    assert from_shards["layout"] == "shards" and from_shards["images"] == 15
-    assert same_result(from_folder, from_shards)
-
-
-def test_shards_written_by_hand_in_timms_layout_train_and_validate(tiny_imagenet, folder_run, tmp_path):
-    handmade = timm_layout(tiny_imagenet, tmp_path / "wds")
-    run = train_run(handmade, tmp_path / "run")
-    assert_same_weights(folder_run, run)  # whatever order the samples lie in the shards
-    assert load_checkpoint(run / "last.pt")["classes"] == ["0", "1", "2"]  # timm's _info.json names none
-    result = run_validate(run / "last.pt", handmade)
-    assert (result["images"], result["layout"], result["unreadable"]) == (15, "shards", 0)
-    assert same_result(result, run_validate(run / "last.pt", tiny_imagenet))  # numbered classes go with any names
+    assert_same_weights(folder_run, handmade_run)  # whatever order the samples lie in the shards
+    checkpoint = handmade_run / "last.pt"
+    assert load_checkpoint(checkpoint)["classes"] == ["0", "1", "2"]  # timm's _info.json names none
+    from_folder = run_validate(checkpoint, tiny_imagenet)
+    for shards_dir in (handmade, packed):  # numbered classes go with any names; ours names them
+        result = run_validate(checkpoint, shards_dir)
+        assert (result["images"], result["layout"], result["unreadable"]) == (15, "shards", 0)
+        assert same_result(from_folder, result)
 
 
 @pytest.mark.parametrize("decode", ["full", "fast", "gpu"])
@@ -243,21 +243,19 @@ def test_a_shard_deleted_or_changed_after_indexing_is_named_and_its_samples_coun
     assert [os.path.basename(p) for p, _ in shards.read_split(bad_shards, "train").samples][0] == "a.jpg"
 
 
-def test_a_deleted_shard_stops_a_resumed_run_by_the_unreadable_budget_and_loses_nothing(packed, packed_run, tmp_path):
+def test_a_deleted_shard_stops_a_resumed_run_by_the_unreadable_budget_and_loses_nothing(handmade, handmade_run,
+                                                                                        tmp_path):
     folder, run = tmp_path / "shards", tmp_path / "run"
-    shutil.copytree(packed, folder)
-    shutil.copytree(packed_run, run)
-    (folder / "imagenet1k-train-02.tar").unlink()  # 8 of the 24 images
+    shutil.copytree(handmade, folder)
+    shutil.copytree(handmade_run, run)
+    (folder / "imagenet1k-train-0001.tar").unlink()  # 12 of the 24 images
     saved = (run / "last.pt").read_bytes()
     args = ["--recipe", "demo.yaml", "--data-dir", folder, "--output", run, "--resume", "auto", *TINY_OVERRIDES]
     stopped = in_this_process(train.main, *args)
-    assert stopped.returncode == 2 and "imagenet1k-train-02.tar is gone" in stopped.stderr
+    assert stopped.returncode == 2 and "imagenet1k-train-0001.tar is gone" in stopped.stderr
     assert "could not be decoded" in stopped.stderr  # the batch's or the run's budget, whichever is first
     assert (run / "last.pt").read_bytes() == saved
     assert "training set changed" not in stopped.stdout  # the index kept the gone shard's places
-    trained = in_this_process(train.main, *args, "data.min_unreadable_allowed=8", "data.max_unreadable_batch_fraction=0.9")
-    assert trained.returncode == 0, trained.stderr
-    assert load_checkpoint(run / "last.pt")["rows"][-1]["unreadable_images"] == 8
 
 
 # ----------------------------------------------------------------------------- the pack command
@@ -310,7 +308,9 @@ def test_pack_command_says_what_is_wrong_in_one_line(tiny_imagenet, tmp_path):
 
 def test_the_layout_is_detected_from_the_folder_or_named_in_the_recipe(tiny_imagenet, packed, tmp_path):
     identity = train_transform(32)
-    assert isinstance(build_splits(DataConfig(dir=str(packed)), identity, identity, 0)[0], shards.ShardDataset)
+    from_shards = build_splits(DataConfig(dir=str(packed)), identity, identity, 0)[0]
+    assert isinstance(from_shards, shards.ShardDataset)
+    assert from_shards.classes == find_classes(tiny_imagenet / "train")  # our packer's _info.json names them
     assert type(build_splits(DataConfig(dir=str(tiny_imagenet)), identity, identity, 0)[0]) is ImageFolderDataset
     with pytest.raises(DatasetLayoutError, match="has no train shards"):
         build_splits(DataConfig(dir=str(tiny_imagenet), layout="shards"), identity, identity, 0)
