@@ -8,9 +8,10 @@
 Reads our training checkpoints (model or EMA weights), timm's .pth state dicts,
 .safetensors files and DDP's module.-prefixed state dicts; the number of classes comes
 from the weights. The evaluation folder is DIR/<split> if it exists, else DIR: class
-folders, ImageNetV2's numbered folders, or a flat folder with the devkit or Kaggle's
-solution file; a DIR that holds other splits (train/, val/, validation/, test/) but not
-<split> is refused. The last line printed is JSON with top1, top5 (percent), images and the
+folders, ImageNetV2's numbered folders, a flat folder with the devkit or Kaggle's
+solution file, or WebDataset tar shards named <name>-<split>-NN.tar (docs/shards.md;
+--split val also takes -validation-); a DIR that holds other splits (train/, val/,
+validation/, test/) but not <split> is refused. The last line printed is JSON with top1, top5 (percent), images and the
 settings used.
 
 Exit codes:
@@ -39,7 +40,7 @@ from data.config import DataConfig
 from data.imagenet import DatasetLayoutError, UnreadableDataError
 from data.loaders import build_eval_data
 from data.transforms import INTERPOLATIONS, DevicePreprocess, decode_path, memory_format
-from data.val_layouts import EvalSet, eval_folder, read_eval_set
+from data.val_layouts import EvalSet, eval_folder, find_eval_set
 
 log = logging.getLogger("cspresnet.validate")
 
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--devkit", type=Path, help="labels of a flat folder: ILSVRC2012_devkit_t12.tar.gz or meta.bin")
     labels.add_argument("--val-solution", type=Path, help="labels of a flat folder: Kaggle's LOC_val_solution.csv")
+    parser.add_argument("--shard-index-dir", default="",
+                        help="where the index of tar shards is cached (default: beside them, or ~/.cache/cspresnet)")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights of a training checkpoint (default: EMA when present)")
     parser.add_argument("--img-size", type=int, help="crop size (default: the checkpoint's recipe, else 256)")
@@ -104,12 +107,18 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise OptionError(f"{option} {path}: its folder {path.parent} does not exist")
 
 
+def numbered(classes) -> bool:
+    """Classes known by number only (ImageNetV2's folders, shards without class names)."""
+    return all(name.isdigit() for name in classes)
+
+
 def check_labels(eval_set: EvalSet, trained_classes, num_classes: int, real_labels: bool) -> None:
     """Refuse an evaluation whose labels cannot mean what the model's outputs mean."""
     if len(eval_set.classes) != num_classes:
         raise DatasetLayoutError(f"the evaluation set has {len(eval_set.classes)} classes ({eval_set.layout}) "
                                  f"but the checkpoint has {num_classes}")
-    if trained_classes and eval_set.layout != "imagenetv2" and list(trained_classes) != eval_set.classes:
+    if trained_classes and not numbered(trained_classes) and not numbered(eval_set.classes) \
+            and list(trained_classes) != eval_set.classes:
         differ = next(i for i, (a, b) in enumerate(zip(trained_classes, eval_set.classes)) if a != b)
         raise DatasetLayoutError(f"class {differ} is {trained_classes[differ]} in the checkpoint but "
                                  f"{eval_set.classes[differ]} in the evaluation set: not the same classes")
@@ -129,14 +138,15 @@ def main(argv=None) -> dict:
     checkpoint = load_checkpoint(Path(args.checkpoint))
     model, weights = load_cspresnet(checkpoint, args.weights)
     settings = eval_settings(args, checkpoint)
-    eval_set = read_eval_set(folder, args.devkit or args.val_solution)
+    eval_set = find_eval_set(folder, args.split, args.devkit or args.val_solution, checkpoint.get("classes"),
+                             model.num_classes, args.shard_index_dir)
     check_labels(eval_set, checkpoint.get("classes"), model.num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
     configure_kernels(deterministic=False)  # eval shapes are fixed: let cuDNN pick its fastest kernels
     model = model.to(ctx.device, memory_format=memory_format(args.channels_last))
     dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx.rank, ctx.world_size,
-                                      ctx.device)
+                                      ctx.device, eval_set.shards)
     log.info("%d images (%s) in %s; JPEGs: %s", len(dataset), eval_set.layout, folder,
              decode_path(settings.eval_decode))
     result = evaluate(model, loader, model.num_classes, DevicePreprocess(ctx.device, args.channels_last), args.amp,

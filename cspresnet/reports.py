@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
+VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.(JPEG|jpg)$", re.IGNORECASE)  # .jpg: inside tar shards
 TIMM_RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                         "interpolation"]
 

@@ -193,9 +193,10 @@ def continue_with_new_batch(run: RunState, old_batch: int, new_batch: int, steps
 
 # Keys that change where and how a run goes, not a number it computes; and the initial
 # weights, which only a fresh start loads (a resume takes the checkpoint's).
-NO_EFFECT_ON_RESULTS = {"data.dir", "data.workers", "runtime.log_interval", "runtime.stop_timeout_s",
-                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last",
-                        "model.initial_weights", "model.initial_weights_kind", "model.initial_weights_sha256"}
+NO_EFFECT_ON_RESULTS = {"data.dir", "data.layout", "data.shard_index_dir", "data.workers", "runtime.log_interval",
+                        "runtime.stop_timeout_s", "runtime.collective_timeout_s", "checkpoint.every_steps",
+                        "checkpoint.keep_last", "model.initial_weights", "model.initial_weights_kind",
+                        "model.initial_weights_sha256"}
 
 
 def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:

@@ -11,7 +11,9 @@ class DataConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/
+    dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/, or tar shards (docs/shards.md)
+    layout: Literal["auto", "class-folders", "shards"] = "auto"  # auto: class folders if dir/train/ exists, else shards
+    shard_index_dir: str = ""  # where the shard index is cached; "": beside the shards, ~/.cache if read-only
     img_size: int = 256  # training crop
     workers: int = 8  # loader processes per training process
     train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic

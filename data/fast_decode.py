@@ -8,6 +8,7 @@ differ slightly from a full Pillow decode and resize (libjpeg-turbo's fast IDCT 
 upsampling, torch's resize kernel). Files libjpeg-turbo does not read as RGB JPEG (PNG
 behind a .JPEG name, CMYK) go through Pillow, as timm's path does.
 """
+import io
 import math
 import random
 from typing import Callable, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import RandomResizedCropAndInterpolation
 
 from .jpeg_box import box_decoder
@@ -25,21 +26,23 @@ Box = Tuple[int, int, int, int]  # top, left, height, width in pixels of the sto
 
 class ImageTransform:
     """Two stages, so that the dataset can tell a broken file from a broken transform:
-    `decode` reads the file (and fails on a bad one), `finish` only computes."""
+    `decode` decodes the file's bytes (and fails on a bad one), `finish` only computes.
+    Bytes, not a path: the dataset reads them, from a file (imagenet.py) or from inside a
+    tar shard (shards.py), and the pixels do not depend on where they came from."""
 
     # Whether a step draws from NumPy's global generator (timm's RandAugment picks its ops
     # with np.random.choice). Only then does the dataset seed it per sample: saving and
     # restoring NumPy's state in the main process costs ~70 us an image.
     uses_numpy_random = False
 
-    def decode(self, path: str):
+    def decode(self, data: bytes):
         raise NotImplementedError
 
     def finish(self, decoded) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, path: str) -> torch.Tensor:
-        return self.finish(self.decode(path))
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.finish(self.decode(data))
 
 
 _buffer = np.empty(0, dtype=np.uint8)  # reused decode target: a fresh 0.5 MB array a call costs page faults
@@ -52,10 +55,16 @@ def _decode_buffer(size: int) -> np.ndarray:
     return _buffer
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(data: bytes) -> Image.Image:
     """Pillow's full decode, to RGB whatever the stored mode (ImageNet has grayscale and
-    CMYK JPEGs, and a PNG behind a .JPEG name): timm's way of reading a file."""
-    with Image.open(path) as image:
+    CMYK JPEGs, and a PNG behind a .JPEG name): timm's way of reading a file. Pillow reads
+    bytes and a file alike, so these are timm's pixels exactly."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its own message names a BytesIO object, which tells nobody anything
+        raise UnidentifiedImageError(f"not an image Pillow can read ({len(data)} bytes, starting {data[:8]!r})") \
+            from None
+    with image:
         return image.convert("RGB")
 
 
@@ -63,23 +72,21 @@ def pil_to_hwc_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
-def read_jpeg(path: str) -> Tuple[bytes, Optional[Tuple[int, int]]]:
-    """The file's bytes, and its (height, width) if libjpeg-turbo (and nvJPEG) can decode it
-    to RGB; None for anything else (a PNG behind a .JPEG name, a CMYK JPEG): Pillow's job."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+def jpeg_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
+    """(height, width) if libjpeg-turbo (and nvJPEG) can decode these bytes to RGB; None for
+    anything else (a PNG behind a .JPEG name, a CMYK JPEG): Pillow's job."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return data, None
-    return data, (height, width) if colorspace in ("YCbCr", "Gray", "RGB") else None
+        return None
+    return (height, width) if colorspace in ("YCbCr", "Gray", "RGB") else None
 
 
-def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, interpolation: str) -> torch.Tensor:
-    """Decode `path`, take the box that choose_box(height, width) picks, resize it to
+def decode_region(data: bytes, choose_box: Callable[[int, int], Box], size: int, interpolation: str) -> torch.Tensor:
+    """Decode the image, take the box that choose_box(height, width) picks, resize it to
     size x size; uint8 HWC. The JPEG is decoded at 1/2^k scale when the box is at least
     2^k times the output in both directions (k <= 3)."""
-    data, dimensions = read_jpeg(path)
+    dimensions = jpeg_dimensions(data)
     region = None
     if dimensions is not None:
         height, width = dimensions
@@ -91,7 +98,7 @@ def decode_region(path: str, choose_box: Callable[[int, int], Box], size: int, i
         except ValueError:
             pass  # truncated or damaged: Pillow decides whether it can be read at all
     if region is None:  # Pillow, at full size, as timm reads every file
-        pixels = pil_to_hwc_uint8(load_rgb(path))
+        pixels = pil_to_hwc_uint8(load_rgb(data))
         top, left, box_height, box_width = choose_box(pixels.shape[0], pixels.shape[1])
         region = pixels[top:top + box_height, left:left + box_width]
     # As a channels_last NCHW batch of one, torch's uint8 antialiased resize runs its fast
@@ -146,8 +153,8 @@ class FastRandomResizedCrop(ImageTransform):
     def _flip(self) -> bool:
         return self.hflip > 0 and random.random() < self.hflip
 
-    def decode(self, path: str) -> torch.Tensor:
-        return decode_region(path, self._box, self.size, self._interpolation())
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_region(data, self._box, self.size, self._interpolation())
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._flip():
@@ -176,8 +183,8 @@ class FastCenterCrop(ImageTransform):
         left = int(round((new_width - self.img_size) / 2.0)) * width / new_width
         return round(top), round(left), round(self.img_size * height / new_height), round(self.img_size * width / new_width)
 
-    def decode(self, path: str) -> torch.Tensor:
-        return decode_region(path, self._box, self.img_size, self.interpolation)
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_region(data, self._box, self.img_size, self.interpolation)
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels

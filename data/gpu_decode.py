@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .fast_decode import Box, FastRandomResizedCrop, decode_region, read_jpeg
+from .fast_decode import Box, FastRandomResizedCrop, decode_region, jpeg_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,13 @@ class EncodedRandomResizedCrop(FastRandomResizedCrop):
     """The worker half of GPU decoding: the crop, flip and interpolation are drawn here,
     exactly as FastRandomResizedCrop draws them."""
 
-    def decode(self, path: str) -> EncodedImage:
+    def decode(self, data: bytes) -> EncodedImage:
         interpolation = self._interpolation()
-        data, dimensions = read_jpeg(path)
+        dimensions = jpeg_dimensions(data)
         if dimensions is not None:
             box = self._box(*dimensions)
             return EncodedImage(data, None, box, self._flip(), interpolation, self.size)
-        pixels = decode_region(path, self._box, self.size, interpolation)
+        pixels = decode_region(data, self._box, self.size, interpolation)
         return EncodedImage(None, pixels, (0, 0, self.size, self.size), self._flip(), interpolation, self.size)
 
     def finish(self, encoded: EncodedImage) -> EncodedImage:

@@ -19,7 +19,8 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 EXPECTED_LAYOUT = """expected the ILSVRC2012 layout:
     DIR/train/n01440764/n01440764_10026.JPEG   one folder per class (WordNet id),
     DIR/train/<wnid>/*.JPEG                    classes indexed in sorted folder order
-    DIR/val/<wnid>/*.JPEG                      the same class folders"""
+    DIR/val/<wnid>/*.JPEG                      the same class folders
+or WebDataset tar shards, DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (docs/shards.md)"""
 
 
 class DatasetLayoutError(ValueError):
@@ -129,8 +130,9 @@ class ImageFolderDataset(Dataset):
 
     An item is looked up by index, or by (epoch, index) for training: the training sampler
     passes the epoch along so that per-sample randomness survives persistent workers.
-    A file that cannot be decoded gives image None and the reason, so that one bad JPEG
-    costs one sample, not the run; the loader's collate drops it and counts it.
+    A file that cannot be read or decoded gives image None and the reason, so that one bad
+    JPEG costs one sample, not the run; the loader's collate drops it and counts it.
+    `read` is the one thing a dataset of another storage changes (shards.ShardDataset).
     """
 
     def __init__(self, samples: List[Sample], classes: List[str], transform: ImageTransform, seed: Optional[int] = None):
@@ -142,14 +144,19 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> bytes:
+        """The sample's file, whole: one open and one read."""
+        with open(self.samples[index][0], "rb") as handle:
+            return handle.read()
+
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, target = self.samples[index]
+        target = self.samples[index][1]
         randomness = nullcontext() if self.seed is None else \
             seeded_randomness(sample_seed(self.seed, epoch, index), self.transform.uses_numpy_random)
         with randomness:
             try:
-                decoded = self.transform.decode(path)
+                decoded = self.transform.decode(self.read(index))
             except DECODE_ERRORS as exc:
                 return None, target, index, f"{type(exc).__name__}: {exc}"
             return self.transform.finish(decoded), target, index, None

@@ -4,16 +4,19 @@ import ctypes
 import math
 import signal
 from dataclasses import dataclass
-from typing import List, Tuple
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batches import SharedBatchRing
 from .config import DataConfig, DataConfigError
+from .fast_decode import ImageTransform
 from .gpu_decode import gpu_decode_available, warn_fallback
 from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
 from .samplers import EvalSampler, TrainSampler
+from .shards import ShardDataset, ShardSplit, build_shard_splits, holds_shards
 from .transforms import eval_transform, train_transform
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -79,12 +82,12 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_aug
         if not available:
             warn_fallback(reason)
             decode = "fast"
-    train_set, val_set = build_imagenet_splits(
-        config.dir,
+    train_set, val_set = build_splits(
+        config,
         train_transform(config.img_size, config.crop_scale, config.crop_ratio, config.train_interpolation,
                         config.hflip, auto_augment, decode),
         eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
-        seed=seed, holdout_fraction=config.holdout_fraction,
+        seed=seed,
     )
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
@@ -96,6 +99,19 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_aug
     return TrainingData(train, sampler, train_set, val, val_set, decode)
 
 
+def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
+                 seed: int) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    """Class folders or tar shards: data.layout, or (auto) whichever data.dir holds."""
+    root = Path(config.dir).expanduser()
+    if config.dir and (config.layout == "shards" or (
+            config.layout == "auto" and not (root / "train").is_dir() and holds_shards(root))):
+        if config.holdout_fraction > 0:
+            raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
+                                  f"tar shards, which carry their own validation shards; set it to 0")
+        return build_shard_splits(root, train, val, seed, config.shard_index_dir)
+    return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction)
+
+
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int, pin_memory: bool,
                 stop_timeout_s: float = 60.0) -> DataLoader:
     """Every image exactly once across the ranks; `batch_size` is global."""
@@ -105,10 +121,11 @@ def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, w
 
 
 def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, rank: int, world_size: int,
-                    device: torch.device) -> Tuple[ImageFolderDataset, DataLoader]:
-    """An evaluation set (validate.py, benchmarks) read with config's evaluation transform."""
+                    device: torch.device, shards: Optional[ShardSplit] = None) -> Tuple[ImageFolderDataset, DataLoader]:
+    """An evaluation set (validate.py, benchmarks) read with config's evaluation transform;
+    from `shards` when given (their samples are `samples`)."""
     transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
                                config.eval_decode)
-    dataset = ImageFolderDataset(samples, classes, transform)
+    dataset = ShardDataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
     return dataset, eval_loader(dataset, config.eval_batch_size, rank, world_size, config.workers,
                                 pin_memory=device.type == "cuda")

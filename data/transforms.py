@@ -6,7 +6,7 @@ queues and the host-to-device copy. Normalisation then runs on the device with t
 float32 operations as torchvision's ToTensor + Normalize, so results are bit-identical to
 timm's CPU transform.
 
-Each transform decodes its file itself (see fast_decode.ImageTransform): "full" decodes
+Each transform decodes the file's bytes itself (see fast_decode.ImageTransform): "full" decodes
 the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
 """
 import math
@@ -39,8 +39,8 @@ class FullDecode(ImageTransform):
         self.steps = steps
         self.uses_numpy_random = uses_numpy_random
 
-    def decode(self, path: str) -> Image.Image:
-        return load_rgb(path)
+    def decode(self, data: bytes) -> Image.Image:
+        return load_rgb(data)
 
     def finish(self, image: Image.Image) -> torch.Tensor:
         return self.steps(image)

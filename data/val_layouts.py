@@ -5,6 +5,8 @@
     DIR/ILSVRC2012_val_*.JPEG flat    with the devkit (ILSVRC2012_devkit_t12.tar.gz, or the
                                       meta.bin torchvision makes of it) or Kaggle's
                                       LOC_val_solution.csv
+    DIR/<name>-validation-NN.tar      WebDataset tar shards (data/shards.py); classes as
+                                      _info.json names them, else the model's
 
 The devkit's ground truth holds ILSVRC2012 IDs, numbered in meta.mat's order, not in
 sorted wnid order; torchvision's parser turns them into wnids, then wnids into labels.
@@ -22,6 +24,7 @@ from typing import Dict, List, Optional
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
 from .imagenet import DatasetLayoutError, Sample, image_files, index_split, subfolders
+from .shards import ShardSplit, default_classes, holds_shards, read_eval_shards
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
@@ -37,7 +40,8 @@ FLAT_HELP = (f"a flat folder of ILSVRC2012_val_*.JPEG needs its labels: --devkit
 class EvalSet:
     samples: List[Sample]
     classes: List[str]  # class names in label order (wnids, or '0'..'999' for ImageNetV2)
-    layout: str  # class-folders | imagenetv2 | flat-devkit | flat-kaggle
+    layout: str  # class-folders | imagenetv2 | flat-devkit | flat-kaggle | shards
+    shards: Optional[ShardSplit] = None  # where each sample lies, for layout "shards"
 
 
 @dataclass
@@ -141,6 +145,16 @@ def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
                                  f"e.g. {unlabelled[:3]}")
     layout = "flat-kaggle" if label_file.suffix == ".csv" else "flat-devkit"
     return EvalSet([(str(p), index[wnids[p.name]]) for p in images], classes, layout)
+
+
+def find_eval_set(folder: Path, split: str, label_file: Optional[Path], trained_classes: Optional[List[str]],
+                  num_classes: int, index_dir: str = "") -> EvalSet:
+    """The tar shards of `split` in `folder` if it holds them, else read_eval_set. Shards
+    that do not name their classes take the model's: its checkpoint's, else default_classes."""
+    if folder.is_dir() and not subfolders(folder) and holds_shards(folder, split):
+        shards, classes = read_eval_shards(folder, split, trained_classes or default_classes(num_classes), index_dir)
+        return EvalSet(shards.samples, classes, "shards", shards)
+    return read_eval_set(folder, label_file)
 
 
 def arrange_by_class(flat_dir: Path, label_file: Path, out_dir: Path, symlinks: bool = False) -> int:

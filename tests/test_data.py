@@ -38,9 +38,9 @@ def test_every_image_mode_becomes_rgb(tmp_path):
     base.convert("P").save(tmp_path / "palette.png")
     base.convert("I;16").save(tmp_path / "sixteen.png")
     for path in sorted(tmp_path.iterdir()):
-        image = load_rgb(str(path))
+        image = load_rgb(path.read_bytes())
         assert image.mode == "RGB" and image.size == (40, 30), path.name
-    cmyk = load_rgb(str(tmp_path / "cmyk.JPEG")).getpixel((20, 15))
+    cmyk = load_rgb((tmp_path / "cmyk.JPEG").read_bytes()).getpixel((20, 15))
     assert abs(cmyk[0] - 200) < 20 and abs(cmyk[1] - 30) < 20  # colours survive the CMYK round trip
 
 

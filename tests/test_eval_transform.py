@@ -11,7 +11,7 @@ from data.transforms import DevicePreprocess, eval_resize_size, eval_transform
 
 
 def ours(path, img_size, crop_pct, interpolation, channels_last=False):
-    hwc = eval_transform(img_size, crop_pct, interpolation)(str(path))
+    hwc = eval_transform(img_size, crop_pct, interpolation)(path.read_bytes())
     return DevicePreprocess(torch.device("cpu"), channels_last)(hwc[None])[0]
 
 
@@ -36,7 +36,7 @@ def test_same_tensors_as_timm(tiny_imagenet, img_size, crop_pct, interpolation):
     for path in paths:
         with Image.open(path) as image:
             modes.add(image.mode)
-        expected = theirs(load_rgb(str(path)))
+        expected = theirs(load_rgb(path.read_bytes()))
         for channels_last in (False, True):
             got = ours(path, img_size, crop_pct, interpolation, channels_last)
             assert got.shape == expected.shape == (3, img_size, img_size)

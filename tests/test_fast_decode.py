@@ -47,7 +47,7 @@ def test_same_crop_distribution_as_torchvision(ramp_jpeg):
     seen = {"ours": [], "torchvision": []}
     for seed in range(400):
         with seeded_randomness(seed):
-            seen["ours"].append(box_seen(ours(str(path)), width, height))
+            seen["ours"].append(box_seen(ours(path.read_bytes()), width, height))
         with seeded_randomness(10_000 + seed):
             seen["torchvision"].append(box_seen(theirs(original).permute(1, 2, 0), width, height))
     for index, name in ((0, "area"), (1, "aspect")):
@@ -67,7 +67,7 @@ def test_the_decoded_region_is_the_box_at_reduced_size_too(ramp_jpeg):
     full = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
     for box in [(100, 200, 60, 70), (0, 0, 768, 1024), (50, 300, 300, 400), (10, 10, 700, 600)]:
         top, left, box_height, box_width = box
-        fast = decode_region(str(path), lambda h, w: box, OUT, "bilinear")
+        fast = decode_region(path.read_bytes(), lambda h, w: box, OUT, "bilinear")
         reference = torch.nn.functional.interpolate(
             full[top:top + box_height, left:left + box_width].permute(2, 0, 1)[None].double(), size=(OUT, OUT),
             mode="bilinear", antialias=True)[0].permute(1, 2, 0)
@@ -78,14 +78,14 @@ def test_files_libjpeg_turbo_does_not_take_go_through_pillow(tmp_path):
     image = Image.new("RGB", (120, 90), (200, 30, 90))
     for name, mode, fmt in (("png.JPEG", "RGB", "PNG"), ("cmyk.JPEG", "CMYK", "JPEG"), ("gray.JPEG", "L", "JPEG")):
         image.convert(mode).save(tmp_path / name, fmt)
-        pixels = decode_region(str(tmp_path / name), lambda h, w: (0, 0, h, w), 32, "bilinear")
+        pixels = decode_region((tmp_path / name).read_bytes(), lambda h, w: (0, 0, h, w), 32, "bilinear")
         assert pixels.shape == (32, 32, 3) and pixels.dtype == torch.uint8
         expected = np.array(image.convert(mode).convert("RGB"))[0, 0]
         assert np.abs(pixels[16, 16].numpy().astype(int) - expected).max() < 12, name
     data = (tmp_path / "gray.JPEG").read_bytes()
     (tmp_path / "truncated.JPEG").write_bytes(data[: len(data) // 3])
     with pytest.raises(OSError):
-        decode_region(str(tmp_path / "truncated.JPEG"), lambda h, w: (0, 0, h, w), 32, "bilinear")
+        decode_region((tmp_path / "truncated.JPEG").read_bytes(), lambda h, w: (0, 0, h, w), 32, "bilinear")
 
 
 def test_fast_training_is_reproducible_per_sample(tiny_imagenet):
@@ -104,7 +104,7 @@ def test_fast_eval_crop_matches_the_exact_one_closely(tiny_imagenet):
     exact, fast = eval_transform(64, 0.875), eval_transform(64, 0.875, decode="fast")
     assert isinstance(fast, FastCenterCrop)
     for path in paths:
-        a, b = exact(str(path)).double(), fast(str(path)).double()
+        a, b = exact(path.read_bytes()).double(), fast(path.read_bytes()).double()
         assert a.shape == b.shape == (64, 64, 3)
         assert (a - b).abs().mean() < 8, path  # the box is whole source pixels: up to half a pixel off
 

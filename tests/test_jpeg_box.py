@@ -83,7 +83,7 @@ def test_the_fast_path_gives_the_same_pixels_with_or_without_it(decoder, tmp_pat
 
     def decode_all():
         random.seed(7)
-        return [transform.decode(str(path)) for path in paths for _ in range(20)]
+        return [transform.decode(path.read_bytes()) for path in paths for _ in range(20)]
 
     monkeypatch.setattr(fast_decode, "box_decoder", lambda: decoder)
     with_box = decode_all()

@@ -1,0 +1,222 @@
+"""Pack an ImageNet-layout folder into WebDataset tar shards, in timm's layout.
+
+    python -m data.pack_shards --data-dir /data/imagenet --out /data/imagenet-wds
+    python -m data.pack_shards --data-dir sample_imagenet --out sample_shards --train-shards 8 --val-shards 2
+
+Writes <name>-train-NNNN.tar and <name>-validation-NN.tar (1024 and 64 shards by default,
+as timm publishes ImageNet-1k), each sample a <key>.cls (its class index) and a <key>.jpg
+(the file's bytes, unchanged: a PNG stays a PNG, as a folder would keep it), and
+_info.json with timm's split sizes plus the class names. The key is the file's name
+without its extension, so the validation images keep their ILSVRC2012_val_* names
+(ImageNet-ReaL finds them); where names repeat across classes it is <class>/<name>.
+
+The samples are shuffled across and within shards by --seed: the same seed and files give
+the same bytes. Files are read and written one at a time per thread (never the dataset in
+memory). A shard is written to <shard>.partial and renamed when complete, so running the
+same command again after an interruption keeps the finished shards and writes the rest;
+_pack.json records what is being packed, and a different pack into the same folder is
+refused. Training reads the shards in the class folders' order (data/shards.py), so the
+shuffle changes nothing it computes.
+"""
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .imagenet import DatasetLayoutError, Sample, find_classes, index_split, subfolders
+from .shards import INFO_NAME
+from .val_layouts import read_eval_set
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "_pack.json"
+SPLITS = {"train": "train", "val": "validation"}  # source folder -> the split's name in the shards (timm's)
+
+
+class PackError(ValueError):
+    """The pack cannot be made as asked; the message says why."""
+
+
+@dataclass
+class SplitPlan:
+    split: str  # train | validation
+    samples: List[Sample]  # (file, class index)
+    keys: List[str]  # each sample's key in the shards
+    shards: List[List[int]]  # per shard, its samples (positions in `samples`) in writing order
+    filenames: List[str]
+
+
+def source_split(root: Path, folder: str, classes: List[str]) -> List[Sample]:
+    """train/ in class folders; val/ in class folders, or flat with its labels (devkit, Kaggle)."""
+    path = root / folder
+    if folder == "train" or (path.is_dir() and subfolders(path)):
+        return index_split(path, classes)
+    flat = read_eval_set(path)
+    if flat.classes != classes:
+        raise PackError(f"{path}: its labels name {len(flat.classes)} classes, not the {len(classes)} of "
+                        f"{root / 'train'}")
+    return flat.samples
+
+
+def member_extension(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    return "jpg" if suffix in (".jpg", ".jpeg") else suffix.lstrip(".")
+
+
+def sample_keys(samples: Sequence[Sample], classes: List[str], where: Path) -> List[str]:
+    """The file names without extension; prefixed with the class where they repeat."""
+    stems = [Path(path).stem for path, _ in samples]
+    dotted = [path for path, stem in zip((p for p, _ in samples), stems) if "." in stem]
+    if dotted:
+        raise PackError(f"{len(dotted)} file names in {where} have a dot before their extension, e.g. {dotted[0]}: "
+                        f"a WebDataset key ends at the first dot, so rename them")
+    if len(set(stems)) == len(stems):
+        return stems
+    keys = [f"{classes[target]}/{stem}" for stem, (_, target) in zip(stems, samples)]
+    if len(set(keys)) < len(keys):
+        seen = set()
+        twice = next(path for key, (path, _) in zip(keys, samples) if key in seen or seen.add(key))
+        raise PackError(f"two files in one class of {where} share a name without extension, e.g. {twice}")
+    log.info("file names repeat across the classes of %s: keys are <class>/<name>", where)
+    return keys
+
+
+def plan_split(split: str, samples: List[Sample], keys: List[str], count: int, seed: int, name: str) -> SplitPlan:
+    """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
+    count = min(count, len(samples))
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = [len(samples) * i // count for i in range(count + 1)]
+    digits = max(2, len(str(count - 1)))
+    return SplitPlan(split, samples, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
+                     [f"{name}-{split}-{i:0{digits}d}.tar" for i in range(count)])
+
+
+def plan_digest(plans: List[SplitPlan], root: Path, name: str, seed: int) -> str:
+    """Changes with anything that changes the shards' contents: files, classes, seed, counts."""
+    digest = hashlib.sha1(f"{name}\n{seed}\n".encode())
+    for plan in plans:
+        digest.update(f"{plan.split} {len(plan.shards)}\n".encode())
+        for (path, target), key in zip(plan.samples, plan.keys):
+            digest.update(f"{Path(path).relative_to(root)}\t{target}\t{key}\n".encode())
+    return digest.hexdigest()
+
+
+def claim_output(out: Path, plan: Dict) -> None:
+    """Start a pack in `out`, or continue the same one; refuse to mix two packs."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / PLAN_NAME
+    if marker.is_file():
+        if json.loads(marker.read_text()).get("digest") != plan["digest"]:
+            raise PackError(f"{out} holds another pack (other files, classes, --seed, --name or shard counts, see "
+                            f"{marker}): pack into an empty folder")
+        return
+    if any(out.glob("*.tar")):
+        raise PackError(f"{out} already holds .tar files that this command did not write: pack into an empty folder")
+    write_atomically(marker, json.dumps(plan, indent=1) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
+    """A member with fixed ownership and times, so that the same input gives the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    return info
+
+
+def write_shard(out: Path, plan: SplitPlan, shard: int) -> None:
+    """One shard, written beside its final name and renamed when complete."""
+    final = out / plan.filenames[shard]
+    partial = final.with_name(final.name + ".partial")
+    with open(partial, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for position in plan.shards[shard]:
+                path, target = plan.samples[position]
+                key = plan.keys[position]
+                with open(path, "rb") as source:
+                    data = source.read()
+                label = str(target).encode()
+                tar.addfile(tar_member(f"{key}.cls", label), io.BytesIO(label))
+                tar.addfile(tar_member(f"{key}.{member_extension(path)}", data), io.BytesIO(data))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, final)
+
+
+def info_json(plans: List[SplitPlan], classes: List[str], name: str) -> Dict:
+    """timm's _info.json fields (its wds reader takes the split sizes from here), and the class names."""
+    splits = {plan.split: dict(name=plan.split, num_samples=len(plan.samples), filenames=plan.filenames,
+                               shard_lengths=[len(shard) for shard in plan.shards]) for plan in plans}
+    return dict(name=name, splits=splits, num_classes=len(classes), classes=classes)
+
+
+def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_shards: int = 1024,
+         val_shards: int = 64, splits: Sequence[str] = ("train", "val"), threads: int = 8) -> Dict:
+    """Pack the splits of `root` into `out`; returns what _info.json says."""
+    if not root.is_dir():
+        raise PackError(f"{root} does not exist or is not a folder")
+    classes = find_classes(root / "train") if (root / "train").is_dir() else read_eval_set(root / "val").classes
+    plans = []
+    for folder in splits:
+        samples = source_split(root, folder, classes)
+        count = train_shards if folder == "train" else val_shards
+        plans.append(plan_split(SPLITS[folder], samples, sample_keys(samples, classes, root / folder), count, seed,
+                                name))
+    claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root.resolve()), seed=seed,
+                           name=name, shards={plan.split: len(plan.shards) for plan in plans}))
+    todo = [(plan, shard) for plan in plans for shard in range(len(plan.shards))
+            if not (out / plan.filenames[shard]).is_file()]
+    kept = sum(len(plan.shards) for plan in plans) - len(todo)
+    if kept:
+        log.info("continuing a pack in %s: %d shard(s) already written are kept", out, kept)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for _ in tqdm(pool.map(lambda job: write_shard(out, *job), todo), total=len(todo), desc="shards",
+                      disable=None, leave=False):
+            pass
+    info = info_json(plans, classes, name)
+    write_atomically(out / INFO_NAME, json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, type=Path, help="ImageNet root with train/ and val/")
+    parser.add_argument("--out", required=True, type=Path, help="the folder for the shards (empty, or this pack's)")
+    parser.add_argument("--name", default="imagenet1k", help="the shards' name prefix (default: imagenet1k, as timm's)")
+    parser.add_argument("--seed", type=int, default=0, help="the shuffle across shards (default 0)")
+    parser.add_argument("--train-shards", type=int, default=1024, help="default 1024 (timm's)")
+    parser.add_argument("--val-shards", type=int, default=64, help="default 64 (timm's)")
+    parser.add_argument("--splits", nargs="+", choices=sorted(SPLITS), default=["train", "val"])
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="shards written at once")
+    args = parser.parse_args()
+    if args.train_shards < 1 or args.val_shards < 1 or args.threads < 1 or args.seed < 0:
+        parser.error("--train-shards, --val-shards and --threads must be >= 1, --seed >= 0")
+    if not args.name or "/" in args.name:
+        parser.error(f"--name must be a file name prefix (shards are <name>-<split>-NNNN.tar), got {args.name!r}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        info = pack(args.data_dir.expanduser(), args.out.expanduser(), args.name, args.seed, args.train_shards,
+                    args.val_shards, args.splits, args.threads)
+    except (PackError, DatasetLayoutError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    sizes = ", ".join(f"{split['num_samples']} {name} images in {len(split['filenames'])} shards"
+                      for name, split in info["splits"].items())
+    print(f"packed {sizes} into {args.out} (seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()
