@@ -1,6 +1,8 @@
 """One process or many (torchrun): who we are, which device, and the few collectives we use."""
+import ctypes
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -34,9 +36,26 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a kill of torchrun's process
+    group (a scheduler's SIGKILL, an OOM-killed agent) does not reach the ranks: they would
+    train on unsupervised, holding the run folder's lock. The kernel kills a rank when its
+    launcher dies instead, as when the node is lost."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: float = 600.0) -> DistContext:
     """Read torchrun's environment; join the process group if there is more than one process.
     A collective that waits longer than `timeout_s` for a rank fails instead of hanging."""
+    end_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

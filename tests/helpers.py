@@ -5,7 +5,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,3 +147,36 @@ class PrivateMount:
         finally:
             os.close(fd)
         return filler
+
+
+def wait_until_gone(pid: int, timeout_s: float = 60.0) -> None:
+    """Until process `pid` has exited (or is a zombie nobody reaps); fails after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still runs {timeout_s:.0f} s later")
+
+
+def train_here(args, check=True) -> subprocess.CompletedProcess:
+    """`python ARGS...` for a train.py command line, run here on one thread as run_cli's
+    processes run (OMP_NUM_THREADS=1), so that its numbers are theirs bit for bit: for runs
+    whose process boundary is not under test (a baseline, a resume after a kill)."""
+    import train  # the entry script, imported only by the tests that train
+
+    assert str(args[0]) == "train.py", args
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = in_this_process(train.main, *args[1:])
+    finally:
+        torch.set_num_threads(threads)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n"
+                             f"{result.stderr}")
+    return result

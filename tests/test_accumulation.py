@@ -21,7 +21,7 @@ from cspresnet.sync_bn import convert_to_sync_bn
 from data.batches import Batch
 
 import train
-from tests.helpers import TINY_OVERRIDES, in_this_process, run_cli, start, torchrun
+from tests.helpers import TINY_OVERRIDES, in_this_process, run_cli, start, torchrun, train_here
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -124,7 +124,7 @@ def train_args(data, output, *extra):
 def accumulated_run(tiny_imagenet, tmp_path_factory):
     """1 process x 2 passes x 2 images, uninterrupted."""
     output = tmp_path_factory.mktemp("accumulated")
-    result = run_cli([sys.executable, *train_args(tiny_imagenet, output)])
+    result = train_here(train_args(tiny_imagenet, output))
     assert "global batch 4 = 1 process x 2 passes x 2 images; BatchNorm over 2" in result.stdout + result.stderr
     return output
 
@@ -153,7 +153,7 @@ def test_a_kill_between_passes_resumes_at_the_updates_start_bitwise_exact(tiny_i
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert max(step for step, _ in CheckpointFolder(output, 2).step_files()) == 4
-    resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    resumed = train_here(train_args(tiny_imagenet, output, "--resume", "auto"))
     assert "at step 4" in resumed.stdout and "inexactly" not in resumed.stdout
     ours, theirs = load_checkpoint(accumulated_run / "last.pt"), load_checkpoint(output / "last.pt")
     assert ours["step"] == theirs["step"] == 6

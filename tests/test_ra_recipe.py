@@ -29,7 +29,7 @@ from data.transforms import DevicePreprocess, build_batch_augment, train_transfo
 
 import train
 import validate
-from tests.helpers import TINY_OVERRIDES, in_this_process, read_until, run_cli, start
+from tests.helpers import TINY_OVERRIDES, in_this_process, read_until, start, train_here
 
 CPU = torch.device("cpu")
 
@@ -193,13 +193,13 @@ def ra_args(data, output, *extra):
 @pytest.mark.slow
 def test_ra_recipe_trains_resumes_exactly_and_its_ema_validates(tiny_imagenet, tmp_path):
     straight = tmp_path / "straight"
-    run_cli([sys.executable, *ra_args(tiny_imagenet, straight)])
+    train_here(ra_args(tiny_imagenet, straight))
     killed = tmp_path / "killed"
     process = start([sys.executable, *ra_args(tiny_imagenet, killed)])
     read_until(process, "step 9 ")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    run_cli([sys.executable, *ra_args(tiny_imagenet, killed, "--resume", "auto")])
+    train_here(ra_args(tiny_imagenet, killed, "--resume", "auto"))
 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
     for part in ("model", "model_ema"):

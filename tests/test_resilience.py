@@ -14,7 +14,8 @@ from PIL import Image
 
 from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import TINY_OVERRIDES, PrivateMount, child_pids, read_until, run_cli, start, torchrun
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, read_until, run_cli, start, torchrun, train_here,
+                           wait_until_gone)
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def assert_same_run(a, b):
 @pytest.fixture(scope="module")
 def one_process_baseline(tiny_imagenet, tmp_path_factory):
     output = tmp_path_factory.mktemp("baseline1")
-    run_cli([sys.executable, *train_args(tiny_imagenet, output)])
+    train_here(train_args(tiny_imagenet, output))
     return output
 
 
@@ -70,7 +71,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tiny_imagenet, tmp_path,
     process.wait()
     assert newest_step(output) == 8  # killed between checkpoints: step 9 is lost and redone
 
-    resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    resumed = train_here(train_args(tiny_imagenet, output, "--resume", "auto"))
     assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
     assert "inexactly" not in resumed.stdout
     assert_same_run(output, one_process_baseline)
@@ -80,9 +81,12 @@ def test_two_processes_sigkill_then_resume_is_bitwise_exact(tiny_imagenet, tmp_p
     output = tmp_path / "run"
     process = start(torchrun(2, *train_args(tiny_imagenet, output)))
     read_until(process, "step 9 ")
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, like a lost node
+    ranks = child_pids(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun's group: the ranks, in sessions of their own, die with it
     process.wait()
-    assert newest_step(output) == 8
+    for rank in ranks:
+        wait_until_gone(rank)
+    assert newest_step(output) == 8  # no rank trained on after its launcher died
     run_cli(torchrun(2, *train_args(tiny_imagenet, output, "--resume", "auto")))
     assert_same_run(output, two_process_baseline)
 
@@ -98,7 +102,7 @@ def test_a_stop_signal_saves_and_exits_75_then_resumes_exactly(tiny_imagenet, tm
     assert process.returncode == EXIT_PREEMPTED, rest
     stopped_at = load_checkpoint(output / "last.pt")["step"]
     assert 3 <= stopped_at < 6 and f"stopping on {stop_signal.name}: checkpoint saved at step {stopped_at}" in rest
-    run_cli([sys.executable, *train_args(tiny_imagenet, output, "--resume", "auto")])
+    train_here(train_args(tiny_imagenet, output, "--resume", "auto"))
     assert_same_run(output, one_process_baseline)
 
 
@@ -162,10 +166,10 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 def test_nonfinite_loss_stops_and_leaves_the_last_checkpoint_alone(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
-    run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
+    train_here(train_args(tiny_imagenet, output, "epochs=1"))
     before = {p.name: p.read_bytes() for p in output.glob("*.pt")}
-    blown_up = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "optim.lr=1e30",
-                                                    "runtime.max_nonfinite_steps=2", "--resume", "auto")], check=False)
+    blown_up = train_here(train_args(tiny_imagenet, output, "epochs=2", "optim.lr=1e30",
+                                                    "runtime.max_nonfinite_steps=2", "--resume", "auto"), check=False)
     assert blown_up.returncode == 3, blown_up.stdout + blown_up.stderr
     assert "not finite" in blown_up.stderr
     assert {p.name: p.read_bytes() for p in output.glob("*.pt")} == before
@@ -192,8 +196,8 @@ def hostile_copy(source, target):
 def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imagenet, tmp_path):
     data = hostile_copy(tiny_imagenet, tmp_path / "hostile")
     output = tmp_path / "run"
-    result = run_cli([sys.executable, *train_args(data, output, "epochs=1", "batch_size=6",
-                                                  "data.max_unreadable_fraction=0.2")])
+    result = train_here(train_args(data, output, "epochs=1", "batch_size=6",
+                                                  "data.max_unreadable_fraction=0.2"))
     warned = re.findall(r"^warning: skipping unreadable image \S+/(\S+) \(", result.stderr, flags=re.MULTILINE)
     assert sorted(warned) == [
         "html_error_page.JPEG", "truncated.JPEG", "zero_bytes.JPEG"]
@@ -207,8 +211,8 @@ def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imag
 
 def test_too_many_unreadable_files_stop_the_run(tiny_imagenet, tmp_path):
     data = hostile_copy(tiny_imagenet, tmp_path / "hostile")
-    result = run_cli([sys.executable, *train_args(data, tmp_path / "run", "epochs=1", "batch_size=6",
-                                                  "data.max_unreadable_fraction=0.05")], check=False)
+    result = train_here(train_args(data, tmp_path / "run", "epochs=1", "batch_size=6",
+                                                  "data.max_unreadable_fraction=0.05"), check=False)
     assert result.returncode == 2
     assert "distinct training images could not be decoded" in result.stderr
 
@@ -250,6 +254,6 @@ def test_a_dataset_moved_to_another_path_resumes_bitwise_exact(tiny_imagenet, tm
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     moved = data.rename(tmp_path / "mounted_elsewhere")
-    resumed = run_cli([sys.executable, *train_args(moved, output, "--resume", "auto")])
+    resumed = train_here(train_args(moved, output, "--resume", "auto"))
     assert "at step 8" in resumed.stdout and "inexactly" not in resumed.stdout
     assert_same_run(output, one_process_baseline)

@@ -15,7 +15,8 @@ import yaml
 import train
 from cspresnet.model import CSPResNet50
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import TINY_OVERRIDES, PrivateMount, in_this_process, read_until, run_cli, start, torchrun
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, in_this_process, read_until, run_cli, start, torchrun,
+                           train_here)
 
 
 def train_args(data, output, *extra):
@@ -93,8 +94,7 @@ def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_ima
     stopped_at = int((output / "status").read_text().split("preempted at step ")[1])
     assert 5 <= stopped_at <= 6  # mid-epoch or at its end (6 steps of 4)
 
-    resumed = run_cli([sys.executable, "train.py", *train_args(tiny_imagenet, output, "batch_size=8",
-                                                                "--resume", "auto")])
+    resumed = train_here(["train.py", *train_args(tiny_imagenet, output, "batch_size=8", "--resume", "auto")])
     images = stopped_at * 4
     assert f"resuming inexactly: the global batch changed from 4 to 8 in epoch 1, after {images} of its images" \
         in resumed.stdout
@@ -105,8 +105,7 @@ def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_ima
     assert (second_segment["start_step"], second_segment["recipe"]["batch_size"]) == (stopped_at, 8)
     assert any("the recipe changed: batch_size 4 -> 8" in note for note in second_segment["inexact"])
 
-    again = run_cli([sys.executable, "train.py", *train_args(tiny_imagenet, output, "batch_size=16",
-                                                              "--resume", "auto")])
+    again = train_here(["train.py", *train_args(tiny_imagenet, output, "batch_size=16", "--resume", "auto")])
     assert "done: best top-1" in again.stdout
     assert len(segments(output)) == 2 and yaml.safe_load((output / "recipe.yaml").read_text())["batch_size"] == 4
 
@@ -130,7 +129,7 @@ def test_a_few_unreadable_files_in_a_small_set_train_through_and_are_counted(tin
     data = shutil.copytree(tiny_imagenet, tmp_path / "data")
     good = next((data / "train" / "n00000001").glob("*.JPEG")).read_bytes()
     (data / "train" / "n00000001" / "truncated.JPEG").write_bytes(good[: len(good) // 3])
-    result = run_cli([sys.executable, "train.py", *train_args(data, tmp_path / "run", "epochs=1", "batch_size=5")])
+    result = train_here(["train.py", *train_args(data, tmp_path / "run", "epochs=1", "batch_size=5")])
     assert "truncated.JPEG" in result.stderr and "1 of the 2 allowed" in result.stderr
     assert "unreadable_images=1" in result.stdout  # 25 images, 5 steps of 5: each served once
 

@@ -14,7 +14,7 @@ import train
 import validate as validate_script
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.recipe import load_recipe
-from tests.helpers import REPO, TINY_OVERRIDES, free_port, in_this_process, run_cli, torchrun
+from tests.helpers import REPO, TINY_OVERRIDES, free_port, in_this_process, run_cli, torchrun, train_here
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
@@ -89,7 +89,7 @@ def test_same_seed_gives_the_same_numbers_with_or_without_loader_workers(tiny_im
     number; this also holds the workers' reused shared buffers to never serve a stale batch,
     while the workers run on into the next epoch during the evaluation."""
     for name, workers in (("a", 0), ("b", 2)):
-        run_cli([sys.executable, *train_args(tiny_imagenet, tmp_path / name, f"data.workers={workers}")])
+        train_here(train_args(tiny_imagenet, tmp_path / name, f"data.workers={workers}"))
     columns = ("train_loss", "eval_loss", "top1", "top5")
     assert [[r[c] for c in columns] for r in summary(tmp_path / "a")] == \
            [[r[c] for c in columns] for r in summary(tmp_path / "b")]
@@ -99,20 +99,20 @@ def test_same_seed_gives_the_same_numbers_with_or_without_loader_workers(tiny_im
 
 def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_path):
     output = tmp_path / "run"
-    run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
+    train_here(train_args(tiny_imagenet, output, "epochs=1"))
     first = (output / "last.pt").read_bytes()
     again = in_this_process(train.main, *train_args(tiny_imagenet, output, "epochs=1")[1:])  # refused at once
     assert again.returncode != 0 and "already holds a run" in again.stderr
     assert (output / "last.pt").read_bytes() == first
 
-    resumed = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
+    resumed = train_here(train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto"))
     assert "resumed from" in resumed.stdout
     assert [int(r["epoch"]) for r in summary(output)] == [1, 2]
     finished = (output / "last.pt").read_bytes()
     assert load_checkpoint(output / "last.pt")["step"] == 6
 
     # A launcher that restarts a finished run (torchrun --max-restarts, a job array) is told so.
-    again = run_cli([sys.executable, *train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto")])
+    again = train_here(train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto"))
     assert "done: best top-1" in again.stdout and (output / "last.pt").read_bytes() == finished
 
 
