@@ -111,20 +111,6 @@ def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_ima
 
 
 @pytest.mark.slow
-def test_a_preempted_torchrun_job_says_so_in_its_status_file(tiny_imagenet, tmp_path):
-    """torchrun itself exits 1 with a traceback when a scheduler sends it SIGTERM, whatever
-    its ranks did: the status file is what a requeue script reads."""
-    output = tmp_path / "run"
-    process = start(torchrun(2, "train.py", *train_args(tiny_imagenet, output, "batch_size=4", "epochs=3")))
-    read_until(process, "step 3 ")
-    process.send_signal(signal.SIGTERM)  # to torchrun alone, as `scancel --signal=TERM` or a preemption does
-    out = process.communicate(timeout=120)[0]
-    status = (output / "status").read_text()
-    assert status.startswith("preempted at step "), (status, out)
-    assert f"checkpoint saved at step {status.split()[-1]}" in out
-
-
-@pytest.mark.slow
 def test_a_few_unreadable_files_in_a_small_set_train_through_and_are_counted(tiny_imagenet, tmp_path):
     data = shutil.copytree(tiny_imagenet, tmp_path / "data")
     good = next((data / "train" / "n00000001").glob("*.JPEG")).read_bytes()
