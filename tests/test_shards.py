@@ -23,7 +23,7 @@ import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.reports import load_real_labels
-from data import shards
+from data import shard_index, shards
 from data.batches import collate_batch
 from data.config import DataConfig, DataConfigError
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
@@ -166,19 +166,19 @@ def test_every_decode_path_gets_the_same_bytes_from_a_shard_as_from_the_file(tin
 def test_the_index_is_built_once_reused_and_rebuilt_for_a_changed_shard(packed, tmp_path, monkeypatch, caplog):
     folder = tmp_path / "shards"
     shutil.copytree(packed, folder)
-    (folder / shards.INDEX_NAME).unlink(missing_ok=True)  # the other tests may have indexed `packed`
+    (folder / shard_index.INDEX_NAME).unlink(missing_ok=True)  # the other tests may have indexed `packed`
     scanned = []
-    real_scan = shards.scan_shard
-    monkeypatch.setattr(shards, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    real_scan = shard_index.scan_shard
+    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
     first = shards.read_split(folder, "train")
-    assert sorted(scanned) == [f"imagenet1k-train-0{i}.tar" for i in range(3)] and (folder / shards.INDEX_NAME).is_file()
+    assert sorted(scanned) == [f"imagenet1k-train-0{i}.tar" for i in range(3)] and (folder / shard_index.INDEX_NAME).is_file()
     scanned.clear()
     assert shards.read_split(folder, "train").samples == first.samples and scanned == []  # from the cache
     assert len(shards.read_split(folder, "val").samples) == 15 and len(scanned) == 2  # the same file, both splits
     scanned.clear()
     changed = folder / "imagenet1k-train-01.tar"
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    with caplog.at_level("INFO", logger="data.shards"):
+    with caplog.at_level("INFO", logger="data.shard_index"):
         again = shards.read_split(folder, "train")
     assert scanned == [changed.name] and "re-indexing 1 shard(s) that changed" in caplog.text
     assert again.samples == first.samples
@@ -213,7 +213,7 @@ def reasons(dataset):
 
 
 def test_bad_shards_give_clear_reasons_and_their_samples_are_skipped(bad_shards, caplog):
-    with caplog.at_level("WARNING", logger="data.shards"):
+    with caplog.at_level("WARNING", logger="data"):
         split = shards.read_split(bad_shards, "train")
     assert "set-train-1.tar is cut short or damaged" in caplog.text
     assert "2 of the 6 train samples" in caplog.text  # known when indexing; one line a run
@@ -231,7 +231,7 @@ def test_a_shard_deleted_or_changed_after_indexing_is_named_and_its_samples_coun
     (bad_shards / "set-train-1.tar").unlink()  # while a run has the index
     dataset = shards.ShardDataset(split, ["x", "y"], eval_transform(32, 0.875))
     assert "set-train-1.tar is gone: deleted or moved after it was indexed" in reasons(dataset)["c.jpg"]
-    with caplog.at_level("WARNING", logger="data.shards"):
+    with caplog.at_level("WARNING", logger="data"):
         later = shards.read_split(bad_shards, "train")  # the next run
     assert "set-train-1.tar was indexed but is gone" in caplog.text
     assert later.samples == split.samples  # the others keep their indices: an exact resume stays exact
