@@ -30,7 +30,7 @@ from timm.data import ImageNetInfo
 from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.console import OptionError, run_script, setup_logging
 from cspresnet.weights import load_cspresnet, trained_data_config
-from data.imagenet import IMAGE_EXTENSIONS, UnreadableDataError
+from data.imagenet import IMAGE_EXTENSIONS, UnreadableDataError, default_classes
 from data.loaders import build_eval_data
 from data.transforms import DevicePreprocess
 from data.unreadable import warn_unreadable
@@ -74,14 +74,12 @@ def image_paths(inputs: Sequence[str]) -> List[str]:
 
 def class_names(checkpoint: Dict, num_classes: int) -> Tuple[List[str], List[str]]:
     """(class, name) of each output: see the module's docstring."""
-    imagenet = ImageNetInfo()
     classes = checkpoint.get("classes")
     if classes is None:
-        classes = imagenet.label_names() if num_classes == imagenet.num_classes() else \
-            [str(index) for index in range(num_classes)]  # nothing names them: their indices
+        classes = default_classes(num_classes)
     if len(classes) != num_classes:
         raise CheckpointError(f"the checkpoint names {len(classes)} classes but its classifier has {num_classes}")
-    descriptions = imagenet.label_descriptions(as_dict=True)
+    descriptions = ImageNetInfo().label_descriptions(as_dict=True)
     return list(classes), [descriptions.get(name, name) for name in classes]
 
 

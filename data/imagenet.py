@@ -209,3 +209,13 @@ def hold_out(samples: List[Sample], classes: Sequence[str], fraction: float,
         count = min(max(round(fraction * len(members)), 1), len(members) - 1)
         held.update(path for path, _ in sorted(members, key=rank)[:count])
     return [s for s in samples if s[0] not in held], [s for s in samples if s[0] in held]
+
+
+def default_classes(num_classes: int) -> List[str]:
+    """For a set that does not name its classes (timm's shards, timm's weights): ImageNet's
+    1000 WordNet ids in timm's order for a 1000-class set, else the class numbers."""
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_names())
+    return [str(i) for i in range(num_classes)]

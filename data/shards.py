@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .fast_decode import ImageTransform
-from .imagenet import DatasetLayoutError, ImageFolderDataset, Sample
+from .imagenet import DatasetLayoutError, ImageFolderDataset, Sample, default_classes
 from .shard_index import ShardScan, index_file, indexed_shards, member_key, shard_split, split_names
 
 log = logging.getLogger(__name__)
@@ -175,16 +175,6 @@ def named_classes(folder: Path) -> Optional[List[str]]:
     """The class names in _info.json (ours writes them; timm's has none)."""
     names = read_info(folder).get("classes")
     return names if isinstance(names, list) and names and all(isinstance(n, str) for n in names) else None
-
-
-def default_classes(num_classes: int) -> List[str]:
-    """For shards that do not name their classes: ImageNet's 1000 WordNet ids in timm's
-    order for a 1000-class set, else the class numbers."""
-    if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        return list(ImageNetInfo().label_names())
-    return [str(i) for i in range(num_classes)]
 
 
 # ----------------------------------------------------------------------------- reading
