@@ -31,6 +31,7 @@ from cspresnet.checkpoint import CheckpointError, load_checkpoint
 from cspresnet.console import OptionError, run_script, setup_logging
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.imagenet import IMAGE_EXTENSIONS, UnreadableDataError, default_classes
+from data.loader_faults import Batches
 from data.loaders import build_eval_data
 from data.transforms import DevicePreprocess
 from data.unreadable import warn_unreadable
@@ -95,7 +96,7 @@ def predict(model: torch.nn.Module, loader, preprocess: DevicePreprocess,
     """(dataset index, top-k probabilities, their class indices, None), or (index, None,
     None, why it could not be read), in dataset order."""
     model.eval()
-    for batch in loader:
+    for batch in Batches(loader):  # under data.loader_timeout_s, as evaluation
         rows = {index: (None, None, reason) for index, reason in batch.unreadable}
         if len(batch.targets):
             top = model(preprocess(batch.images)).float().softmax(dim=1).topk(k, dim=1)

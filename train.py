@@ -6,12 +6,13 @@
     python train.py --recipe cspresnet50.yaml --print-recipe optim.lr=0.2
     python train.py --recipe finetune.yaml --data-dir my_images --initial-weights cspresnet50_ra-d3e8d487.pth
 
-Exit codes: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with
---resume auto); 2 bad recipe, data, checkpoint or run folder (one line on stderr, before any
-training where it can be known then); 3 numerical failure (non-finite loss); 1 any other
-failure, with its traceback; 128+N ended by a second signal N, or by no exit within
-runtime.stop_timeout_s of the first, without saving. Rank 0 also writes the outcome to
-<run folder>/status.
+Exit codes: 0 done; 75 stopped by SIGTERM/SIGINT after saving a checkpoint, however many
+times the stop was delivered (rerun with --resume auto); 2 bad recipe, data, checkpoint or run
+folder (one line on stderr, before any training where it can be known then); 3 numerical
+failure (non-finite loss); 1 any other failure: a stalled loader or a full /dev/shm in one
+line, anything else with its traceback; 130 a second Ctrl-C, and 128+N no exit within
+runtime.stop_timeout_s of the first signal N, both without saving. Rank 0 also writes the
+outcome to <run folder>/status.
 """
 import argparse
 import json

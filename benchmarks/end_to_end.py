@@ -61,8 +61,7 @@ def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sle
     `sleep_step`, a sleep stands in for the step: a device of that speed that needs no CPU.
     With `pass_per_epoch`, a new pass of the loader starts each epoch, and its workers
     start from an empty queue."""
-    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, 0, 1, device,
-                               recipe.runtime.stop_timeout_s)
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, 0, 1, device)
     train_step = build_train_step(recipe, DistContext(rank=0, world_size=1, local_rank=0, device=device),
                                   data.sampler.steps_per_epoch)
     step_number = itertools.count(1)
@@ -120,8 +119,9 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
             recipe_name: str = "cspresnet50.yaml", use_loader: bool = True, sleep_step: float = 0.0,
             pass_per_epoch: bool = False) -> dict:
     # One pass per step, as timm's side runs (and as the results before micro-batches were
-    # measured); an override given here still wins.
-    recipe = load_recipe(recipe_name, ["micro_batch_size=0", *overrides], data_dir=str(data_dir))
+    # measured), unless an override given here says otherwise.
+    one_pass = [] if any(o.startswith("micro_batch_size=") for o in overrides) else ["micro_batch_size=0"]
+    recipe = load_recipe(recipe_name, [*one_pass, *overrides], data_dir=str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
     configure_kernels(recipe.runtime.deterministic)
     waits = []

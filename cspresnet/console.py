@@ -14,6 +14,7 @@ from tqdm import tqdm
 from data.config import DataConfigError
 from data.imagenet import DatasetLayoutError, UnreadableDataError
 from data.jpeg_box import Required as FastJpegRequired
+from data.loader_faults import LoaderStallError, SharedMemoryError
 
 from .checkpoint import CheckpointError
 from .engine import NonFiniteLossError
@@ -59,8 +60,8 @@ def setup_logging(rank: int) -> None:
 
 def run_script(main: Callable[[], int]) -> int:
     """A script's main, with its exit code: bad input is one line on stderr and exit 2, a
-    non-finite loss 3, a full disk at the very end or shared memory running out 1; anything
-    else raises (traceback, exit 1). The loader workers end with the process, however it ends."""
+    non-finite loss 3, a full disk at the very end, a stalled loader or a full /dev/shm 1; anything else raises (traceback, exit 1). The loader workers end with the process,
+    however it ends."""
     log = logging.getLogger("cspresnet")
     try:
         return main()
@@ -70,14 +71,8 @@ def run_script(main: Callable[[], int]) -> int:
     except NonFiniteLossError as exc:
         log.error(str(exc))
         return EXIT_NONFINITE
-    except FinalCheckpointError as exc:
+    except (FinalCheckpointError, LoaderStallError, SharedMemoryError) as exc:
         log.error(str(exc))
-        return EXIT_FAILED
-    except RuntimeError as exc:
-        if "unable to allocate shared memory" not in str(exc):
-            raise
-        log.error("a loader worker ran out of shared memory (%s); /dev/shm is too small for data.workers: lower it, "
-                  "or give the job more (Docker: --shm-size=8g or --ipc=host)", str(exc).strip().splitlines()[-1])
         return EXIT_FAILED
     finally:
         end_child_processes()  # an error must end the loader workers too, or the exit would wait for them

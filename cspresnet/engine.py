@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from data.batches import Batch
 from data.imagenet import UnreadableDataError
+from data.loader_faults import Batches
 from data.transforms import DevicePreprocess, build_batch_augment, memory_format
 from data.unreadable import warn_unreadable
 
@@ -93,9 +94,9 @@ class TrainStep:
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
-        """Optimizer update number `step`; its loss (on the device: reading it would wait
-        for the device) and learning rate. The schedule, the skip of a non-finite update and
-        the EMA act once per update, never per pass."""
+        """The optimizer update at `step` of the schedule (from 1; RunState.schedule_position);
+        its loss (on the device: reading it would wait for the device) and learning rate. The
+        schedule, the skip of a non-finite update and the EMA act once per update, never per pass."""
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         inputs = self.preprocess(batch.images)
@@ -185,10 +186,12 @@ def train_one_epoch(train_step: TrainStep, batches: Iterator[Batch], run: RunSta
     train_step.model.train()
     for batch in bar:
         run.unreadable.check(batch)
+        position = run.schedule_position(steps_per_epoch)
         run.step += 1
-        loss, lr = train_step(batch, run.step)
+        loss, lr = train_step(batch, position)
         run.totals.add(loss, len(batch.targets))
         run.step_in_epoch += 1
+        run.epoch_seconds = time.perf_counter() - started  # current at any save, a stall's included
         stopping = False
         if run.step % rt.log_interval == 0:
             log.step(run.step, run.totals.read_window_loss(), lr)
@@ -199,12 +202,10 @@ def train_one_epoch(train_step: TrainStep, batches: Iterator[Batch], run: RunSta
         mid_epoch = run.step_in_epoch < steps_per_epoch
         if stopping or (every and run.step % every == 0 and mid_epoch):
             check_numerics(run, rt.max_nonfinite_steps)
-            run.epoch_seconds = time.perf_counter() - started
             save()
         if stopping:
             return False
     bar.close()
-    run.epoch_seconds = time.perf_counter() - started
     return True
 
 
@@ -253,7 +254,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, preprocess: DevicePrepr
     parts = dict(indices=[], topk=[], targets=[], unreadable=[], logits=[])
     loss_sum = torch.zeros((), device=preprocess.device, dtype=torch.float64)
     start = time.perf_counter()
-    for batch in progress(loader):
+    for batch in progress(Batches(loader)):
         for index, reason in batch.unreadable:
             warn_unreadable(loader.dataset.samples[index][0], reason)
             parts["unreadable"].append((index, reason))

@@ -46,6 +46,18 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def overwrite_in_place(path: Path, text: str) -> None:
+    """Write over an existing small file's bytes: on a full disk this needs no new block as
+    long as the text fits the file's last one (not atomic; for a status line only)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        data = text.encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
 def append_csv_row(path: Path, row: Dict[str, object]) -> None:
     """One row, with the header first when the file is new or empty."""
     path = Path(path)

@@ -15,7 +15,7 @@ import yaml
 
 from data.config import DataConfig
 
-from .yaml_comments import DuplicateKeyError, load_yaml, load_yaml_with_comments
+from .yaml_comments import DuplicateKeyError, load_yaml, load_yaml_with_lines
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -150,8 +150,12 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     bundled = RECIPES_DIR / name_or_path
     if bundled.is_file():
         return bundled
-    available = ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
-    raise RecipeError(f"recipe '{name_or_path}' not found: not a file, and not in {RECIPES_DIR} (available: {available})")
+    raise RecipeError(f"recipe '{name_or_path}' not found: not a file, and not in {RECIPES_DIR} "
+                      f"(available: {_available()})")
+
+
+def _available() -> str:
+    return ", ".join(sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
 
 
 # Where a value of a resolved recipe comes from: (recipe file name, the comment beside the
@@ -165,21 +169,52 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...], origins: Dict[str, Origin]) 
     if path in chain:
         raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
     try:
-        raw, comments = load_yaml_with_comments(path.read_text())
+        raw, comments, lines = load_yaml_with_lines(_read_text(path))
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     except DuplicateKeyError as exc:
         raise RecipeError(f"recipe {path}: {exc} (lines {exc.lines[0]} and {exc.lines[1]})") from None
-    raw = raw or {}
+    if raw is None:  # a file cut short or never written must not train the defaults
+        raise RecipeError(f"recipe {path} is empty (no keys, only blank space, comments or null); a recipe is a "
+                          f"mapping of keys to values, at least 'base: cspresnet50.yaml'")
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
-    base = raw.pop("base", None)
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values (key: value lines), "
+                          f"got {type(raw).__name__}")
     merged: Dict[str, Any] = {}
-    if base is not None:
-        sibling = path.parent / str(base)
-        base_path = sibling if sibling.is_file() else resolve_recipe_path(str(base))
-        merged = _read_yaml(base_path.resolve(), chain + (path,), origins)
+    if "base" in raw:
+        base_path = _base_path(path, raw.pop("base"), lines.get("base"))
+        merged = _read_yaml(base_path, chain + (path,), origins)
     return _merge(merged, raw, origins, lambda key: (path.name, comments.get(key, "")))
+
+
+def _read_text(path: Path) -> str:
+    """The file as text, or a RecipeError: a file in another encoding would otherwise end
+    the run in a UnicodeDecodeError traceback that does not name the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"recipe {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                          f"(line {line}) is not valid UTF-8; recipes must be UTF-8 text") from None
+
+
+def _base_path(path: Path, base: Any, line: Optional[int]) -> Path:
+    """The file that `path`'s `base:` names: next to `path`, else as resolve_recipe_path finds
+    it. An empty base is refused rather than read as no base, which would train the defaults."""
+    where = f"{path}, line {line}" if line else str(path)
+    if not isinstance(base, str) or not base.strip():
+        given = "empty" if base is None or isinstance(base, str) else repr(base)
+        raise RecipeError(f"recipe {where}: base is {given}; base must name a recipe file (a path "
+                          f"next to this one, or a name in recipes/ such as cspresnet50.yaml), or be left out")
+    for candidate in (path.parent / base, Path(base), RECIPES_DIR / base):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise RecipeError(f"recipe '{base}' (base of {where}) does not exist: not a file next to it "
+                      f"or from here, and not in {RECIPES_DIR} (available: {_available()})")
 
 
 def _merge(base: Dict[str, Any], child: Dict[str, Any], origins: Dict[str, Origin],
@@ -207,13 +242,15 @@ def _record(origins: Dict[str, Origin], dotted: str, value: Any, origin_of: Call
         origins[dotted] = origin_of(dotted)
 
 
-def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origin]) -> None:
+def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origin], given: Dict[str, str]) -> None:
+    """Set one key.sub=value in `raw`. `given` holds the overrides so far by dotted key."""
     if "=" not in override:
         raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. optim.lr=0.05)")
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
     if not all(keys):
         raise RecipeError(f"override '{override}': '{dotted}' is not a dotted key like optim.lr")
+    _refuse_repeat(given, ".".join(keys), override)
     try:
         value = load_yaml(text, root=".".join(keys)) if text.strip() else ""
     except yaml.YAMLError:
@@ -230,14 +267,30 @@ def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origi
     _record(origins, ".".join(keys), value, lambda key: ("command line", override))
 
 
+def _refuse_repeat(given: Dict[str, str], dotted: str, override: str) -> None:
+    """A key given twice on the command line is refused, as in a file: the last would win
+    silently. So is a key and the section around it: which wins depends on their order."""
+    for earlier_key, earlier in given.items():
+        if earlier_key == dotted:
+            raise RecipeError(f"override key '{dotted}' is given twice: '{earlier}' and '{override}'; "
+                              f"give each key once")
+        if dotted.startswith(earlier_key + ".") or earlier_key.startswith(dotted + "."):
+            inner, outer = sorted((dotted, earlier_key), key=len, reverse=True)
+            raise RecipeError(f"override key '{inner}' is inside section '{outer}', which is also given: "
+                              f"'{earlier}' and '{override}'; give each key once (the section's keys one by one, "
+                              f"or the whole section)")
+    given[dotted] = override
+
+
 def _resolve(name_or_path: str, overrides: Optional[List[str]],
              data_dir: Optional[str]) -> Tuple[Recipe, Dict[str, Origin]]:
     """The recipe file, the files it extends, the overrides and --data-dir, in that order,
     checked; and where each value that is not a default came from."""
     origins: Dict[str, Origin] = {}
     raw = _read_yaml(resolve_recipe_path(name_or_path).resolve(), (), origins)
+    given: Dict[str, str] = {}
     for override in overrides or []:
-        _apply_override(raw, override, origins)
+        _apply_override(raw, override, origins, given)
     if data_dir is not None:
         data = raw.setdefault("data", {})
         if isinstance(data, dict):  # otherwise _build reports the section as it would without --data-dir
@@ -417,6 +470,8 @@ def validate(recipe: Recipe) -> None:
     _require(d.img_size >= 32, "data.img_size", ">= 32 (the network downsamples 32x)", d.img_size)
     _require(d.eval_img_size >= 32, "data.eval_img_size", ">= 32 (the network downsamples 32x)", d.eval_img_size)
     _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _require(d.loader_timeout_s > 0, "data.loader_timeout_s", "> 0 (seconds without a batch that end the run)",
+             d.loader_timeout_s)
     _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale", "[min, max] with 0 < min <= max <= 1", list(d.crop_scale))
     _require(0.0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "[min, max] with 0 < min <= max", list(d.crop_ratio))
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)

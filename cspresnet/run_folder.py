@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint
-from .files import unless_disk_full, write_atomically
+from .files import is_disk_full, overwrite_in_place, unless_disk_full, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,39 @@ class RunFolder:
             return path, load_checkpoint(path)
         loaded = self.checkpoints.newest_loadable()
         if loaded is None and holds_results(found):
-            raise RunFolderError(f"--resume auto: none of the checkpoints in {self.path} loads, but it holds a run's "
-                                 f"results ({', '.join(found)}); refusing to start over on top of them. Move them "
-                                 f"away, or pass --output NEW_FOLDER")
+            if any(name.endswith(".pt") for name in found) or self.status().startswith("done"):
+                raise RunFolderError(f"--resume auto: none of the checkpoints in {self.path} loads, but it holds a "
+                                     f"run's results ({', '.join(found)}); refusing to start over on top of them. "
+                                     f"Move them away, or pass --output NEW_FOLDER")
+            log.warning("--resume auto: the run in %s never wrote a checkpoint (a full disk?): it starts again from "
+                        "step 0, and its summary.csv is written anew as it goes", self.path)
         return loaded
+
+    def status(self) -> str:
+        try:
+            return (self.path / STATUS_FILE).read_text().strip()
+        except OSError:
+            return ""
 
     def set_status(self, text: str) -> None:
         """One line: 'running from step N', 'preempted at step N', 'done at step N' or
-        'failed: ...'. Written atomically; a full disk costs the update, not the run."""
+        'failed: ...'. Written atomically; on a full disk, over the old line in its place (no
+        new block needed while it fits), so that it does not go on claiming an old state."""
         line = text.replace("\n", " ") + "\n"
-        unless_disk_full(lambda: write_atomically(self.path / STATUS_FILE, line), f"status '{text}'")
+        try:
+            write_atomically(self.path / STATUS_FILE, line)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            unless_disk_full(lambda: overwrite_in_place(self.path / STATUS_FILE, line), f"status '{text}'")
 
     def record_failure(self, exc: BaseException) -> None:
-        """'failed: <the error's last line>', unless the folder cannot take even that (a
-        read-only folder): the first error is the one to tell."""
+        """'failed: <the error's last line>', in a folder that holds a run. A start that failed
+        before it wrote anything (a typo in --data-dir) leaves the folder as it found it, for
+        the corrected command; and a folder that cannot take even that (read-only) keeps
+        the first error as the one to tell."""
+        if not run_files(self.path):
+            return
         last_line = (str(exc).strip().splitlines() or ["no message"])[-1]
         try:
             self.set_status(f"failed: {type(exc).__name__}: {last_line}")

@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard scalars, summary.csv (a row per epoch) and console lines.
 Only the main rank writes; the others get a RunLog that does nothing."""
 import logging
+import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -11,10 +12,27 @@ from .files import append_csv_row, is_disk_full, unless_disk_full, write_csv
 log = logging.getLogger(__name__)
 
 
+def quiet_tensorboard_threads() -> None:
+    """TensorBoard writes its events from a thread of its own, which dies of a full disk with
+    a traceback on stderr; the writer then raises the same error at its next call, where
+    RunLog warns in one line and carries on. The thread's traceback is left out."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard.") and is_disk_full(args.exc_value)):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
+
+
 class RunLog:
     def __init__(self, output_dir: Path, enabled: bool, start_step: int = 0, rows: Optional[List[Dict]] = None):
         """A run that starts at `start_step` drops TensorBoard events after it and rewrites
         summary.csv from the checkpoint's rows: the logs then read as if it never stopped."""
+        quiet_tensorboard_threads()
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.csv_path = self.output_dir / "summary.csv"

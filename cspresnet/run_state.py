@@ -112,6 +112,16 @@ class RunState:
     epoch_seconds: float = 0.0  # training time spent in the current epoch so far
     best_top1: float = -math.inf
     rows: List[Dict] = field(default_factory=list)  # summary.csv, one row per completed epoch
+    saved_step: int = -1  # this process's knowledge: the newest checkpoint written (-1: none); not saved
+    # dataset_fingerprint of the training and evaluation sets, once per run (8 s at ImageNet's size)
+    datasets: Tuple[str, str] = ("", "")
+
+    def schedule_position(self, steps_per_epoch: int) -> int:
+        """The update the learning rate is set for: the next one, counted at today's global
+        batch. It is `step + 1` unless a resume changed the batch: then `step` counts updates
+        at the old batch, and the schedule, whose length is counted at the new one, must go
+        on from the images already trained, not from the count of old updates."""
+        return self.epoch * steps_per_epoch + self.step_in_epoch + 1
 
     def state_dict(self, per_rank: List[Dict]) -> Dict[str, Any]:
         """The checkpoint's run entries; `per_rank` is every rank's rank_state_dict()."""

@@ -1,6 +1,9 @@
 """How a training process stops. The first SIGTERM or SIGINT (preemption, scancel, Ctrl-C)
-lets the step finish, a checkpoint be saved and the process exit 75; a second signal, or no
-exit within runtime.stop_timeout_s, ends it at once without saving. Whichever way it ends,
+lets the step finish, a checkpoint be saved and the process exit 75. More SIGTERMs change
+nothing: a scheduler delivers the same stop several times (SLURM signals every process of
+the job, and torchrun forwards its own copy to each rank). Only a person's second Ctrl-C
+(a SIGINT that comes more than REPEAT_WINDOW_S after the first signal), or no exit within
+runtime.stop_timeout_s, ends the process at once without saving. Whichever way it ends,
 its loader workers end with it."""
 import multiprocessing
 import os
@@ -17,6 +20,9 @@ from .distributed import all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun with --resume auto
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A SIGINT this soon after the first stop signal is the same stop delivered twice (a
+# scheduler's copy and torchrun's), not a person pressing Ctrl-C again.
+REPEAT_WINDOW_S = 0.5
 
 
 def end_child_processes() -> None:
@@ -72,11 +78,12 @@ class StopRequest:
         return all_reduce_sum(flag).item() > 0
 
     def _watch(self, read_end: int) -> None:
-        deadline = None
+        first = None  # when the first stop signal came
         while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = None if first is None else max(0.0, first + self.timeout_s - time.monotonic())
             if not select.select([read_end], [], [], wait)[0]:
-                self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of {self.signal_name}")
+                self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of {self.signal_name}",
+                              signal.Signals[self.signal_name])
             received = os.read(read_end, 64)
             if not received:  # closed: the run is over
                 os.close(read_end)
@@ -84,13 +91,13 @@ class StopRequest:
             for signum in received:  # every signal with a Python handler lands here: keep ours
                 if signum not in STOP_SIGNALS:
                     continue
-                if self.signal_name is not None:
-                    self._give_up(f"a second stop signal ({signal.Signals(signum).name})")
-                self.signal_name = signal.Signals(signum).name
-                deadline = time.monotonic() + self.timeout_s
+                if first is None:
+                    self.signal_name, first = signal.Signals(signum).name, time.monotonic()
+                elif signum == signal.SIGINT and time.monotonic() - first > REPEAT_WINDOW_S:
+                    self._give_up("a second Ctrl-C (SIGINT)", signal.SIGINT)
 
-    def _give_up(self, reason: str) -> None:
-        code = 128 + signal.Signals[self.signal_name].value
+    def _give_up(self, reason: str, signum: signal.Signals) -> None:
+        code = 128 + signum.value
         message = f"ending without saving: {reason}; the last checkpoint stays as it was (exit code {code})"
         os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
         try:

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from data.loaders import TrainingData, build_training_data
+from data.loader_faults import Batches, LoaderStallError, SharedMemoryError
 from data.transforms import decode_path
 from data.unreadable import UnreadableImages
 
@@ -69,14 +70,15 @@ def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] 
             configure_kernels(recipe.runtime.deterministic)
             seed_everything(recipe.seed)
             data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment,
-                                       ctx.rank, ctx.world_size, ctx.device, recipe.runtime.stop_timeout_s)
+                                       ctx.rank, ctx.world_size, ctx.device)
             recipe = with_class_count(recipe, data)
             step = build_train_step(recipe, ctx, data.sampler.steps_per_epoch)
             if initial is not None:
                 start_from(initial, step, data)
             run = RunState(EpochTotals(ctx.device), UnreadableImages(
                 data.train_set.samples, recipe.data.max_unreadable_batch_fraction,
-                recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed))
+                recipe.data.max_unreadable_fraction, recipe.data.min_unreadable_allowed),
+                datasets=(dataset_fingerprint(data.train_set.samples), dataset_fingerprint(data.val_set.samples)))
             notes = restore(resumed[1], step, run, recipe, ctx, data) if resumed else []
             start(folder, recipe, ctx, data, run, resumed, notes, step.schedule.warmup_steps, arrangement)
             return epochs(recipe, ctx, folder, data, step, run)
@@ -163,11 +165,11 @@ def restore(state: Dict, step: TrainStep, run: RunState, recipe: Recipe, ctx: Di
     step.optimizer.load_state_dict(state["optimizer"])
     step.scaler.load_state_dict(state["scaler"])
     notes = [run.load_state_dict(state, ctx.rank, ctx.world_size, recipe.seed)]
-    if state["dataset"] != dataset_fingerprint(data.train_set.samples):
+    run.saved_step = run.step  # the checkpoint resumed from
+    if state["dataset"] != run.datasets[0]:
         notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
                      "so the remaining order of images differs")
-    eval_set = dataset_fingerprint(data.val_set.samples)
-    if state.get("eval_dataset", eval_set) != eval_set:  # checkpoints before this key: not known
+    if state.get("eval_dataset", run.datasets[1]) != run.datasets[1]:  # checkpoints before this key: not known
         notes.append("the evaluation set changed since the checkpoint (val/, or the held-out part of train/): "
                      "top-1 before and after this point are not comparable")
     notes.append(continue_with_new_batch(run, state.get("batch_size", recipe.batch_size), recipe.batch_size,
@@ -191,12 +193,14 @@ def continue_with_new_batch(run: RunState, old_batch: int, new_batch: int, steps
             f"of its images; it goes on {goes_on}")
 
 
-# Keys that change where and how a run goes, not a number it computes; and the initial
-# weights, which only a fresh start loads (a resume takes the checkpoint's).
-NO_EFFECT_ON_RESULTS = {"data.dir", "data.layout", "data.shard_index_dir", "data.workers", "runtime.log_interval",
-                        "runtime.stop_timeout_s", "runtime.collective_timeout_s", "checkpoint.every_steps",
-                        "checkpoint.keep_last", "model.initial_weights", "model.initial_weights_kind",
-                        "model.initial_weights_sha256"}
+# Keys that change where and how a run goes, not a number it computes (the unreadable-image
+# budget decides whether a run stops, not what it trains); and the initial weights, which
+# only a fresh start loads (a resume takes the checkpoint's).
+NO_EFFECT_ON_RESULTS = {"data.dir", "data.layout", "data.shard_index_dir", "data.workers", "data.loader_timeout_s",
+                        "data.max_unreadable_batch_fraction", "data.max_unreadable_fraction",
+                        "data.min_unreadable_allowed", "runtime.log_interval", "runtime.stop_timeout_s",
+                        "runtime.collective_timeout_s", "checkpoint.every_steps", "checkpoint.keep_last",
+                        "model.initial_weights", "model.initial_weights_kind", "model.initial_weights_sha256"}
 
 
 def diff_recipes(old: Dict, new: Dict, prefix: str = "") -> List[str]:
@@ -245,8 +249,11 @@ def epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingDa
     run_log = RunLog(folder.path, ctx.is_main, start_step=run.step, rows=run.rows)
     with StopRequest(recipe.runtime.stop_timeout_s, on_give_up=lambda reason: ctx.is_main and folder.set_status(
             f"interrupted at step {run.step}: {reason}")) as stop:
-        if not train_epochs(recipe, ctx, folder, data, step, run, run_log, stop):
-            return preempted(folder, ctx, run, stop)
+        try:
+            if not train_epochs(recipe, ctx, folder, data, step, run, run_log, stop):
+                return preempted(folder, ctx, run, stop)
+        except (LoaderStallError, SharedMemoryError) as exc:
+            raise type(exc)(f"{exc}; {save_after_loader_fault(recipe, ctx, folder, data, step, run)}") from None
     run_log.close()
     if ctx.is_main:
         folder.set_status(f"done at step {run.step}")
@@ -265,16 +272,17 @@ def train_epochs(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: Trai
         # One pass over all remaining epochs: the workers decode the next epoch's first
         # batches while this one ends and is evaluated, so the GPU does not wait for them.
         data.sampler.set_epoch(run.epoch, run.step_in_epoch, end_epoch=recipe.epochs)
-        batches = iter(data.train)
+        batches = iter(Batches(data.train))
     for _ in range(run.epoch, recipe.epochs):
         if not train_one_epoch(step, batches, run, data.sampler.steps_per_epoch, recipe, ctx, stop, run_log, save):
             return False
+        if run.saved_step != run.step:
+            save()  # the epoch's training, kept whatever becomes of its evaluation (a full /dev/shm, a stall)
         saved = save(is_best=evaluate_epoch(recipe, ctx, data, step, run))
         run_log.epoch(run.rows[-1])
         if not saved and run.epoch == recipe.epochs:
             raise FinalCheckpointError(f"the run trained to its end (step {run.step}) but the disk is full and its "
-                                       f"final checkpoint was not written; free space in {folder.path} and rerun "
-                                       f"with --resume auto to redo the steps since its last checkpoint")
+                                       f"final checkpoint was not written; {redo_advice(folder, run)}")
         if stop.agreed(ctx.device):
             return False
     return True
@@ -286,7 +294,8 @@ def evaluate_epoch(recipe: Recipe, ctx: DistContext, data: TrainingData, step: T
     check_numerics(run, recipe.runtime.max_nonfinite_steps)
     stats = run.totals.finish_epoch(run.epoch_seconds)
     result = evaluate(step.model, data.val, recipe.model.num_classes, step.preprocess, step.amp)
-    row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(run.step), train_loss=stats.loss,
+    position = (run.epoch + 1) * data.sampler.steps_per_epoch  # the schedule's, see RunState.schedule_position
+    row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(position), train_loss=stats.loss,
                eval_loss=result.loss, top1=result.top1, top5=result.top5)
     score = result.top1
     if step.ema is not None:
@@ -317,17 +326,47 @@ def save_run(folder: RunFolder, recipe: Recipe, ctx: DistContext, data: Training
         state = dict(format=TRAIN_CHECKPOINT_FORMAT, model=step.model.state_dict(),
                      optimizer=step.optimizer.state_dict(), scaler=step.scaler.state_dict(),
                      model_ema=step.ema.module.state_dict() if step.ema else None, **run.state_dict(per_rank),
-                     dataset=dataset_fingerprint(data.train_set.samples),
-                     eval_dataset=dataset_fingerprint(data.val_set.samples), batch_size=recipe.batch_size,
+                     dataset=run.datasets[0], eval_dataset=run.datasets[1], batch_size=recipe.batch_size,
                      classes=data.train_set.classes, recipe=recipe_to_dict(recipe),
                      metrics=run.rows[-1] if run.rows else None)
         written = folder.checkpoints.save(state, run.step, is_best) is not None
-    return all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
+    written = all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
+    if written:
+        run.saved_step = run.step
+    return written
+
+
+def redo_advice(folder: RunFolder, run: RunState) -> str:
+    """What to run after the checkpoint of run.step could not be written, and what it will redo."""
+    if run.saved_step < 0:
+        return (f"no checkpoint of this run was written; free space in {folder.path}, then rerun with --resume auto "
+                f"(it starts again from step 0)")
+    return (f"the newest checkpoint is of step {run.saved_step}; free space in {folder.path}, then rerun with "
+            f"--resume auto to redo the steps since")
+
+
+def save_after_loader_fault(recipe: Recipe, ctx: DistContext, folder: RunFolder, data: TrainingData,
+                            step: TrainStep, run: RunState) -> str:
+    """After the loader failed to deliver: one process saves where it got to (its state is
+    whole, between two steps); several cannot, since the others wait in a collective that
+    this rank will not join. Returns what was saved, in words."""
+    if run.saved_step == run.step:
+        return f"checkpoint saved at step {run.step}; continue with --resume auto"
+    if not ctx.is_distributed and save_run(folder, recipe, ctx, data, step, run):
+        return f"checkpoint saved at step {run.step}; continue with --resume auto"
+    if run.saved_step < 0:
+        return "no checkpoint of this run was written; rerun with --resume auto (it starts again from step 0)"
+    return f"the newest checkpoint is of step {run.saved_step}; continue from it with --resume auto"
 
 
 def preempted(folder: RunFolder, ctx: DistContext, run: RunState, stop: StopRequest) -> int:
+    """The stop's outcome, as it is on disk: the newest checkpoint that was written."""
+    signal_name = stop.signal_name or "a signal to another rank"
+    if run.saved_step == run.step:
+        log.info("stopping on %s: checkpoint saved at step %d; continue with --resume auto", signal_name, run.step)
+    else:
+        log.warning("stopping on %s: the checkpoint of step %d could not be written (the disk is full); %s",
+                    signal_name, run.step, redo_advice(folder, run))
     if ctx.is_main:
-        folder.set_status(f"preempted at step {run.step}")
-    log.info("stopping on %s: checkpoint saved at step %d; continue with --resume auto",
-             stop.signal_name or "a signal to another rank", run.step)
+        folder.set_status(f"preempted at step {max(run.saved_step, 0)}")
     return EXIT_PREEMPTED

@@ -80,14 +80,15 @@ class RecipeLoader(yaml.SafeLoader):
 def load_yaml(text: str, root: str = "") -> Any:
     """Recipe YAML, as yaml.safe_load reads it, except that a key given twice in one
     mapping raises DuplicateKeyError instead of the last one silently winning."""
-    return load_yaml_with_comments(text, root)[0]
+    return load_yaml_with_lines(text, root)[0]
 
 
 YAML_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a new line
 
 
-def load_yaml_with_comments(text: str, root: str = "") -> Tuple[Any, Dict[str, str]]:
-    """load_yaml's value, and {dotted key: the comment written beside it} ("" for none)."""
+def load_yaml_with_lines(text: str, root: str = "") -> Tuple[Any, Dict[str, str], Dict[str, int]]:
+    """load_yaml's value, {dotted key: the comment written beside it} ("" for none), and
+    {dotted key: its line, from 1}: so that a message about a key's value can say where it is."""
     loader = RecipeLoader(text)
     loader.root = root
     try:
@@ -96,7 +97,7 @@ def load_yaml_with_comments(text: str, root: str = "") -> Tuple[Any, Dict[str, s
         loader.dispose()
     lines = YAML_LINE_BREAK.split(text.removeprefix("\ufeff"))  # YAML's columns do not count a byte-order mark
     comments = {key: key_comment(lines, line, loader.line_ends[line]) for key, line in loader.key_lines.items()}
-    return value, comments
+    return value, comments, {key: line + 1 for key, line in loader.key_lines.items()}
 
 
 def key_comment(lines: List[str], line: int, column: int) -> str:

@@ -16,6 +16,9 @@ class DataConfig:
     shard_index_dir: str = ""  # where the shard index is cached; "": beside the shards, ~/.cache if read-only
     img_size: int = 256  # training crop
     workers: int = 8  # loader processes per training process
+    # No batch from the workers for this long (a hung network mount, a stopped worker) ends
+    # the run, naming the worker and its file; minutes, since a first batch may wait on a cold cache.
+    loader_timeout_s: float = 300.0
     train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
     crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
@@ -31,4 +34,4 @@ class DataConfig:
     holdout_fraction: float = 0.0
     max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
     max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded ...
-    min_unreadable_allowed: int = 2  # ... but always allow this many, however small the set
+    min_unreadable_allowed: int = 10  # ... but always allow this many: a handful of bad files in a small set

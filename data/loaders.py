@@ -1,14 +1,13 @@
 """DataLoaders for training and evaluation, built from the data section of a recipe
 (data.config.DataConfig), and the loader workers' signal handling."""
 import ctypes
-import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .batches import SharedBatchRing
 from .config import DataConfig, DataConfigError
@@ -17,50 +16,50 @@ from .gpu_decode import gpu_decode_available, warn_fallback
 from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
 from .samplers import EvalSampler, TrainSampler
 from .shards import ShardDataset, ShardSplit, build_shard_splits, holds_shards
+from .loader_faults import ReadProgress
 from .transforms import eval_transform, train_transform
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerSignals:
-    """A loader worker's signal handling, set as it starts.
+    """A loader worker's signal handling, set as it starts: it ignores SIGINT and SIGTERM.
 
-    SIGINT (Ctrl-C reaches the whole process group) is ignored: the training process decides.
-    A first SIGTERM (a scheduler may signal every process of a job) leaves the worker serving
-    the batches that the training process needs to finish its step and save, but arms an
-    alarm that ends it within `timeout_s`; a second SIGTERM ends it at once. The training
-    process kills its workers when it exits (cspresnet.signals.end_child_processes), and the
-    kernel kills them when it dies (a parent-death signal, which also reaches a stopped or
-    stuck worker), so no worker outlives its job.
+    The training process decides when its workers end. Ctrl-C reaches the whole process
+    group, and a scheduler may signal every process of a job (SLURM does, and torchrun
+    forwards its own copy to each rank's process group): a worker that died of it would
+    fail the step that the training process still has to finish and save. The training
+    process kills its workers when it exits (cspresnet.signals.end_child_processes), and
+    the kernel kills them when it dies (a parent-death signal, which also reaches a
+    stopped or stuck worker), so no worker outlives its job.
     """
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
 
     def __call__(self, worker_id: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.set_wakeup_fd(-1)  # the inherited pipe belongs to the training process's stop watchdog
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._first_sigterm)
-
-    def _first_sigterm(self, signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.alarm(max(1, math.ceil(self.timeout_s)))  # SIGALRM's default action ends the process
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 PREFETCH_FACTOR = 4  # batches in flight per worker
 
 
-def loader_options(workers: int, pin_memory: bool, stop_timeout_s: float = 60.0) -> dict:
+def loader_options(workers: int, pin_memory: bool) -> dict:
     """DataLoader arguments shared by training, evaluation and benchmarks.loader."""
     # A private generator: creating a loader iterator draws a worker seed from it, and the
     # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
     options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=SharedBatchRing(PREFETCH_FACTOR),
                    generator=torch.Generator().manual_seed(0))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR,
-                       worker_init_fn=WorkerSignals(stop_timeout_s))
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, worker_init_fn=WorkerSignals())
     return options
+
+
+def tracked(dataset: ImageFolderDataset, workers: int, timeout_s: float) -> ImageFolderDataset:
+    """The dataset, recording which sample each of `workers` reads (before they fork), and
+    how long its loader may take for a batch (data.loader_faults.Batches)."""
+    dataset.progress = ReadProgress(workers, timeout_s)
+    return dataset
 
 
 @dataclass
@@ -74,7 +73,7 @@ class TrainingData:
 
 
 def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_augment: str, rank: int,
-                        world_size: int, device: torch.device, stop_timeout_s: float) -> TrainingData:
+                        world_size: int, device: torch.device) -> TrainingData:
     """`batch_size` and config.eval_batch_size are global, across the `world_size` processes."""
     decode = config.train_decode
     if decode == "gpu":
@@ -94,8 +93,10 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_aug
                               f"(batch_size={batch_size}); lower batch_size")
     pin_memory = device.type == "cuda"
     sampler = TrainSampler(len(train_set), batch_size // world_size, world_size, rank, seed)
-    train = DataLoader(train_set, batch_sampler=sampler, **loader_options(config.workers, pin_memory, stop_timeout_s))
-    val = eval_loader(val_set, config.eval_batch_size, rank, world_size, config.workers, pin_memory, stop_timeout_s)
+    train = DataLoader(tracked(train_set, config.workers, config.loader_timeout_s), batch_sampler=sampler,
+                       **loader_options(config.workers, pin_memory))
+    val = eval_loader(val_set, config.eval_batch_size, rank, world_size, config.workers, pin_memory,
+                      config.loader_timeout_s)
     return TrainingData(train, sampler, train_set, val, val_set, decode)
 
 
@@ -112,12 +113,12 @@ def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
     return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction)
 
 
-def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, workers: int, pin_memory: bool,
-                stop_timeout_s: float = 60.0) -> DataLoader:
+def eval_loader(dataset: ImageFolderDataset, batch_size: int, rank: int, world_size: int, workers: int,
+                pin_memory: bool, timeout_s: float = DataConfig.loader_timeout_s) -> DataLoader:
     """Every image exactly once across the ranks; `batch_size` is global."""
     sampler = EvalSampler(len(dataset), world_size, rank)
-    return DataLoader(dataset, batch_size=-(-batch_size // world_size), sampler=sampler,
-                      **loader_options(workers, pin_memory, stop_timeout_s))
+    return DataLoader(tracked(dataset, workers, timeout_s), batch_size=-(-batch_size // world_size), sampler=sampler,
+                      **loader_options(workers, pin_memory))
 
 
 def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, rank: int, world_size: int,
@@ -128,4 +129,4 @@ def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfi
                                config.eval_decode)
     dataset = ShardDataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
     return dataset, eval_loader(dataset, config.eval_batch_size, rank, world_size, config.workers,
-                                pin_memory=device.type == "cuda")
+                                device.type == "cuda", config.loader_timeout_s)

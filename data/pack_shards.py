@@ -11,11 +11,14 @@ without its extension, so the validation images keep their ILSVRC2012_val_* name
 (ImageNet-ReaL finds them); where names repeat across classes it is <class>/<name>.
 
 The samples are shuffled across and within shards by --seed: the same seed and files give
-the same bytes. Files are read and written one at a time per thread (never the dataset in
-memory). A shard is written to <shard>.partial and renamed when complete, so running the
-same command again after an interruption keeps the finished shards and writes the rest;
-_pack.json records what is being packed, and a different pack into the same folder is
-refused. Training reads the shards in the class folders' order (data/shards.py), so the
+the same bytes. The shuffle draws from a random stream of its own, not torch.manual_seed(seed),
+which the training sampler's first epoch uses: with that, every first-epoch batch came from
+one or two shards, and a missing shard emptied whole batches. Files are read and written
+one at a time per thread (never the dataset in memory). A shard is written to
+<shard>.partial and renamed when complete, so running the same command again after an
+interruption keeps the finished shards and writes the rest; _pack.json records what is
+being packed (the shuffle rule too), and a different pack into the same folder is refused.
+Training reads the shards in the class folders' order (data/shards.py), so the
 shuffle changes nothing it computes.
 """
 import argparse
@@ -40,6 +43,9 @@ from .val_layouts import read_eval_set
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "_pack.json"
+# How the samples are shuffled (recorded in _pack.json and its digest): a pack begun under
+# another rule is not continued under this one, which would mix two orders in one set.
+SHUFFLE = "randperm from sha256('data.pack_shards <split> seed <seed>')"
 SPLITS = {"train": "train", "val": "validation"}  # source folder -> the split's name in the shards (timm's)
 
 
@@ -91,10 +97,19 @@ def sample_keys(samples: Sequence[Sample], classes: List[str], where: Path) -> L
     return keys
 
 
+def shuffle_generator(split: str, seed: int) -> torch.Generator:
+    """The packer's own random stream, from a hash of its name, the split and --seed. The
+    training sampler seeds torch with seed * 100_003 + epoch: a packer seeded with --seed
+    itself dealt the shards (default seed 0) exactly as the first epoch of a run with seed 0
+    deals its batches, each batch from one or two shards."""
+    digest = hashlib.sha256(f"data.pack_shards {split} seed {seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def plan_split(split: str, samples: List[Sample], keys: List[str], count: int, seed: int, name: str) -> SplitPlan:
     """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
     count = min(count, len(samples))
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(samples), generator=shuffle_generator(split, seed)).tolist()
     bounds = [len(samples) * i // count for i in range(count + 1)]
     digits = max(2, len(str(count - 1)))
     return SplitPlan(split, samples, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
@@ -102,8 +117,9 @@ def plan_split(split: str, samples: List[Sample], keys: List[str], count: int, s
 
 
 def plan_digest(plans: List[SplitPlan], root: Path, name: str, seed: int) -> str:
-    """Changes with anything that changes the shards' contents: files, classes, seed, counts."""
-    digest = hashlib.sha1(f"{name}\n{seed}\n".encode())
+    """Changes with anything that changes the shards' contents: files, classes, seed, counts,
+    the shuffle rule."""
+    digest = hashlib.sha1(f"{name}\n{seed}\n{SHUFFLE}\n".encode())
     for plan in plans:
         digest.update(f"{plan.split} {len(plan.shards)}\n".encode())
         for (path, target), key in zip(plan.samples, plan.keys):
@@ -116,9 +132,13 @@ def claim_output(out: Path, plan: Dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     marker = out / PLAN_NAME
     if marker.is_file():
-        if json.loads(marker.read_text()).get("digest") != plan["digest"]:
-            raise PackError(f"{out} holds another pack (other files, classes, --seed, --name or shard counts, see "
-                            f"{marker}): pack into an empty folder")
+        held = json.loads(marker.read_text())
+        if held.get("digest") != plan["digest"]:
+            older = held.get("shuffle") != plan["shuffle"]
+            why = ("begun by an older version of this command, which shuffled the samples in another order" if older
+                   else "other files, classes, --seed, --name or shard counts")
+            raise PackError(f"{out} holds another pack ({why}; see {marker}): pack into an empty folder, or delete "
+                            f"{out} and run this command again")
         return
     if any(out.glob("*.tar")):
         raise PackError(f"{out} already holds .tar files that this command did not write: pack into an empty folder")
@@ -177,7 +197,7 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
         plans.append(plan_split(SPLITS[folder], samples, sample_keys(samples, classes, root / folder), count, seed,
                                 name))
     claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root.resolve()), seed=seed,
-                           name=name, shards={plan.split: len(plan.shards) for plan in plans}))
+                           name=name, shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE))
     todo = [(plan, shard) for plan in plans for shard in range(len(plan.shards))
             if not (out / plan.filenames[shard]).is_file()]
     kept = sum(len(plan.shards) for plan in plans) - len(todo)

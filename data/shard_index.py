@@ -6,7 +6,9 @@ file beside the shards (or under ~/.cache/cspresnet when that folder is read-onl
 data.shard_index_dir), and rebuilt for a shard whose size or modification time changed.
 A shard's samples are its consecutive members with one key (WebDataset's rule); a sample
 without an image or a readable class is kept, with the reason, so that it is counted as
-unreadable where it would have been read.
+unreadable where it would have been read. A shard cut short keeps the samples its earlier
+index saw after the cut, each with the reason, in their places: they are counted as lost,
+not silently dropped, and every other sample keeps its index.
 """
 import fcntl
 import hashlib
@@ -71,6 +73,8 @@ class ShardScan:
     sizes: List[int] = field(default_factory=list)
     classes: List[int] = field(default_factory=list)  # -1: unknown
     problems: List[Tuple[int, str]] = field(default_factory=list)
+    damage: str = ""  # what is wrong with the archive's end; "": whole
+    lost: Optional[int] = 0  # samples after a cut, kept from the earlier index (or _info.json's); None: unknown
 
     def to_json(self) -> Dict:
         return dict(self.__dict__, problems=[list(p) for p in self.problems])
@@ -120,9 +124,7 @@ def scan_shard(path: Path) -> ShardScan:
         members, damage = read_members(path, stat.st_size)
     except OSError as exc:
         raise DatasetLayoutError(f"cannot read shard {path}: {exc}") from None
-    scan = ShardScan(stat.st_size, stat.st_mtime_ns)
-    if damage:
-        log.warning("%s", damage)
+    scan = ShardScan(stat.st_size, stat.st_mtime_ns, damage=damage, lost=None if damage else 0)
     groups: List[Tuple[str, List[Member]]] = []
     for member in members:
         key, extension = member_key(member[0])
@@ -152,7 +154,8 @@ def add_sample(scan: ShardScan, key: str, group: List[Member], shard_size: int, 
             problem = f"its .cls member holds {label[3][:20]!r}, not a class index"
     if image is None:
         others = ", ".join("." + member_key(m[0])[1] for m in group)
-        problem = problem or f"no image member (it has {others}; expected .jpg or another image type)"
+        problem = problem or (f"no image member (it has {others}; expected .jpg or another image type)"
+                              + (f"; {damage}" if damage else ""))
     elif image[1] + image[2] > shard_size:
         problem = problem or (f"cut short: the shard ends {shard_size - image[1]} bytes into this member's "
                               f"{image[2]}; {damage}")
@@ -162,6 +165,31 @@ def add_sample(scan: ShardScan, key: str, group: List[Member], shard_size: int, 
     scan.classes.append(target)
     if problem:
         scan.problems.append((len(scan.names) - 1, problem))
+
+
+def is_prefix(scan: ShardScan, earlier: ShardScan) -> bool:
+    """Whether the samples of a cut shard are the first ones of its earlier index: the same
+    image names at the same offsets, the last (the cut one) at least with the same key."""
+    count = len(scan.names)
+    if count > len(earlier.names):
+        return False
+    same = all(scan.names[i] == earlier.names[i] and scan.offsets[i] == earlier.offsets[i] for i in range(count - 1))
+    return same and (count == 0 or member_key(scan.names[-1])[0] == member_key(earlier.names[count - 1])[0])
+
+
+def keep_lost(scan: ShardScan, name: str, entry: Optional[Dict]) -> ShardScan:
+    """A shard cut short since it was indexed: its earlier samples in their places (so every
+    sample keeps its index and an exact resume stays exact), those after the cut unreadable.
+    The result is cached with the cut shard's size and time: the next run reads it as it is,
+    a further cut is checked against it, and a repaired shard (a new size) is scanned whole."""
+    earlier = ShardScan.from_json(entry) if entry else None
+    if not scan.damage or earlier is None or earlier.size <= scan.size or not is_prefix(scan, earlier):
+        return scan
+    kept = len(scan.names)
+    lost = f"lost: {name} is cut short at byte {scan.size} (it was {earlier.size} bytes when indexed)"
+    return ShardScan(scan.size, scan.mtime_ns, earlier.names, earlier.offsets, earlier.sizes, earlier.classes,
+                     scan.problems + [(i, lost) for i in range(kept, len(earlier.names))], scan.damage,
+                     len(earlier.names) - kept)
 
 
 # ----------------------------------------------------------------------------- the cached index
@@ -224,12 +252,14 @@ def save_index(path: Path, shards: Dict[str, Dict]) -> None:
 
 def current_entries(cached: Dict[str, Dict], paths: List[Path]) -> Tuple[Dict[str, ShardScan], List[Path]]:
     """The cached scans of the shards that did not change (same size and modification
-    time), and the shards to scan."""
+    time), and the shards to scan. An entry without "damage" was written by an older
+    version, which kept no record of a cut: that shard is scanned again."""
     current, stale = {}, []
     for path in paths:
         stat = path.stat()
         entry = cached.get(path.name)
-        if entry is not None and (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        if entry is not None and "damage" in entry and \
+                (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
             current[path.name] = ShardScan.from_json(entry)
         else:
             stale.append(path)
@@ -237,14 +267,19 @@ def current_entries(cached: Dict[str, Dict], paths: List[Path]) -> Tuple[Dict[st
 
 
 def scan_shards(stale: List[Path], cached: Dict[str, Dict], index_path: Path) -> Dict[str, ShardScan]:
-    changed = [path.name for path in stale if path.name in cached]
+    """Scan the stale shards; a shard cut short since it was indexed keeps its lost samples."""
+    changed = [path.name for path in stale if "damage" in cached.get(path.name, {})]
     if changed:
         log.info("re-indexing %d shard(s) that changed since they were indexed: %s", len(changed),
                  ", ".join(changed[:5]))
+    older = sum(1 for path in stale if path.name in cached and "damage" not in cached[path.name])
+    if older:
+        log.info("re-indexing %d shard(s) indexed by an older version, which did not record cut shards", older)
     started = time.perf_counter()
     log.info("indexing %d shard(s) in %s (tar headers only; cached in %s)", len(stale), stale[0].parent, index_path)
     with ThreadPoolExecutor(min(SCAN_THREADS, len(stale))) as pool:
-        scans = dict(zip((path.name for path in stale), pool.map(scan_shard, stale)))
+        scans = {path.name: keep_lost(scan, path.name, cached.get(path.name))
+                 for path, scan in zip(stale, pool.map(scan_shard, stale))}
     log.info("indexed %d shard(s) in %.1f s", len(stale), time.perf_counter() - started)
     return scans
 

@@ -134,7 +134,9 @@ def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
     paths = find_shards(folder, split)
     if not paths:
         raise DatasetLayoutError(f"{folder} has no {split} shards; {SHARD_LAYOUT}")
-    shards = build_split(indexed_shards(paths, index_file(folder, index_dir)), folder)
+    scans = indexed_shards(paths, index_file(folder, index_dir))
+    count_lost(scans, info_lengths(folder, split))
+    shards = build_split(scans, folder)
     if not shards.samples:
         raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; {SHARD_LAYOUT}")
     check_info(folder, split, shards)
@@ -156,19 +158,62 @@ def read_info(folder: Path) -> Dict:
         return {}
 
 
+def info_lengths(folder: Path, split: str) -> Dict[str, int]:
+    """_info.json's sample count of each of the split's shards, by file name; {} if it gives none."""
+    splits = read_info(folder).get("splits")
+    splits = splits if isinstance(splits, dict) else {}
+    info = next((splits[name] for name in split_names(split) if isinstance(splits.get(name), dict)), {})
+    names, lengths = info.get("filenames", ()), info.get("shard_lengths", ())
+    if not isinstance(names, list) or not isinstance(lengths, list) or len(names) != len(lengths):
+        return {}
+    return {name: length for name, length in zip(names, lengths) if isinstance(length, int)}
+
+
 def check_info(folder: Path, split: str, shards: ShardSplit) -> None:
     """Warn where _info.json's shard sizes disagree with what the shards hold."""
-    splits = read_info(folder).get("splits", {})
-    info = next((splits[name] for name in split_names(split) if isinstance(splits.get(name), dict)), None)
-    if not info or len(info.get("filenames", ())) != len(info.get("shard_lengths", ())):
-        return
+    lengths = info_lengths(folder, split)
     held = np.bincount(shards.shard, minlength=len(shards.paths))
     counts = {Path(path).name: int(n) for path, n in zip(shards.paths, held)}
     differ = [f"{name} ({counts.get(name, 'missing')}, not {length})"
-              for name, length in zip(info["filenames"], info["shard_lengths"]) if counts.get(name) != length]
+              for name, length in lengths.items() if counts.get(name) != length]
     if differ:
         log.warning("%s: %d shard(s) hold other sample counts than %s says: %s", folder, len(differ), INFO_NAME,
                     ", ".join(differ[:3]))
+
+
+def count_lost(scans: Dict[str, ShardScan], lengths: Dict[str, int]) -> None:
+    """Name each shard cut short, and count what it lost. The index kept the samples after
+    the cut where it had seen them whole; else _info.json's count of the shard's samples
+    gives the number lost, added as placeholders (class unknown: placed last), each one
+    unreadable; else the number is unknown, and the warning says so."""
+    for name, scan in sorted(scans.items()):
+        if not scan.damage:
+            continue
+        if scan.lost is None and name in lengths:
+            add_placeholders(scan, name, lengths[name])
+        if scan.size < 0:
+            continue  # gone: indexed_shards has said so
+        if scan.lost is None:
+            log.warning("%s. The number of samples lost after the cut is unknown: the shard was not indexed whole "
+                        "before, and %s gives no sample count for it, so only its cut sample is counted as "
+                        "unreadable; copy the shard again from its source", scan.damage, INFO_NAME)
+        else:
+            log.warning("%s; %d sample(s) after the cut will be skipped and counted as unreadable; copy the shard "
+                        "again from its source", scan.damage, scan.lost)
+
+
+def add_placeholders(scan: ShardScan, name: str, length: int) -> None:
+    """The samples _info.json counts in a cut shard beyond what its headers still show."""
+    found, missing = len(scan.names), max(0, length - len(scan.names))
+    reason = (f"lost: {name} is cut short at byte {scan.size}; {INFO_NAME} says it holds {length} samples, its "
+              f"tar headers show {found}")
+    for number in range(missing):
+        scan.names.append(f"<lost sample {number + 1:0{len(str(missing))}d} of {missing}>")
+        scan.offsets.append(0)
+        scan.sizes.append(0)
+        scan.classes.append(-1)
+        scan.problems.append((len(scan.names) - 1, reason))
+    scan.lost = missing
 
 
 def named_classes(folder: Path) -> Optional[List[str]]:

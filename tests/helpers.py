@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,15 @@ TINY_OVERRIDES = [
     "data.eval_batch_size=4", "model.num_classes=3", "runtime.log_interval=1",
     "optim.reference_batch_size=8", "schedule.burn_in_iters=2",
 ]
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def last_wins(*args) -> list:
+    """Command-line arguments with each recipe override's key once, at its last value: a
+    test's own value replaces TINY_OVERRIDES' (train.py refuses a key given twice)."""
+    args = [str(a) if not isinstance(a, str) else a for a in args]
+    keys = [OVERRIDE.match(a) and a.split("=", 1)[0] for a in args]
+    return [a for i, (a, key) in enumerate(zip(args, keys)) if not key or key not in keys[i + 1:]]
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from cspresnet.sync_bn import convert_to_sync_bn
 from data.batches import Batch
 
 import train
-from tests.helpers import TINY_OVERRIDES, in_this_process, run_cli, start, torchrun, train_here
+from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins, run_cli, start, torchrun, train_here
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -111,13 +111,13 @@ def test_the_accumulation_benchmark_compares_the_same_images_both_ways(capsys):
 
 
 # The slow tests: train.py on the tiny set, batch 4: one epoch of 6 updates.
-ACCUMULATION_OVERRIDES = [*TINY_OVERRIDES, "epochs=1", "batch_size=4", "micro_batch_size=2",
-                          "checkpoint.every_steps=2"]
+ACCUMULATION_OVERRIDES = last_wins(*TINY_OVERRIDES, "epochs=1", "batch_size=4", "micro_batch_size=2",
+                                   "checkpoint.every_steps=2")
 
 
 def train_args(data, output, *extra):
-    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *ACCUMULATION_OVERRIDES,
-            *extra]
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *last_wins(
+            *ACCUMULATION_OVERRIDES, *extra)]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def syncbn_over_2_processes_is_batchnorm_over_both_halves(ctx: DistContext) -> N
     build_train_step builds it (SyncBN, then DDP), gives the weights and BatchNorm statistics
     of one process's update on the whole batch; the state dict keeps its keys (checkpoints,
     export); a group of 1 is each process's own BatchNorm."""
-    overrides = [*TINY_OVERRIDES, "batch_size=4", "runtime.sync_bn=true"]
+    overrides = last_wins(*TINY_OVERRIDES, "batch_size=4", "runtime.sync_bn=true")
     torch.manual_seed(0)
     synced = build_train_step(load_recipe("demo.yaml", overrides), ctx, steps_per_epoch=6)
     torch.manual_seed(0)

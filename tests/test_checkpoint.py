@@ -1,5 +1,8 @@
 import errno
+import io
 import os
+import pickle
+import random
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from safetensors.torch import save_file
 from cspresnet.checkpoint import CheckpointError, CheckpointFolder, load_checkpoint, save_checkpoint
 from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
 from cspresnet.model import CSPResNet50
+from tests.helpers import in_this_process
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,130 @@ def test_auto_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
     assert (path.name, state["step"]) == ("step-00000001.pt", 1)
     assert "skipping unreadable checkpoint" in caplog.text
     assert CheckpointFolder(tmp_path / "empty", 2).newest_loadable() is None
+
+
+def small_checkpoint() -> dict:
+    """A few tensors and plain data: the shape of a training checkpoint, small enough to load
+    hundreds of broken copies of it in a few seconds."""
+    generator = torch.Generator().manual_seed(0)
+    model = {"conv.weight": torch.randn(4, 3, 3, 3, generator=generator), "bn.num_batches_tracked": torch.tensor(7),
+             "fc.bias": torch.zeros(5)}
+    return {"model": model, "epoch": 2, "step": 17, "best_top1": 12.5, "classes": ["cat", "dog"],
+            "recipe": {"optim": {"lr": 0.1}, "data": {"crop_scale": [0.08, 1.0]}}}
+
+
+def saved_bytes(state, **options) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer, **options)
+    return buffer.getvalue()
+
+
+def assert_one_line_naming(error: CheckpointError, path) -> None:
+    message = str(error)
+    assert "\n" not in message and str(path) in message, message
+
+
+def junk_files(rng: random.Random, marker):
+    """(name, bytes) of every kind of file a checkpoint path may hold by mistake or by damage;
+    the pickle that would run code creates `marker`."""
+    good = saved_bytes(small_checkpoint())
+    legacy = saved_bytes(small_checkpoint(), _use_new_zipfile_serialization=False)
+    for i in range(100):
+        yield f"random-{i}", rng.randbytes(rng.randint(0, 2000))
+    for i in range(40):  # random bytes behind a zip's or a pickle's first bytes reach torch.load itself
+        prefix = b"PK\x03\x04" if i % 2 else bytes([0x80, rng.randint(2, 5)])
+        yield f"random-header-{i}", prefix + rng.randbytes(rng.randint(0, 500))
+    for i in range(80):
+        yield f"truncated-{i}", good[: rng.randint(0, len(good) - 1)]
+    for i in range(30):
+        yield f"truncated-legacy-{i}", legacy[: rng.randint(0, len(legacy) - 1)]
+    for i, source in enumerate([good] * 100 + [legacy] * 40):
+        flipped = bytearray(source)
+        for _ in range(rng.randint(1, 8)):
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        yield f"flipped-{i}", bytes(flipped)
+    yield "text", b"epoch: 3\nlr: 0.1\n"
+    yield "html", b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+    yield "lfs-pointer", b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 102400\n"
+    yield "os-system", pickle.dumps(os.system, protocol=2)
+    yield "os-system-protocol-5", pickle.dumps(os.system)
+    yield "class-instance", pickle.dumps(io.StringIO("x"), protocol=2)
+    yield "runs-code", saved_bytes({"model": small_checkpoint()["model"], "payload": RunsCode(str(marker))})
+
+
+def test_every_broken_file_either_loads_or_raises_a_one_line_checkpoint_error(tmp_path):
+    loaded, refused = 0, 0
+    for name, data in junk_files(random.Random(0), tmp_path / "pwned"):
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        try:
+            load_checkpoint(path)  # a flipped bit in a tensor's data, or in the zip's padding, still loads
+            loaded += 1
+        except CheckpointError as error:
+            assert_one_line_naming(error, path)
+            if name.startswith("truncated"):
+                assert "could run code" not in str(error)  # a name cut short is damage, not code
+            refused += 1
+    assert refused > 350 and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_auto_resume_falls_back_past_a_last_checkpoint_that_is_text_or_truncated(tmp_path, caplog, damage):
+    folder = CheckpointFolder(tmp_path, keep_last=3)
+    for step in (1, 2):
+        folder.save(dict(small_checkpoint(), step=step), step)
+    good = (tmp_path / "last.pt").read_bytes()
+    broken = b"step: 2\n" if damage == "text" else good[: len(good) // 2]
+    for name in ("last.pt", "step-00000002.pt"):  # one file under two names (a hard link), damaged on disk
+        (tmp_path / name).write_bytes(broken)
+    path, state = folder.newest_loadable()
+    assert (path.name, state["step"]) == ("step-00000001.pt", 1)
+    assert_same(state["model"], small_checkpoint()["model"])
+    expected = "not a PyTorch checkpoint" if damage == "text" else "truncated or corrupt"
+    assert caplog.text.count("skipping unreadable checkpoint") == 2 and expected in caplog.text
+
+
+def test_each_kind_of_unreadable_file_is_named_for_what_it_is(tmp_path):
+    legacy = saved_bytes(small_checkpoint(), _use_new_zipfile_serialization=False)  # PyTorch < 1.6, timm's older .pth
+    cases = {
+        "notes.pt": (b"lr: 0.1\n", "is not a PyTorch checkpoint (neither a zip file nor a pickle): "
+                                  "it starts with b'lr: 0.1\\n'"),
+        "empty.pt": (b"", "is empty (0 bytes)"),
+        "half.pt": (saved_bytes(small_checkpoint())[:500],
+                    "is not a readable PyTorch checkpoint (truncated or corrupt): RuntimeError: PytorchStreamReader failed"),
+        # the unpickler takes the last byte, "e", for the newline that ends the name
+        "half-legacy.pt": (legacy[: legacy.index(b"_rebuild_tensor_v2") + 11],
+                           "is not a readable PyTorch checkpoint (truncated or corrupt): its pickle names "
+                           "torch._utils._rebuild_t, which does not exist"),
+        "system.pt": (pickle.dumps(os.system, protocol=2), "unpickling them could run code (Trying to load "
+                      f"unsupported GLOBAL {os.system.__module__}.system whose module {os.system.__module__} is blocked.)"),
+        "instance.pt": (pickle.dumps(io.StringIO("x"), protocol=2),
+                        "could run code (Unsupported global: GLOBAL _io.StringIO was not an allowed global by default)"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(tmp_path / name)
+        assert message in str(caught.value), str(caught.value)
+        assert_one_line_naming(caught.value, tmp_path / name)
+        if name in ("notes.pt", "empty.pt", "half.pt", "half-legacy.pt"):
+            assert "could run code" not in str(caught.value)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="run is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_validate_and_predict_exit_2_with_one_line_for_a_junk_checkpoint(tmp_path):
+    import predict
+    import validate
+
+    junk = tmp_path / "best.pt"
+    junk.write_bytes(b"<!DOCTYPE html>\n<html><body>Access denied</body></html>\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "cat.jpg").write_bytes(b"\xff\xd8 not read: the checkpoint fails first")
+    for result in (in_this_process(validate.cli, "--checkpoint", junk, "--data-dir", tmp_path / "data"),
+                   in_this_process(predict.cli, "--checkpoint", junk, tmp_path / "cat.jpg")):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: {junk} is not a PyTorch checkpoint (neither a zip file nor a pickle): it starts with "
+            "b'<!DOCTYPE html>\\n'"], result.stderr

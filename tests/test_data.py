@@ -251,3 +251,43 @@ def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
                                                   r"2 allowed \(the larger of data.min_unreadable_allowed=2 and "
                                                   r"data.max_unreadable_fraction=0.001 x 100 images\)"):
         guard.check(one_bad(9))
+
+
+def test_the_default_budget_lets_a_handful_of_bad_files_through_a_small_set_and_keeps_imagenets():
+    from data.batches import Batch
+    from data.config import DataConfig
+    from data.imagenet import UnreadableDataError
+    from data.unreadable import UnreadableImages
+
+    config = DataConfig()
+    def budget(images):
+        return UnreadableImages([(f"/d/{i}.JPEG", 0) for i in range(images)], config.max_unreadable_batch_fraction,
+                                config.max_unreadable_fraction, config.min_unreadable_allowed)
+
+    assert budget(1_281_167).limit == 1281  # ImageNet: 0.1%
+    small = budget(600)
+    assert small.limit == 10
+    one_bad = lambda index: Batch(torch.zeros(3, 2, 2, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long),  # noqa: E731
+                                  torch.arange(3), [(index, "OSError: broken")])
+    for index in range(10):
+        small.check(one_bad(index))  # a scraped set's handful: trained through, counted
+    assert small.epoch_count == 10
+    with pytest.raises(UnreadableDataError, match="11 distinct training images could not be decoded"):
+        small.check(one_bad(10))
+
+
+def test_links_that_lead_nowhere_are_listed_and_read_as_unreadable_files(tmp_path):
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(folder / "good.JPEG")
+    (folder / "loop.JPEG").symlink_to(folder / "loop.JPEG")  # a link to itself
+    (folder / "dangling.JPEG").symlink_to(tmp_path / "gone.JPEG")
+    (tmp_path / "train" / "b").symlink_to(tmp_path / "train" / "b")  # a class folder that loops
+    with pytest.raises(DatasetLayoutError, match="train/b cannot be followed .Too many levels of symbolic links."):
+        find_classes(tmp_path / "train")
+    (tmp_path / "train" / "b").unlink()
+    samples = index_split(tmp_path / "train", ["a"])
+    assert [p.rsplit("/", 1)[1] for p, _ in samples] == ["dangling.JPEG", "good.JPEG", "loop.JPEG"]
+    dataset = ImageFolderDataset(samples, ["a"], eval_transform(32, 0.875))
+    reasons = [dataset[i][3] for i in range(3)]
+    assert "No such file" in reasons[0] and reasons[1] is None and "Too many levels of symbolic links" in reasons[2]

@@ -4,7 +4,9 @@ peer that dies or hangs, a save that fails, a stuck process that is sent SIGTERM
 failure here is the real one (a killed process, a full or read-only filesystem), and a
 hang fails the test at its time limit instead of stalling the suite."""
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,10 @@ import time
 
 import pytest
 
+from cspresnet.checkpoint import load_checkpoint
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import TINY_OVERRIDES, PrivateMount, child_pids, read_until, start, torchrun
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, last_wins, read_until, start, torchrun,
+                           train_here)
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
@@ -21,8 +25,8 @@ BOUND_S = 90  # a failing job must be gone within this, start-up (~10 s a proces
 
 
 def train_args(data, output, *extra):
-    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *TINY_OVERRIDES,
-            "batch_size=4", "epochs=4", *extra]
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output,
+            *last_wins(*TINY_OVERRIDES, "batch_size=4", "epochs=4", *extra)]
 
 
 def ends_within(process: subprocess.Popen, seconds: float) -> str:
@@ -77,13 +81,14 @@ def test_shared_memory_running_out_in_a_loader_worker_ends_the_run_with_a_hint(t
     assert_every_process_gone(process)
 
 
-@pytest.mark.parametrize("second_signal", [False, True])
-def test_sigterm_ends_a_stuck_process_after_the_stop_timeout_or_a_second_signal(tiny_imagenet, tmp_path,
-                                                                                  second_signal):
-    """Its loader worker frozen, the training process waits forever for its next batch: the
-    first SIGTERM cannot be acted on at a step's end, so the time limit or a second SIGTERM
-    ends it, without saving."""
-    timeout_s = 600 if second_signal else 4
+@pytest.mark.parametrize("second_signal", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_ends_a_stuck_process_after_the_stop_timeout_or_a_second_ctrl_c(tiny_imagenet, tmp_path,
+                                                                                 second_signal):
+    """Its loader worker frozen, the training process waits for its next batch: the first
+    SIGTERM cannot be acted on at a step's end. The time limit ends it, without saving; a
+    repeated SIGTERM (a scheduler delivering the same stop twice) changes nothing, and a
+    person's second Ctrl-C ends it at once."""
+    timeout_s = 600 if second_signal == signal.SIGINT else 4
     output = tmp_path / "run"
     process = start([sys.executable, *train_args(tiny_imagenet, output, "data.workers=1",
                                                  f"runtime.stop_timeout_s={timeout_s}")])
@@ -93,20 +98,55 @@ def test_sigterm_ends_a_stuck_process_after_the_stop_timeout_or_a_second_signal(
     wait_until_blocked(process.pid)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    if second_signal:
-        time.sleep(1)
-        process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    process.send_signal(second_signal)
     out = ends_within(process, 60)
     took = time.monotonic() - started
-    assert process.returncode == 128 + signal.SIGTERM, out
-    if second_signal:
-        assert "ending without saving: a second stop signal (SIGTERM)" in out and took < 20
+    assert process.returncode == 128 + second_signal, out
+    if second_signal == signal.SIGINT:
+        assert "ending without saving: a second Ctrl-C (SIGINT)" in out and took < 20
     else:
         assert "ending without saving: it did not stop within runtime.stop_timeout_s=4 s of SIGTERM" in out
         assert 4 <= took < 30
     assert_every_process_gone(process)
     status = (output / "status").read_text()
     assert status.startswith("interrupted at step ") and "the last checkpoint stays as it was" in status
+
+
+def test_stopped_loader_workers_end_the_run_naming_them_and_it_saves_where_it_got_to(tiny_imagenet, tmp_path):
+    """Both workers SIGSTOP'd mid-epoch, as a worker stuck on a hung network read would be:
+    no batch within data.loader_timeout_s ends the run, which says which workers, saves a
+    checkpoint at the step it reached (one process) and exits 1."""
+    output = tmp_path / "run"
+    process = start([sys.executable, *train_args(tiny_imagenet, output, "data.workers=2",
+                                                 "data.loader_timeout_s=3")])
+    read_until(process, "step 2 ")
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker, signal.SIGSTOP)
+    out = ends_within(process, BOUND_S)
+    assert process.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: the loader delivered no batch for 3 s (data.loader_timeout_s): worker 0 (pid "), last
+    assert sorted(int(pid) for pid in re.findall(r"worker \d \(pid (\d+), stopped\)", last)) == sorted(workers), last
+    saved = int(re.search(r"checkpoint saved at step (\d+); continue with --resume auto$", last).group(1))
+    assert load_checkpoint(output / "last.pt")["step"] == saved >= 2
+    assert (output / "status").read_text().startswith("failed: LoaderStallError: the loader delivered no batch")
+    assert_every_process_gone(process)
+
+
+def test_a_read_that_never_returns_is_named_with_its_file(tiny_imagenet, tmp_path):
+    """A file whose read blocks for good (a named pipe behind a .JPEG link, as a file on a
+    hung mount would): the error names the file, the worker and how long it waited."""
+    data = shutil.copytree(tiny_imagenet, tmp_path / "data")
+    os.mkfifo(tmp_path / "pipe")
+    (data / "train" / "n00000001" / "hung.JPEG").symlink_to(tmp_path / "pipe")
+    result = train_here(train_args(data, tmp_path / "run", "data.workers=1", "data.loader_timeout_s=2", "epochs=1"),
+                        check=False)
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"worker 0 \(pid \d+, sleeping\) has been reading \S+/n00000001/hung.JPEG for [23] s",
+                     result.stderr), result.stderr
 
 
 @pytest.mark.parametrize("victim", ["a loader worker of rank 0", "rank 1"])

@@ -153,7 +153,7 @@ def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
 
     recipe = load_recipe("demo.yaml", ["data.train_decode=gpu", "model.num_classes=3", "batch_size=8"],
                          data_dir=str(tiny_imagenet))
-    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, "", 0, 1, torch.device("cpu"), 60.0)
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, "", 0, 1, torch.device("cpu"))
     assert type(data.train_set.transform) is FastRandomResizedCrop and data.train_decode == "fast"
     assert "data.train_decode=gpu but no CUDA GPU: decoding on the CPU workers (fast) instead" in caplog.text
     with pytest.raises(RecipeError, match="data.train_decode.*RandAugment"):

@@ -21,7 +21,7 @@ from data.config import DataConfig
 from data.imagenet import DatasetLayoutError, hold_out, index_split
 from data.loaders import build_training_data
 from data.sample_data import generate
-from tests.helpers import TINY_OVERRIDES, in_this_process
+from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins
 
 # finetune.yaml shrunk for a CPU: 32 px, batch 16, fp32, no loader processes.
 SMALL = ["data.img_size=32", "data.eval_img_size=32", "data.workers=0", "data.eval_batch_size=60", "batch_size=16",
@@ -171,7 +171,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line_before_any_work(tiny_im
         extra = ["model.initial_weights_sha256=0123abcd"]
     monkeypatch.setattr(training, "build_training_data", lambda *a: pytest.fail("the data was read"))
     result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
-                             tmp_path / "run", "--initial-weights", path, *TINY_OVERRIDES, *extra)
+                             tmp_path / "run", "--initial-weights", path, *last_wins(*TINY_OVERRIDES, *extra))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
@@ -180,7 +180,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line_before_any_work(tiny_im
 def test_a_class_count_that_differs_from_the_data_is_refused_before_any_work(tiny_imagenet, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "build_train_step", lambda *a: pytest.fail("the model was built"))
     result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
-                             tmp_path / "run", *TINY_OVERRIDES, "model.num_classes=5")
+                             tmp_path / "run", *last_wins(*TINY_OVERRIDES, "model.num_classes=5"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: recipe key 'model.num_classes' is 5 but {tiny_imagenet}/train has 3 class folders; "
@@ -202,7 +202,7 @@ def test_the_held_out_split_is_the_same_on_every_rank_and_a_function_of_the_seed
     config = DataConfig(dir=str(tmp_path), img_size=32, eval_img_size=32, workers=0, holdout_fraction=0.25)
 
     def splits(rank, world_size, seed=0):
-        data = build_training_data(config, 8, seed, "", rank, world_size, torch.device("cpu"), 60.0)
+        data = build_training_data(config, 8, seed, "", rank, world_size, torch.device("cpu"))
         return data.train_set.samples, data.val_set.samples
 
     one = splits(0, 1)
@@ -226,13 +226,13 @@ def test_auto_classes_and_a_held_out_split_survive_a_resume_which_reads_no_initi
     shutil.copy(timm_weights, weights)
     args = ["--recipe", "demo.yaml", "--data-dir", tmp_path / "data", "--output", tmp_path / "run", *TINY_OVERRIDES,
             "model.num_classes=auto", "data.holdout_fraction=0.25", "model.initial_weights=" + str(weights)]
-    first = in_this_process(train.main, *args, "epochs=1")
+    first = in_this_process(train.main, *last_wins(*args, "epochs=1"))
     assert first.returncode == 0, first.stderr
     assert "model.num_classes: auto -> 3" in first.stdout
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["model"]["num_classes"] == 3
     weights.unlink()  # a resume takes the checkpoint's weights and never reads this file
 
-    resumed = in_this_process(train.main, *args, "epochs=2", "--resume", "auto")
+    resumed = in_this_process(train.main, *last_wins(*args, "epochs=2", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "set changed" not in resumed.stdout  # neither train/ nor held-out
     assert "initial weights" not in resumed.stdout
@@ -247,8 +247,8 @@ def test_auto_classes_and_a_held_out_split_survive_a_resume_which_reads_no_initi
 def test_the_linear_probe_changes_only_the_classifier(tiny_imagenet, timm_weights, tmp_path, monkeypatch):
     spy = FirstEpochSpy(monkeypatch)
     result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
-                             tmp_path / "run", "--initial-weights", timm_weights, *TINY_OVERRIDES, "epochs=1",
-                             "model.linear_probe=true")
+                             tmp_path / "run", "--initial-weights", timm_weights,
+                             *last_wins(*TINY_OVERRIDES, "epochs=1", "model.linear_probe=true"))
     assert result.returncode == 0, result.stderr
     assert spy.modes == dict(stages=False, stem=False, head=True)  # the backbone in eval mode while training
     last = load_checkpoint(tmp_path / "run" / "last.pt")

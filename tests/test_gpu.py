@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cspresnet.checkpoint import load_checkpoint
-from tests.helpers import TINY_OVERRIDES, read_until, run_cli, start
+from tests.helpers import TINY_OVERRIDES, last_wins, read_until, run_cli, start
 from tests.test_resilience import RESUME_OVERRIDES, assert_same_run, newest_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -19,8 +19,8 @@ GPU = ["runtime.device=cuda", "runtime.amp=bf16", "runtime.channels_last=true"]
 
 
 def gpu_train_args(data, output, *extra):
-    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *RESUME_OVERRIDES, *GPU,
-            *extra]
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *last_wins(
+            *RESUME_OVERRIDES, *GPU, *extra)]
 
 
 @pytest.mark.parametrize("deterministic", [

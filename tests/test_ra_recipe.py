@@ -29,7 +29,7 @@ from data.transforms import DevicePreprocess, build_batch_augment, train_transfo
 
 import train
 import validate
-from tests.helpers import TINY_OVERRIDES, in_this_process, read_until, start, train_here
+from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins, read_until, start, train_here
 
 CPU = torch.device("cpu")
 
@@ -182,12 +182,12 @@ def test_ema_update_is_timms_once_per_step():
         torch.testing.assert_close(value, expected[key], msg=key)
 
 
-RA_TINY = [o for o in TINY_OVERRIDES if not o.startswith("schedule.")] + [
-    "runtime.amp=none", "schedule.warmup_epochs=0.5", "batch_size=4", "checkpoint.every_steps=2"]
+RA_TINY = last_wins(*[o for o in TINY_OVERRIDES if not o.startswith("schedule.")],
+                    "runtime.amp=none", "schedule.warmup_epochs=0.5", "batch_size=4", "checkpoint.every_steps=2")
 
 
 def ra_args(data, output, *extra):
-    return ["train.py", "--recipe", "cspresnet50_ra.yaml", "--data-dir", data, "--output", output, *RA_TINY, *extra]
+    return ["train.py", "--recipe", "cspresnet50_ra.yaml", "--data-dir", data, "--output", output, *last_wins(*RA_TINY, *extra)]
 
 
 @pytest.mark.slow

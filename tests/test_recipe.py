@@ -210,3 +210,112 @@ def test_cli_data_dir_with_a_data_section_that_is_not_a_mapping_is_one_clear_lin
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: recipe section 'data' must be a mapping, got 5"
     assert "Traceback" not in result.stderr
+
+
+def refusal(name_or_path, overrides=None) -> str:
+    """The RecipeError's message, the same from load_recipe and from describe_recipe
+    (--print-recipe), and one line."""
+    with pytest.raises(RecipeError) as loading:
+        load_recipe(str(name_or_path), overrides)
+    with pytest.raises(RecipeError) as describing:
+        describe_recipe(str(name_or_path), overrides)
+    assert str(loading.value) == str(describing.value)
+    assert "\n" not in str(loading.value)
+    return str(loading.value)
+
+
+def test_a_recipe_that_is_not_utf8_is_refused_with_the_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("base: cspresnet50.yaml\n# caf\u00e9\nepochs: 3\n".encode("latin-1"))
+    assert refusal(path) == (f"recipe {path} is not UTF-8 text: byte 0xe9 at offset 28 (line 2) is not valid UTF-8; "
+                             "recipes must be UTF-8 text")
+
+
+def test_a_base_file_that_is_not_utf8_is_refused_by_its_own_name(tmp_path):
+    (tmp_path / "base.yaml").write_bytes(b"\xff\xfee\x00p\x00")  # UTF-16
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nepochs: 3\n")
+    assert refusal(tmp_path / "child.yaml").startswith(f"recipe {tmp_path / 'base.yaml'} is not UTF-8 text: "
+                                                       "byte 0xff at offset 0 (line 1)")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# all of it\n# commented out\n", "~\n"])
+def test_an_empty_recipe_is_refused_rather_than_read_as_the_defaults(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert refusal(path) == (f"recipe {path} is empty (no keys, only blank space, comments or null); a recipe is a "
+                             "mapping of keys to values, at least 'base: cspresnet50.yaml'")
+
+
+def test_an_empty_base_file_is_refused_by_its_own_name(tmp_path):
+    (tmp_path / "base.yaml").write_bytes(b"")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    assert refusal(tmp_path / "child.yaml").startswith(f"recipe {tmp_path / 'base.yaml'} is empty")
+
+
+@pytest.mark.parametrize("text, kind", [("- epochs: 3\n", "list"), ("epochs\n", "str"), ("3\n", "int")])
+def test_a_recipe_whose_top_level_is_not_a_mapping_is_refused(tmp_path, text, kind):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    assert refusal(path) == f"recipe {path} must be a mapping of keys to values (key: value lines), got {kind}"
+
+
+@pytest.mark.parametrize("line, given", [("base:", "empty"), ("base: ''", "empty"), ("base: ' '", "empty"),
+                                         ("base: [a.yaml]", "['a.yaml']")])
+def test_an_empty_base_is_refused_with_the_file_and_line(tmp_path, line, given):
+    path = tmp_path / "x.yaml"
+    path.write_text(f"epochs: 3\n{line}\n")
+    assert refusal(path) == (f"recipe {path}, line 2: base is {given}; base must name a recipe file (a path next to "
+                             "this one, or a name in recipes/ such as cspresnet50.yaml), or be left out")
+
+
+def test_a_missing_base_names_the_file_that_refers_to_it(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("# b extends a file that is not there\nbase: gone.yaml\nepochs: 3\n")
+    message = refusal(tmp_path / "a.yaml")
+    assert message.startswith(f"recipe 'gone.yaml' (base of {tmp_path / 'b.yaml'}, line 2) does not exist: ")
+    assert "(available: cspresnet50.yaml," in message
+
+
+def test_a_base_loop_names_every_file_in_it(tmp_path):
+    a, b, c = (tmp_path / f"{name}.yaml" for name in "abc")
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: c.yaml\n")
+    c.write_text("base: b.yaml\n")
+    assert refusal(a) == f"recipe {b} extends itself through: {a} -> {b} -> {c} -> {b}"
+    a.write_text("base: a.yaml\n")
+    assert refusal(a) == f"recipe {a} extends itself through: {a} -> {a}"
+
+
+@pytest.mark.parametrize("overrides, key", [(["epochs=1", "seed=2", "epochs=2"], "epochs"),
+                                            (["data.workers=1", "data.workers=2"], "data.workers")])
+def test_an_override_given_twice_is_refused_with_both_values(overrides, key):
+    first, second = [o for o in overrides if o.startswith(key + "=")]
+    assert refusal("demo.yaml", overrides) == (f"override key '{key}' is given twice: '{first}' and '{second}'; "
+                                               "give each key once")
+
+
+@pytest.mark.parametrize("overrides", [["data={workers: 1}", "data.workers=2"],
+                                       ["data.workers=2", "data={img_size: 96}"]])
+def test_an_override_of_a_section_and_one_of_a_key_inside_it_are_refused_in_either_order(overrides):
+    assert refusal("demo.yaml", overrides) == (
+        f"override key 'data.workers' is inside section 'data', which is also given: '{overrides[0]}' and "
+        f"'{overrides[1]}'; give each key once (the section's keys one by one, or the whole section)")
+
+
+def test_overrides_of_keys_whose_names_start_alike_are_not_duplicates():
+    r = load_recipe("demo.yaml", ["model.initial_weights=w.pt", "model.initial_weights_kind=ema", "data.workers=1",
+                                  "data.img_size=96"])
+    assert (r.model.initial_weights, r.model.initial_weights_kind, r.data.workers, r.data.img_size) == (
+        "w.pt", "ema", 1, 96)
+
+
+def test_cli_recipe_that_is_not_utf8_is_one_line_and_exit_2_before_anything_is_made(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"epochs: 3 # \xe9\n")
+    for extra in (["--print-recipe"], ["--output", tmp_path / "run", "--data-dir", tmp_path / "nothing"]):
+        result = in_this_process(train.main, "--recipe", path, *extra)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"error: recipe {path} is not UTF-8 text: byte 0xe9 at offset 12 "
+                                              "(line 1) is not valid UTF-8; recipes must be UTF-8 text"]
+        assert result.stdout == ""
+    assert not (tmp_path / "run").exists()

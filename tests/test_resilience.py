@@ -16,18 +16,21 @@ from PIL import Image
 import validate as validate_script
 from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, read_until, run_cli, start, torchrun, train_here,
-                           wait_until_gone)
+from cspresnet.optim import build_schedule
+from cspresnet.run_folder import RunFolder
+from cspresnet.recipe import load_recipe
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, last_wins, read_until, run_cli, start, torchrun,
+                           train_here, wait_until_gone)
 
 pytestmark = pytest.mark.slow
 
 # 6 steps per epoch, 12 in all; dropout and drop-path on, so the random generators matter.
-RESUME_OVERRIDES = [*TINY_OVERRIDES, "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
-                    "model.drop_path_rate=0.1"]
+RESUME_OVERRIDES = last_wins(*TINY_OVERRIDES, "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
+                             "model.drop_path_rate=0.1")
 
 
 def train_args(data, output, *extra):
-    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *RESUME_OVERRIDES, *extra]
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *last_wins(*RESUME_OVERRIDES, *extra)]
 
 
 def summary_column(output, column):
@@ -138,6 +141,48 @@ def test_sigterm_to_two_processes(tiny_imagenet, tmp_path):
     # checkpoint of two processes after a kill (test_two_processes_sigkill_then_resume_...).
 
 
+def test_sigterm_to_every_process_of_a_torchrun_job_twice_saves_once_and_resumes_exactly(tiny_imagenet, tmp_path,
+                                                                                         two_process_baseline):
+    """As SLURM preempts a job step: SIGTERM to torchrun, to each rank and to each loader
+    worker at once, while torchrun forwards its own copy to each rank's process group; then
+    all of it again. Every rank saves once and exits 75, no worker dies of it."""
+    output = tmp_path / "run"
+    process = start(torchrun(2, *train_args(tiny_imagenet, output, "data.workers=1")))
+    read_until(process, "step 3 ")
+    ranks = child_pids(process.pid)
+    everyone = [process.pid, *ranks, *(worker for rank in ranks for worker in child_pids(rank))]
+    assert len(everyone) == 5
+    for _ in range(2):
+        for pid in everyone:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    rest = process.communicate(timeout=120)[0]
+    status = (output / "status").read_text()
+    assert status.startswith("preempted at step "), (status, rest)
+    stopped_at = int(status.split()[-1])
+    assert f"stopping on SIGTERM: checkpoint saved at step {stopped_at}" in rest
+    assert "ending without saving" not in rest and "killed by signal" not in rest, rest
+    assert load_checkpoint(output / "last.pt")["step"] == stopped_at
+    run_cli(torchrun(2, *train_args(tiny_imagenet, output, "data.workers=1", "--resume", "auto")))
+    assert_same_run(output, two_process_baseline)
+
+
+def test_a_resume_with_another_global_batch_goes_on_along_the_schedule(tiny_imagenet, tmp_path):
+    """Epoch 1 at batch 4 (6 updates), epoch 2 at batch 8 (3): the learning rate of each
+    later update is the schedule's at the images trained so far, not 0 past its end."""
+    output = tmp_path / "run"
+    train_here(train_args(tiny_imagenet, output, "epochs=1"))
+    resumed = train_here(train_args(tiny_imagenet, output, "epochs=2", "batch_size=8", "--resume", "auto"))
+    assert "resuming inexactly: the recipe changed" in resumed.stdout
+    lrs = [float(lr) for lr in re.findall(r"^step \d+ loss \S+ lr (\S+)$", resumed.stdout, flags=re.MULTILINE)]
+    schedule = build_schedule(load_recipe("demo.yaml", last_wins(*RESUME_OVERRIDES, "epochs=2", "batch_size=8")), 3)
+    assert lrs == pytest.approx([schedule(position) for position in (4, 5, 6)], rel=1e-5)
+    assert lrs[0] > lrs[1] > 0  # the poly schedule reaches 0 only at its last update
+    assert load_checkpoint(output / "last.pt")["step"] == 9
+
+
 def test_a_killed_rank_comes_back_under_max_restarts(tiny_imagenet, tmp_path, two_process_baseline):
     output = tmp_path / "run"
     process = start(torchrun(2, *train_args(tiny_imagenet, output, "--resume", "auto"), extra=["--max-restarts=1"]))
@@ -232,7 +277,8 @@ def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imag
 def test_too_many_unreadable_files_stop_the_run(tiny_imagenet, tmp_path):
     data = hostile_copy(tiny_imagenet, tmp_path / "hostile")
     result = train_here(train_args(data, tmp_path / "run", "epochs=1", "batch_size=6",
-                                                  "data.max_unreadable_fraction=0.05"), check=False)
+                                                  "data.max_unreadable_fraction=0.05", "data.min_unreadable_allowed=2"),
+                        check=False)
     assert result.returncode == 2
     assert "distinct training images could not be decoded" in result.stderr
 
@@ -264,6 +310,62 @@ def test_a_disk_that_really_fills_up_skips_saves_and_a_resume_on_it_ends_bitwise
     assert resumed.returncode == 0, rest
     assert not list(seen.glob(".*.tmp")) and (seen / "status").read_text() == "done at step 12\n"
     assert_same_run(seen, one_process_baseline)
+
+
+def test_sigterm_on_a_full_disk_claims_no_save_and_the_advised_rerun_works(tiny_imagenet, tmp_path):
+    """A disk that fills before the first checkpoint: a SIGTERM cannot save, and the log and
+    status say so. The advised rerun, on the still full disk, trains to its end, writes its
+    summary but not its final checkpoint, and says what to run; once there is space, that
+    command trains the run. A status line is still updated on a disk full to its last byte."""
+    disk = PrivateMount(tmp_path / "disk", size="1g")
+    output, seen = disk.path / "run", disk.outside(disk.path / "run")
+    process = disk.start([sys.executable, *train_args(tiny_imagenet, output, "epochs=1")])
+    read_until(process, "step 1 ")
+    process.send_signal(signal.SIGSTOP)
+    filler = disk.fill()
+    os.truncate(filler, filler.stat().st_size - (256 << 10))  # room for small files, none for a checkpoint
+    process.send_signal(signal.SIGCONT)
+    read_until(process, "warning: disk full in")  # the step-2 save
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == EXIT_PREEMPTED, rest
+    assert "checkpoint saved" not in rest and "could not be written (the disk is full); no checkpoint" in rest, rest
+    assert "Traceback" not in rest  # TensorBoard's writer thread dies of the full disk, without a word
+    assert (seen / "status").read_text() == "preempted at step 0\n" and not list(seen.glob("*.pt"))
+
+    ended = train_here(train_args(tiny_imagenet, seen, "epochs=1", "--resume", "auto"), check=False)
+    assert ended.returncode == 1, ended.stderr
+    assert (f"final checkpoint was not written; no checkpoint of this run was written; free space in {seen}, then "
+            f"rerun with --resume auto (it starts again from step 0)") in ended.stderr
+    assert (seen / "summary.csv").is_file() and not list(seen.glob("*.pt"))
+    filler.unlink()
+    again = train_here(train_args(tiny_imagenet, seen, "epochs=1", "--resume", "auto"))
+    assert "never wrote a checkpoint" in again.stderr and (seen / "status").read_text() == "done at step 6\n"
+
+    disk.fill()
+    RunFolder(seen, keep_last=2).set_status("preempted at step 6")
+    assert (seen / "status").read_text() == "preempted at step 6\n"
+
+
+def test_dev_shm_filling_before_an_evaluation_keeps_the_epochs_training(tiny_imagenet, tmp_path,
+                                                                         one_process_baseline):
+    """/dev/shm full when epoch 1's evaluation starts its loader: one line that says what to
+    change, the epoch's training saved before its evaluation, and a resume bitwise exact."""
+    shm = PrivateMount("/dev/shm", size="64m")
+    output = tmp_path / "run"
+    process = shm.start([sys.executable, *train_args(tiny_imagenet, output, "data.workers=2")])
+    read_until(process, "step 3 ")
+    process.send_signal(signal.SIGSTOP)
+    shm.fill()
+    process.send_signal(signal.SIGCONT)
+    out = process.communicate(timeout=120)[0]
+    assert process.returncode == 1 and "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: a loader worker ran out of shared memory") and "--shm-size" in last, last
+    assert last.endswith("checkpoint saved at step 6; continue with --resume auto"), last
+    assert load_checkpoint(output / "last.pt")["step"] == 6
+    train_here(train_args(tiny_imagenet, output, "--resume", "auto"))
+    assert_same_run(output, one_process_baseline)
 
 
 def test_a_dataset_moved_to_another_path_resumes_bitwise_exact(tiny_imagenet, tmp_path, one_process_baseline):

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -14,13 +15,14 @@ import yaml
 
 import train
 from cspresnet.model import CSPResNet50
+from cspresnet.run_folder import RunFolder
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import (TINY_OVERRIDES, PrivateMount, in_this_process, read_until, run_cli, start, torchrun,
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, last_wins, in_this_process, read_until, run_cli, start, torchrun,
                            train_here)
 
 
 def train_args(data, output, *extra):
-    return ["--recipe", "demo.yaml", "--data-dir", str(data), "--output", str(output), *TINY_OVERRIDES, *extra]
+    return ["--recipe", "demo.yaml", "--data-dir", str(data), "--output", str(output), *last_wins(*TINY_OVERRIDES, *extra)]
 
 
 def train_in_this_process(*argv):
@@ -56,6 +58,16 @@ def test_resume_auto_refuses_to_start_over_when_no_checkpoint_loads(tiny_imagene
     code, line = train_in_this_process(*train_args(tiny_imagenet, output, "--resume", "auto"))
     assert code == 2 and "none of the checkpoints" in line and "refusing to start over" in line
     assert run_files(output) == before
+
+
+def test_a_start_that_failed_before_training_leaves_the_folder_to_the_corrected_command(tiny_imagenet, tmp_path):
+    output = tmp_path / "run"
+    code, line = train_in_this_process(*train_args(tmp_path / "tpyo", output))
+    assert code == 2 and "does not exist" in line, line
+    code, line = train_in_this_process(*train_args(tiny_imagenet, output, "--initial-weights", tmp_path / "no.pth"))
+    assert code == 2 and "no.pth does not exist" in line, line
+    assert run_files(output) == {}  # no status, nothing a new run would be refused for
+    assert RunFolder(output, keep_last=2).choose_start(None) is None
 
 
 @pytest.mark.slow
@@ -116,7 +128,7 @@ def test_a_few_unreadable_files_in_a_small_set_train_through_and_are_counted(tin
     good = next((data / "train" / "n00000001").glob("*.JPEG")).read_bytes()
     (data / "train" / "n00000001" / "truncated.JPEG").write_bytes(good[: len(good) // 3])
     result = train_here(["train.py", *train_args(data, tmp_path / "run", "epochs=1", "batch_size=5")])
-    assert "truncated.JPEG" in result.stderr and "1 of the 2 allowed" in result.stderr
+    assert "truncated.JPEG" in result.stderr and "1 of the 10 allowed" in result.stderr
     assert "unreadable_images=1" in result.stdout  # 25 images, 5 steps of 5: each served once
 
 
@@ -155,3 +167,32 @@ def test_a_read_only_output_folder_is_one_line_and_exit_2(tiny_imagenet, tmp_pat
     assert process.returncode == 2, out
     assert out.strip().splitlines()[-1] == (f"error: cannot write in the run folder {disk.path / 'run'}: "
                                             f"Read-only file system")
+
+
+RUN_LOG_ON_A_FULL_DISK = """
+import sys
+from pathlib import Path
+from cspresnet.console import setup_logging
+from cspresnet.run_log import RunLog
+setup_logging(0)
+folder = Path(sys.argv[1])
+log = RunLog(folder, enabled=True)
+print("ready", flush=True)
+sys.stdin.readline()  # the disk fills meanwhile
+for step in range(1, 51):
+    log.step(step, 1.0, 0.1)
+log.epoch(dict(epoch=1, step=50, top1=10.0))
+log.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_tensorboards_writer_thread_dying_of_a_full_disk_is_one_warning_not_a_traceback(tmp_path):
+    disk = PrivateMount(tmp_path / "disk", size="1m")
+    process = disk.start([sys.executable, "-c", RUN_LOG_ON_A_FULL_DISK, disk.path / "run"], stdin=subprocess.PIPE)
+    read_until(process, "ready")
+    disk.fill()
+    out = process.communicate("go\n", timeout=60)[0]
+    assert process.returncode == 0 and "closed" in out, out
+    assert "Traceback" not in out and "warning: disk full: TensorBoard events lost until the next epoch's end" in out

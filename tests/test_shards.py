@@ -1,6 +1,7 @@
 """Training and validation from WebDataset tar shards: the same weights as from the class
 folders they were packed from, timm's layout written by hand, the cached index, bad
 shards, the pack command, and the files each loader worker opens."""
+import csv
 import hashlib
 import io
 import json
@@ -28,19 +29,20 @@ from data.batches import collate_batch
 from data.config import DataConfig, DataConfigError
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
 from data.loaders import build_splits
-from data.pack_shards import PackError, pack
+from data.pack_shards import PLAN_NAME, PackError, pack
+from data.samplers import TrainSampler
 from data.transforms import eval_transform, train_transform
-from tests.helpers import (TINY_OVERRIDES, child_pids, in_this_process, module_in_this_process, read_until, run_cli,
-                           start, torchrun)
+from tests.helpers import (TINY_OVERRIDES, child_pids, in_this_process, last_wins, module_in_this_process, read_until,
+                           run_cli, start, torchrun, train_here)
 from tests.test_validate import fake_devkit
 
 
-ONE_EPOCH = [*TINY_OVERRIDES, "epochs=1"]  # 3 steps: the sample order and crop draws are what is compared
+ONE_EPOCH = last_wins(*TINY_OVERRIDES, "epochs=1")  # 3 steps: the sample order and crop draws are what is compared
 
 
 def train_run(data_dir, output, *extra):
     result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", data_dir, "--output", output,
-                             *ONE_EPOCH, *extra)
+                             *last_wins(*ONE_EPOCH, *extra))
     assert result.returncode == 0, result.stderr
     return output
 
@@ -105,6 +107,33 @@ def packed(tiny_imagenet, tmp_path_factory):
     out = tmp_path_factory.mktemp("packed") / "shards"
     pack(tiny_imagenet, out, seed=5, train_shards=3, val_shards=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def packed_seed0(tiny_imagenet, tmp_path_factory):
+    """tiny_imagenet packed with the default --seed 0 into 3 train shards of 8: with the old
+    shuffle (torch seeded with --seed), each of the sampler's first-epoch batches of 8 (run
+    seed 0) was one whole shard."""
+    out = tmp_path_factory.mktemp("packed_seed0") / "shards"
+    pack(tiny_imagenet, out, seed=0, train_shards=3, val_shards=2)
+    return out
+
+
+def fresh_copy(source, folder):
+    """A copy to damage, without the index that other tests may have left in `source`."""
+    shutil.copytree(source, folder)
+    (folder / shard_index.INDEX_NAME).unlink(missing_ok=True)
+    return folder
+
+
+def cut_mid_member(shard):
+    """Cuts `shard` halfway through its middle image, as an interrupted copy leaves it;
+    returns its whole bytes (to repair it) and how many samples follow the cut one."""
+    whole = shard.read_bytes()
+    images = [m for m in tarfile.open(shard).getmembers() if m.name.endswith(".jpg")]
+    middle = len(images) // 2
+    shard.write_bytes(whole[:images[middle].offset_data + images[middle].size // 2])
+    return whole, len(images) - middle - 1
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +288,85 @@ def test_a_deleted_shard_stops_a_resumed_run_by_the_unreadable_budget_and_loses_
     assert "training set changed" not in stopped.stdout  # the index kept the gone shard's places
 
 
+def test_a_shard_cut_before_it_was_indexed_counts_the_samples_info_json_says_it_lost(packed, tmp_path, caplog):
+    folder = fresh_copy(packed, tmp_path / "shards")
+    _, after_cut = cut_mid_member(folder / "imagenet1k-train-01.tar")
+    with caplog.at_level("WARNING", logger="data"):
+        split = shards.read_split(folder, "train")
+    assert len(split.samples) == 24  # _info.json's count: 3 shards of 8
+    lost = {i: reason for i, reason in split.problems.items() if reason.startswith("lost:")}
+    assert after_cut == 3 and sorted(lost) == [21, 22, 23]  # placeholders, class unknown: placed last
+    assert all(split.samples[i][1] == -1 and split.samples[i][0].endswith(f"<lost sample {n} of 3>")
+               for n, i in enumerate(sorted(lost), start=1))
+    assert set(lost.values()) == {f"lost: imagenet1k-train-01.tar is cut short at byte "
+                                  f"{(folder / 'imagenet1k-train-01.tar').stat().st_size}; _info.json says it holds "
+                                  f"8 samples, its tar headers show 5"}
+    cut = [reason for i, reason in split.problems.items() if i not in lost]
+    assert len(cut) == 1 and "cut short: the shard ends" in cut[0]
+    assert "3 sample(s) after the cut will be skipped" in caplog.text and "4 of the 24 train samples" in caplog.text
+    dataset = shards.ShardDataset(split, ["a", "b", "c"], eval_transform(32, 0.875))
+    assert all(dataset[i][3] == f"BadShardSample: {lost[i]}" for i in lost)  # the dataset reports them unreadable
+
+
+def test_a_shard_cut_after_it_was_indexed_keeps_its_samples_in_their_places_until_it_is_copied_again(
+        packed, tmp_path, monkeypatch):
+    folder = fresh_copy(packed, tmp_path / "shards")
+    before = shards.read_split(folder, "train")
+    shard = folder / "imagenet1k-train-01.tar"
+    whole, after_cut = cut_mid_member(shard)
+    after = shards.read_split(folder, "train")
+    assert after.samples == before.samples  # every sample keeps its index: an exact resume stays exact
+    lost = [i for i, reason in after.problems.items() if reason.startswith("lost:")]
+    assert len(lost) == after_cut == 3 and len(after.problems) == 4  # and the cut one
+    assert after.problems[lost[0]] == (f"lost: imagenet1k-train-01.tar is cut short at byte {shard.stat().st_size} "
+                                       f"(it was {len(whole)} bytes when indexed)")
+    dataset = shards.ShardDataset(after, ["a", "b", "c"], eval_transform(32, 0.875))
+    assert [i for i in range(len(dataset)) if dataset[i][3]] == sorted(after.problems)  # the rest read as before
+    scanned = []
+    real_scan = shard_index.scan_shard
+    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    again = shards.read_split(folder, "train")  # the cache keeps the kept samples for the cut shard
+    assert (again.samples, again.problems, scanned) == (after.samples, after.problems, [])
+    shard.write_bytes(whole)  # copied again
+    repaired = shards.read_split(folder, "train")
+    assert scanned == [shard.name] and repaired.samples == before.samples and repaired.problems == {}
+
+
+def test_validate_counts_the_lost_images_of_a_cut_validation_shard_as_unreadable(packed, tmp_path):
+    folder = fresh_copy(packed, tmp_path / "shards")
+    _, after_cut = cut_mid_member(folder / "imagenet1k-validation-01.tar")
+    torch.save(stand_in_timm_model(3).state_dict(), tmp_path / "w.pth")
+    result = run_validate(tmp_path / "w.pth", folder, "--img-size", "32")
+    assert result["images"] + result["unreadable"] == 15 and result["unreadable"] == after_cut + 1 > 1
+
+
+def test_a_cut_shard_without_info_json_or_an_earlier_index_says_the_number_lost_is_unknown(packed, tmp_path, caplog):
+    folder = fresh_copy(packed, tmp_path / "shards")
+    (folder / "_info.json").unlink()
+    _, after_cut = cut_mid_member(folder / "imagenet1k-train-01.tar")
+    with caplog.at_level("WARNING", logger="data"):
+        split = shards.read_split(folder, "train")
+    assert "imagenet1k-train-01.tar is cut short or damaged" in caplog.text
+    assert "The number of samples lost after the cut is unknown" in caplog.text
+    assert len(split.samples) == 24 - after_cut and len(split.problems) == 1  # only the cut one is known
+
+
+def test_an_index_written_before_cuts_were_recorded_is_built_again(packed, tmp_path, monkeypatch, caplog):
+    folder = fresh_copy(packed, tmp_path / "shards")
+    first = shards.read_split(folder, "train")
+    index = json.loads((folder / shard_index.INDEX_NAME).read_text())
+    for entry in index["shards"].values():
+        del entry["damage"], entry["lost"]
+    (folder / shard_index.INDEX_NAME).write_text(json.dumps(index))
+    scanned = []
+    real_scan = shard_index.scan_shard
+    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    with caplog.at_level("INFO", logger="data.shard_index"):
+        again = shards.read_split(folder, "train")
+    assert len(scanned) == 3 and "re-indexing 3 shard(s) indexed by an older version" in caplog.text
+    assert again.samples == first.samples
+
+
 # ----------------------------------------------------------------------------- the pack command
 
 
@@ -302,6 +410,44 @@ def test_pack_command_says_what_is_wrong_in_one_line(tiny_imagenet, tmp_path):
     done = module_in_this_process(data.pack_shards, "--data-dir", tiny_imagenet, "--out", tmp_path / "ok",
                                   "--train-shards", "2", "--val-shards", "1")
     assert done.returncode == 0 and "packed 24 train images in 2 shards, 15 validation images in 1 shards" in done.stdout
+
+
+def test_the_packers_shuffle_is_not_the_samplers_so_each_first_epoch_batch_draws_from_several_shards(packed_seed0):
+    shard_of = shards.read_split(packed_seed0, "train").shard
+    for batch_size in (4, 6, 8):
+        batches = list(TrainSampler(24, batch_size, 1, 0, seed=0))
+        assert all(len({int(shard_of[index]) for _, index in batch}) > 1 for batch in batches), batch_size
+
+
+def test_a_pack_begun_with_the_old_shuffle_is_refused_and_the_message_says_what_to_do(tiny_imagenet, tmp_path):
+    out = tmp_path / "out"
+    pack(tiny_imagenet, out, seed=0, train_shards=3, val_shards=2)
+    plan = json.loads((out / PLAN_NAME).read_text())
+    del plan["shuffle"]  # as the old command wrote it, with a digest of the old rule
+    (out / PLAN_NAME).write_text(json.dumps(dict(plan, digest=hashlib.sha1(b"the old rule").hexdigest())))
+    (out / "imagenet1k-train-02.tar").unlink()  # interrupted
+    with pytest.raises(PackError, match=r"holds another pack \(begun by an older version of this command, which "
+                                        r"shuffled the samples in another order.*delete .*out and run this command"):
+        pack(tiny_imagenet, out, seed=0, train_shards=3, val_shards=2)
+    assert not (out / "imagenet1k-train-02.tar").exists()
+
+
+def test_a_shard_deleted_after_indexing_trains_through_a_raised_budget_and_is_counted(packed_seed0, tmp_path):
+    folder, run = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(packed_seed0, folder)
+    shard_of = shards.read_split(folder, "train").shard  # indexed: the index keeps the deleted shard's places
+    per_batch = [sum(int(shard_of[index]) == 1 for _, index in batch) for batch in TrainSampler(24, 8, 1, 0, seed=0)]
+    # Shard 1 holds 8 of the 24 images: max_unreadable_fraction=0.5 allows 12. It gives at most 3
+    # images to any first-epoch batch of 8: max_unreadable_batch_fraction=0.75 allows 6. (Under the
+    # old shuffle one batch was all 8 of them, which no fraction allows: it must stay below 1.)
+    assert sum(per_batch) == 8 and max(per_batch) <= 3, per_batch
+    (folder / "imagenet1k-train-01.tar").unlink()
+    result = train_here(["train.py", "--recipe", "demo.yaml", "--data-dir", folder, "--output", run,
+                         *last_wins(*TINY_OVERRIDES, "epochs=1", "seed=0", "data.max_unreadable_fraction=0.5",
+                                    "data.max_unreadable_batch_fraction=0.75")])
+    assert "imagenet1k-train-01.tar is gone" in result.stdout + result.stderr
+    with open(run / "summary.csv") as handle:
+        assert [int(row["unreadable_images"]) for row in csv.DictReader(handle)] == [8]
 
 
 # ----------------------------------------------------------------------------- layouts and validation
@@ -377,13 +523,13 @@ def test_two_processes_from_shards_killed_mid_epoch_and_resumed_match_the_folder
                                                                                          tmp_path):
     """Dropout and drop-path on, so the random generators matter; a loader worker per rank
     for the shards, none for the folders (workers change no number)."""
-    overrides = [*TINY_OVERRIDES, "epochs=1", "batch_size=4", "checkpoint.every_steps=2", "model.drop_rate=0.2",
-                 "model.drop_path_rate=0.1"]
+    overrides = last_wins(*TINY_OVERRIDES, "epochs=1", "batch_size=4", "checkpoint.every_steps=2",
+                          "model.drop_rate=0.2", "model.drop_path_rate=0.1")
     folders, killed = tmp_path / "folders", tmp_path / "shards"
     run_cli(torchrun(2, "train.py", "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output", folders,
                      *overrides))
-    args = ["train.py", "--recipe", "demo.yaml", "--data-dir", packed, "--output", killed, *overrides,
-            "data.workers=1"]
+    args = ["train.py", "--recipe", "demo.yaml", "--data-dir", packed, "--output", killed,
+            *last_wins(*overrides, "data.workers=1")]
     process = start(torchrun(2, *args))
     read_until(process, "step 3 ")  # mid-epoch, a step after the step-2 checkpoint (6 steps an epoch)
     # The whole job at once, like a lost node: this torchrun starts each rank in a process

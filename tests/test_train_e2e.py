@@ -12,13 +12,14 @@ import train
 import validate as validate_script
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.recipe import load_recipe
-from tests.helpers import REPO, TINY_OVERRIDES, free_port, in_this_process, torchrun, train_here
+from tests.helpers import REPO, TINY_OVERRIDES, last_wins, free_port, in_this_process, torchrun, train_here
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 
 
 def train_args(data, output, *extra):
-    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output, *TINY_OVERRIDES, *extra]
+    return ["train.py", "--recipe", "demo.yaml", "--data-dir", data, "--output", output,
+            *last_wins(*TINY_OVERRIDES, *extra)]
 
 
 def summary(output):
