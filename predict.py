@@ -22,15 +22,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import ImageNetInfo
 
-from cspresnet.checkpoint import CheckpointError, load_checkpoint
-from cspresnet.console import OptionError, run_script, setup_logging
+from cspresnet.checkpoint_schema import read_weights
+from cspresnet.console import run_script, setup_logging
+from cspresnet.distributed import DistContext
 from cspresnet.weights import load_cspresnet, trained_data_config
-from data.imagenet import IMAGE_EXTENSIONS, UnreadableDataError, default_classes
+from data.errors import CheckpointError, OptionError, UnreadableDataError
+from data.imagenet import IMAGE_EXTENSIONS, default_classes
 from data.loader_faults import Batches
 from data.loaders import build_eval_data
 from data.transforms import DevicePreprocess
@@ -73,9 +75,8 @@ def image_paths(inputs: Sequence[str]) -> List[str]:
     return paths
 
 
-def class_names(checkpoint: Dict, num_classes: int) -> Tuple[List[str], List[str]]:
+def class_names(classes: Optional[List[str]], num_classes: int) -> Tuple[List[str], List[str]]:
     """(class, name) of each output: see the module's docstring."""
-    classes = checkpoint.get("classes")
     if classes is None:
         classes = default_classes(num_classes)
     if len(classes) != num_classes:
@@ -112,12 +113,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     paths = image_paths(args.images)
     device = pick_device(args.device)
-    checkpoint = load_checkpoint(Path(args.checkpoint))
-    model, _ = load_cspresnet(checkpoint, args.weights)
-    classes, names = class_names(checkpoint, model.num_classes)
-    settings = trained_data_config(checkpoint)
+    weights = read_weights(Path(args.checkpoint), args.weights)
+    model = load_cspresnet(weights)
+    classes, names = class_names(weights.classes, model.num_classes)
+    settings = trained_data_config(weights)
     settings.eval_batch_size, settings.workers = args.batch_size, args.workers
-    _, loader = build_eval_data([(path, 0) for path in paths], classes, settings, 0, 1, device)
+    _, loader = build_eval_data([(path, 0) for path in paths], classes, settings, DistContext.alone(device))
     predicted = 0
     for index, probabilities, top, error in predict(model.to(device), loader, DevicePreprocess(device, False),
                                                     min(args.top_k, model.num_classes)):

@@ -20,6 +20,7 @@ Exit codes:
        "error: ..." on stderr says which (argparse's own usage errors also exit 2)
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,15 +30,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cspresnet.checkpoint import load_checkpoint
-from cspresnet.console import OptionError, run_script, setup_logging
+from cspresnet.checkpoint_schema import Weights, read_weights
+from cspresnet.console import run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import EvalResult, configure_kernels, evaluate
 from cspresnet.files import append_csv_row
 from cspresnet.reports import VAL_NAME, real_accuracy, timm_results_row
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.config import DataConfig
-from data.imagenet import DatasetLayoutError, UnreadableDataError
+from data.errors import DatasetLayoutError, OptionError, UnreadableDataError
 from data.loaders import build_eval_data
 from data.transforms import INTERPOLATIONS, DevicePreprocess, decode_path, memory_format
 from data.val_layouts import EvalSet, eval_folder, find_eval_set
@@ -74,24 +75,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results-csv", type=Path, help="append a row like timm's results-imagenet.csv here")
     parser.add_argument("--logits-file", type=Path, help="save every image's logits and path (torch.save) here")
     parser.add_argument("--name", help="model name for --results-csv (default: the checkpoint's file name)")
-    args = parser.parse_args(argv)
-    if args.img_size is not None and args.img_size < 32:
-        parser.error(f"--img-size must be >= 32 (the network downsamples 32x), got {args.img_size}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        parser.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error("--batch-size must be >= 1 and --workers >= 0")
-    return args
+    return parser.parse_args(argv)
 
 
-def eval_settings(args: argparse.Namespace, checkpoint: dict) -> DataConfig:
-    """Command line first, then the checkpoint's recipe, then timm's cspresnet50 defaults."""
-    data = trained_data_config(checkpoint)
-    data.eval_img_size = args.img_size or data.eval_img_size
-    data.eval_crop_pct = args.crop_pct or data.eval_crop_pct
-    data.eval_interpolation = args.interpolation or data.eval_interpolation
-    data.eval_decode = args.decode or data.eval_decode
-    data.eval_batch_size, data.workers = args.batch_size, args.workers
+# The options that set the data section's evaluation keys, and so name them in its checks.
+OPTION_OF_KEY = {"eval_img_size": "--img-size", "eval_crop_pct": "--crop-pct", "eval_batch_size": "--batch-size",
+                 "workers": "--workers"}
+
+
+def eval_settings(args: argparse.Namespace, weights: Weights) -> DataConfig:
+    """Command line first, then the checkpoint's recipe, then timm's cspresnet50 defaults;
+    checked by the data section's own checks, which name the options."""
+    data = trained_data_config(weights)
+    given = dict(eval_img_size=args.img_size, eval_crop_pct=args.crop_pct, eval_interpolation=args.interpolation,
+                 eval_decode=args.decode, eval_batch_size=args.batch_size, workers=args.workers)
+    data = dataclasses.replace(data, **{key: value for key, value in given.items() if value is not None})
+    data.check_evaluation(key=lambda name: OPTION_OF_KEY.get(name, f"recipe key 'data.{name}'"))
     return data
 
 
@@ -135,18 +134,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_output_paths(args)
     folder = eval_folder(Path(args.data_dir).expanduser(), args.split)
-    checkpoint = load_checkpoint(Path(args.checkpoint))
-    model, weights = load_cspresnet(checkpoint, args.weights)
-    settings = eval_settings(args, checkpoint)
-    eval_set = find_eval_set(folder, args.split, args.devkit or args.val_solution, checkpoint.get("classes"),
+    weights = read_weights(Path(args.checkpoint), args.weights)
+    model = load_cspresnet(weights)
+    settings = eval_settings(args, weights)
+    eval_set = find_eval_set(folder, args.split, args.devkit or args.val_solution, weights.classes,
                              model.num_classes, args.shard_index_dir)
-    check_labels(eval_set, checkpoint.get("classes"), model.num_classes, args.real_labels)
+    check_labels(eval_set, weights.classes, model.num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
     configure_kernels(deterministic=False)  # eval shapes are fixed: let cuDNN pick its fastest kernels
     model = model.to(ctx.device, memory_format=memory_format(args.channels_last))
-    dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx.rank, ctx.world_size,
-                                      ctx.device, eval_set.shards)
+    dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx, eval_set.shards)
     log.info("%d images (%s) in %s; JPEGs: %s", len(dataset), eval_set.layout, folder,
              decode_path(settings.eval_decode))
     result = evaluate(model, loader, model.num_classes, DevicePreprocess(ctx.device, args.channels_last), args.amp,
@@ -161,7 +159,7 @@ def main(argv=None) -> dict:
     summary = dict(
         top1=round(result.top1, 3), top5=round(result.top5, 3), images=result.images,
         unreadable=len(result.unreadable), eval_loss=round(result.loss, 5), checkpoint=str(args.checkpoint),
-        weights=weights, num_classes=model.num_classes, layout=eval_set.layout, img_size=settings.eval_img_size,
+        weights=weights.kind, num_classes=model.num_classes, layout=eval_set.layout, img_size=settings.eval_img_size,
         crop_pct=settings.eval_crop_pct, interpolation=settings.eval_interpolation, decode=settings.eval_decode,
         amp=args.amp, channels_last=args.channels_last, world_size=ctx.world_size, device=ctx.device.type,
         images_per_s=round(result.images / max(result.seconds, 1e-9), 1),
@@ -182,10 +180,8 @@ def write_reports(args: argparse.Namespace, summary: dict, result: EvalResult, e
         full = dict(summary, per_class_top1=dict(zip(eval_set.classes, result.per_class_top1(model.num_classes))))
         args.results_file.write_text(json.dumps(full, indent=2) + "\n")
     if args.results_csv:
-        append_csv_row(args.results_csv, timm_results_row(
-            args.name or Path(args.checkpoint).stem, result.top1, result.top5,
-            sum(p.numel() for p in model.parameters()), settings.eval_img_size, settings.eval_crop_pct,
-            settings.eval_interpolation))
+        append_csv_row(args.results_csv, timm_results_row(args.name or Path(args.checkpoint).stem, result,
+                                                          sum(p.numel() for p in model.parameters()), settings))
     if args.logits_file:
         torch.save({"paths": paths, "targets": result.targets, "logits": result.logits}, args.logits_file)
 

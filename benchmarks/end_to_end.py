@@ -61,8 +61,8 @@ def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sle
     `sleep_step`, a sleep stands in for the step: a device of that speed that needs no CPU.
     With `pass_per_epoch`, a new pass of the loader starts each epoch, and its workers
     start from an empty queue."""
-    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, recipe.augment.auto_augment, 0, 1, device)
-    train_step = build_train_step(recipe, DistContext(rank=0, world_size=1, local_rank=0, device=device),
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, DistContext.alone(device))
+    train_step = build_train_step(recipe, DistContext.alone(device),
                                   data.sampler.steps_per_epoch)
     step_number = itertools.count(1)
     step = (lambda batch: time.sleep(sleep_step)) if sleep_step else \

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import print_result
-from cspresnet.checkpoint import load_checkpoint
+from cspresnet.checkpoint_schema import read_weights
+from cspresnet.distributed import DistContext
 from cspresnet.engine import evaluate
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.loaders import build_eval_data
@@ -20,15 +21,15 @@ from data.val_layouts import eval_folder, read_eval_set
 
 def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: int = 0) -> dict:
     torch.set_num_threads(1)
-    checkpoint = load_checkpoint(checkpoint_path)
-    model, _ = load_cspresnet(checkpoint)
-    data = trained_data_config(checkpoint)
+    weights = read_weights(checkpoint_path)
+    model = load_cspresnet(weights)
+    data = trained_data_config(weights)
     eval_set = read_eval_set(eval_folder(data_dir, split))
     cpu = torch.device("cpu")
     results = {}
     for decode in ("full", "fast"):
         settings = dataclasses.replace(data, eval_decode=decode, eval_batch_size=64, workers=workers)
-        _, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, 0, 1, cpu)
+        _, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, DistContext.alone(cpu))
         results[decode] = evaluate(model, loader, len(eval_set.classes), DevicePreprocess(cpu, False), "none",
                                    keep_logits=True)
     full, fast = results["full"], results["fast"]

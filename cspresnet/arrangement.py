@@ -10,7 +10,9 @@ group of processes' passes; the trainer prints the result at start, e.g.
 """
 from dataclasses import dataclass
 
-from .recipe import Recipe, RecipeError
+from data.errors import RecipeError
+
+from .recipe import Recipe
 
 
 @dataclass(frozen=True)

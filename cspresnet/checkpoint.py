@@ -9,20 +9,16 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
+
+from data.errors import CheckpointError
 
 from .files import is_disk_full
 
 log = logging.getLogger(__name__)
-
-TRAIN_CHECKPOINT_FORMAT = "cspresnet-train-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message says which."""
-
+T = TypeVar("T")
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
@@ -218,14 +214,16 @@ class CheckpointFolder:
             old.unlink(missing_ok=True)  # last.pt and best.pt are links: their data stays
         return path
 
-    def newest_loadable(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """last.pt, or else the newest step file that loads; None when there is none."""
+    def newest_loadable(self, read: Callable[[Path], T] = load_checkpoint) -> Optional[Tuple[Path, T]]:
+        """last.pt, or else the newest step file, that `read` accepts (it raises
+        CheckpointError for one it cannot use: junk, or not a training checkpoint); None
+        when there is none."""
         candidates = [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]
         for path in candidates:
             if not path.is_file():
                 continue
             try:
-                return path, load_checkpoint(path)
+                return path, read(path)
             except CheckpointError as exc:
                 log.warning("skipping unreadable checkpoint: %s", exc)
         return None

@@ -1,38 +1,21 @@
-"""What train.py and validate.py print, and how they end: the same logging and the same
-exit codes for both.
+"""What train.py, validate.py and predict.py print, and how they end: the same logging and
+the same exit codes for all.
 
 Logging: rank 0 shows everything ours logs (information on stdout, warnings and errors on
 stderr); the other ranks show only their warnings and errors, each line marked with its
 rank. Lines go through tqdm so that they do not tear a progress bar.
 """
 import logging
+import multiprocessing
+import signal
 import sys
 from typing import Callable
 
 from tqdm import tqdm
 
-from data.config import DataConfigError
-from data.imagenet import DatasetLayoutError, UnreadableDataError
-from data.jpeg_box import Required as FastJpegRequired
-from data.loader_faults import LoaderStallError, SharedMemoryError
+from data.errors import ExitError
 
-from .checkpoint import CheckpointError
-from .engine import NonFiniteLossError
-from .recipe import RecipeError
-from .run_folder import RunFolderError
-from .signals import end_child_processes
-from .training import FinalCheckpointError
-
-EXIT_FAILED = 1  # anything else; its traceback says where
-EXIT_BAD_INPUT = 2  # a recipe, data, checkpoint, run folder or option that cannot work: one line says which
-EXIT_NONFINITE = 3  # the loss was not finite too many steps in a row
-BAD_INPUT = (RecipeError, DataConfigError, DatasetLayoutError, UnreadableDataError, CheckpointError, RunFolderError,
-             FastJpegRequired)
 OUR_LOGGERS = ("cspresnet", "data", "benchmarks")
-
-
-class OptionError(ValueError):
-    """A command-line option that cannot work, found before any work."""
 
 
 class ConsoleHandler(logging.Handler):
@@ -59,20 +42,31 @@ def setup_logging(rank: int) -> None:
 
 
 def run_script(main: Callable[[], int]) -> int:
-    """A script's main, with its exit code: bad input is one line on stderr and exit 2, a
-    non-finite loss 3, a full disk at the very end, a stalled loader or a full /dev/shm 1; anything else raises (traceback, exit 1). The loader workers end with the process,
-    however it ends."""
-    log = logging.getLogger("cspresnet")
+    """A script's main, with its exit code: an ExitError (data/errors.py) is one line on
+    stderr and its code (bad input 2, a non-finite loss 3, a full disk at the very end, a
+    stalled loader or a full /dev/shm 1); anything else raises (traceback, exit 1). The
+    loader workers end with the process, however it ends."""
     try:
         return main()
-    except BAD_INPUT + (OptionError,) as exc:
-        log.error(" ".join(str(exc).split()) if "\n" in str(exc) else str(exc))  # one line, whatever the message
-        return EXIT_BAD_INPUT
-    except NonFiniteLossError as exc:
-        log.error(str(exc))
-        return EXIT_NONFINITE
-    except (FinalCheckpointError, LoaderStallError, SharedMemoryError) as exc:
-        log.error(str(exc))
-        return EXIT_FAILED
+    except ExitError as exc:
+        message = str(exc)
+        logging.getLogger("cspresnet").error(" ".join(message.split()) if "\n" in message else message)  # one line
+        return exc.exit_code
     finally:
         end_child_processes()  # an error must end the loader workers too, or the exit would wait for them
+
+
+def end_child_processes() -> None:
+    """Kill this process's multiprocessing children (the loader workers) and reap them.
+
+    Why: at exit, multiprocessing sends daemonic children SIGTERM and then joins them with
+    no time limit. Our workers ignore SIGTERM (data.loaders.WorkerSignals), and a worker
+    stuck in a system call may never leave, so without this an error anywhere would hang
+    the exit.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)

@@ -25,6 +25,11 @@ class DistContext:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    @classmethod
+    def alone(cls, device: torch.device) -> "DistContext":
+        """One process on `device` (a script without torchrun, a benchmark, a test)."""
+        return cls(rank=0, world_size=1, local_rank=0, device=device)
+
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu":

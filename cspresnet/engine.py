@@ -1,6 +1,7 @@
-"""The training step, an epoch of them, and evaluation."""
+"""What the training loop and validate.py share: one training step (TrainStep), and
+evaluation. It knows the model, a loader, the optimizer and a loss; not the run folder, the
+log or how a run stops (cspresnet/training.py)."""
 import contextlib
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -12,29 +13,21 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from data.batches import Batch
-from data.imagenet import UnreadableDataError
+from data.errors import UnreadableDataError
 from data.loader_faults import Batches
 from data.transforms import DevicePreprocess, build_batch_augment, memory_format
 from data.unreadable import warn_unreadable
 
-from .arrangement import arrange
+from .arrangement import Arrangement, arrange
 from .distributed import DistContext, all_gather_objects, all_reduce_sum
 from .model import build_model
 from .optim import build_optimizer, build_schedule, set_lr
 from .recipe import Recipe
-from .run_log import RunLog
-from .run_state import RunState
-from .signals import StopRequest
 from .sync_bn import convert_to_sync_bn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row: the run stops, the last checkpoint stays as it was."""
 
 
 def autocast(device: torch.device, amp: str):
@@ -143,12 +136,14 @@ class TrainStep:
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
-def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int) -> TrainStep:
+def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
+                     arrangement: Optional[Arrangement] = None) -> TrainStep:
     """The model on its device and everything around it: its EMA (a copy with plain
     BatchNorm: it is only evaluated), SyncBatchNorm, then DDP when there are several
-    processes, compiled when the recipe says so."""
+    processes, compiled when the recipe says so. `arrangement`: the run's (default: the
+    recipe's on ctx's processes, for a caller that has none)."""
     rt = recipe.runtime
-    arrangement = arrange(recipe, ctx.world_size)
+    arrangement = arrangement or arrange(recipe, ctx.world_size)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
     if recipe.model.linear_probe:
         model.freeze_backbone()  # before the optimizer, which then takes the classifier only
@@ -170,54 +165,6 @@ def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int) -> 
     if rt.compile:
         step.train_model = torch.compile(step.train_model)
     return step
-
-
-def train_one_epoch(train_step: TrainStep, batches: Iterator[Batch], run: RunState, steps_per_epoch: int,
-                    recipe: Recipe, ctx: DistContext, stop: StopRequest, log: RunLog,
-                    save: Callable[[], bool]) -> bool:
-    """Train from run.step_in_epoch to the epoch's end, saving every checkpoint.every_steps;
-    False when it stopped on a signal (after saving). Every runtime.log_interval steps all
-    ranks read the loss, check for non-finite losses and agree on stopping."""
-    rt, every = recipe.runtime, recipe.checkpoint.every_steps
-    started = time.perf_counter() - run.epoch_seconds
-    bar = tqdm(itertools.islice(batches, steps_per_epoch - run.step_in_epoch), initial=run.step_in_epoch,
-               desc=f"epoch {run.epoch + 1}/{recipe.epochs}", total=steps_per_epoch,
-               disable=None if ctx.is_main else True, leave=False, dynamic_ncols=True)
-    train_step.model.train()
-    for batch in bar:
-        run.unreadable.check(batch)
-        position = run.schedule_position(steps_per_epoch)
-        run.step += 1
-        loss, lr = train_step(batch, position)
-        run.totals.add(loss, len(batch.targets))
-        run.step_in_epoch += 1
-        run.epoch_seconds = time.perf_counter() - started  # current at any save, a stall's included
-        stopping = False
-        if run.step % rt.log_interval == 0:
-            log.step(run.step, run.totals.read_window_loss(), lr)
-            check_numerics(run, rt.max_nonfinite_steps)
-            stopping = stop.agreed(ctx.device)
-        elif not ctx.is_distributed:
-            stopping = stop.signal_name is not None  # one process: no need to agree, stop at once
-        mid_epoch = run.step_in_epoch < steps_per_epoch
-        if stopping or (every and run.step % every == 0 and mid_epoch):
-            check_numerics(run, rt.max_nonfinite_steps)
-            save()
-        if stopping:
-            return False
-    bar.close()
-    return True
-
-
-def check_numerics(run: RunState, max_nonfinite_steps: int) -> None:
-    """Stop when any rank saw too many non-finite losses in a row (a collective)."""
-    longest = run.totals.longest_nonfinite_streak()
-    if longest >= max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"the loss was not finite for {longest} steps in a row (up to step {run.step}); those steps were "
-            f"skipped and the run stops here, leaving the last checkpoint as it was. Try a lower optim.lr; with "
-            f"runtime.amp=fp16, try bf16 or none"
-        )
 
 
 @dataclass
@@ -250,54 +197,66 @@ def evaluate(model: nn.Module, loader, num_classes: int, preprocess: DevicePrepr
     """
     was_training = model.training
     model.eval()
-    k = min(5, num_classes)
-    parts = dict(indices=[], topk=[], targets=[], unreadable=[], logits=[])
-    loss_sum = torch.zeros((), device=preprocess.device, dtype=torch.float64)
+    found = EvalParts(min(5, num_classes), num_classes, keep_logits, preprocess.device)
     start = time.perf_counter()
     for batch in progress(Batches(loader)):
         for index, reason in batch.unreadable:
             warn_unreadable(loader.dataset.samples[index][0], reason)
-            parts["unreadable"].append((index, reason))
-        if not len(batch.targets):
-            continue
-        with autocast(preprocess.device, amp):
-            logits = model(preprocess(batch.images)).float()
-        loss_sum += F.cross_entropy(logits, batch.targets.to(preprocess.device), reduction="sum").double()
-        parts["topk"].append(logits.topk(k, dim=1).indices.cpu())
-        parts["targets"].append(batch.targets)
-        parts["indices"].append(batch.indices)
-        if keep_logits:
-            parts["logits"].append(logits.cpu())
+        if len(batch.targets):
+            with autocast(preprocess.device, amp):
+                logits = model(preprocess(batch.images)).float()
+            found.add(batch, logits)
+        else:
+            found.add(batch, None)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return gather_results(parts, len(loader.dataset), k, num_classes, all_reduce_sum(loss_sum).item(), seconds,
-                          keep_logits)
+    return found.gather(len(loader.dataset), seconds)
 
 
-def gather_results(parts, dataset_size: int, k: int, num_classes: int, loss_total: float, seconds: float,
-                   keep_logits: bool) -> EvalResult:
-    """Every rank's share, in dataset order (a collective)."""
-    def cat(values, *shape):
-        return torch.cat(values) if values else torch.empty(0, *shape, dtype=torch.long)
+class EvalParts:
+    """One rank's share of an evaluation as it goes, and every rank's gathered in dataset order."""
 
-    logits = torch.cat(parts["logits"]) if parts["logits"] else torch.empty(0, num_classes)
-    gathered = all_gather_objects((cat(parts["indices"]), cat(parts["topk"], k), cat(parts["targets"]),
-                                   parts["unreadable"], logits))
-    order = torch.cat([g[0] for g in gathered])
-    unreadable = sorted(pair for g in gathered for pair in g[3])
-    every = torch.cat([order, torch.tensor([index for index, _ in unreadable], dtype=torch.long)])
-    if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
-        raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of "
-                           f"{dataset_size} once")
-    ascending = order.argsort()
-    predictions = torch.cat([g[1] for g in gathered])[ascending]
-    targets = torch.cat([g[2] for g in gathered])[ascending]
-    hits = predictions == targets[:, None]
-    evaluated = len(targets)
-    return EvalResult(
-        top1=100.0 * hits[:, 0].double().mean().item() if evaluated else 0.0,
-        top5=100.0 * hits.any(dim=1).double().mean().item() if evaluated else 0.0,
-        loss=loss_total / max(evaluated, 1), images=evaluated, unreadable=unreadable, seconds=seconds,
-        predictions=predictions, targets=targets, indices=order[ascending],
-        logits=torch.cat([g[4] for g in gathered])[ascending] if keep_logits else None,
-    )
+    def __init__(self, k: int, num_classes: int, keep_logits: bool, device: torch.device):
+        self.k, self.num_classes, self.keep_logits = k, num_classes, keep_logits
+        self.indices, self.topk, self.targets, self.logits = [], [], [], []
+        self.unreadable: List[Tuple[int, str]] = []
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+
+    def add(self, batch: Batch, logits: Optional[torch.Tensor]) -> None:
+        self.unreadable += batch.unreadable
+        if logits is None:
+            return
+        self.loss_sum += F.cross_entropy(logits, batch.targets.to(logits.device), reduction="sum").double()
+        self.topk.append(logits.topk(self.k, dim=1).indices.cpu())
+        self.targets.append(batch.targets)
+        self.indices.append(batch.indices)
+        if self.keep_logits:
+            self.logits.append(logits.cpu())
+
+    def gather(self, dataset_size: int, seconds: float) -> EvalResult:
+        """Every rank's share, in dataset order (collectives: all_reduce, all_gather)."""
+        def cat(values, *shape):
+            return torch.cat(values) if values else torch.empty(0, *shape, dtype=torch.long)
+
+        loss_total = all_reduce_sum(self.loss_sum).item()
+        logits = torch.cat(self.logits) if self.logits else torch.empty(0, self.num_classes)
+        gathered = all_gather_objects((cat(self.indices), cat(self.topk, self.k), cat(self.targets),
+                                       self.unreadable, logits))
+        order = torch.cat([g[0] for g in gathered])
+        unreadable = sorted(pair for g in gathered for pair in g[3])
+        every = torch.cat([order, torch.tensor([index for index, _ in unreadable], dtype=torch.long)])
+        if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
+            raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of "
+                               f"{dataset_size} once")
+        ascending = order.argsort()
+        predictions = torch.cat([g[1] for g in gathered])[ascending]
+        targets = torch.cat([g[2] for g in gathered])[ascending]
+        hits = predictions == targets[:, None]
+        evaluated = len(targets)
+        return EvalResult(
+            top1=100.0 * hits[:, 0].double().mean().item() if evaluated else 0.0,
+            top5=100.0 * hits.any(dim=1).double().mean().item() if evaluated else 0.0,
+            loss=loss_total / max(evaluated, 1), images=evaluated, unreadable=unreadable, seconds=seconds,
+            predictions=predictions, targets=targets, indices=order[ascending],
+            logits=torch.cat([g[4] for g in gathered])[ascending] if self.keep_logits else None,
+        )

@@ -15,20 +15,21 @@ from pathlib import Path
 import timm
 from timm.models import save_for_hf
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .weights import extract_state_dict, load_weights_strict, num_classes_of, trained_data_config
+from data.errors import CheckpointError
+
+from .checkpoint_schema import read_weights
+from .weights import load_weights_strict, num_classes_of, trained_data_config
 
 
 def export_for_timm(checkpoint_path: Path, out_dir: Path, weights: str = "auto") -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json; returns the weights file."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    state_dict, _ = extract_state_dict(checkpoint, weights)
-    num_classes = num_classes_of(state_dict)
-    data = trained_data_config(checkpoint)
+    read = read_weights(checkpoint_path, weights)
+    num_classes = num_classes_of(read.state_dict)
+    data = trained_data_config(read)
     # Written through timm's own writer, from timm's model, so the files are what timm expects.
     model = timm.create_model("cspresnet50", pretrained=False, num_classes=num_classes)
-    load_weights_strict(model, state_dict)
-    classes = checkpoint.get("classes")
+    load_weights_strict(model, read.state_dict)
+    classes = read.classes
     model_config = {"pretrained_cfg": {"tag": Path(out_dir).name}}  # not timm's "ra_in1k"
     if classes:
         model_config["label_names"] = list(classes)

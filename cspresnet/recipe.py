@@ -13,28 +13,12 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from data.config import DataConfig
+from data.config import AugmentConfig, DataConfig, KeyName, recipe_key, require, setting
+from data.errors import RecipeError
 
 from .yaml_comments import DuplicateKeyError, load_yaml, load_yaml_with_lines
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class RecipeError(ValueError):
-    """A recipe, a base file or an override is wrong; the message says where and why."""
-
-
-@dataclass
-class AugmentConfig:
-    """Augmentations beyond crop and flip; all off by default (timm's implementations)."""
-
-    auto_augment: str = ""  # RandAugment policy, e.g. rand-m9-mstd0.5; "" = off
-    random_erasing: float = 0.0  # probability per image, applied to the normalised batch on the device
-    random_erasing_mode: Literal["pixel", "rand", "const"] = "pixel"
-    mixup_alpha: float = 0.0  # mixup on when > 0
-    cutmix_alpha: float = 0.0  # cutmix on when > 0
-    mixup_prob: float = 1.0  # probability of mixing a batch at all
-    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
 
 
 @dataclass
@@ -42,13 +26,28 @@ class ModelConfig:
     num_classes: Union[int, Literal["auto"]] = 1000  # auto: the number of class folders in train/
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, linear over the 13 blocks
-    # Start a new run from these weights instead of the random init (never on a resume): timm's
-    # .pth, a .safetensors, our last.pt/best.pt. "" = from scratch.
-    initial_weights: str = ""
-    initial_weights_kind: Literal["auto", "model", "ema"] = "auto"  # of our checkpoints; auto: EMA when present
+    # Start a new run from these weights instead of the random init (never on a resume, which
+    # takes the checkpoint's): timm's .pth, a .safetensors, our last.pt/best.pt. "" = from scratch.
+    initial_weights: str = setting("", affects_results=False)
+    # which weights of our checkpoints; auto: EMA when present
+    initial_weights_kind: Literal["auto", "model", "ema"] = setting("auto", affects_results=False)
     # The file's SHA-256, or its first 8+ hex digits: checked when set, filled in as the run starts.
-    initial_weights_sha256: str = ""
+    initial_weights_sha256: str = setting("", affects_results=False)
     linear_probe: bool = False  # train the classifier only: the backbone frozen and in eval mode
+
+    def check(self, key: KeyName = recipe_key("model")) -> None:
+        require(self.num_classes == "auto" or self.num_classes >= 1, key("num_classes"), ">= 1 or auto",
+                self.num_classes)
+        require(0.0 <= self.drop_rate < 1.0, key("drop_rate"), "in [0, 1)", self.drop_rate)
+        require(0.0 <= self.drop_path_rate < 1.0, key("drop_path_rate"), "in [0, 1)", self.drop_path_rate)
+        for name in ("initial_weights_kind", "initial_weights_sha256", "linear_probe"):
+            if getattr(self, name) != getattr(ModelConfig(), name) and not self.initial_weights:
+                raise RecipeError(f"{key(name)} only applies with model.initial_weights (a weights file), which is "
+                                  f"not set" + (": a frozen random backbone learns nothing"
+                                                if name == "linear_probe" else ""))
+        require(self.initial_weights_sha256 == "" or re.fullmatch(r"[0-9a-f]{8,64}", self.initial_weights_sha256)
+                is not None, key("initial_weights_sha256"), "'' or 8 to 64 lowercase hex digits (a SHA-256 or its "
+                "start)", self.initial_weights_sha256)
 
 
 @dataclass
@@ -58,31 +57,55 @@ class OptimConfig:
     reference_batch_size: int = 128
     lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
     momentum: float = 0.9
-    nesterov: bool = False  # sgd only
-    eps: float = 1e-3  # rmsproptf only
-    alpha: float = 0.9  # rmsproptf only: decay of the squared-gradient average
+    nesterov: bool = setting(False, only_for="sgd")
+    eps: float = setting(1e-3, only_for="rmsproptf")
+    alpha: float = setting(0.9, only_for="rmsproptf")  # decay of the squared-gradient average
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = False  # False: no weight decay on BatchNorm and bias parameters
+
+    def check(self, key: KeyName = recipe_key("optim")) -> None:
+        require(self.lr > 0.0, key("lr"), "> 0", self.lr)
+        require(self.reference_batch_size >= 1, key("reference_batch_size"), ">= 1", self.reference_batch_size)
+        require(0.0 <= self.momentum < 1.0, key("momentum"), "in [0, 1)", self.momentum)
+        require(self.weight_decay >= 0.0, key("weight_decay"), ">= 0", self.weight_decay)
+        require(not self.nesterov or self.momentum > 0, key("nesterov"), "false when optim.momentum is 0",
+                self.nesterov)
+        check_variants(self, "optim")
+        require(self.eps > 0.0, key("eps"), "> 0", self.eps)
+        require(0.0 < self.alpha < 1.0, key("alpha"), "in (0, 1)", self.alpha)
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["darknet_poly", "step"] = "darknet_poly"
     # darknet_poly: lr * (it/burn_in)^power during burn-in, then lr * (1 - it/total)^power
-    burn_in_iters: int = 1000  # at reference_batch_size; scaled to keep the same number of images
-    power: float = 4.0
+    # burn_in_iters is counted at reference_batch_size: scaled to keep the same number of images
+    burn_in_iters: int = setting(1000, only_for="darknet_poly")
+    power: float = setting(4.0, only_for="darknet_poly")
     # step (timm's StepLRScheduler, per iteration): linear warmup from warmup_lr, then
     # lr * decay_rate^floor(epochs / decay_epochs)
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-6
-    decay_epochs: float = 2.4
-    decay_rate: float = 0.97
+    warmup_epochs: float = setting(0.0, only_for="step")
+    warmup_lr: float = setting(1e-6, only_for="step")
+    decay_epochs: float = setting(2.4, only_for="step")
+    decay_rate: float = setting(0.97, only_for="step")
+
+    def check(self, key: KeyName = recipe_key("schedule")) -> None:
+        check_variants(self, "schedule")
+        require(self.burn_in_iters >= 0, key("burn_in_iters"), ">= 0", self.burn_in_iters)
+        require(self.power > 0.0, key("power"), "> 0", self.power)
+        require(self.warmup_epochs >= 0.0, key("warmup_epochs"), ">= 0", self.warmup_epochs)
+        require(self.warmup_lr >= 0.0, key("warmup_lr"), ">= 0", self.warmup_lr)
+        require(self.decay_epochs > 0.0, key("decay_epochs"), "> 0", self.decay_epochs)
+        require(0.0 < self.decay_rate <= 1.0, key("decay_rate"), "in (0, 1]", self.decay_rate)
 
 
 @dataclass
 class EmaConfig:
     enabled: bool = False  # keep an exponential moving average of the weights (timm's ModelEmaV3)
     decay: float = 0.9999
+
+    def check(self, key: KeyName = recipe_key("ema")) -> None:
+        require(0.0 < self.decay < 1.0, key("decay"), "in (0, 1)", self.decay)
 
 
 @dataclass
@@ -92,18 +115,33 @@ class RuntimeConfig:
     channels_last: bool = True
     compile: bool = False
     deterministic: bool = False  # GPU: repeatable kernels, so a resumed run is bitwise exact there too; slower
-    log_interval: int = 50  # steps between loss reads and stop checks (each read syncs the GPU)
+    log_interval: int = setting(50, affects_results=False)  # steps between loss reads and stop checks (GPU syncs)
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
-    stop_timeout_s: float = 60.0  # after SIGTERM/SIGINT, save and exit within this, else exit without saving
-    collective_timeout_s: float = 600.0  # a rank waiting this long for the others fails the job
+    # after SIGTERM/SIGINT, save and exit within this, else exit without saving
+    stop_timeout_s: float = setting(60.0, affects_results=False)
+    collective_timeout_s: float = setting(600.0, affects_results=False)  # a rank waiting this long fails the job
     sync_bn: bool = False  # SyncBatchNorm: BatchNorm statistics pooled over processes (converted before DDP)
     sync_bn_group_size: int = 0  # processes per SyncBatchNorm group, consecutive ranks; 0: all processes
+
+    def check(self, key: KeyName = recipe_key("runtime")) -> None:
+        require(self.stop_timeout_s > 0, key("stop_timeout_s"), "> 0", self.stop_timeout_s)
+        require(self.collective_timeout_s > 0, key("collective_timeout_s"), "> 0", self.collective_timeout_s)
+        require(self.log_interval >= 1, key("log_interval"), ">= 1", self.log_interval)
+        require(self.sync_bn_group_size >= 0, key("sync_bn_group_size"), ">= 0 (0: all processes)",
+                self.sync_bn_group_size)
+        require(self.sync_bn or self.sync_bn_group_size == 0, key("sync_bn_group_size"),
+                "0 unless runtime.sync_bn is true", self.sync_bn_group_size)
+        require(self.max_nonfinite_steps >= 1, key("max_nonfinite_steps"), ">= 1", self.max_nonfinite_steps)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 2500  # also at every epoch end; 0: epoch ends only
-    keep_last: int = 2  # step-<N>.pt files kept besides last.pt and best.pt
+    every_steps: int = setting(2500, affects_results=False)  # also at every epoch end; 0: epoch ends only
+    keep_last: int = setting(2, affects_results=False)  # step-<N>.pt files kept besides last.pt and best.pt
+
+    def check(self, key: KeyName = recipe_key("checkpoint")) -> None:
+        require(self.every_steps >= 0, key("every_steps"), ">= 0 (0: epoch ends only)", self.every_steps)
+        require(self.keep_last >= 0, key("keep_last"), ">= 0", self.keep_last)
 
 
 @dataclass
@@ -125,6 +163,26 @@ class Recipe:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def check(self) -> None:
+        """Values that type-check but cannot work: the top-level keys, then each section's
+        (in the order of the keys, so that the first wrong key is the one named), then what
+        crosses sections."""
+        key = recipe_key("")
+        require(self.epochs >= 1, key("epochs"), ">= 1", self.epochs)
+        require(self.batch_size >= 1, key("batch_size"), ">= 1", self.batch_size)
+        require(self.micro_batch_size >= 0, key("micro_batch_size"), ">= 0 (0: each process's share in one pass)",
+                self.micro_batch_size)  # whether it fits the batch depends on the processes: arrangement.py
+        require(self.seed >= 0, key("seed"), ">= 0", self.seed)
+        require(0.0 <= self.label_smoothing < 1.0, key("label_smoothing"), "in [0, 1)", self.label_smoothing)
+        for section in (self.data, self.augment, self.model, self.optim, self.schedule, self.ema, self.runtime,
+                        self.checkpoint):
+            section.check()
+        require(not self.mixing() or self.batch_size % 2 == 0, key("batch_size"), "even when mixup or cutmix is on",
+                self.batch_size)
+        require(not self.mixing() or self.micro_batch_size % 2 == 0, key("micro_batch_size"),
+                "even when mixup or cutmix is on (each pass is mixed on its own, as timm's --grad-accum-steps)",
+                self.micro_batch_size)
+
     def scaled_lr(self) -> float:
         """The learning rate actually used at this recipe's global batch."""
         if self.optim.lr_scaling == "none":
@@ -132,11 +190,58 @@ class Recipe:
         return self.optim.lr * self.batch_size / self.optim.reference_batch_size
 
     def mixing(self) -> bool:
-        return self.augment.mixup_alpha > 0 or self.augment.cutmix_alpha > 0
+        return self.augment.mixing
 
     def burn_in_steps(self) -> int:
         """Burn-in length in optimizer steps at this global batch (same number of images)."""
         return round(self.schedule.burn_in_iters * self.optim.reference_batch_size / self.batch_size)
+
+
+def check_variants(section: Any, prefix: str) -> None:
+    """A field marked only_for another choice than the section's `name` must keep its default."""
+    for each in dataclasses.fields(section):
+        only = each.metadata.get("only_for")
+        if only and only != section.name and getattr(section, each.name) != each.default:
+            raise RecipeError(f"recipe key '{prefix}.{each.name}' only applies to {prefix}.name={only}, "
+                              f"but {prefix}.name is {section.name}")
+
+
+def keys_that_change_no_result(cls: type = None, prefix: str = "") -> List[str]:
+    """The dotted keys marked affects_results=False: a resume that changes them stays exact."""
+    found = []
+    for each in dataclasses.fields(cls or Recipe):
+        if dataclasses.is_dataclass(each.type):
+            found += keys_that_change_no_result(each.type, f"{prefix}{each.name}.")
+        elif each.metadata.get("affects_results") is False:
+            found.append(prefix + each.name)
+    return found
+
+
+def changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """The keys of two recipe dicts (recipe_to_dict's) that differ and can change the trained
+    weights, as 'key old -> new'; `old` may be from an older version (moved keys followed)."""
+    old, unaffected, changes = with_moved_keys(old) if not prefix else old, keys_that_change_no_result(), []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in unaffected:
+            changes.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return changes
+
+
+# Keys that moved, old -> new: a recipe file with the old key is told the new one, and a
+# recipe stored in an older checkpoint is read with it moved.
+MOVED_KEYS = {"augment.auto_augment": "data.auto_augment"}
+
+
+def with_moved_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(raw.get(old_section), dict) and old_key in raw[old_section]:
+            raw.setdefault(new_section, {})[new_key] = raw[old_section].pop(old_key)
+    return raw
 
 
 # ----------------------------------------------------------------------------- reading
@@ -297,7 +402,7 @@ def _resolve(name_or_path: str, overrides: Optional[List[str]],
             data["dir"] = data_dir
             origins["data.dir"] = ("command line", f"--data-dir {data_dir}")
     recipe = _build(Recipe, raw, "")
-    validate(recipe)
+    recipe.check()
     return recipe, origins
 
 
@@ -333,9 +438,9 @@ def _inline(value: Any) -> str:
 
 
 def recipe_from_dict(raw: Dict[str, Any]) -> Recipe:
-    """The inverse of recipe_to_dict, for recipes stored in checkpoints."""
-    recipe = _build(Recipe, raw, "")
-    validate(recipe)
+    """The inverse of recipe_to_dict, for recipes stored in checkpoints (of older versions too)."""
+    recipe = _build(Recipe, with_moved_keys(raw), "")
+    recipe.check()
     return recipe
 
 
@@ -421,6 +526,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
+    if f"{prefix}{unknown[0] if unknown else ''}" in MOVED_KEYS:
+        raise RecipeError(f"recipe key '{prefix}{unknown[0]}' is now '{MOVED_KEYS[prefix + unknown[0]]}': rename it")
     if unknown:
         raise RecipeError(
             f"unknown recipe key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(names)}"
@@ -436,124 +543,3 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _convert(kind, raw[name], f"{prefix}{name}")
     return cls(**values)
 
-
-# ----------------------------------------------------------------------------- values
-
-
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise RecipeError(f"recipe key '{key}' must be {allowed}, got {value!r}")
-
-
-def _only_for(section: Any, prefix: str, chosen: str, keys_by_name: Dict[str, Tuple[str, ...]]) -> None:
-    """A key that belongs to another choice than the chosen one must keep its default."""
-    defaults = type(section)()
-    for name, keys in keys_by_name.items():
-        if name == chosen:
-            continue
-        for key in keys:
-            if getattr(section, key) != getattr(defaults, key):
-                raise RecipeError(f"recipe key '{prefix}.{key}' only applies to {prefix}.name={name}, "
-                                  f"but {prefix}.name is {chosen}")
-
-
-def validate(recipe: Recipe) -> None:
-    """Reject values that type-check but cannot work (in the order of the keys, so the first
-    wrong key is the one named)."""
-    r, d = recipe, recipe.data
-    _require(r.epochs >= 1, "epochs", ">= 1", r.epochs)
-    _require(r.batch_size >= 1, "batch_size", ">= 1", r.batch_size)
-    _require(r.micro_batch_size >= 0, "micro_batch_size", ">= 0 (0: each process's share in one pass)",
-             r.micro_batch_size)  # whether it fits the batch depends on the processes: arrangement.py
-    _require(r.seed >= 0, "seed", ">= 0", r.seed)
-    _require(0.0 <= r.label_smoothing < 1.0, "label_smoothing", "in [0, 1)", r.label_smoothing)
-    _require(d.img_size >= 32, "data.img_size", ">= 32 (the network downsamples 32x)", d.img_size)
-    _require(d.eval_img_size >= 32, "data.eval_img_size", ">= 32 (the network downsamples 32x)", d.eval_img_size)
-    _require(d.workers >= 0, "data.workers", ">= 0", d.workers)
-    _require(d.loader_timeout_s > 0, "data.loader_timeout_s", "> 0 (seconds without a batch that end the run)",
-             d.loader_timeout_s)
-    _require(0.0 < d.crop_scale[0] <= d.crop_scale[1] <= 1.0, "data.crop_scale", "[min, max] with 0 < min <= max <= 1", list(d.crop_scale))
-    _require(0.0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "[min, max] with 0 < min <= max", list(d.crop_ratio))
-    _require(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]", d.hflip)
-    _require(0.0 < d.eval_crop_pct <= 1.0, "data.eval_crop_pct", "in (0, 1]", d.eval_crop_pct)
-    _require(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
-    _require(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", "in [0, 1) (0: evaluate on val/)",
-             d.holdout_fraction)
-    _validate_training(recipe)
-    _validate_input_and_runtime(recipe)
-
-
-def _validate_training(recipe: Recipe) -> None:
-    """The model, optimizer, schedule, augmentation and EMA keys."""
-    r, o, s, a = recipe, recipe.optim, recipe.schedule, recipe.augment
-    _validate_model(recipe.model)
-    _require(o.lr > 0.0, "optim.lr", "> 0", o.lr)
-    _require(o.reference_batch_size >= 1, "optim.reference_batch_size", ">= 1", o.reference_batch_size)
-    _require(0.0 <= o.momentum < 1.0, "optim.momentum", "in [0, 1)", o.momentum)
-    _require(o.weight_decay >= 0.0, "optim.weight_decay", ">= 0", o.weight_decay)
-    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "false when optim.momentum is 0", o.nesterov)
-    _only_for(o, "optim", o.name, {"sgd": ("nesterov",), "rmsproptf": ("eps", "alpha")})
-    _require(o.eps > 0.0, "optim.eps", "> 0", o.eps)
-    _require(0.0 < o.alpha < 1.0, "optim.alpha", "in (0, 1)", o.alpha)
-    _only_for(s, "schedule", s.name, {"darknet_poly": ("burn_in_iters", "power"),
-                                      "step": ("warmup_epochs", "warmup_lr", "decay_epochs", "decay_rate")})
-    _require(s.burn_in_iters >= 0, "schedule.burn_in_iters", ">= 0", s.burn_in_iters)
-    _require(s.power > 0.0, "schedule.power", "> 0", s.power)
-    _require(s.warmup_epochs >= 0.0, "schedule.warmup_epochs", ">= 0", s.warmup_epochs)
-    _require(s.warmup_lr >= 0.0, "schedule.warmup_lr", ">= 0", s.warmup_lr)
-    _require(s.decay_epochs > 0.0, "schedule.decay_epochs", "> 0", s.decay_epochs)
-    _require(0.0 < s.decay_rate <= 1.0, "schedule.decay_rate", "in (0, 1]", s.decay_rate)
-    _require(a.auto_augment == "" or a.auto_augment.startswith("rand-"), "augment.auto_augment",
-             "'' (off) or a RandAugment policy like rand-m9-mstd0.5", a.auto_augment)
-    _require(0.0 <= a.random_erasing <= 1.0, "augment.random_erasing", "a probability in [0, 1]", a.random_erasing)
-    _require(a.mixup_alpha >= 0.0, "augment.mixup_alpha", ">= 0 (0: off)", a.mixup_alpha)
-    _require(a.cutmix_alpha >= 0.0, "augment.cutmix_alpha", ">= 0 (0: off)", a.cutmix_alpha)
-    _require(0.0 <= a.mixup_prob <= 1.0, "augment.mixup_prob", "a probability in [0, 1]", a.mixup_prob)
-    _require(0.0 <= a.mixup_switch_prob <= 1.0, "augment.mixup_switch_prob", "a probability in [0, 1]",
-             a.mixup_switch_prob)
-    _require(not r.mixing() or r.batch_size % 2 == 0, "batch_size", "even when mixup or cutmix is on",
-             r.batch_size)
-    _require(not r.mixing() or r.micro_batch_size % 2 == 0, "micro_batch_size",
-             "even when mixup or cutmix is on (each pass is mixed on its own, as timm's --grad-accum-steps)",
-             r.micro_batch_size)
-    _require(0.0 < recipe.ema.decay < 1.0, "ema.decay", "in (0, 1)", recipe.ema.decay)
-
-
-def _validate_model(m: ModelConfig) -> None:
-    _require(m.num_classes == "auto" or m.num_classes >= 1, "model.num_classes", ">= 1 or auto", m.num_classes)
-    _require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "in [0, 1)", m.drop_rate)
-    _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)", m.drop_path_rate)
-    for key in ("initial_weights_kind", "initial_weights_sha256", "linear_probe"):
-        if getattr(m, key) != getattr(ModelConfig(), key) and not m.initial_weights:
-            raise RecipeError(f"recipe key 'model.{key}' only applies with model.initial_weights (a weights file), "
-                              f"which is not set" + (": a frozen random backbone learns nothing"
-                                                      if key == "linear_probe" else ""))
-    _require(m.initial_weights_sha256 == "" or re.fullmatch(r"[0-9a-f]{8,64}", m.initial_weights_sha256) is not None,
-             "model.initial_weights_sha256", "'' or 8 to 64 lowercase hex digits (a SHA-256 or its start)",
-             m.initial_weights_sha256)
-
-
-def _validate_input_and_runtime(recipe: Recipe) -> None:
-    """Decoding and unreadable-image limits, then the runtime and checkpoint keys."""
-    d, a = recipe.data, recipe.augment
-    _require(d.train_decode != "gpu" or not a.auto_augment, "data.train_decode",
-             "fast or full with augment.auto_augment (RandAugment runs on the CPU, before any GPU decode)",
-             d.train_decode)
-    _require(0.0 < d.max_unreadable_batch_fraction < 1.0, "data.max_unreadable_batch_fraction",
-             "in (0, 1): a batch must keep at least one image", d.max_unreadable_batch_fraction)
-    _require(0.0 <= d.max_unreadable_fraction < 1.0, "data.max_unreadable_fraction", "in [0, 1)",
-             d.max_unreadable_fraction)
-    _require(d.min_unreadable_allowed >= 0, "data.min_unreadable_allowed", ">= 0", d.min_unreadable_allowed)
-    _require(recipe.runtime.stop_timeout_s > 0, "runtime.stop_timeout_s", "> 0", recipe.runtime.stop_timeout_s)
-    _require(recipe.runtime.collective_timeout_s > 0, "runtime.collective_timeout_s", "> 0",
-             recipe.runtime.collective_timeout_s)
-    _require(recipe.runtime.log_interval >= 1, "runtime.log_interval", ">= 1", recipe.runtime.log_interval)
-    _require(recipe.runtime.sync_bn_group_size >= 0, "runtime.sync_bn_group_size", ">= 0 (0: all processes)",
-             recipe.runtime.sync_bn_group_size)
-    _require(recipe.runtime.sync_bn or recipe.runtime.sync_bn_group_size == 0, "runtime.sync_bn_group_size",
-             "0 unless runtime.sync_bn is true", recipe.runtime.sync_bn_group_size)
-    _require(recipe.runtime.max_nonfinite_steps >= 1, "runtime.max_nonfinite_steps", ">= 1",
-             recipe.runtime.max_nonfinite_steps)
-    _require(recipe.checkpoint.every_steps >= 0, "checkpoint.every_steps", ">= 0 (0: epoch ends only)",
-             recipe.checkpoint.every_steps)
-    _require(recipe.checkpoint.keep_last >= 0, "checkpoint.keep_last", ">= 0", recipe.checkpoint.keep_last)

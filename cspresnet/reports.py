@@ -4,7 +4,6 @@ import json
 import os
 import pkgutil
 import re
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -38,8 +37,11 @@ def real_accuracy(predictions: torch.Tensor, paths: Sequence[str],
             "real_images": count}
 
 
-def timm_results_row(name: str, top1: float, top5: float, param_count: int, img_size: int, crop_pct: float,
-                     interpolation: str) -> Dict[str, object]:
+def timm_results_row(name: str, result, param_count: int, settings) -> Dict[str, object]:
+    """A row of timm's results-imagenet.csv: `result` is validate's EvalResult, `settings` its
+    data section (the evaluation transform)."""
+    top1, top5 = result.top1, result.top5
     return {"model": name, "top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
-            "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2), "img_size": img_size,
-            "crop_pct": crop_pct, "interpolation": interpolation}
+            "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2),
+            "img_size": settings.eval_img_size, "crop_pct": settings.eval_crop_pct,
+            "interpolation": settings.eval_interpolation}

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .checkpoint import STEP_FILE, CheckpointFolder, load_checkpoint
+from data.errors import RunFolderError
+
+from .checkpoint import STEP_FILE, CheckpointFolder
+from .checkpoint_schema import TrainingCheckpoint, read_training_checkpoint
 from .files import is_disk_full, overwrite_in_place, unless_disk_full, write_atomically
 
 log = logging.getLogger(__name__)
@@ -23,10 +26,6 @@ SEGMENTS_FILE = "segments.jsonl"
 # Files that hold a trained result: never started over, never overwritten by another run.
 RESULT_FILES = ("last.pt", "best.pt", "summary.csv")
 OTHER_RUN_FILES = ("recipe.yaml", SEGMENTS_FILE, STATUS_FILE)
-
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used for this run; the message says why and what to do."""
 
 
 def run_files(folder: Path) -> List[str]:
@@ -93,7 +92,7 @@ class RunFolder:
                 self.record_failure(exc)
             raise
 
-    def choose_start(self, resume: Optional[str]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    def choose_start(self, resume: Optional[str]) -> Optional[Tuple[Path, TrainingCheckpoint]]:
         """(path, state) of the checkpoint to continue from, or None to start the run; refuses
         anything that would put a new run on top of another run's files."""
         found = run_files(self.path)
@@ -108,8 +107,8 @@ class RunFolder:
             if not inside and holds_results(found):
                 raise RunFolderError(f"{self.path} holds another run ({', '.join(found)}); to continue from "
                                      f"{path}, pass --output NEW_FOLDER")
-            return path, load_checkpoint(path)
-        loaded = self.checkpoints.newest_loadable()
+            return path, read_training_checkpoint(path)
+        loaded = self.checkpoints.newest_loadable(read_training_checkpoint)
         if loaded is None and holds_results(found):
             if any(name.endswith(".pt") for name in found) or self.status().startswith("done"):
                 raise RunFolderError(f"--resume auto: none of the checkpoints in {self.path} loads, but it holds a "
@@ -124,6 +123,10 @@ class RunFolder:
             return (self.path / STATUS_FILE).read_text().strip()
         except OSError:
             return ""
+
+    def write_recipe(self, text: str) -> None:
+        """recipe.yaml: the resolved recipe the run started with (a resume never rewrites it)."""
+        unless_disk_full(lambda: (self.path / "recipe.yaml").write_text(text), "recipe.yaml")
 
     def set_status(self, text: str) -> None:
         """One line: 'running from step N', 'preempted at step N', 'done at step N' or

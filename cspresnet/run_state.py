@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from data.errors import NonFiniteLossError
 from data.unreadable import UnreadableImages
 
+from .checkpoint_schema import TrainingCheckpoint
 from .distributed import all_reduce_sum
 
 
@@ -123,31 +125,42 @@ class RunState:
         on from the images already trained, not from the count of old updates."""
         return self.epoch * steps_per_epoch + self.step_in_epoch + 1
 
-    def state_dict(self, per_rank: List[Dict]) -> Dict[str, Any]:
-        """The checkpoint's run entries; `per_rank` is every rank's rank_state_dict()."""
-        return dict({key: getattr(self, key) for key in POSITION}, per_rank=per_rank, world_size=len(per_rank))
+    def position(self) -> Dict[str, Any]:
+        """The checkpoint's entries for where the run is (TrainingCheckpoint's fields)."""
+        return {key: getattr(self, key) for key in POSITION}
 
     def rank_state_dict(self) -> Dict[str, Any]:
+        """This rank's entry of the checkpoint's per_rank list."""
         return dict(rng=capture_rng(self.totals.device), totals=self.totals.state_dict(),
                     unreadable=self.unreadable.state_dict())
 
-    def load_state_dict(self, state: Dict[str, Any], rank: int, world_size: int, seed: int) -> Optional[str]:
+    def load(self, checkpoint: TrainingCheckpoint, rank: int, world_size: int, seed: int) -> Optional[str]:
         """Back to where the checkpoint was, this rank's own part included; on another number
         of processes than saved it, the reason why the rest will not be exactly the same."""
         for key in POSITION:
-            setattr(self, key, state[key])
-        if state["world_size"] == world_size:
-            mine = state["per_rank"][rank]
+            setattr(self, key, getattr(checkpoint, key))
+        self.saved_step = checkpoint.step  # the checkpoint resumed from
+        if checkpoint.world_size == world_size:
+            mine = checkpoint.per_rank[rank]
             restore_rng(mine["rng"], self.totals.device)
             self.totals.load_state_dict(mine["totals"])
             self.unreadable.load_state_dict(mine["unreadable"])
             return None
         torch.manual_seed(seed + 1_000_003 * rank + self.step)
         if rank == 0:  # the epoch's totals so far, summed over the old ranks
-            for rank_state in state["per_rank"]:
+            for rank_state in checkpoint.per_rank:
                 self.totals.add_state(rank_state["totals"])
-        return (f"it was saved by {state['world_size']} processes, this run has {world_size}: "
+        return (f"it was saved by {checkpoint.world_size} processes, this run has {world_size}: "
                 f"new random draws for dropout and mixup")
+
+    def check_numerics(self, max_nonfinite_steps: int) -> None:
+        """Stop when any rank saw too many non-finite losses in a row (a collective)."""
+        longest = self.totals.longest_nonfinite_streak()
+        if longest >= max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was not finite for {longest} steps in a row (up to step {self.step}); those steps were "
+                f"skipped and the run stops here, leaving the last checkpoint as it was. Try a lower optim.lr; with "
+                f"runtime.amp=fp16, try bf16 or none")
 
 
 def capture_rng(device: torch.device) -> Dict[str, Any]:

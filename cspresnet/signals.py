@@ -5,7 +5,6 @@ the job, and torchrun forwards its own copy to each rank). Only a person's secon
 (a SIGINT that comes more than REPEAT_WINDOW_S after the first signal), or no exit within
 runtime.stop_timeout_s, ends the process at once without saving. Whichever way it ends,
 its loader workers end with it."""
-import multiprocessing
 import os
 import select
 import signal
@@ -23,22 +22,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A SIGINT this soon after the first stop signal is the same stop delivered twice (a
 # scheduler's copy and torchrun's), not a person pressing Ctrl-C again.
 REPEAT_WINDOW_S = 0.5
-
-
-def end_child_processes() -> None:
-    """Kill this process's multiprocessing children (the loader workers) and reap them.
-
-    Why: at exit, multiprocessing sends daemonic children SIGTERM and then joins them with
-    no time limit. Our workers outlive a first SIGTERM for a while (so that a preempted run
-    can finish its step), and a worker stuck in a system call may never leave, so without
-    this an error anywhere would hang the exit.
-    """
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
-    children = multiprocessing.active_children()
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(timeout=5)
 
 
 class StopRequest:

@@ -1,53 +1,22 @@
-"""Model weights in every form users bring: our training checkpoints (model or EMA),
-timm's .pth state dicts, .safetensors, and DDP's `module.` prefix; and a new run's
-initial weights, whose classifier gives way when the classes differ."""
+"""Model weights into the model: checked key for key against CSPResNet-50 (whatever file
+they came from: cspresnet.checkpoint_schema reads them), and a new run's initial weights,
+whose classifier gives way when the classes differ."""
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from data.config import DataConfig
+from data.errors import CheckpointError
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint_schema import Weights, read_weights
 from .model import CSPResNet50, build_model
 from .recipe import recipe_from_dict
 
 CLASSIFIER = ("head.fc.weight", "head.fc.bias")
-
-
-def extract_state_dict(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[Dict[str, torch.Tensor], str]:
-    """The model weights inside any supported checkpoint, and which ones they are.
-
-    weights: 'auto' (EMA when present, else the model), 'model' or 'ema'.
-    """
-    if weights not in ("auto", "model", "ema"):
-        raise CheckpointError(f"weights must be auto, model or ema, got {weights!r}")
-    candidates = {"model": ("model", "state_dict"), "ema": ("model_ema", "state_dict_ema")}
-    found = {kind: next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), None)
-             for kind, keys in candidates.items()}
-    if found["model"] is None and found["ema"] is None:
-        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            raise CheckpointError(
-                "not a state dict: expected tensors, or a training checkpoint with a 'model' entry; "
-                f"found keys {sorted(checkpoint)[:8]}"
-            )
-        if weights == "ema":
-            raise CheckpointError("the checkpoint is a plain state dict and holds no EMA weights")
-        found["model"] = checkpoint
-    kind = weights if weights != "auto" else ("ema" if found["ema"] is not None else "model")
-    if found[kind] is None:
-        raise CheckpointError(f"the checkpoint holds no {kind} weights (has: {[k for k, v in found.items() if v is not None]})")
-    return strip_prefix(found[kind], "module."), kind
-
-
-def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """Remove DDP's (or torch.compile's `_orig_mod.`) prefix when every key has it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
 
 
 def num_classes_of(state_dict: Dict[str, torch.Tensor]) -> int:
@@ -81,19 +50,17 @@ def load_weights_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_cspresnet(checkpoint: Dict[str, Any], weights: str = "auto") -> Tuple[CSPResNet50, str]:
-    """Our model with the checkpoint's weights (strictly), and which weights they are."""
-    state_dict, kind = extract_state_dict(checkpoint, weights)
-    model = build_model(num_classes_of(state_dict))
-    load_weights_strict(model, state_dict)  # another architecture fails here, listing the keys
-    return model, kind
+def load_cspresnet(weights: Weights) -> CSPResNet50:
+    """Our model with these weights (strictly): another architecture is refused, listing the keys."""
+    model = build_model(num_classes_of(weights.state_dict))
+    load_weights_strict(model, weights.state_dict)
+    return model
 
 
-def trained_data_config(checkpoint: Dict[str, Any]) -> DataConfig:
-    """The data settings of the recipe a checkpoint was trained with; timm's cspresnet50
+def trained_data_config(weights: Weights) -> DataConfig:
+    """The data settings of the recipe the weights were trained with; timm's cspresnet50
     defaults (256 px, crop 0.887, bilinear) for weights that carry no recipe."""
-    recipe = checkpoint.get("recipe")
-    return recipe_from_dict(recipe).data if isinstance(recipe, dict) else DataConfig()
+    return recipe_from_dict(weights.recipe).data if weights.recipe is not None else DataConfig()
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -129,8 +96,8 @@ def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> Ini
     if not actual.startswith(sha256):
         raise CheckpointError(f"recipe key 'model.initial_weights_sha256' is {sha256} but {file} has SHA-256 "
                               f"{actual}: not the file the recipe names")
-    checkpoint = load_checkpoint(file)
-    state_dict, kind = extract_state_dict(checkpoint, kind)
+    weights = read_weights(file, kind)
+    state_dict = weights.state_dict
     with torch.device("meta"):  # the shapes only, without allocating or initialising a model
         expected = CSPResNet50(num_classes=1).state_dict()
     backbone = {k: v for k, v in expected.items() if k not in CLASSIFIER}
@@ -138,8 +105,7 @@ def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> Ini
     weight = state_dict.get(CLASSIFIER[0])
     if weight is not None and (weight.ndim != 2 or weight.shape[1] != expected[CLASSIFIER[0]].shape[1]):
         check_keys(expected, state_dict)  # a classifier on other features: names it a wrong shape
-    classes = checkpoint.get("classes")
-    return InitialWeights(file, actual, kind, state_dict, list(classes) if isinstance(classes, list) else None)
+    return InitialWeights(file, actual, weights.kind, state_dict, weights.classes)
 
 
 def apply_initial_weights(initial: InitialWeights, models: Sequence[nn.Module], classes: Sequence[str]) -> str:

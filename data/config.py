@@ -1,28 +1,57 @@
-"""The data section of a recipe: where the images are and how they are read, augmented
-and batched. It lives here, with the code that reads it, so that the data layer never
-imports the training layer; cspresnet.recipe embeds it and checks its values."""
+"""The data package's sections of a recipe: where the images are and how they are read,
+augmented per image and batched (DataConfig), and what is done to a batch on the device
+(AugmentConfig). They live here, with the code that reads them, so that the data layer
+never imports the training layer; cspresnet.recipe embeds them.
+
+Each section checks its own values next to its fields, and marks on a field what the
+recipe layer must know of it: that it changes no trained number (a resume that changes it
+stays exact), or that it belongs to one choice of another key. Adding an augmentation is a
+field here, its check, and the code in data/transforms.py that does it.
+"""
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Tuple
+from typing import Any, Callable, Literal, Optional, Tuple
+
+from .errors import RecipeError
+
+KeyName = Callable[[str], str]  # a field's name -> how a message names it
 
 
-class DataConfigError(ValueError):
-    """A data setting that cannot work with this dataset or launch; the message names the key."""
+def setting(default: Any, affects_results: bool = True, only_for: Optional[str] = None) -> Any:
+    """A recipe field. affects_results=False: it changes how a run goes (where it reads, how
+    fast, when it stops or saves), never a number it trains. only_for: it applies only when
+    its section's `name` is this, and must keep its default otherwise."""
+    return dataclasses.field(default=default, metadata={"affects_results": affects_results, "only_for": only_for})
+
+
+def recipe_key(section: str) -> KeyName:
+    return lambda name: f"recipe key '{section}.{name}'" if section else f"recipe key '{name}'"
+
+
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """Refuse a value that type-checks but cannot work, naming the key and what it allows."""
+    if not ok:
+        raise RecipeError(f"{key} must be {allowed}, got {value!r}")
 
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # ImageNet root holding train/<wnid>/ and val/<wnid>/, or tar shards (docs/shards.md)
-    layout: Literal["auto", "class-folders", "shards"] = "auto"  # auto: class folders if dir/train/ exists, else shards
-    shard_index_dir: str = ""  # where the shard index is cached; "": beside the shards, ~/.cache if read-only
+    dir: str = setting("", affects_results=False)  # ImageNet root with train/<wnid>/ and val/<wnid>/, or tar shards
+    # auto: class folders if dir/train/ exists, else shards (docs/shards.md)
+    layout: Literal["auto", "class-folders", "shards"] = setting("auto", affects_results=False)
+    # where the shard index is cached; "": beside the shards, ~/.cache if read-only
+    shard_index_dir: str = setting("", affects_results=False)
     img_size: int = 256  # training crop
-    workers: int = 8  # loader processes per training process
-    # No batch from the workers for this long (a hung network mount, a stopped worker) ends
-    # the run, naming the worker and its file; minutes, since a first batch may wait on a cold cache.
-    loader_timeout_s: float = 300.0
+    workers: int = setting(8, affects_results=False)  # loader processes per training process
+    # No batch from the loader for this long (a hung network mount, a stopped worker) ends the
+    # run, naming the worker and its file; minutes, since a first batch may wait on a cold cache.
+    loader_timeout_s: float = setting(300.0, affects_results=False)
+    # Per image, in the loader:
     train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
     crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     crop_ratio: Tuple[float, float] = (0.75, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = 0.5
+    auto_augment: str = ""  # RandAugment policy, e.g. rand-m9-mstd0.5; "" = off
     train_decode: Literal["fast", "full", "gpu"] = "fast"  # fast: libjpeg-turbo + DCT scaling; gpu: nvJPEG
     eval_decode: Literal["full", "fast"] = "full"  # full: timm's evaluation, bit for bit
     eval_img_size: int = 256
@@ -32,6 +61,65 @@ class DataConfig:
     # > 0: evaluate on this fraction of each class of train/, held out from training (chosen
     # from the seed), instead of on val/; for a dataset without a val/ folder.
     holdout_fraction: float = 0.0
-    max_unreadable_batch_fraction: float = 0.5  # stop if more of one batch cannot be decoded
-    max_unreadable_fraction: float = 0.001  # stop if more of the training set cannot be decoded ...
-    min_unreadable_allowed: int = 10  # ... but always allow this many: a handful of bad files in a small set
+    # Undecodable files are skipped and counted; these decide when the run stops instead.
+    max_unreadable_batch_fraction: float = setting(0.5, affects_results=False)  # of one batch
+    max_unreadable_fraction: float = setting(0.001, affects_results=False)  # of the training set ...
+    min_unreadable_allowed: int = setting(10, affects_results=False)  # ... but always this many
+
+    def check(self, key: KeyName = recipe_key("data")) -> None:
+        """Values that type-check but cannot work, in the order of the fields."""
+        require(self.img_size >= 32, key("img_size"), ">= 32 (the network downsamples 32x)", self.img_size)
+        require(self.loader_timeout_s > 0, key("loader_timeout_s"), "> 0 (seconds without a batch that end the run)",
+                self.loader_timeout_s)
+        require(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0, key("crop_scale"),
+                "[min, max] with 0 < min <= max <= 1", list(self.crop_scale))
+        require(0.0 < self.crop_ratio[0] <= self.crop_ratio[1], key("crop_ratio"), "[min, max] with 0 < min <= max",
+                list(self.crop_ratio))
+        require(0.0 <= self.hflip <= 1.0, key("hflip"), "a probability in [0, 1]", self.hflip)
+        require(self.auto_augment == "" or self.auto_augment.startswith("rand-"), key("auto_augment"),
+                "'' (off) or a RandAugment policy like rand-m9-mstd0.5", self.auto_augment)
+        require(self.train_decode != "gpu" or not self.auto_augment, key("train_decode"),
+                "fast or full with data.auto_augment (RandAugment runs on the CPU, before any GPU decode)",
+                self.train_decode)
+        self.check_evaluation(key)
+        require(0.0 <= self.holdout_fraction < 1.0, key("holdout_fraction"), "in [0, 1) (0: evaluate on val/)",
+                self.holdout_fraction)
+        require(0.0 < self.max_unreadable_batch_fraction < 1.0, key("max_unreadable_batch_fraction"),
+                "in (0, 1): a batch must keep at least one image", self.max_unreadable_batch_fraction)
+        require(0.0 <= self.max_unreadable_fraction < 1.0, key("max_unreadable_fraction"), "in [0, 1)",
+                self.max_unreadable_fraction)
+        require(self.min_unreadable_allowed >= 0, key("min_unreadable_allowed"), ">= 0", self.min_unreadable_allowed)
+
+    def check_evaluation(self, key: KeyName = recipe_key("data")) -> None:
+        """What evaluation reads: validate.py sets these from its options, and checks them here."""
+        require(self.eval_img_size >= 32, key("eval_img_size"), ">= 32 (the network downsamples 32x)",
+                self.eval_img_size)
+        require(0.0 < self.eval_crop_pct <= 1.0, key("eval_crop_pct"), "in (0, 1]", self.eval_crop_pct)
+        require(self.eval_batch_size >= 1, key("eval_batch_size"), ">= 1", self.eval_batch_size)
+        require(self.workers >= 0, key("workers"), ">= 0", self.workers)
+
+
+@dataclass
+class AugmentConfig:
+    """What is done to a batch on the device, after the loader's per-image augmentation; all
+    off by default (timm's implementations)."""
+
+    random_erasing: float = 0.0  # probability per image, applied to the normalised batch
+    random_erasing_mode: Literal["pixel", "rand", "const"] = "pixel"
+    mixup_alpha: float = 0.0  # mixup on when > 0
+    cutmix_alpha: float = 0.0  # cutmix on when > 0
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def check(self, key: KeyName = recipe_key("augment")) -> None:
+        require(0.0 <= self.random_erasing <= 1.0, key("random_erasing"), "a probability in [0, 1]",
+                self.random_erasing)
+        require(self.mixup_alpha >= 0.0, key("mixup_alpha"), ">= 0 (0: off)", self.mixup_alpha)
+        require(self.cutmix_alpha >= 0.0, key("cutmix_alpha"), ">= 0 (0: off)", self.cutmix_alpha)
+        require(0.0 <= self.mixup_prob <= 1.0, key("mixup_prob"), "a probability in [0, 1]", self.mixup_prob)
+        require(0.0 <= self.mixup_switch_prob <= 1.0, key("mixup_switch_prob"), "a probability in [0, 1]",
+                self.mixup_switch_prob)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import DatasetLayoutError
 from .fast_decode import ImageTransform
 from .loader_faults import ReadProgress
 
@@ -22,14 +23,6 @@ EXPECTED_LAYOUT = """expected the ILSVRC2012 layout:
     DIR/train/<wnid>/*.JPEG                    classes indexed in sorted folder order
     DIR/val/<wnid>/*.JPEG                      the same class folders
 or WebDataset tar shards, DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (docs/shards.md)"""
-
-
-class DatasetLayoutError(ValueError):
-    """The folder is not in the ImageNet layout; the message shows the expected one."""
-
-
-class UnreadableDataError(RuntimeError):
-    """More images could not be decoded than the recipe allows."""
 
 
 Sample = Tuple[str, int]

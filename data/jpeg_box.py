@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import simplejpeg
 
+from .errors import FastJpegRequired
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("jpeg_box.c")
@@ -32,8 +34,6 @@ class Unavailable(RuntimeError):
     """The box decoder cannot be built, loaded or trusted here; the message says why."""
 
 
-class Required(RuntimeError):
-    """CSPRESNET_JPEG_BOX=require, and the box decoder is unavailable."""
 
 
 def libjpeg_version(compiler: str) -> str:
@@ -156,7 +156,7 @@ def box_decoder() -> Optional[BoxDecoder]:
         _why_not = (f"the box decoder is unavailable: {exc}. It needs a C compiler and libjpeg-turbo's headers "
                     f"(Debian/Ubuntu: apt install gcc libjpeg-dev)")
         if switch == "require":
-            raise Required(f"{SWITCH}=require, but {_why_not}") from None
+            raise FastJpegRequired(f"{SWITCH}=require, but {_why_not}") from None
         log.warning("decoding whole JPEGs, not only the crops: %s", _why_not)
         return None
 

@@ -24,14 +24,7 @@ from typing import Iterator, List, Sequence
 
 import torch
 
-
-class LoaderStallError(RuntimeError):
-    """The loader delivered no batch within data.loader_timeout_s; the message names the
-    workers and the files they were reading."""
-
-
-class SharedMemoryError(RuntimeError):
-    """The loader's shared memory (/dev/shm) ran out."""
+from .errors import LoaderStallError, SharedMemoryError
 
 
 SHARED_MEMORY_HINT = ("/dev/shm is too small for data.workers: lower it, or give the job more (Docker: "

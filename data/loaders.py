@@ -4,13 +4,14 @@ import ctypes
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from .batches import SharedBatchRing
-from .config import DataConfig, DataConfigError
+from .config import DataConfig
+from .errors import DataConfigError
 from .fast_decode import ImageTransform
 from .gpu_decode import gpu_decode_available, warn_fallback
 from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
@@ -29,7 +30,7 @@ class WorkerSignals:
     group, and a scheduler may signal every process of a job (SLURM does, and torchrun
     forwards its own copy to each rank's process group): a worker that died of it would
     fail the step that the training process still has to finish and save. The training
-    process kills its workers when it exits (cspresnet.signals.end_child_processes), and
+    process kills its workers when it exits (cspresnet.console.end_child_processes), and
     the kernel kills them when it dies (a parent-death signal, which also reaches a
     stopped or stuck worker), so no worker outlives its job.
     """
@@ -62,6 +63,14 @@ def tracked(dataset: ImageFolderDataset, workers: int, timeout_s: float) -> Imag
     return dataset
 
 
+class Process(Protocol):
+    """Which process of how many, on which device: cspresnet.distributed.DistContext is one."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
 @dataclass
 class TrainingData:
     train: DataLoader  # batches of (epoch, index) keys from `sampler`, one pass for the whole run
@@ -72,32 +81,28 @@ class TrainingData:
     train_decode: str  # the recipe's, or "fast" where a GPU decode is not available
 
 
-def build_training_data(config: DataConfig, batch_size: int, seed: int, auto_augment: str, rank: int,
-                        world_size: int, device: torch.device) -> TrainingData:
-    """`batch_size` and config.eval_batch_size are global, across the `world_size` processes."""
+def build_training_data(config: DataConfig, batch_size: int, seed: int, process: Process) -> TrainingData:
+    """`batch_size` and config.eval_batch_size are global, across the processes."""
     decode = config.train_decode
     if decode == "gpu":
-        available, reason = gpu_decode_available(device)
+        available, reason = gpu_decode_available(process.device)
         if not available:
             warn_fallback(reason)
             decode = "fast"
     train_set, val_set = build_splits(
         config,
         train_transform(config.img_size, config.crop_scale, config.crop_ratio, config.train_interpolation,
-                        config.hflip, auto_augment, decode),
+                        config.hflip, config.auto_augment, decode),
         eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
         seed=seed,
     )
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
                               f"(batch_size={batch_size}); lower batch_size")
-    pin_memory = device.type == "cuda"
-    sampler = TrainSampler(len(train_set), batch_size // world_size, world_size, rank, seed)
+    sampler = TrainSampler(len(train_set), batch_size // process.world_size, process.world_size, process.rank, seed)
     train = DataLoader(tracked(train_set, config.workers, config.loader_timeout_s), batch_sampler=sampler,
-                       **loader_options(config.workers, pin_memory))
-    val = eval_loader(val_set, config.eval_batch_size, rank, world_size, config.workers, pin_memory,
-                      config.loader_timeout_s)
-    return TrainingData(train, sampler, train_set, val, val_set, decode)
+                       **loader_options(config.workers, pin_memory=process.device.type == "cuda"))
+    return TrainingData(train, sampler, train_set, eval_loader(val_set, config, process), val_set, decode)
 
 
 def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
@@ -113,20 +118,19 @@ def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
     return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction)
 
 
-def eval_loader(dataset: ImageFolderDataset, batch_size: int, rank: int, world_size: int, workers: int,
-                pin_memory: bool, timeout_s: float = DataConfig.loader_timeout_s) -> DataLoader:
-    """Every image exactly once across the ranks; `batch_size` is global."""
-    sampler = EvalSampler(len(dataset), world_size, rank)
-    return DataLoader(tracked(dataset, workers, timeout_s), batch_size=-(-batch_size // world_size), sampler=sampler,
-                      **loader_options(workers, pin_memory))
+def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Process) -> DataLoader:
+    """Every image exactly once across the processes; config.eval_batch_size is global."""
+    sampler = EvalSampler(len(dataset), process.world_size, process.rank)
+    return DataLoader(tracked(dataset, config.workers, config.loader_timeout_s),
+                      batch_size=-(-config.eval_batch_size // process.world_size), sampler=sampler,
+                      **loader_options(config.workers, pin_memory=process.device.type == "cuda"))
 
 
-def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, rank: int, world_size: int,
-                    device: torch.device, shards: Optional[ShardSplit] = None) -> Tuple[ImageFolderDataset, DataLoader]:
-    """An evaluation set (validate.py, benchmarks) read with config's evaluation transform;
-    from `shards` when given (their samples are `samples`)."""
+def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, process: Process,
+                    shards: Optional[ShardSplit] = None) -> Tuple[ImageFolderDataset, DataLoader]:
+    """An evaluation set (validate.py, predict.py, benchmarks) read with config's evaluation
+    transform; from `shards` when given (their samples are `samples`)."""
     transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
                                config.eval_decode)
     dataset = ShardDataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
-    return dataset, eval_loader(dataset, config.eval_batch_size, rank, world_size, config.workers,
-                                device.type == "cuda", config.loader_timeout_s)
+    return dataset, eval_loader(dataset, config, process)

@@ -36,7 +36,8 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
-from .imagenet import DatasetLayoutError, Sample, find_classes, index_split, subfolders
+from .errors import DatasetLayoutError
+from .imagenet import Sample, find_classes, index_split, subfolders
 from .shards import INFO_NAME
 from .val_layouts import read_eval_set
 

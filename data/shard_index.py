@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .imagenet import IMAGE_EXTENSIONS, DatasetLayoutError
+from .errors import DatasetLayoutError
+from .imagenet import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

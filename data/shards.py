@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .fast_decode import ImageTransform
-from .imagenet import DatasetLayoutError, ImageFolderDataset, Sample, default_classes
+from .errors import DatasetLayoutError
+from .imagenet import ImageFolderDataset, Sample, default_classes
 from .shard_index import ShardScan, index_file, indexed_shards, member_key, shard_split, split_names
 
 log = logging.getLogger(__name__)

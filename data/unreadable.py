@@ -1,10 +1,11 @@
 """Files that cannot be decoded: one warning for training and evaluation alike, and a
 training run's budget of them."""
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence
 
 from .batches import Batch
-from .imagenet import Sample, UnreadableDataError
+from .errors import UnreadableDataError
+from .imagenet import Sample
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
-from .imagenet import DatasetLayoutError, Sample, default_classes, image_files, index_split, subfolders
+from .errors import DatasetLayoutError
+from .imagenet import Sample, default_classes, image_files, index_split, subfolders
 from .shards import ShardSplit, holds_shards, read_eval_shards
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz

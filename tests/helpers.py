@@ -190,3 +190,18 @@ def train_here(args, check=True) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n"
                              f"{result.stderr}")
     return result
+
+
+def a_training_checkpoint(num_classes=3, **changes) -> dict:
+    """The keys this project's training checkpoints have held since 2026-11-30 (format v1),
+    as c6af46c's save_run wrote them, with real weights and plain stand-ins for the rest."""
+    from cspresnet.model import CSPResNet50
+    from cspresnet.recipe import load_recipe, recipe_to_dict
+
+    state = dict(format="cspresnet-train-v1", model=CSPResNet50(num_classes=num_classes).state_dict(), optimizer={},
+                 scaler={}, model_ema=None, epoch=0, step_in_epoch=3, step=3, epoch_seconds=1.5, best_top1=float("-inf"),
+                 rows=[], per_rank=[], world_size=1, dataset="24:abc", eval_dataset="15:def", batch_size=8,
+                 classes=[f"n{i:08d}" for i in range(num_classes)],
+                 recipe=recipe_to_dict(load_recipe("demo.yaml", TINY_OVERRIDES)), metrics=None)
+    state.update(changes)
+    return {key: value for key, value in state.items() if value is not ...}

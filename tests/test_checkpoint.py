@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from cspresnet.checkpoint import CheckpointError, CheckpointFolder, load_checkpoint, save_checkpoint
-from cspresnet.weights import extract_state_dict, load_weights_strict, num_classes_of
+from cspresnet.checkpoint_schema import weights_in
+from cspresnet.weights import load_weights_strict, num_classes_of
 from cspresnet.model import CSPResNet50
 from tests.helpers import in_this_process
 
@@ -79,6 +80,11 @@ def test_corrupt_and_missing_files(tmp_path, weights):
         load_checkpoint(tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def extract_state_dict(checkpoint, which="auto"):
+    found = weights_in(checkpoint, which)
+    return found.state_dict, found.kind
 
 
 def test_every_weight_format(tmp_path, weights):

@@ -216,7 +216,7 @@ def test_transform_output_is_uint8_hwc(tiny_imagenet):
 
 
 def test_unreadable_batch_fraction():
-    from data.imagenet import UnreadableDataError
+    from data.errors import UnreadableDataError
     from data.batches import Batch
     from data.unreadable import UnreadableImages
 
@@ -238,7 +238,7 @@ def test_unreadable_batch_fraction():
 
 def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
     from data.batches import Batch
-    from data.imagenet import UnreadableDataError
+    from data.errors import UnreadableDataError
     from data.unreadable import UnreadableImages
 
     hundred = [(f"/d/{i}.JPEG", 0) for i in range(100)]
@@ -256,7 +256,7 @@ def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
 def test_the_default_budget_lets_a_handful_of_bad_files_through_a_small_set_and_keeps_imagenets():
     from data.batches import Batch
     from data.config import DataConfig
-    from data.imagenet import UnreadableDataError
+    from data.errors import UnreadableDataError
     from data.unreadable import UnreadableImages
 
     config = DataConfig()

@@ -4,12 +4,13 @@ import torch
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device():
-    from cspresnet.engine import NonFiniteLossError, TrainStep, build_grad_scaler, check_numerics
+    from cspresnet.engine import TrainStep, build_grad_scaler
     from cspresnet.model import build_model
     from cspresnet.optim import build_optimizer
     from cspresnet.recipe import load_recipe
     from cspresnet.run_state import EpochTotals, RunState
     from data.batches import Batch
+    from data.errors import NonFiniteLossError
     from data.transforms import DevicePreprocess
     from data.unreadable import UnreadableImages
 
@@ -30,7 +31,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
     batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),
                   torch.arange(4), [])
 
-    def train_step():  # as engine.train_one_epoch takes one
+    def train_step():  # as TrainingRun.train_epoch takes one
         run.step += 1
         run.totals.add(step(batch, run.step)[0], len(batch.targets))
 
@@ -43,10 +44,10 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
     train_step()  # step 2: finite, a real update
     assert not torch.equal(before["head.fc.weight"], model.state_dict()["head.fc.weight"])
     assert step.weights_are_finite()
-    check_numerics(run, max_nonfinite_steps=2)  # one in a row so far: fine
+    run.check_numerics(max_nonfinite_steps=2)  # one in a row so far: fine
     train_step()
     train_step()  # steps 3 and 4: two in a row
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
-        check_numerics(run, max_nonfinite_steps=2)
+        run.check_numerics(max_nonfinite_steps=2)
     stats = run.totals.finish_epoch(seconds=1.0)
     assert stats.nonfinite_steps == 3 and stats.images == 16 and torch.isfinite(torch.tensor(stats.loss))

@@ -147,13 +147,14 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
 
 
 def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
+    from cspresnet.distributed import DistContext
     from cspresnet.recipe import RecipeError, load_recipe
     from data.fast_decode import FastRandomResizedCrop
     from data.loaders import build_training_data
 
     recipe = load_recipe("demo.yaml", ["data.train_decode=gpu", "model.num_classes=3", "batch_size=8"],
                          data_dir=str(tiny_imagenet))
-    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, "", 0, 1, torch.device("cpu"))
+    data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, DistContext.alone(torch.device("cpu")))
     assert type(data.train_set.transform) is FastRandomResizedCrop and data.train_decode == "fast"
     assert "data.train_decode=gpu but no CUDA GPU: decoding on the CPU workers (fast) instead" in caplog.text
     with pytest.raises(RecipeError, match="data.train_decode.*RandAugment"):

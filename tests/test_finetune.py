@@ -13,12 +13,13 @@ from timm.data import ImageDataset, create_transform
 
 import train
 from cspresnet import training
-from cspresnet.checkpoint import CheckpointError, load_checkpoint
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.distributed import DistContext
 from cspresnet.model import build_model
 from cspresnet.run_state import dataset_fingerprint
 from cspresnet.weights import CLASSIFIER, apply_initial_weights, read_initial_weights
 from data.config import DataConfig
-from data.imagenet import DatasetLayoutError, hold_out, index_split
+from data.imagenet import hold_out, index_split
 from data.loaders import build_training_data
 from data.sample_data import generate
 from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins
@@ -67,22 +68,22 @@ def ten_classes(tmp_path_factory):
 
 
 class FirstEpochSpy:
-    """Wraps training.train_one_epoch: keeps the model's tensors as the first step finds
+    """Wraps TrainingRun.train_epoch: keeps the model's tensors as the first step finds
     them, and whether the backbone and the classifier were in training mode during it."""
 
     def __init__(self, monkeypatch):
         self.before, self.modes = None, None
-        real = training.train_one_epoch
+        real = training.TrainingRun.train_epoch
 
-        def spy(step, *args, **kwargs):
+        def spy(run, *args, **kwargs):
             if self.before is None:
-                self.before = {k: v.clone() for k, v in step.model.state_dict().items()}
-                model = step.model
+                self.before = {k: v.clone() for k, v in run.step.model.state_dict().items()}
+                model = run.step.model
                 model.train()
                 self.modes = dict(stages=model.stages.training, stem=model.stem.training, head=model.head.training)
-            return real(step, *args, **kwargs)
+            return real(run, *args, **kwargs)
 
-        monkeypatch.setattr(training, "train_one_epoch", spy)
+        monkeypatch.setattr(training.TrainingRun, "train_epoch", spy)
 
 
 def backbone(state):
@@ -202,7 +203,7 @@ def test_the_held_out_split_is_the_same_on_every_rank_and_a_function_of_the_seed
     config = DataConfig(dir=str(tmp_path), img_size=32, eval_img_size=32, workers=0, holdout_fraction=0.25)
 
     def splits(rank, world_size, seed=0):
-        data = build_training_data(config, 8, seed, "", rank, world_size, torch.device("cpu"))
+        data = build_training_data(config, 8, seed, DistContext(rank, world_size, 0, torch.device("cpu")))
         return data.train_set.samples, data.val_set.samples
 
     one = splits(0, 1)

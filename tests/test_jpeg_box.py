@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from data import fast_decode, jpeg_box
+from data.errors import FastJpegRequired
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_the_switch_can_require_it(fresh_build, monkeypatch):
     """On a cluster a whole-file fallback is a slower run nobody asked for: make it an error."""
     monkeypatch.setenv(jpeg_box.SWITCH, "require")
     monkeypatch.setenv("CC", "/no/such/cc")
-    with pytest.raises(jpeg_box.Required, match="CSPRESNET_JPEG_BOX=require, but the box decoder is unavailable: "
+    with pytest.raises(FastJpegRequired, match="CSPRESNET_JPEG_BOX=require, but the box decoder is unavailable: "
                                                 "could not run the C compiler"):
         jpeg_box.box_decoder()
 

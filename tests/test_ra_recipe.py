@@ -36,10 +36,10 @@ CPU = torch.device("cpu")
 
 def test_darknet_recipe_keeps_every_extra_off():
     r = load_recipe("cspresnet50.yaml")
-    assert (r.augment.auto_augment, r.augment.random_erasing, r.augment.mixup_alpha, r.augment.cutmix_alpha) == ("", 0, 0, 0)
+    assert (r.data.auto_augment, r.augment.random_erasing, r.augment.mixup_alpha, r.augment.cutmix_alpha) == ("", 0, 0, 0)
     assert not r.ema.enabled and (r.model.drop_rate, r.model.drop_path_rate) == (0, 0)
     assert build_batch_augment(r.augment, r.label_smoothing, 1000, CPU) is None
-    assert "RandAugment" not in repr(train_transform(64, auto_augment=r.augment.auto_augment))
+    assert "RandAugment" not in repr(train_transform(64, auto_augment=r.data.auto_augment))
     assert isinstance(build_criterion(r.mixing(), r.label_smoothing), torch.nn.CrossEntropyLoss)
 
 
@@ -51,7 +51,7 @@ def test_ra_recipe_values():
     assert (o.name, o.lr, o.reference_batch_size, o.eps, o.alpha, o.momentum, o.weight_decay) == \
            ("rmsproptf", 0.016, 256, 1e-3, 0.9, 0.9, 1e-5)
     assert (s.name, s.warmup_epochs, s.warmup_lr, s.decay_epochs, s.decay_rate) == ("step", 5, 1e-6, 2.4, 0.97)
-    assert (a.auto_augment, a.random_erasing, a.random_erasing_mode, a.mixup_alpha) == ("rand-m9-mstd0.5", 0.2, "pixel", 0.2)
+    assert (r.data.auto_augment, a.random_erasing, a.random_erasing_mode, a.mixup_alpha) == ("rand-m9-mstd0.5", 0.2, "pixel", 0.2)
     assert (r.model.drop_rate, r.model.drop_path_rate, r.ema.enabled, r.ema.decay) == (0.3, 0.2, True, 0.9999)
     assert (r.data.eval_img_size, r.data.eval_crop_pct) == (256, 0.887)
     assert load_recipe("cspresnet50_ra.yaml", ["batch_size=1024"]).scaled_lr() == pytest.approx(0.064)

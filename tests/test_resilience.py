@@ -198,7 +198,6 @@ def test_a_killed_rank_comes_back_under_max_restarts(tiny_imagenet, tmp_path, tw
 
 KILL_DURING_SAVE = """
 import sys, torch
-import validate as validate_script
 from cspresnet.checkpoint import CheckpointFolder
 folder = CheckpointFolder(sys.argv[1], keep_last=2)
 step = 0

@@ -2,7 +2,6 @@
 run's results, one job at a time, each segment's recipe and start step kept, a status line
 that a requeue script can act on, and bad input refused in one line before any training."""
 import json
-import os
 import shutil
 import signal
 import socket
@@ -14,10 +13,9 @@ import torch
 import yaml
 
 import train
-from cspresnet.model import CSPResNet50
 from cspresnet.run_folder import RunFolder
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import (TINY_OVERRIDES, PrivateMount, last_wins, in_this_process, read_until, run_cli, start, torchrun,
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, a_training_checkpoint, last_wins, in_this_process, read_until, run_cli, start, torchrun,
                            train_here)
 
 
@@ -153,7 +151,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_imagenet, tmp_path, case, message
     else:
         data = two_class_copy(tiny_imagenet, tmp_path / "data")
         output.mkdir()
-        torch.save({"model": CSPResNet50(num_classes=3).state_dict(), "step": 3}, output / "last.pt")
+        torch.save(a_training_checkpoint(num_classes=3), output / "last.pt")
         extra = ["model.num_classes=2", "--resume", "auto"]
     code, line = train_in_this_process(*train_args(data, output, *extra))
     assert code == 2 and line.startswith("error: ") and message in line, line

@@ -25,8 +25,8 @@ from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.reports import load_real_labels
 from data import shard_index, shards
-from data.batches import collate_batch
-from data.config import DataConfig, DataConfigError
+from data.config import DataConfig
+from data.errors import DataConfigError
 from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
 from data.loaders import build_splits
 from data.pack_shards import PLAN_NAME, PackError, pack

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tarfile
 
 import numpy as np

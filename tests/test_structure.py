@@ -1,0 +1,98 @@
+"""The house's rules that a reader relies on, checked on the code itself: small interfaces on
+the training path, error classes at the bottom, light command-line tools, and a checkpoint
+schema that keeps reading what earlier versions wrote."""
+import ast
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from cspresnet.checkpoint import save_checkpoint
+from cspresnet.checkpoint_schema import FORMAT, TrainingCheckpoint, read_training_checkpoint, read_weights
+from cspresnet.model import CSPResNet50
+from cspresnet.recipe import recipe_from_dict
+from data.errors import CheckpointError
+from tests.helpers import REPO, TINY_OVERRIDES, a_training_checkpoint, in_this_process
+
+TRAINING_PATH = sorted((REPO / "cspresnet").glob("*.py")) + [REPO / "data" / "loaders.py"]
+
+
+def required_parameters(function: ast.FunctionDef) -> int:
+    args = function.args
+    positional = args.posonlyargs + args.args
+    required = len(positional) - len(args.defaults) + sum(d is None for d in args.kw_defaults)
+    return required - (1 if positional and positional[0].arg in ("self", "cls") else 0)
+
+
+def test_no_function_on_the_training_path_takes_more_than_5_required_parameters():
+    crowded = [f"{path.relative_to(REPO)}:{node.name} ({required_parameters(node)})"
+               for path in TRAINING_PATH for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.FunctionDef) and required_parameters(node) > 5]
+    assert not crowded
+
+
+def imported_modules(path) -> set:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_console_knows_the_errors_module_and_no_module_that_raises_them():
+    ours = {name for name in imported_modules(REPO / "cspresnet" / "console.py")
+            if name.startswith((".", "cspresnet", "data"))}
+    assert ours == {"data.errors"}
+
+
+def test_validate_and_predict_load_neither_the_training_loop_nor_tensorboard():
+    probe = ("import sys, validate, predict; print(sorted(m for m in sys.modules if m in ('cspresnet.training', "
+             "'cspresnet.run_log', 'cspresnet.signals', 'cspresnet.run_folder') or m.startswith(('tensorboard', "
+             "'torch.utils.tensorboard'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_the_checkpoint_schema_reads_what_earlier_versions_wrote(tmp_path):
+    assert FORMAT == "cspresnet-train-v1"
+    save_checkpoint(a_training_checkpoint(), tmp_path / "v1.pt")
+    checkpoint = read_training_checkpoint(tmp_path / "v1.pt")
+    assert (checkpoint.step, checkpoint.batch_size, checkpoint.eval_dataset) == (3, 8, "15:def")
+    assert set(checkpoint.to_dict()) == set(a_training_checkpoint())  # and it writes the same keys
+
+    # Before 2026-11-30: no format tag, no eval_dataset, no batch_size; RandAugment under augment.
+    old_recipe = a_training_checkpoint()["recipe"]
+    old_recipe["augment"] = dict(old_recipe["augment"], auto_augment=old_recipe["data"].pop("auto_augment"))
+    save_checkpoint(a_training_checkpoint(format=..., eval_dataset=..., batch_size=..., recipe=old_recipe),
+                    tmp_path / "older.pt")
+    older = read_training_checkpoint(tmp_path / "older.pt")
+    assert (older.eval_dataset, older.batch_size) == (None, None)
+    assert recipe_from_dict(older.recipe).data.auto_augment == ""
+    assert read_weights(tmp_path / "older.pt").recipe is not None
+
+
+def test_what_is_not_a_training_checkpoint_is_named_for_what_it_is(tmp_path):
+    torch.save(CSPResNet50(num_classes=3).state_dict(), tmp_path / "timm.pth")
+    with pytest.raises(CheckpointError, match="holds model weights only.*--initial-weights .*timm.pth"):
+        read_training_checkpoint(tmp_path / "timm.pth")
+    save_checkpoint(a_training_checkpoint(format="cspresnet-train-v9"), tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="of format 'cspresnet-train-v9'; this version resumes"):
+        read_training_checkpoint(tmp_path / "future.pt")
+    save_checkpoint(a_training_checkpoint(per_rank=...), tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="damaged training checkpoint: it lacks per_rank"):
+        read_training_checkpoint(tmp_path / "damaged.pt")
+    assert isinstance(TrainingCheckpoint.from_dict(a_training_checkpoint(), tmp_path), TrainingCheckpoint)
+
+
+def test_resuming_from_timms_weights_file_is_one_line_that_names_initial_weights(tiny_imagenet, tmp_path):
+    torch.save(CSPResNet50(num_classes=3).state_dict(), tmp_path / "cspresnet50_ra-d3e8d487.pth")
+    result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
+                             tmp_path / "run", "--resume", tmp_path / "cspresnet50_ra-d3e8d487.pth", *TINY_OVERRIDES)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "holds model weights only" in lines[0] and "pass --initial-weights" in lines[0]
+    assert not (tmp_path / "run" / "status").exists()
