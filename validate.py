@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--devkit", type=Path, help="labels of a flat folder: ILSVRC2012_devkit_t12.tar.gz or meta.bin")
     labels.add_argument("--val-solution", type=Path, help="labels of a flat folder: Kaggle's LOC_val_solution.csv")
-    parser.add_argument("--shard-index-dir", default="",
+    parser.add_argument("--index-dir", "--shard-index-dir", default="",
                         help="where the index of tar shards is cached (default: beside them, or ~/.cache/cspresnet)")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights of a training checkpoint (default: EMA when present)")
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     model = load_cspresnet(weights)
     settings = eval_settings(args, weights)
     eval_set = find_eval_set(folder, args.split, args.devkit or args.val_solution, weights.classes,
-                             model.num_classes, args.shard_index_dir)
+                             model.num_classes, args.index_dir)
     check_labels(eval_set, weights.classes, model.num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)

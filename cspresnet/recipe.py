@@ -232,7 +232,7 @@ def changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
 
 # Keys that moved, old -> new: a recipe file with the old key is told the new one, and a
 # recipe stored in an older checkpoint is read with it moved.
-MOVED_KEYS = {"augment.auto_augment": "data.auto_augment"}
+MOVED_KEYS = {"augment.auto_augment": "data.auto_augment", "data.shard_index_dir": "data.index_dir"}
 
 
 def with_moved_keys(raw: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,17 +1,16 @@
 """Where a run is, and what each rank has counted: everything a checkpoint holds besides the
 weights, the optimizer and the recipe. A resumed run loads it and goes on as if it had never
 stopped, down to every rank's random generators."""
-import hashlib
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from data.errors import NonFiniteLossError
+from data.sample_index import SampleIndex
 from data.unreadable import UnreadableImages
 
 from .checkpoint_schema import TrainingCheckpoint
@@ -196,9 +195,8 @@ def seed_everything(seed: int) -> None:
 
 def dataset_fingerprint(samples: Sequence[Tuple[str, int]]) -> str:
     """Changes when any file is added, removed or relabelled: then sample indices moved.
-    Only the class folder and file name count, not where the dataset is mounted."""
-    digest = hashlib.sha1()
-    for path, target in samples:
-        path = Path(path)
-        digest.update(f"{path.parent.name}/{path.name}\t{target}\n".encode())
-    return f"{len(samples)}:{digest.hexdigest()}"
+    Only the class folder and file name count, not where the dataset is mounted. A
+    SampleIndex knows its own (kept in its cache file), computed by the same rule."""
+    if isinstance(samples, SampleIndex):
+        return samples.fingerprint()
+    return SampleIndex.from_samples(samples).fingerprint()

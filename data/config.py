@@ -39,8 +39,8 @@ class DataConfig:
     dir: str = setting("", affects_results=False)  # ImageNet root with train/<wnid>/ and val/<wnid>/, or tar shards
     # auto: class folders if dir/train/ exists, else shards (docs/shards.md)
     layout: Literal["auto", "class-folders", "shards"] = setting("auto", affects_results=False)
-    # where the shard index is cached; "": beside the shards, ~/.cache if read-only
-    shard_index_dir: str = setting("", affects_results=False)
+    # where the index of the samples is cached; "": beside the data, ~/.cache if read-only
+    index_dir: str = setting("", affects_results=False)
     img_size: int = 256  # training crop
     workers: int = setting(8, affects_results=False)  # loader processes per training process
     # No batch from the loader for this long (a hung network mount, a stopped worker) ends the

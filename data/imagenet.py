@@ -1,7 +1,9 @@
 """Index an ImageNet-layout folder and read its images as RGB."""
 import hashlib
+import logging
 import os
 import random
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -14,6 +16,9 @@ from torch.utils.data import Dataset
 from .errors import DatasetLayoutError
 from .fast_decode import ImageTransform
 from .loader_faults import ReadProgress
+from .sample_index import Sample, SampleIndex, cache_file, locked
+
+log = logging.getLogger(__name__)
 
 # Pillow opens every one of these; the comparison ignores case (ImageNet uses .JPEG).
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -25,15 +30,15 @@ EXPECTED_LAYOUT = """expected the ILSVRC2012 layout:
 or WebDataset tar shards, DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (docs/shards.md)"""
 
 
-Sample = Tuple[str, int]
+SUFFIXES = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 
 
 def image_files(folder: Path) -> List[str]:
     """The image file names in a folder, sorted. os.scandir gets file types from the
     directory listing itself: no stat per file, which matters for 1.28M files on NFS."""
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".")
-                      and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and is_file_entry(e))
+        return sorted(e.name for e in entries if e.name[0] != "." and "." in e.name
+                      and e.name.rpartition(".")[2].lower() in SUFFIXES and is_file_entry(e))
 
 
 def is_file_entry(entry: os.DirEntry) -> bool:
@@ -70,6 +75,13 @@ def find_classes(split_dir: Path) -> List[str]:
 
 def index_split(split_dir: Path, classes: Sequence[str]) -> List[Sample]:
     """Every image under split_dir/<class>/, labelled by the class's position in `classes`."""
+    folders, files = list_split(split_dir, classes)
+    return [(f"{folder}/{name}", target) for target, (folder, names) in enumerate(zip(folders, files))
+            for name in names]
+
+
+def list_split(split_dir: Path, classes: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    """Each class's folder, and its image files in order."""
     present = find_classes(split_dir)
     unknown = sorted(set(present) - set(classes))
     if unknown:
@@ -77,20 +89,89 @@ def index_split(split_dir: Path, classes: Sequence[str]) -> List[Sample]:
             f"{split_dir} has {len(unknown)} class folders that the training classes lack, "
             f"e.g. {unknown[:3]}; {EXPECTED_LAYOUT}"
         )
-    samples: List[Sample] = []
-    empty = []
-    for target, name in enumerate(classes):
-        folder = split_dir / name
-        files = image_files(folder) if folder.is_dir() else []
-        if not files:
-            empty.append(name)
-        samples.extend((str(folder / file), target) for file in files)
+    files = [image_files(split_dir / name) if (split_dir / name).is_dir() else [] for name in classes]
+    empty = [name for name, found in zip(classes, files) if not found]
     if empty:
         raise DatasetLayoutError(
             f"{split_dir}: {len(empty)} of {len(classes)} classes have no images "
             f"(missing or empty folders, e.g. {empty[:3]}); {EXPECTED_LAYOUT}"
         )
-    return samples
+    return [str(split_dir / name) for name in classes], files
+
+
+# What decides which files a listing keeps (extensions, hidden files, links): a cache made
+# under another rule is built again.
+LISTING_RULE = "1: IMAGE_EXTENSIONS, no dot-files, links that lead nowhere kept"
+RACY_NS = 2_000_000_000  # a folder changed this close to its listing may have changed unseen
+
+
+def cached_index(split_dir: Path, classes: Sequence[str], index_dir: str = "") -> SampleIndex:
+    """list_split's samples as a SampleIndex, from its cache file when the folders have not
+    changed since it was built, else built (by one process; the others wait for it) and
+    cached for every later start, rank and worker. Adding or removing a file changes its class folder's
+    modification time; adding or removing a class, the split folder's."""
+    path = cache_file(split_dir.parent, f"{split_dir.name}.idx", index_dir)
+    started = time.perf_counter()
+    index = current_index(path, split_dir, classes)
+    if index is None:
+        with locked(path):
+            index = current_index(path, split_dir, classes, quiet=True)
+            if index is None:
+                index = build_index(path, split_dir, classes)
+                log.info("indexed %s: %d images in %.2f s (cached in %s)", split_dir, len(index),
+                         time.perf_counter() - started, path)
+                return index
+    log.info("indexed %s: %d images read from %s in %.2f s", split_dir, len(index), path,
+             time.perf_counter() - started)
+    return index
+
+
+def folder_times(split_dir: Path, classes: Sequence[str]) -> List[int]:
+    """The modification times of split_dir and of each class folder (-1: missing)."""
+    def mtime(folder: Path) -> int:
+        try:
+            return os.stat(folder).st_mtime_ns
+        except OSError:
+            return -1
+
+    return [mtime(split_dir)] + [mtime(split_dir / name) for name in classes]
+
+
+def current_index(path: Path, split_dir: Path, classes: Sequence[str], quiet: bool = False) -> Optional[SampleIndex]:
+    """The cached index, if it is whole and of these folders as they are now; else None."""
+    try:
+        index, header = SampleIndex.load(path)
+        source = header["source"]
+        if (source["rule"], source["root"], source["classes"]) != (LISTING_RULE, str(split_dir), list(classes)):
+            why = "it was built for other folders or under another listing rule"
+        elif folder_times(split_dir, classes) != source["times"]:
+            why = "files or classes were added or removed since"
+        elif max(source["times"]) >= source["built_ns"] - RACY_NS:
+            why = "a folder changed while it was being indexed"
+        else:
+            return index
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = f"its cache {path} cannot be read ({exc})"
+    if not quiet:
+        log.info("indexing %s again: %s", split_dir, why)
+    return None
+
+
+def build_index(path: Path, split_dir: Path, classes: Sequence[str]) -> SampleIndex:
+    """List the folders (their times first, so that a change during the listing shows next
+    time) and cache the index; a cache that cannot be written costs the next start a listing."""
+    built_ns, times = time.time_ns(), folder_times(split_dir, classes)
+    folders, files = list_split(split_dir, classes)
+    index = SampleIndex.from_names(folders, files, range(len(classes)))
+    try:
+        index.save(path, dict(rule=LISTING_RULE, root=str(split_dir), classes=list(classes), times=times,
+                              built_ns=built_ns))
+    except OSError as exc:
+        log.warning("could not cache the index of %s in %s (%s): the next start lists it again; set "
+                    "data.index_dir to a writable folder", split_dir, path, exc.strerror or exc)
+    return index
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -145,7 +226,8 @@ class ImageFolderDataset(Dataset):
     `read` is the one thing a dataset of another storage changes (shards.ShardDataset).
     """
 
-    def __init__(self, samples: List[Sample], classes: List[str], transform: ImageTransform, seed: Optional[int] = None):
+    def __init__(self, samples: Sequence[Sample], classes: List[str], transform: ImageTransform,
+                 seed: Optional[int] = None):
         self.samples = samples
         self.classes = classes
         self.transform = transform
@@ -175,7 +257,7 @@ class ImageFolderDataset(Dataset):
 
 def build_imagenet_splits(
     root: str, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
-    holdout_fraction: float = 0.0,
+    holdout_fraction: float = 0.0, index_dir: str = "",
 ) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
     """Training and evaluation sets: train/ and val/, or (holdout_fraction > 0) train/ split in two."""
     if not root:
@@ -184,11 +266,12 @@ def build_imagenet_splits(
     if not root_dir.is_dir():
         raise DatasetLayoutError(f"dataset folder {root_dir} does not exist; {EXPECTED_LAYOUT}")
     classes = find_classes(root_dir / "train")
-    train_samples = index_split(root_dir / "train", classes)
+    train_samples = cached_index(root_dir / "train", classes, index_dir)
     if holdout_fraction > 0:
-        train_samples, val_samples = hold_out(train_samples, classes, holdout_fraction, seed)
+        train_samples, val_samples = (SampleIndex.from_samples(part)
+                                      for part in hold_out(train_samples, classes, holdout_fraction, seed))
     elif (root_dir / "val").is_dir():
-        val_samples = index_split(root_dir / "val", classes)
+        val_samples = cached_index(root_dir / "val", classes, index_dir)
     else:
         raise DatasetLayoutError(f"{root_dir / 'val'} does not exist: add it with the same class folders as train/, "
                                  f"or set data.holdout_fraction (e.g. 0.1) to evaluate on that fraction of each class "

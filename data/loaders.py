@@ -114,8 +114,8 @@ def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
         if config.holdout_fraction > 0:
             raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
                                   f"tar shards, which carry their own validation shards; set it to 0")
-        return build_shard_splits(root, train, val, seed, config.shard_index_dir)
-    return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction)
+        return build_shard_splits(root, train, val, seed, config.index_dir)
+    return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction, config.index_dir)
 
 
 def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Process) -> DataLoader:

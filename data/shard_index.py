@@ -3,14 +3,13 @@
 The index, (shard, offset, size, class, name) per sample, is built once by reading the
 tar headers and the small .cls members (no image is read or decoded), cached in a JSON
 file beside the shards (or under ~/.cache/cspresnet when that folder is read-only, or in
-data.shard_index_dir), and rebuilt for a shard whose size or modification time changed.
+data.index_dir), and rebuilt for a shard whose size or modification time changed.
 A shard's samples are its consecutive members with one key (WebDataset's rule); a sample
 without an image or a readable class is kept, with the reason, so that it is counted as
 unreadable where it would have been read. A shard cut short keeps the samples its earlier
 index saw after the cut, each with the reason, in their places: they are counted as lost,
 not silently dropped, and every other sample keeps its index.
 """
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,13 +18,13 @@ import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .errors import DatasetLayoutError
 from .imagenet import IMAGE_EXTENSIONS
+from .sample_index import locked
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ def keep_lost(scan: ShardScan, name: str, entry: Optional[Dict]) -> ShardScan:
 
 def index_file(folder: Path, index_dir: str = "") -> Path:
     """Beside the shards if that folder is writable, else in a per-user cache; `index_dir`
-    (data.shard_index_dir) decides instead when it is set."""
+    (data.index_dir) decides instead when it is set."""
     folder = folder.resolve()
     tag = f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}.json"
     if index_dir:
@@ -206,24 +205,6 @@ def index_file(folder: Path, index_dir: str = "") -> Path:
     if os.access(folder, os.W_OK) or (folder / INDEX_NAME).is_file():
         return folder / INDEX_NAME
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cspresnet" / "shard-index" / tag
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One process builds the index while the others (ranks, nodes) wait for it; where the
-    filesystem cannot lock, each builds its own (the writes are atomic either way)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path.with_name(path.name + ".lock"), "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
 
 
 def load_index(path: Path) -> Dict[str, Dict]:
@@ -248,7 +229,7 @@ def save_index(path: Path, shards: Dict[str, Dict]) -> None:
     except OSError as exc:
         partial.unlink(missing_ok=True)
         log.warning("could not save the shard index to %s (%s): it will be built again next time; set "
-                    "data.shard_index_dir to a writable folder", path, exc)
+                    "data.index_dir to a writable folder", path, exc)
 
 
 def current_entries(cached: Dict[str, Dict], paths: List[Path]) -> Tuple[Dict[str, ShardScan], List[Path]]:

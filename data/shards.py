@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import resource
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .fast_decode import ImageTransform
 from .errors import DatasetLayoutError
-from .imagenet import ImageFolderDataset, Sample, default_classes
+from .fast_decode import ImageTransform
+from .imagenet import ImageFolderDataset, default_classes
+from .sample_index import SampleIndex, locked
 from .shard_index import ShardScan, index_file, indexed_shards, member_key, shard_split, split_names
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,22 @@ class ShardSplit:
 
     paths: List[str]  # the shards
     stats: List[Tuple[int, int]]  # each shard's (size, mtime_ns) when indexed; (-1, -1): gone
-    samples: List[Sample]  # ("<shard>/<member>", class): the name warnings and reports show
-    shard: np.ndarray  # sample -> position in `paths`
-    offset: np.ndarray
-    size: np.ndarray
+    # ("<shard>/<member>", class), the name that warnings and reports show: the index's
+    # folders are the shards, and its arrays `offset` and `size` say where each image lies
+    samples: SampleIndex
     problems: Dict[int, str]  # sample -> why it cannot be read (known when indexing)
+
+    @property
+    def shard(self) -> np.ndarray:  # sample -> position in `paths`
+        return self.samples.folder_of
+
+    @property
+    def offset(self) -> np.ndarray:
+        return self.samples.arrays["offset"]
+
+    @property
+    def size(self) -> np.ndarray:
+        return self.samples.arrays["size"]
 
 
 def sort_key(name: str) -> str:
@@ -119,26 +132,33 @@ def build_split(scans: Dict[str, ShardScan], folder: Path) -> ShardSplit:
         elif known and (shard, position) in known:
             problems[index] = known[(shard, position)]
     paths = [str(folder / name) for name in names]
-    return ShardSplit(
-        paths=paths, stats=[(scans[name].size, scans[name].mtime_ns) for name in names],
-        samples=[(f"{paths[shard]}/{scans[names[shard]].names[position]}", target)
-                 for target, _, shard, position in rows],
-        shard=np.array([row[2] for row in rows], dtype=np.int32),
+    samples = SampleIndex.from_rows(
+        paths, [row[2] for row in rows], [scans[names[shard]].names[position] for _, _, shard, position in rows],
+        [row[0] for row in rows],
         offset=np.array([scans[names[row[2]]].offsets[row[3]] for row in rows], dtype=np.int64),
-        size=np.array([scans[names[row[2]]].sizes[row[3]] for row in rows], dtype=np.int64),
-        problems=problems,
-    )
+        size=np.array([scans[names[row[2]]].sizes[row[3]] for row in rows], dtype=np.int64))
+    return ShardSplit(paths, [(scans[name].size, scans[name].mtime_ns) for name in names], samples, problems)
 
 
 def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
-    """The split's shards in `folder`, indexed (from the cache where it is current)."""
+    """The split's shards in `folder`, indexed: the split as a whole from its compact cache
+    when no shard changed (no per-shard scan is read), else from the per-shard scans (from
+    their cache where a shard is unchanged), and then cached whole; one process builds it
+    while the others wait."""
     paths = find_shards(folder, split)
     if not paths:
         raise DatasetLayoutError(f"{folder} has no {split} shards; {SHARD_LAYOUT}")
-    scans = indexed_shards(paths, index_file(folder, index_dir))
-    count_lost(scans, info_lengths(folder, split))
-    shards = build_split(scans, folder)
-    if not shards.samples:
+    scan_cache = index_file(folder, index_dir)
+    cache = scan_cache.with_name(f"{scan_cache.stem}-{split}.idx")
+    started = time.perf_counter()
+    shards = cached_split(cache, split_key(folder, paths, scan_cache))
+    if shards is None:
+        with locked(cache):
+            shards = cached_split(cache, split_key(folder, paths, scan_cache)) or \
+                index_split(folder, split, paths, scan_cache, cache)
+    log.info("indexed the %s shards in %s: %d samples in %.2f s (cached in %s)", split, folder, len(shards.samples),
+             time.perf_counter() - started, cache)
+    if not len(shards.samples):
         raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; {SHARD_LAYOUT}")
     check_info(folder, split, shards)
     if shards.problems:
@@ -146,6 +166,49 @@ def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
         log.warning("%d of the %d %s samples in %s cannot be read and will be skipped and counted as unreadable, "
                     "e.g. %s: %s", len(shards.problems), len(shards.samples), split, folder,
                     shards.samples[index][0], reason)
+    return shards
+
+
+def split_key(folder: Path, paths: List[Path], scan_cache: Path) -> List:
+    """What a split's compact cache must match: each shard's name, size and time, _info.json's,
+    and the scans' cache's that it was built from."""
+    def stat(path: Path) -> List:
+        try:
+            found = path.stat()
+            return [path.name, found.st_size, found.st_mtime_ns]
+        except FileNotFoundError:
+            return [path.name, -1, -1]
+
+    return [stat(path) for path in paths] + [stat(folder / INFO_NAME), stat(scan_cache)]
+
+
+def cached_split(cache: Path, key: List) -> Optional[ShardSplit]:
+    """The split from its compact cache, if it is whole and of these shards as they are now."""
+    try:
+        samples, header = SampleIndex.load(cache)
+        if header["source"] != {"key": key}:
+            return None
+        extra = header["extra"]
+        return ShardSplit(samples.folders, [tuple(stat) for stat in extra["stats"]], samples,
+                          {int(index): reason for index, reason in extra["problems"].items()})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the shard index %s cannot be read (%s): indexing again", cache, exc)
+        return None
+
+
+def index_split(folder: Path, split: str, paths: List[Path], scan_cache: Path, cache: Path) -> ShardSplit:
+    """The split from the shards' scans, cached whole for the next start."""
+    scans = indexed_shards(paths, scan_cache)
+    count_lost(scans, info_lengths(folder, split))
+    shards = build_split(scans, folder)
+    try:
+        shards.samples.save(cache, {"key": split_key(folder, paths, scan_cache)},
+                            dict(stats=shards.stats, problems=shards.problems))
+    except OSError as exc:
+        log.warning("could not cache the %s shards' index in %s (%s): the next start reads the scans again",
+                    split, cache, exc.strerror or exc)
     return shards
 
 
@@ -319,7 +382,7 @@ class ShardDataset(ImageFolderDataset):
 
 
 def check_targets(shards: ShardSplit, classes: List[str], where: str) -> None:
-    highest = max(target for _, target in shards.samples)
+    highest = int(shards.samples.targets.max())
     if highest >= len(classes):
         raise DatasetLayoutError(f"{where} hold class index {highest}, but there are {len(classes)} classes "
                                  f"(0..{len(classes) - 1})")
@@ -330,7 +393,7 @@ def build_shard_splits(root: Path, train_transform: ImageTransform, eval_transfo
     """Training and validation sets from the shards in `root`, told apart by name."""
     train = read_split(root, "train", index_dir)
     val = read_split(root, "validation", index_dir)
-    classes = named_classes(root) or default_classes(max(target for _, target in train.samples) + 1)
+    classes = named_classes(root) or default_classes(int(train.samples.targets.max()) + 1)
     check_targets(train, classes, f"the train shards in {root}")
     check_targets(val, classes, f"the validation shards in {root}")
     return ShardDataset(train, classes, train_transform, seed=seed), ShardDataset(val, classes, eval_transform)

@@ -9,6 +9,7 @@ import pytest
 import benchmarks.amp_flips
 import benchmarks.end_to_end
 import benchmarks.handover
+import benchmarks.index
 import benchmarks.loader
 import benchmarks.model
 from benchmarks.run import render, results_path
@@ -96,6 +97,14 @@ def test_amp_flip_benchmark_compares_each_dtype_with_fp32(tiny_imagenet):
     row = lines[0]
     assert row["images"] == 6 and row["weights"] == "stand-in" and 0 <= row["top1_flips"] <= 6
     assert row["max_abs_logit_diff"] > 0  # bf16 autocast really ran: the logits moved
+
+
+def test_the_index_benchmark_reports_ours_and_the_peers_on_one_tree(tmp_path):
+    out = module_in_this_process(benchmarks.index, "--root", tmp_path, "--classes", "5", "--files", "50").stdout
+    result = last_json(out)
+    assert result["files"] == 50
+    assert all(result[key] >= 0 for key in ("build_s", "load_s", "index_mb", "imagefolder_s", "timm_s", "worker_growth_mb",
+                                             "imagefolder_worker_growth_mb", "timm_worker_growth_mb"))
 
 
 def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():

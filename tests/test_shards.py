@@ -212,7 +212,7 @@ def test_the_index_is_built_once_reused_and_rebuilt_for_a_changed_shard(packed, 
     assert scanned == [changed.name] and "re-indexing 1 shard(s) that changed" in caplog.text
     assert again.samples == first.samples
     scanned.clear()
-    elsewhere = shards.read_split(folder, "train", index_dir=str(tmp_path / "cache"))  # data.shard_index_dir
+    elsewhere = shards.read_split(folder, "train", index_dir=str(tmp_path / "cache"))  # data.index_dir
     assert len(scanned) == 3 and elsewhere.samples == first.samples and any((tmp_path / "cache").glob("*.json"))
 
 
