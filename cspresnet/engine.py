@@ -162,8 +162,8 @@ def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
     if ctx.is_distributed:
         step.ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         step.train_model = step.ddp
-    if rt.compile:
-        step.train_model = torch.compile(step.train_model)
+    if rt.compile:  # static shapes: a graph per training crop size (and none for evaluation: the plain model)
+        step.train_model = torch.compile(step.train_model, dynamic=False)
     return step
 
 

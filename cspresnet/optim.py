@@ -99,11 +99,38 @@ class StepSchedule:
         return self.base_lr * self.decay_rate ** (t // self.decay_steps)
 
 
+@dataclass(frozen=True)
+class LinearSchedule:
+    """FFCV's "cyclic" schedule (ffcv-imagenet train_imagenet.py, get_cyclic_lr): a linear
+    warmup from warmup_lr to the base rate over warmup_epochs, then a straight line down to
+    0 at the end of the run, set per update (FFCV interpolates within each epoch too). As a
+    pure function of the step, like the others; `t = step - 1` updates done before this one."""
+
+    base_lr: float
+    steps_per_epoch: int
+    warmup_epochs: float
+    warmup_lr: float
+    total: int  # updates in the run
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_epochs * self.steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        t, warmup = step - 1, self.warmup_steps
+        if t < warmup:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * t / warmup
+        return self.base_lr * max(0.0, (self.total - t) / max(self.total - warmup, 1))
+
+
 def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
     s = recipe.schedule
     if s.name == "step":
         return StepSchedule(recipe.scaled_lr(), steps_per_epoch, s.warmup_epochs, s.warmup_lr, s.decay_epochs,
                             s.decay_rate)
+    if s.name == "linear":
+        return LinearSchedule(recipe.scaled_lr(), steps_per_epoch, s.warmup_epochs, s.warmup_lr,
+                              recipe.epochs * steps_per_epoch)
     return DarknetPolySchedule(
         base_lr=recipe.scaled_lr(),
         burn_in=recipe.burn_in_steps(),

@@ -77,15 +77,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["darknet_poly", "step"] = "darknet_poly"
+    name: Literal["darknet_poly", "step", "linear"] = "darknet_poly"
     # darknet_poly: lr * (it/burn_in)^power during burn-in, then lr * (1 - it/total)^power
     # burn_in_iters is counted at reference_batch_size: scaled to keep the same number of images
     burn_in_iters: int = setting(1000, only_for="darknet_poly")
     power: float = setting(4.0, only_for="darknet_poly")
     # step (timm's StepLRScheduler, per iteration): linear warmup from warmup_lr, then
-    # lr * decay_rate^floor(epochs / decay_epochs)
-    warmup_epochs: float = setting(0.0, only_for="step")
-    warmup_lr: float = setting(1e-6, only_for="step")
+    # lr * decay_rate^floor(epochs / decay_epochs); linear (FFCV's "cyclic"): the same warmup,
+    # then down in a straight line to 0 at the run's end
+    warmup_epochs: float = setting(0.0, only_for=("step", "linear"))
+    warmup_lr: float = setting(1e-6, only_for=("step", "linear"))
     decay_epochs: float = setting(2.4, only_for="step")
     decay_rate: float = setting(0.97, only_for="step")
 
@@ -200,9 +201,10 @@ class Recipe:
 def check_variants(section: Any, prefix: str) -> None:
     """A field marked only_for another choice than the section's `name` must keep its default."""
     for each in dataclasses.fields(section):
-        only = each.metadata.get("only_for")
-        if only and only != section.name and getattr(section, each.name) != each.default:
-            raise RecipeError(f"recipe key '{prefix}.{each.name}' only applies to {prefix}.name={only}, "
+        only = each.metadata.get("only_for") or ()
+        only = (only,) if isinstance(only, str) else only
+        if only and section.name not in only and getattr(section, each.name) != each.default:
+            raise RecipeError(f"recipe key '{prefix}.{each.name}' only applies to {prefix}.name={' or '.join(only)}, "
                               f"but {prefix}.name is {section.name}")
 
 

@@ -181,8 +181,9 @@ class TrainingRun:
         stats = run.totals.finish_epoch(run.epoch_seconds)
         result = evaluate(step.model, self.data.val, classes, step.preprocess, step.amp)
         position = (run.epoch + 1) * self.steps_per_epoch  # the schedule's, see RunState.schedule_position
-        row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(position), train_loss=stats.loss,
-                   eval_loss=result.loss, top1=result.top1, top5=result.top5)
+        row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(position),
+                   train_size=self.recipe.data.train_size(run.epoch), train_loss=stats.loss, eval_loss=result.loss,
+                   top1=result.top1, top5=result.top5)
         score = result.top1
         if step.ema is not None:
             ema = evaluate(step.ema.module, self.data.val, classes, step.preprocess, step.amp)
@@ -287,6 +288,9 @@ class TrainingRun:
                  recipe.optim.lr, recipe.batch_size, recipe.optim.reference_batch_size, recipe.optim.lr_scaling, total,
                  folder.path)
         log.log(logging.WARNING if self.arrangement.short_of_micro_batch else logging.INFO, self.arrangement.describe())
+        if recipe.data.start_img_size:
+            log.info("training crops: %s; evaluation at %d px%s", crop_sizes(recipe), recipe.data.eval_img_size,
+                     "; torch.compile makes one graph per size" if recipe.runtime.compile else "")
         if self.step.schedule.warmup_steps >= total:
             log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
                         self.step.schedule.warmup_steps, total, recipe.scaled_lr())
@@ -327,6 +331,18 @@ class TrainingRun:
         if run.saved_step < 0:
             return "no checkpoint of this run was written; rerun with --resume auto (it starts again from step 0)"
         return f"the newest checkpoint is of step {run.saved_step}; continue from it with --resume auto"
+
+
+def crop_sizes(recipe: Recipe) -> str:
+    """The training crop of each stretch of epochs, counted from 1: '160 px in epochs 1-25, ...'."""
+    sizes = [recipe.data.train_size(epoch) for epoch in range(recipe.epochs)]
+    stretches, first = [], 0
+    for epoch in range(1, len(sizes) + 1):
+        if epoch == len(sizes) or sizes[epoch] != sizes[first]:
+            span = f"epoch {first + 1}" if epoch == first + 1 else f"epochs {first + 1}-{epoch}"
+            stretches.append(f"{sizes[first]} px in {span}")
+            first = epoch
+    return ", ".join(stretches)
 
 
 def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:

@@ -10,17 +10,17 @@ field here, its check, and the code in data/transforms.py that does it.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Tuple
+from typing import Any, Callable, Literal, Tuple, Union
 
 from .errors import RecipeError
 
 KeyName = Callable[[str], str]  # a field's name -> how a message names it
 
 
-def setting(default: Any, affects_results: bool = True, only_for: Optional[str] = None) -> Any:
+def setting(default: Any, affects_results: bool = True, only_for: Union[str, Tuple[str, ...], None] = None) -> Any:
     """A recipe field. affects_results=False: it changes how a run goes (where it reads, how
     fast, when it stops or saves), never a number it trains. only_for: it applies only when
-    its section's `name` is this, and must keep its default otherwise."""
+    its section's `name` is this (or one of these), and must keep its default otherwise."""
     return dataclasses.field(default=default, metadata={"affects_results": affects_results, "only_for": only_for})
 
 
@@ -41,7 +41,12 @@ class DataConfig:
     layout: Literal["auto", "class-folders", "shards"] = setting("auto", affects_results=False)
     # where the index of the samples is cached; "": beside the data, ~/.cache if read-only
     index_dir: str = setting("", affects_results=False)
-    img_size: int = 256  # training crop
+    img_size: int = 256  # training crop; with start_img_size, the size it grows to
+    # Progressive resizing (FFCV's): > 0, the training crop of epoch e (counted from 0) is this
+    # up to size_ramp_epochs[0], img_size from size_ramp_epochs[1], and in between the linear
+    # interpolation rounded to a multiple of 32. 0: img_size throughout.
+    start_img_size: int = 0
+    size_ramp_epochs: Tuple[int, int] = (0, 0)
     workers: int = setting(8, affects_results=False)  # loader processes per training process
     # No batch from the loader for this long (a hung network mount, a stopped worker) ends the
     # run, naming the worker and its file; minutes, since a first batch may wait on a cold cache.
@@ -69,6 +74,19 @@ class DataConfig:
     def check(self, key: KeyName = recipe_key("data")) -> None:
         """Values that type-check but cannot work, in the order of the fields."""
         require(self.img_size >= 32, key("img_size"), ">= 32 (the network downsamples 32x)", self.img_size)
+        if self.start_img_size:
+            for name in ("start_img_size", "img_size"):
+                require(getattr(self, name) % 32 == 0 and getattr(self, name) >= 32, key(name),
+                        "a multiple of 32 of at least 32 with data.start_img_size set (the sizes grow in steps of 32)",
+                        getattr(self, name))
+            require(self.start_img_size <= self.img_size, key("start_img_size"),
+                    f"at most data.img_size={self.img_size}, the size it grows to", self.start_img_size)
+            first, last = self.size_ramp_epochs
+            require(0 <= first <= last, key("size_ramp_epochs"), "[first, last] epochs, counted from 0, first <= last",
+                    list(self.size_ramp_epochs))
+        else:
+            require(self.size_ramp_epochs == (0, 0), key("size_ramp_epochs"),
+                    "[0, 0] without data.start_img_size", list(self.size_ramp_epochs))
         require(self.loader_timeout_s > 0, key("loader_timeout_s"), "> 0 (seconds without a batch that end the run)",
                 self.loader_timeout_s)
         require(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0, key("crop_scale"),
@@ -89,6 +107,20 @@ class DataConfig:
         require(0.0 <= self.max_unreadable_fraction < 1.0, key("max_unreadable_fraction"), "in [0, 1)",
                 self.max_unreadable_fraction)
         require(self.min_unreadable_allowed >= 0, key("min_unreadable_allowed"), ">= 0", self.min_unreadable_allowed)
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop of `epoch` (counted from 0): FFCV's get_resolution."""
+        first, last = self.size_ramp_epochs
+        if not self.start_img_size or epoch >= last:
+            return self.img_size
+        if epoch <= first:
+            return self.start_img_size
+        size = self.start_img_size + (self.img_size - self.start_img_size) * (epoch - first) / (last - first)
+        return round(size / 32) * 32  # halves to even, as numpy's round in FFCV's
+
+    def train_sizes(self) -> list:
+        """Every size train_size can give, smallest first."""
+        return list(range(self.start_img_size, self.img_size + 1, 32)) if self.start_img_size else [self.img_size]
 
     def check_evaluation(self, key: KeyName = recipe_key("data")) -> None:
         """What evaluation reads: validate.py sets these from its options, and checks them here."""

@@ -44,6 +44,11 @@ class ImageTransform:
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.finish(self.decode(data))
 
+    def at(self, epoch: int) -> "ImageTransform":
+        """The transform of a sample of `epoch`: this one, unless the crop size changes with
+        the epoch (transforms.SizeByEpoch)."""
+        return self
+
 
 _buffer = np.empty(0, dtype=np.uint8)  # reused decode target: a fresh 0.5 MB array a call costs page faults
 

@@ -247,12 +247,13 @@ class ImageFolderDataset(Dataset):
         target = self.samples[index][1]
         randomness = nullcontext() if self.seed is None else \
             seeded_randomness(sample_seed(self.seed, epoch, index), self.transform.uses_numpy_random)
+        transform = self.transform.at(epoch)
         with randomness, self.progress.reading(index) if self.progress is not None else nullcontext():
             try:
-                decoded = self.transform.decode(self.read(index))
+                decoded = transform.decode(self.read(index))
             except DECODE_ERRORS as exc:
                 return None, target, index, f"{type(exc).__name__}: {exc}"
-            return self.transform.finish(decoded), target, index, None
+            return transform.finish(decoded), target, index, None
 
 
 def build_imagenet_splits(

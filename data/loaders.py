@@ -18,7 +18,7 @@ from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
 from .samplers import EvalSampler, TrainSampler
 from .shards import ShardDataset, ShardSplit, build_shard_splits, holds_shards
 from .loader_faults import ReadProgress
-from .transforms import eval_transform, train_transform
+from .transforms import SizeByEpoch, eval_transform, train_transform
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -89,10 +89,11 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, process:
         if not available:
             warn_fallback(reason)
             decode = "fast"
+    by_size = {size: train_transform(size, config.crop_scale, config.crop_ratio, config.train_interpolation,
+                                     config.hflip, config.auto_augment, decode) for size in config.train_sizes()}
     train_set, val_set = build_splits(
         config,
-        train_transform(config.img_size, config.crop_scale, config.crop_ratio, config.train_interpolation,
-                        config.hflip, config.auto_augment, decode),
+        SizeByEpoch(by_size, config.train_size) if len(by_size) > 1 else by_size[config.img_size],
         eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
         seed=seed,
     )

@@ -10,7 +10,7 @@ Each transform decodes the file's bytes itself (see fast_decode.ImageTransform):
 the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from PIL import Image
@@ -84,6 +84,20 @@ def train_transform(
     if augment is not None:
         steps.append(augment)
     return FullDecode(transforms.Compose([*steps, pil_to_hwc_uint8]), uses_numpy_random=augment is not None)
+
+
+class SizeByEpoch(ImageTransform):
+    """The training transform of each epoch's crop size (data.start_img_size, progressive
+    resizing). The size is a function of the sample's epoch, which the sampler's keys carry,
+    so workers that run ahead into the next epoch already crop at its size, and a resumed
+    run crops as the uninterrupted one did."""
+
+    def __init__(self, by_size: Dict[int, ImageTransform], size_of_epoch: Callable[[int], int]):
+        self.by_size, self.size_of_epoch = by_size, size_of_epoch
+        self.uses_numpy_random = any(t.uses_numpy_random for t in by_size.values())
+
+    def at(self, epoch: int) -> ImageTransform:
+        return self.by_size[self.size_of_epoch(epoch)]
 
 
 def decode_path(decode: str) -> str:

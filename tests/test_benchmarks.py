@@ -12,6 +12,7 @@ import benchmarks.handover
 import benchmarks.index
 import benchmarks.loader
 import benchmarks.model
+import benchmarks.recipes
 from benchmarks.run import render, results_path
 from data.jpeg_box import box_decoder
 from tests.helpers import module_in_this_process, run_cli
@@ -105,6 +106,19 @@ def test_the_index_benchmark_reports_ours_and_the_peers_on_one_tree(tmp_path):
     assert result["files"] == 50
     assert all(result[key] >= 0 for key in ("build_s", "load_s", "index_mb", "imagefolder_s", "timm_s", "worker_growth_mb",
                                              "imagefolder_worker_growth_mb", "timm_worker_growth_mb"))
+
+
+@pytest.mark.slow
+def test_the_recipes_benchmark_runs_both_recipes_and_times_the_model_step(tiny_imagenet, tmp_path):
+    """A rehearsal: one epoch of each recipe on the tiny set, one model step at 32 px."""
+    out = module_in_this_process(benchmarks.recipes, "--data-dir", tiny_imagenet, "--out", tmp_path, "--sizes", "32",
+                                 "--steps", "1", "--batch-size", "2", "epochs=1", "batch_size=8", "data.img_size=32",
+                                 "data.eval_img_size=32", "model.num_classes=3", "data.workers=0",
+                                 "data.eval_batch_size=8").stdout
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [row.get("recipe") for row in rows[1:3]] == ["demo.yaml", "demo_fast.yaml"]
+    assert all(row["epochs"] == 1 and row["curve"][0][1] == 32 and row["wall_s"] > 0 for row in rows[1:3])
+    assert rows[3]["model_step_images_per_s"]["32"] > 0
 
 
 def test_the_gpu_summary_relates_each_end_to_end_row_to_the_model_only_rate():
