@@ -1,5 +1,6 @@
 """Shared by the benchmarks (and the tests): machine facts, the final JSON line, and a
 stand-in for trained weights."""
+import importlib.metadata
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ def machine() -> dict:
         pass
     facts = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    facts["packages"] = package_versions()
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
     if os.environ.get("BENCHMARK_COMMIT"):  # a copy whose .git is missing or stale: say which commit it was
@@ -33,6 +35,27 @@ def machine() -> dict:
     except (OSError, subprocess.CalledProcessError):
         pass
     return facts
+
+
+def package_versions() -> str:
+    """The versions that decide a figure, as installed (a lent GPU machine has its own torch)."""
+    found = []
+    for name in ("torchvision", "timm", "torchcodec", "simplejpeg"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found + ([f"CUDA {torch.version.cuda}"] if torch.version.cuda else []))
+
+
+def rehearsal_compile_backend() -> None:
+    """With CSPRESNET_BENCH_COMPILE_BACKEND=eager (the GPU sweep's CPU rehearsal),
+    torch.compile traces with dynamo as usual but runs the captured graphs as they are,
+    instead of spending minutes in inductor on a small CPU. Never set for a measurement."""
+    backend = os.environ.get("CSPRESNET_BENCH_COMPILE_BACKEND")
+    if backend:
+        real = torch.compile
+        torch.compile = lambda model, mode=None, dynamic=None: real(model, backend=backend, dynamic=dynamic)
 
 
 def print_result(result: dict) -> None:

@@ -6,19 +6,23 @@ memory format. On a GPU it also reports peak memory and achieved TFLOP/s.
     python -m benchmarks.end_to_end --data-dir DIR --pipeline ours --steps 50 batch_size=128 data.workers=16
 """
 import argparse
+import collections
 import itertools
+import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import timm
 import torch
 
-from benchmarks.common import print_result
+from benchmarks.common import print_result, rehearsal_compile_backend
 from cspresnet.distributed import DistContext
 from cspresnet.engine import autocast, build_criterion, build_train_step, configure_kernels
 from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
 from data.batches import Batch
+from data.device_feed import ahead_on_device
 from data.loaders import build_training_data
 from data.transforms import memory_format
 
@@ -54,14 +58,16 @@ def waited(batches, waits: list):
 
 
 def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sleep_step: float = 0.0,
-         pass_per_epoch: bool = False):
+         pass_per_epoch: bool = False, facts: Optional[dict] = None):
     """An endless iterator of training steps, train.py's way; yields (images, epoch) per step.
     Without the loader, the same step runs on one real batch over and over (pinned on a
     GPU, as the loader hands it over): what the step costs when data is free. With
     `sleep_step`, a sleep stands in for the step: a device of that speed that needs no CPU.
     With `pass_per_epoch`, a new pass of the loader starts each epoch, and its workers
-    start from an empty queue."""
+    start from an empty queue. `facts` gets the decode that runs (GPU decode may fall back)."""
     data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, DistContext.alone(device))
+    if facts is not None:
+        facts["train_decode"] = data.train_decode
     train_step = build_train_step(recipe, DistContext.alone(device),
                                   data.sampler.steps_per_epoch)
     step_number = itertools.count(1)
@@ -76,9 +82,23 @@ def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sle
     else:  # as train.py makes it: one pass through the epochs
         data.sampler.set_epoch(0, end_epoch=1_000_000)
         batches = ((batch, i // data.sampler.steps_per_epoch) for i, batch in enumerate(data.train))
+    if recipe.runtime.copy_stream and use_loader:  # as train.py: the copy of the next batch overlaps this step
+        batches = ahead_with_epochs(batches, device)
     for batch, epoch in waited(batches, waits):
         step(batch)
         yield len(batch.targets), epoch
+
+
+def ahead_with_epochs(batches, device: torch.device):
+    """(batch, epoch) pairs through the copy stream's look-ahead, each batch with its epoch."""
+    epochs = collections.deque()
+
+    def only_batches():
+        for batch, epoch in batches:
+            epochs.append(epoch)
+            yield batch
+
+    return ((batch, epochs.popleft()) for batch in ahead_on_device(only_batches(), device))
 
 
 def passes_per_epoch(sampler, loader):
@@ -100,7 +120,7 @@ def timms(recipe, device: torch.device, waits: list):
         num_workers=recipe.data.workers, device=device, use_prefetcher=device.type == "cuda", persistent_workers=True)
     layout = memory_format(rt.channels_last)
     model = timm.create_model("cspresnet50", num_classes=recipe.model.num_classes).to(device, memory_format=layout)
-    train_model = torch.compile(model) if rt.compile else model
+    train_model = torch.compile(model, mode=rt.compile_mode) if rt.compile else model
     optimizer = build_optimizer(model, recipe)
     criterion = build_criterion(False, recipe.label_smoothing)
     for epoch in itertools.count():
@@ -117,16 +137,18 @@ def timms(recipe, device: torch.device, waits: list):
 
 def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int = 5, overrides=(),
             recipe_name: str = "cspresnet50.yaml", use_loader: bool = True, sleep_step: float = 0.0,
-            pass_per_epoch: bool = False) -> dict:
+            pass_per_epoch: bool = False, windows: int = 1) -> dict:
+    """images/s over `windows` timed windows of `steps` steps each, after `warmup` steps: the
+    median window's rate, and each window's."""
     # One pass per step, as timm's side runs (and as the results before micro-batches were
     # measured), unless an override given here says otherwise.
     one_pass = [] if any(o.startswith("micro_batch_size=") for o in overrides) else ["micro_batch_size=0"]
     recipe = load_recipe(recipe_name, [*one_pass, *overrides], data_dir=str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() and recipe.runtime.device != "cpu" else "cpu")
     configure_kernels(recipe.runtime.deterministic)
-    waits = []
+    waits, facts = [], {"train_decode": "pillow"}
     if pipeline == "ours":
-        steps_iter = ours(recipe, device, waits, use_loader, sleep_step, pass_per_epoch)
+        steps_iter = ours(recipe, device, waits, use_loader, sleep_step, pass_per_epoch, facts)
     else:
         steps_iter = timms(recipe, device, waits)
     first_epoch = 0
@@ -136,13 +158,16 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start, images, epoch = time.perf_counter(), 0, first_epoch
-    for _ in range(steps):
-        step_images, epoch = next(steps_iter)
-        images += step_images
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    rates, seconds, images, epoch = [], 0.0, 0, first_epoch
+    for _ in range(windows):
+        start, window_images = time.perf_counter(), 0
+        for _ in range(steps):
+            step_images, epoch = next(steps_iter)
+            window_images += step_images
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(window_images / (time.perf_counter() - start))
+        seconds, images = seconds + time.perf_counter() - start, images + window_images
     if not use_loader:
         loader_passes = "none"
     elif pipeline == "timm" or pass_per_epoch:
@@ -152,14 +177,17 @@ def measure(data_dir: str, pipeline: str = "ours", steps: int = 20, warmup: int 
     result = {"pipeline": pipeline, "recipe": recipe_name, "device": device.type, "batch_size": recipe.batch_size,
               "img_size": recipe.data.img_size, "workers": recipe.data.workers, "amp": recipe.runtime.amp,
               "channels_last": recipe.runtime.channels_last, "compile": recipe.runtime.compile,
-              "deterministic": recipe.runtime.deterministic,
-              "train_decode": recipe.data.train_decode if pipeline == "ours" else "pillow",
-              "steps": steps, "images_per_s": round(images / seconds, 1),
+              "compile_mode": recipe.runtime.compile_mode, "copy_stream": recipe.runtime.copy_stream,
+              "micro_batch_size": recipe.micro_batch_size, "deterministic": recipe.runtime.deterministic,
+              "train_decode": facts["train_decode"], "steps": steps * windows,
+              "images_per_s": round(statistics.median(rates), 1),
               "loader": loader_passes,
               "sleep_step": sleep_step, "data_wait_fraction": round(sum(waits) / seconds, 3),
               # the loader refills at an epoch's start, and the GPU may wait then: a timed
               # window that crosses epoch ends measures more than the steady state
               "epoch_ends": epoch - first_epoch}
+    if windows > 1:
+        result["window_rates"] = [round(rate, 1) for rate in rates]
     if device.type == "cuda":
         achieved = images / seconds * FLOP_PER_TRAINING_IMAGE / 1e12
         peak = bf16_peak_tflops(device)
@@ -178,6 +206,7 @@ def main() -> None:
                              "timm's path always runs the darknet recipe's augmentation")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=1, help="timed windows of --steps steps; the median's rate")
     parser.add_argument("--no-loader", action="store_true",
                         help="ours: train on one real batch over and over, to time the step without the loader")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for cspresnet50.yaml, e.g. batch_size=256")
@@ -187,10 +216,12 @@ def main() -> None:
     parser.add_argument("--pass-per-epoch", action="store_true",
                         help="ours: a new loader pass each epoch (as timm's train.py makes), not one for the run")
     args = parser.parse_intermixed_args()
+    rehearsal_compile_backend()
     if (args.no_loader or args.sleep_step or args.pass_per_epoch) and args.pipeline != "ours":
         parser.error("--no-loader, --sleep-step and --pass-per-epoch apply to our pipeline, not to --pipeline timm")
     print_result(measure(args.data_dir, args.pipeline, args.steps, args.warmup, args.overrides, args.recipe,
-                         use_loader=not args.no_loader, sleep_step=args.sleep_step, pass_per_epoch=args.pass_per_epoch))
+                         use_loader=not args.no_loader, sleep_step=args.sleep_step, pass_per_epoch=args.pass_per_epoch,
+                         windows=args.windows))
 
 
 if __name__ == "__main__":

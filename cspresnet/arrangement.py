@@ -71,6 +71,11 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
         raise RecipeError(f"global batch {batch} = {counted(world_size, 'process', 'processes')} x {share} images "
                           f"in one pass: mixup and cutmix need an even number of images per pass; use a global "
                           f"batch that is a multiple of {2 * world_size}")
+    if recipe.runtime.ddp_static_graph and world_size > 1 and share // images > 1:
+        raise RecipeError(f"recipe key 'runtime.ddp_static_graph' cannot be true with gradient accumulation "
+                          f"({share // images} passes per update here): torch's DDP fails an internal assert on "
+                          f"the first update, and would stop averaging gradients after it (pytorch/pytorch#143580, "
+                          f"#187732); set micro_batch_size=0 or {share} (one pass), or ddp_static_graph=false")
     return Arrangement(batch, world_size, share // images, images, bn_group_size(recipe, world_size), micro)
 
 

@@ -24,7 +24,7 @@ from .arrangement import Arrangement, arrange
 from .distributed import DistContext, all_gather_objects, all_reduce_sum
 from .model import build_model
 from .optim import build_optimizer, build_schedule, set_lr
-from .recipe import Recipe
+from .recipe import Recipe, RuntimeConfig
 from .sync_bn import convert_to_sync_bn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -160,11 +160,41 @@ def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
         ema=ema, passes=arrangement.passes,
     )
     if ctx.is_distributed:
-        step.ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        step.ddp = DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=rt.ddp_bucket_cap_mb,
+            gradient_as_bucket_view=rt.ddp_gradient_as_bucket_view, static_graph=rt.ddp_static_graph)
         step.train_model = step.ddp
-    if rt.compile:  # static shapes: a graph per training crop size (and none for evaluation: the plain model)
-        step.train_model = torch.compile(step.train_model, dynamic=False)
+    if rt.compile:
+        step.train_model = CompiledAtOneBatch(step.train_model, arrangement.images_per_pass, rt.compile_mode)
     return step
+
+
+class CompiledAtOneBatch(nn.Module):
+    """`module` through torch.compile with static shapes, for inputs of one batch size.
+
+    Static shapes give the fastest kernels (and CUDA graphs need them), but every new input
+    shape compiles again, and with CUDA graphs records another graph. Each crop size of a
+    progressive-resizing recipe compiles once, at `batch` images; inputs of any other size (a
+    training batch short of unreadable images, an evaluation's last batch) run the plain
+    module instead of compiling again, every epoch."""
+
+    def __init__(self, module: nn.Module, batch: int, mode: str = "default"):
+        super().__init__()
+        self.plain, self.batch = module, batch
+        self.compiled = torch.compile(module, mode=mode, dynamic=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (self.compiled if len(inputs) == self.batch else self.plain)(inputs)
+
+
+def evaluated_models(step: TrainStep, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """The weights and their EMA as evaluation runs them: through torch.compile at the
+    evaluation loader's batch when runtime.compile_eval (its last, smaller batch runs plain)."""
+    ema = step.ema.module if step.ema is not None else None
+    if not rt.compile_eval:
+        return step.model, ema
+    return (CompiledAtOneBatch(step.model, batch, rt.compile_mode),
+            CompiledAtOneBatch(ema, batch, rt.compile_mode) if ema is not None else None)
 
 
 @dataclass

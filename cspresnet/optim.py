@@ -20,18 +20,24 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+SGD_KERNELS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD is fused: one kernel for all tensors, and it takes the GradScaler's inf/NaN flag
-    on the device, so a non-finite step is skipped without a host sync. timm's RMSpropTF is
-    not, so with it the GradScaler reads that flag on the host once per step."""
+    """SGD is fused by default (optim.kernel): one kernel for all tensors, and it takes the
+    GradScaler's inf/NaN flag on the device, so a non-finite step is skipped without a host
+    sync. The other kernels, and timm's RMSpropTF, make the GradScaler read that flag on the
+    host once per step."""
     o = recipe.optim
     groups = parameter_groups(model, o.weight_decay, o.decay_norm_and_bias)
     if o.name == "rmsproptf":
         return RMSpropTF(groups, lr=recipe.scaled_lr(), alpha=o.alpha, eps=o.eps, momentum=o.momentum)
-    optimizer = torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov, fused=True)
+    optimizer = torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov,
+                                **SGD_KERNELS[o.kernel])
     if o.momentum > 0:
         # Fused SGD allocates the buffers uninitialised on its first step and leaves them so
-        # if that step is skipped (torch 2.14). Zeros give the same first update (buffer = grad).
+        # if that step is skipped (torch 2.14). Zeros give the same first update (buffer = grad),
+        # with every kernel.
         for group in optimizer.param_groups:
             for param in group["params"]:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -58,6 +58,10 @@ class OptimConfig:
     lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
     momentum: float = 0.9
     nesterov: bool = setting(False, only_for="sgd")
+    # SGD's kernels: fused (one kernel for every tensor; a skipped step costs no host sync),
+    # foreach (a kernel per operation over lists of tensors) or for-loop (a kernel per tensor).
+    # timm's RMSpropTF has one implementation, a loop over the tensors.
+    kernel: Literal["fused", "foreach", "for-loop"] = setting("fused", only_for="sgd")
     eps: float = setting(1e-3, only_for="rmsproptf")
     alpha: float = setting(0.9, only_for="rmsproptf")  # decay of the squared-gradient average
     weight_decay: float = 5e-4
@@ -114,7 +118,22 @@ class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
     channels_last: bool = True
+    # torch.compile of the training forward pass, with static shapes: one graph per crop size at
+    # the arrangement's images per pass; a pass of another size (a batch short of unreadable
+    # images) runs the plain model instead of compiling again.
     compile: bool = False
+    # torch.compile's mode: reduce-overhead adds CUDA graphs; max-autotune times kernels (slow to
+    # compile, minutes); max-autotune-no-cudagraphs, both without the graphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_eval: bool = False  # evaluation through torch.compile too (mode as above), at its static batch
+    # copy each batch to the GPU on a side stream, one batch ahead, so the copy overlaps the step
+    copy_stream: bool = setting(False, affects_results=False)
+    # DistributedDataParallel's options (several processes only): the gradient buckets' size in MB,
+    # gradients kept as views into the buckets (saves a copy and memory), and static_graph (the
+    # same parameters used in every pass, which lets DDP skip its per-pass bookkeeping)
+    ddp_bucket_cap_mb: float = setting(25.0, affects_results=False)
+    ddp_gradient_as_bucket_view: bool = setting(False, affects_results=False)
+    ddp_static_graph: bool = setting(False, affects_results=False)
     deterministic: bool = False  # GPU: repeatable kernels, so a resumed run is bitwise exact there too; slower
     log_interval: int = setting(50, affects_results=False)  # steps between loss reads and stop checks (GPU syncs)
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
@@ -133,6 +152,9 @@ class RuntimeConfig:
         require(self.sync_bn or self.sync_bn_group_size == 0, key("sync_bn_group_size"),
                 "0 unless runtime.sync_bn is true", self.sync_bn_group_size)
         require(self.max_nonfinite_steps >= 1, key("max_nonfinite_steps"), ">= 1", self.max_nonfinite_steps)
+        require(self.compile or self.compile_eval or self.compile_mode == "default", key("compile_mode"),
+                "default unless runtime.compile or runtime.compile_eval is true", self.compile_mode)
+        require(self.ddp_bucket_cap_mb > 0, key("ddp_bucket_cap_mb"), "> 0 (MB)", self.ddp_bucket_cap_mb)
 
 
 @dataclass
@@ -219,14 +241,17 @@ def keys_that_change_no_result(cls: type = None, prefix: str = "") -> List[str]:
     return found
 
 
-def changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+def changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "",
+                 defaults: Optional[Dict[str, Any]] = None) -> List[str]:
     """The keys of two recipe dicts (recipe_to_dict's) that differ and can change the trained
-    weights, as 'key old -> new'; `old` may be from an older version (moved keys followed)."""
+    weights, as 'key old -> new'; `old` may be from an older version (moved keys followed, a
+    key added since then read as its default)."""
     old, unaffected, changes = with_moved_keys(old) if not prefix else old, keys_that_change_no_result(), []
+    defaults = recipe_to_dict(Recipe()) if defaults is None else defaults
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += changed_keys(a, b, f"{prefix}{key}.")
+            changes += changed_keys(a, b, f"{prefix}{key}.", defaults.get(key) or {})
         elif a != b and f"{prefix}{key}" not in unaffected:
             changes.append(f"{prefix}{key} {a!r} -> {b!r}")
     return changes

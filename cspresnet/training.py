@@ -36,6 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from data.device_feed import ahead_on_device
 from data.errors import (CheckpointError, FinalCheckpointError, LoaderStallError, NonFiniteLossError, RecipeError,
                          RunFolderError, SharedMemoryError)
 from data.loader_faults import Batches
@@ -46,8 +47,8 @@ from data.unreadable import UnreadableImages
 from .arrangement import Arrangement, arrange
 from .checkpoint_schema import TrainingCheckpoint, read_training_checkpoint
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
-from .engine import build_train_step, configure_kernels, evaluate
-from .recipe import Recipe, changed_keys, recipe_to_dict, recipe_to_yaml
+from .engine import build_train_step, configure_kernels, evaluate, evaluated_models
+from .recipe import Recipe, RuntimeConfig, changed_keys, recipe_to_dict, recipe_to_yaml
 from .run_folder import RunFolder
 from .run_log import RunLog
 from .run_state import EpochTotals, RunState, dataset_fingerprint, seed_everything
@@ -83,6 +84,7 @@ class TrainingRun:
         self.ctx, self.folder, self.arrangement = ctx, folder, arrangement
         self.steps_per_epoch = self.data.sampler.steps_per_epoch
         self.step = build_train_step(recipe, ctx, self.steps_per_epoch, arrangement)
+        self.eval_models = evaluated_models(self.step, recipe.runtime, self.data.val.batch_size)
         if initial is not None:
             models = [self.step.model] + ([self.step.ema.module] if self.step.ema is not None else [])
             log.info("%s", apply_initial_weights(initial, models, self.data.train_set.classes))
@@ -125,6 +127,8 @@ class TrainingRun:
             # batches while this one ends and is evaluated, so the GPU does not wait for them.
             self.data.sampler.set_epoch(run.epoch, run.step_in_epoch, end_epoch=self.recipe.epochs)
             batches = iter(Batches(self.data.train))
+            if self.recipe.runtime.copy_stream:
+                batches = ahead_on_device(batches, self.ctx.device)
         for _ in range(run.epoch, self.recipe.epochs):
             if not self.train_epoch(batches):
                 return False
@@ -179,14 +183,15 @@ class TrainingRun:
         run, step, classes = self.state, self.step, self.recipe.model.num_classes
         run.check_numerics(self.recipe.runtime.max_nonfinite_steps)
         stats = run.totals.finish_epoch(run.epoch_seconds)
-        result = evaluate(step.model, self.data.val, classes, step.preprocess, step.amp)
+        model, ema_model = self.eval_models
+        result = evaluate(model, self.data.val, classes, step.preprocess, step.amp)
         position = (run.epoch + 1) * self.steps_per_epoch  # the schedule's, see RunState.schedule_position
         row = dict(epoch=run.epoch + 1, step=run.step, lr=step.schedule(position),
                    train_size=self.recipe.data.train_size(run.epoch), train_loss=stats.loss, eval_loss=result.loss,
                    top1=result.top1, top5=result.top5)
         score = result.top1
         if step.ema is not None:
-            ema = evaluate(step.ema.module, self.data.val, classes, step.preprocess, step.amp)
+            ema = evaluate(ema_model, self.data.val, classes, step.preprocess, step.amp)
             row.update(ema_eval_loss=ema.loss, ema_top1=ema.top1, ema_top5=ema.top5)
             score = max(score, ema.top1)
         is_best = score > run.best_top1
@@ -291,6 +296,8 @@ class TrainingRun:
         if recipe.data.start_img_size:
             log.info("training crops: %s; evaluation at %d px%s", crop_sizes(recipe), recipe.data.eval_img_size,
                      "; torch.compile makes one graph per size" if recipe.runtime.compile else "")
+        if recipe.runtime.compile or recipe.runtime.compile_eval:
+            log.info("%s", compiled_what(recipe.runtime, self.arrangement.images_per_pass, data.val.batch_size))
         if self.step.schedule.warmup_steps >= total:
             log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
                         self.step.schedule.warmup_steps, total, recipe.scaled_lr())
@@ -343,6 +350,14 @@ def crop_sizes(recipe: Recipe) -> str:
             stretches.append(f"{sizes[first]} px in {span}")
             first = epoch
     return ", ".join(stretches)
+
+
+def compiled_what(rt: RuntimeConfig, train_batch: int, eval_batch: int) -> str:
+    """The start's line on torch.compile: what is compiled, at which static batch."""
+    parts = [f"training passes of {train_batch} images"] if rt.compile else []
+    parts += [f"evaluation batches of {eval_batch} images"] if rt.compile_eval else []
+    return (f"torch.compile (mode {rt.compile_mode}, static shapes): {' and '.join(parts)}; a batch of another "
+            f"size runs without compiling")
 
 
 def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:

@@ -1,10 +1,13 @@
-"""JPEG decoding on the GPU (nvJPEG through torchvision), for boxes with few CPU cores.
+"""JPEG decoding on the GPU (nvJPEG through TorchCodec), for boxes with few CPU cores.
 
 Loader workers only read the file, parse its header and draw the crop (the same draw as
 the CPU path); the GPU decodes the whole batch in one call, then crops, resizes and flips
 each image. Files nvJPEG does not take (PNG behind a .JPEG name, CMYK) are decoded by the
 worker on the CPU and travel as pixels. The same code runs with device=cpu, which is how
 it is tested on machines without a GPU.
+
+TorchCodec, not torchvision.io: torchvision 0.29 deprecates its image decoders in favour of
+TorchCodec's, which call the same nvJPEG batch decode on CUDA and libjpeg-turbo on the CPU.
 """
 import dataclasses
 import io
@@ -14,9 +17,13 @@ from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .fast_decode import Box, FastRandomResizedCrop, decode_region, jpeg_dimensions
+
+try:  # pinned in requirements.txt; a machine with another torch may lack a TorchCodec that loads
+    from torchcodec.decoders import decode_jpeg
+except (ImportError, OSError, RuntimeError) as exc:
+    decode_jpeg, WHY_NO_TORCHCODEC = None, f"TorchCodec cannot be imported ({exc})"
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     out = torch.empty(len(batch.images), 3, size, size, dtype=torch.uint8, device=device)
     positions = [i for i, length in enumerate(batch.lengths) if length]
     files = [file for file in batch.files.split(batch.lengths) if len(file)]
-    decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device) if files else []
+    decoded = decode_jpeg(files, mode="RGB", device=device) if files else []
     for position, chw in zip(positions, decoded):
         image = batch.images[position]
         top, left, height, width = image.box
@@ -97,14 +104,16 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
 
 def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
     """Whether nvJPEG decodes here; if not, the reason, for the fallback message."""
+    if decode_jpeg is None:
+        return False, WHY_NO_TORCHCODEC
     if device.type != "cuda":
         return False, "no CUDA GPU"
     try:
         buffer = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buffer, "JPEG")
         decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device=device)
-    except RuntimeError as exc:
-        return False, f"torchvision cannot decode JPEG on {device} ({exc})"
+    except (RuntimeError, OSError, ValueError) as exc:  # no nvJPEG, or no CUDA build of TorchCodec
+        return False, f"TorchCodec cannot decode JPEG on {device} ({exc})"
     return True, ""
 
 

@@ -153,7 +153,9 @@ def test_a_kill_between_passes_resumes_at_the_updates_start_bitwise_exact(tiny_i
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert max(step for step, _ in CheckpointFolder(output, 2).step_files()) == 4
-    resumed = train_here(train_args(tiny_imagenet, output, "--resume", "auto"))
+    # The resume turns the copy stream on: one batch ahead, it changes no number.
+    resumed = train_here(train_args(tiny_imagenet, output, "runtime.copy_stream=true", "data.workers=2", "--resume",
+                                    "auto"))
     assert "at step 4" in resumed.stdout and "inexactly" not in resumed.stdout
     ours, theirs = load_checkpoint(accumulated_run / "last.pt"), load_checkpoint(output / "last.pt")
     assert ours["step"] == theirs["step"] == 6
@@ -170,6 +172,7 @@ def torchrun_worker() -> None:
     ctx = init_distributed("cpu")
     syncbn_over_2_processes_is_batchnorm_over_both_halves(ctx)
     two_processes_of_2_passes_train_the_weights_of_one_process_of_4_passes(ctx)
+    ddp_switches_change_no_weight(ctx)
     dist.destroy_process_group()
 
 
@@ -215,6 +218,27 @@ def two_processes_of_2_passes_train_the_weights_of_one_process_of_4_passes(ctx: 
     alone(batch, 3)
     for (name, ours), theirs in zip(accumulating.model.named_parameters(), alone.model.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+
+def ddp_switches_change_no_weight(ctx: DistContext) -> None:
+    """DDP's gradient_as_bucket_view and a bucket size that cuts the gradients into many
+    buckets, with accumulation (no_sync), and static_graph with one pass per update (it
+    cannot take accumulation: arrangement.py), over two updates: bitwise the weights of DDP's
+    defaults (each bucket's all-reduce sums the same two numbers per element)."""
+    views = ["runtime.ddp_gradient_as_bucket_view=true", "runtime.ddp_bucket_cap_mb=0.05"]
+    for micro, switches in (("micro_batch_size=2", views), ("micro_batch_size=0", [*views, "runtime.ddp_static_graph=true"])):
+        weights = []
+        for overrides in ([micro], [micro, *switches]):
+            torch.manual_seed(0)
+            step = build_train_step(load_recipe("demo.yaml", [*TINY_OVERRIDES, *overrides]), ctx, steps_per_epoch=6)
+            assert step.ddp.gradient_as_bucket_view is (overrides != [micro])
+            for update in (3, 4):
+                batch = fixed_batch(8, seed=update)
+                mine = slice(ctx.rank, None, 2)
+                step(Batch(batch.images[mine], batch.targets[mine], batch.indices[mine], []), update)
+            weights.append(dict(step.model.named_parameters()))
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0]), switches
 
 
 if __name__ == "__main__":

@@ -153,3 +153,34 @@ def test_the_cpu_summary_compares_one_loader_pass_with_a_pass_per_epoch():
     assert "a stand-in device across 3 epoch ends, one loader pass / a pass per epoch: **1.04x** (waiting for " \
            "data: 0.02 of the time against 0.06)" in table
     assert "end to end / model only" not in table
+
+
+def test_the_gpu_sweep_keeps_going_past_a_row_that_fails_or_hangs_and_one_past_its_budget(tmp_path):
+    from benchmarks.gpu_sweep import Sweep
+    sweep = Sweep(budget_s=60, row_timeout_s=2, env=None)
+    failed = sweep.run("g", "fails", ["json.tool", str(tmp_path / "missing.json")])
+    hung = sweep.run("g", "hangs", ["http.server", "0", "--bind", "127.0.0.1"])
+    assert failed.result["error"].startswith("exit code 2: ") and "missing.json" in failed.result["error"]
+    assert hung.result["error"] == "stopped after 2 s (its time limit)"
+    sweep.deadline -= 60
+    assert sweep.run("g", "late", ["json.tool"]).result == {"error": "not run: the sweep's budget of 60 s was spent"}
+
+
+@pytest.mark.slow
+def test_the_gpu_sweep_rehearses_every_lever_on_the_cpu(tmp_path):
+    """The prepared GPU command, at a tiny size: each row's command runs and gives its figure
+    (compiled rows through dynamo, without inductor), and the results file relates them."""
+    import benchmarks.gpu_sweep
+    out = tmp_path / "sweep.md"
+    benchmarks.gpu_sweep.main(["--rehearse", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                               "--workers", "0"])
+    table = out.read_text()
+    assert "- commit: " in table and "- packages: torchvision " in table and "--rehearse" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| row ")]
+    assert len(rows) == 11 and not any("exit code" in row or "stopped after" in row for row in rows), rows
+    assert all(row.split(" | ")[1] for row in rows), rows  # a figure in every row
+    gpu_decode = next(row for row in rows if "GPU decode" in row)
+    assert "GPU decode unavailable here: ran fast" in gpu_decode  # on a CPU it falls back, and says so
+    assert "- the darknet recipe as it ships (4 x 2) / 1 x 4, end to end: **" in table
+    assert "    python -m benchmarks.gpu_sweep model --batch 4 --img-size 32 --amp none --compile-mode " \
+           "reduce-overhead" in table

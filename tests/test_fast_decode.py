@@ -112,7 +112,7 @@ def test_fast_eval_crop_matches_the_exact_one_closely(tiny_imagenet):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)"))])
 def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
-    """The GPU decode path (with device=cpu its code runs through torchvision's CPU decoder):
+    """The GPU decode path (with device=cpu its code runs through TorchCodec's CPU decoder):
     same crops and flips as the fast CPU path, nearly the same pixels; PNG and CMYK files
     travel decoded."""
     from data.batches import collate_batch
