@@ -37,8 +37,13 @@ def image_files(folder: Path) -> List[str]:
     """The image file names in a folder, sorted. os.scandir gets file types from the
     directory listing itself: no stat per file, which matters for 1.28M files on NFS."""
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.name[0] != "." and "." in e.name
-                      and e.name.rpartition(".")[2].lower() in SUFFIXES and is_file_entry(e))
+        return sorted(e.name for e in entries if is_image_name(e.name) and is_file_entry(e))
+
+
+def is_image_name(name: str) -> bool:
+    """The rule that picks a folder's images, for archives' members too: an image extension,
+    no dot-file."""
+    return name[:1] != "." and "." in name and name.rpartition(".")[2].lower() in SUFFIXES
 
 
 def is_file_entry(entry: os.DirEntry) -> bool:
