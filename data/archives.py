@@ -160,7 +160,8 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> ShardSplit:
     unlabelled = sorted(set(images) - set(labels.wnids))
     if unlabelled:
         raise DatasetLayoutError(f"{source.name} labels {len(labels.wnids):,} images but {path.name} holds "
-                                 f"{len(images):,}, {len(unlabelled):,} of them without a label (e.g. {unlabelled[0]}): "
+                                 f"{len(images):,}, {len(unlabelled):,} of them without a label "
+                                 f"(e.g. {unlabelled[0]}): "
                                  f"its ground truth is of other images or cut short; use the devkit of this archive")
     missing = sorted(set(labels.wnids) - set(images))
     if missing:

@@ -49,7 +49,8 @@ def member_row(fd: int, info: zipfile.ZipInfo, target: int, name: str) -> Row:
     header = os.pread(fd, LOCAL_HEADER.size, info.header_offset)
     fields = LOCAL_HEADER.unpack(header) if len(header) == LOCAL_HEADER.size else (0,) * 11
     start = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
-    problem = "" if fields[0] == LOCAL_SIGNATURE else f"no local header at byte {info.header_offset}: the zip is damaged"
+    problem = "" if fields[0] == LOCAL_SIGNATURE else \
+        f"no local header at byte {info.header_offset}: the zip is damaged"
     if info.compress_type not in READABLE:
         problem = problem or f"zip method {info.compress_type}: only stored and deflated members are read"
     elif info.flag_bits & 0x1:

@@ -40,7 +40,8 @@ def detect_layout(root: Path, layout: str = "auto") -> str:
     return "shards" if holds_shards(root) else "class-folders"
 
 
-def source_eval_set(layout: str, root: Path, index_dir: str = "") -> Tuple[List[Sample], List[str], Optional[ShardSplit]]:
+def source_eval_set(layout: str, root: Path,
+                    index_dir: str = "") -> Tuple[List[Sample], List[str], Optional[ShardSplit]]:
     """validate.py's samples, classes and (for an archive) where each sample lies."""
     if layout == "archives":
         split, classes = read_val(root, index_dir)

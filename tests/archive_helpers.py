@@ -1,28 +1,16 @@
 """ImageNet's downloads written from a set in class folders, for the tests: the official
 ILSVRC2012 archives (a tar of per-class tars, a flat val tar, a devkit made with
 scipy.io.savemat) and Kaggle's download, unzipped and as a zip."""
-import io
 import random
 import shutil
-import tarfile
-import zipfile
 from pathlib import Path
 from typing import List, Tuple
 
+from benchmarks.archives import tar_bytes, write_train_archive, write_zip
 from data.imagenet import find_classes, image_files
 from tests.test_validate import fake_devkit
 
 KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")
-
-
-def tar_bytes(members: List[Tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def val_names(source: Path) -> List[Tuple[Path, str, str]]:
@@ -50,19 +38,14 @@ def official_archives(source: Path, out: Path, labels: str = "devkit", seed: int
     devkit (labels="devkit"; its md5 is not torchvision's: register it) or Kaggle's CSV."""
     rng = random.Random(seed)
     out.mkdir(parents=True)
-    classes = find_classes(source / "train")
-    inner = []
-    for wnid in rng.sample(classes, len(classes)):
-        names = image_files(source / "train" / wnid)
-        inner.append((f"{wnid}.tar", tar_bytes([(name, (source / "train" / wnid / name).read_bytes())
-                                                for name in rng.sample(names, len(names))])))
-    (out / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(inner))
+    write_train_archive(source / "train", out / "ILSVRC2012_img_train.tar", seed)
     val = val_names(source)
     (out / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes([(name, path.read_bytes())
                                                             for path, _, name in rng.sample(val, len(val))]))
     if labels == "devkit":
         ordered = sorted(val, key=lambda row: row[2])
-        made = fake_devkit(out.parent / f"{out.name}-devkit", classes, [wnid for _, wnid, _ in ordered])
+        made = fake_devkit(out.parent / f"{out.name}-devkit", find_classes(source / "train"),
+                           [wnid for _, wnid, _ in ordered])
         shutil.move(made, out / made.name)
     else:
         write_solution(out / "LOC_val_solution.csv", source)
@@ -82,14 +65,6 @@ def kaggle_tree(source: Path, top: Path) -> Path:
 
 
 def kaggle_zip(top: Path, path: Path) -> Path:
-    """The unzipped tree zipped as Kaggle serves it: deflated members, every fifth stored,
-    every third with ZIP64 fields in its local header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The unzipped tree zipped as Kaggle serves it."""
     files = sorted(p for p in top.rglob("*") if p.is_file() and ".cspresnet_index" not in p.parts)
-    with zipfile.ZipFile(path, "w") as archive:
-        for number, file in enumerate(files):
-            info = zipfile.ZipInfo(file.relative_to(top).as_posix(), date_time=(2017, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED if number % 5 == 0 else zipfile.ZIP_DEFLATED
-            with archive.open(info, "w", force_zip64=number % 3 == 0) as member:
-                member.write(file.read_bytes())
-    return path
+    return write_zip([(file.relative_to(top).as_posix(), file) for file in files], path)

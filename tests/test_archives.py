@@ -2,7 +2,7 @@
 not, read as they are; the same samples, bytes, weights and validation as class folders,
 the cached index, and a message for each kind of bad archive."""
 import hashlib
-import logging
+import json
 import os
 import re
 import shutil
@@ -22,8 +22,10 @@ from data.config import DataConfig
 from data.errors import DatasetLayoutError
 from data.loaders import build_splits
 from data.transforms import eval_transform
-from tests.archive_helpers import kaggle_tree, kaggle_zip, official_archives, tar_bytes, val_names
-from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins, read_until, start, train_here
+from benchmarks.archives import tar_bytes
+from tests.archive_helpers import kaggle_tree, kaggle_zip, official_archives, val_names
+from tests.helpers import (TINY_OVERRIDES, in_this_process, last_wins, module_in_this_process, read_until, start,
+                           train_here)
 from tests.test_validate import assert_one_error_line, fake_devkit
 
 TRAIN, VAL, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -200,8 +202,8 @@ def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(down
     top = fresh_copy(downloads["kaggle"], tmp_path / "kaggle")
     (top / "LOC_val_solution.csv").unlink()
     with pytest.raises(DatasetLayoutError, match=r"val is a flat folder of images without labels: put Kaggle's "
-                                                 r"LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz beside it, "
-                                                 r"or arrange it into class folders: python -m data.val_layouts arrange"):
+                                                 r"LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz beside it, or "
+                                                 r"arrange it into class folders: python -m data.val_layouts arrange"):
         splits(top)
 
 
@@ -265,3 +267,15 @@ def test_a_run_from_the_archives_killed_mid_epoch_resumes_bitwise(downloads, fol
     assert at_step and int(at_step.group(1)) in (1, 2), resumed.stdout
     assert "inexactly" not in resumed.stdout + resumed.stderr
     assert_same_weights(folder_run, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_benchmark_reads_every_source_and_times_the_indexes(tiny_imagenet, tmp_path):
+    import benchmarks.archives
+
+    result = module_in_this_process(benchmarks.archives, "--data-dir", tiny_imagenet, "--work-dir", tmp_path,
+                                    "--rounds", "1", "--img-size", "32", "--batch-size", "4")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 24 and set(summary["index_seconds_per_1000_images"]) == {"archives", "kaggle-zip"}
+    assert all(rate > 0 for workers in summary["images_per_s"].values() for rate in workers.values())
+    assert set(summary["images_per_s"]["workers_2"]) == {"folders", "shards", "archives", "kaggle-zip"}
