@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision.datasets.imagenet as tv_imagenet
 
+import data.downloads
 import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
@@ -205,6 +206,35 @@ def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(down
                                                  r"LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz beside it, or "
                                                  r"arrange it into class folders: python -m data.val_layouts arrange"):
         splits(top)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_verify_names_each_archive_whose_md5_is_not_the_published_one(downloads):
+    result = in_this_process(data.downloads.main, "verify", downloads["archives"])
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert result.returncode == 2 and set(lines) == {TRAIN, VAL, DEVKIT}
+    assert lines[DEVKIT].endswith(" OK")  # the test's devkit is registered as the published one
+    assert lines[TRAIN].endswith("DIFFERS from the published MD5: download it again")
+
+
+def test_arrange_writes_the_class_folders_resumes_and_refuses_to_overwrite_another_result(tiny_imagenet, downloads,
+                                                                                          tmp_path):
+    out = tmp_path / "out"
+    for kind in ("archives", "zip"):
+        result = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads[kind], "--out", out)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["train: 0 images written, 24 already there, 0 unreadable skipped",
+                                          "val: 0 images written, 15 already there, 0 unreadable skipped"]
+    train = sorted(p.relative_to(tiny_imagenet / "train") for p in (tiny_imagenet / "train").rglob("*.JPEG"))
+    assert sorted(p.relative_to(out / "train") for p in (out / "train").rglob("*.JPEG")) == train
+    assert all((out / "train" / p).read_bytes() == (tiny_imagenet / "train" / p).read_bytes() for p in train)
+    assert {(wnid, path.read_bytes()) for path, wnid, _ in val_names(tiny_imagenet)} == \
+           {(p.parent.name, p.read_bytes()) for p in (out / "val").rglob("*.JPEG")}
+    (out / "train" / train[0]).write_bytes(b"another image")
+    refused = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads["archives"], "--out", out)
+    assert refused.returncode == 2 and f"{out / 'train' / train[0]} exists and differs" in refused.stderr
 
 
 # ----------------------------------------------------------------------------- validation and training
