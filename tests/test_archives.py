@@ -22,6 +22,7 @@ from data import archives
 from data.config import DataConfig
 from data.errors import DatasetLayoutError
 from data.loaders import build_splits
+from data.pack_shards import pack
 from data.transforms import eval_transform
 from benchmarks.archives import tar_bytes
 from tests.archive_helpers import kaggle_tree, kaggle_zip, official_archives, val_names
@@ -235,6 +236,20 @@ def test_arrange_writes_the_class_folders_resumes_and_refuses_to_overwrite_anoth
     (out / "train" / train[0]).write_bytes(b"another image")
     refused = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads["archives"], "--out", out)
     assert refused.returncode == 2 and f"{out / 'train' / train[0]} exists and differs" in refused.stderr
+
+
+def test_the_packer_reads_the_archives_and_the_zip_into_the_folders_train_shards_byte_for_byte(tiny_imagenet,
+                                                                                               downloads, tmp_path):
+    packs = {kind: pack(folder, tmp_path / kind, seed=2, train_shards=2, val_shards=1)
+             for kind, folder in (("folders", tiny_imagenet), ("archives", downloads["archives"]),
+                                  ("zip", downloads["zip"]))}
+    shards = packs["folders"]["splits"]["train"]["filenames"]
+    for kind in ("archives", "zip"):
+        assert packs[kind]["classes"] == packs["folders"]["classes"]
+        assert all((tmp_path / kind / name).read_bytes() == (tmp_path / "folders" / name).read_bytes()
+                   for name in shards), kind
+    names = tarfile.open(tmp_path / "archives" / packs["archives"]["splits"]["validation"]["filenames"][0]).getnames()
+    assert len(names) == 30 and all(name.startswith("ILSVRC2012_val_") for name in names)
 
 
 # ----------------------------------------------------------------------------- validation and training
