@@ -57,7 +57,8 @@ def write_train_archive(train_dir: Path, path: Path, seed: int = 0) -> Path:
     with tarfile.open(path, "w") as outer:
         for wnid in rng.sample(classes, len(classes)):
             names = image_files(train_dir / wnid)
-            inner = tar_bytes([(name, (train_dir / wnid / name).read_bytes()) for name in rng.sample(names, len(names))])
+            inner = tar_bytes([(name, (train_dir / wnid / name).read_bytes())
+                               for name in rng.sample(names, len(names))])
             info = tarfile.TarInfo(f"{wnid}.tar")
             info.size = len(inner)
             outer.addfile(info, io.BytesIO(inner))

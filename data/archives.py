@@ -24,7 +24,7 @@ from .archive_index import Row, read_cached, split_from_rows, warn_problems
 from .errors import DatasetLayoutError
 from .fast_decode import ImageTransform
 from .imagenet import is_image_name
-from .shard_index import tar_members
+from .shard_index import Member, tar_members
 from .shards import ShardDataset, ShardSplit
 from .val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, ValLabels, labels_from
 
@@ -92,17 +92,24 @@ def check_counts(folder: Path, found: Dict[str, int]) -> None:
                  ", ".join(f"{count:,} {what}" for what, count in found.items()))
 
 
+def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, List[Member], str]:
+    """The archive's stat (taken first: a change while it is read shows next time), its
+    members and what is wrong with its end; exit 2 if it holds nothing at all."""
+    stat = os.fstat(handle.fileno())
+    members, damage = tar_members(handle, stat.st_size)
+    if not members:
+        raise DatasetLayoutError(f"{path} holds no {what} ({damage or 'an empty tar'}): not ImageNet's archive; "
+                                 f"download it again")
+    return stat, members, damage
+
+
 # ----------------------------------------------------------------------------- the train archive
 
 
 def scan_train(path: Path, classes: List[str]) -> ShardSplit:
     """Every image of every inner tar, in the class folders' order."""
-    stat = path.stat()
     with open(path, "rb") as handle:
-        outer, damage = tar_members(handle, stat.st_size)
-        if not outer:
-            raise DatasetLayoutError(f"{path} holds no class tars ({damage or 'an empty tar'}): not ImageNet's "
-                                     f"training archive; download it again")
+        stat, outer, damage = headers(handle, path, "class tars")
         rows: List[Row] = []
         for name, offset, length, _ in outer:
             if name.endswith(".tar"):
@@ -150,12 +157,8 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> ShardSplit:
     """The validation images with their labels, in the class folders' order. An image
     without a label stops (the labels are not these images'); a labelled image the archive
     lacks is counted as unreadable."""
-    stat = path.stat()
     with open(path, "rb") as handle:
-        members, damage = tar_members(handle, stat.st_size)
-    if not members:
-        raise DatasetLayoutError(f"{path} holds no images ({damage or 'an empty tar'}): not ImageNet's validation "
-                                 f"archive; download it again")
+        stat, members, _ = headers(handle, path, "images")
     images = {m[0].rpartition("/")[2]: m for m in members if is_image_name(m[0].rpartition("/")[2])}
     unlabelled = sorted(set(images) - set(labels.wnids))
     if unlabelled:

@@ -237,7 +237,8 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, type=Path, help="ImageNet root with train/ and val/, or as downloaded")
+    parser.add_argument("--data-dir", required=True, type=Path,
+                        help="ImageNet root with train/ and val/, or as downloaded (docs/archives.md)")
     parser.add_argument("--out", required=True, type=Path, help="the folder for the shards (empty, or this pack's)")
     parser.add_argument("--name", default="imagenet1k", help="the shards' name prefix (default: imagenet1k, as timm's)")
     parser.add_argument("--seed", type=int, default=0, help="the shuffle across shards (default 0)")
