@@ -34,9 +34,10 @@ ZIP_LAYOUT = (f"expected Kaggle's ImageNet zip: {PREFIX}train/<wnid>/*.JPEG, {PR
 
 
 def find_zip(root: Path) -> Optional[Path]:
-    """The zip that `root` names, or the one zip a folder holds with nothing else; else None."""
+    """The zip that `root` names (a damaged one too, to be named as such), or the one zip a
+    folder holds with nothing else; else None."""
     if root.is_file():
-        return root if zipfile.is_zipfile(root) else None
+        return root if root.suffix.lower() == ".zip" or zipfile.is_zipfile(root) else None
     if not root.is_dir():
         return None
     entries = [path for path in root.iterdir() if not path.name.startswith(".")]

@@ -200,6 +200,21 @@ def test_a_validation_archive_missing_an_image_counts_it_as_unreadable(downloads
     assert path.endswith(gone) and reason == f"BadShardSample: missing: {VAL} holds no {gone}"
 
 
+def test_a_damaged_zip_member_is_named_and_counted_and_a_cut_zip_stops_in_one_line(downloads, tmp_path):
+    zipped = tmp_path / downloads["zip"].name
+    shutil.copy(downloads["zip"], zipped)
+    train = splits(zipped)[0]
+    deflated = next(i for i in range(len(train)) if train.samples.arrays["method"][i] == 8)
+    whole = zipped.read_bytes()
+    start = int(train.samples.arrays["offset"][deflated])
+    zipped.write_bytes(whole[:start] + bytes(64) + whole[start + 64:])  # same size and time: the index stays
+    os.utime(zipped, ns=(train.shards.stats[0][1], train.shards.stats[0][1]))
+    assert "do not inflate" in splits(zipped)[0][deflated][3]
+    zipped.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DatasetLayoutError, match="cannot be read as a zip .*: download it again"):
+        splits(zipped)
+
+
 def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(downloads, tmp_path):
     top = fresh_copy(downloads["kaggle"], tmp_path / "kaggle")
     (top / "LOC_val_solution.csv").unlink()
