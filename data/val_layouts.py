@@ -7,6 +7,8 @@
                                       LOC_val_solution.csv
     DIR/<name>-validation-NN.tar      WebDataset tar shards (data/shards.py); classes as
                                       _info.json names them, else the model's
+    DIR/ILSVRC2012_img_val.tar        ImageNet's official archives, and Kaggle's download
+    Kaggle's zip or tree              zipped or not (data/sources.py, docs/archives.md)
 
 The devkit's ground truth holds ILSVRC2012 IDs, numbered in meta.mat's order, not in
 sorted wnid order; torchvision's parser turns them into wnids, then wnids into labels.
