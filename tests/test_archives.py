@@ -82,10 +82,13 @@ def test_every_download_gives_the_class_folders_samples_in_their_order_with_the_
         assert got_train.samples.fingerprint() == train.samples.fingerprint(), kind  # a resume across them is exact
         assert all(got_train.read(i) == train.read(i) for i in range(len(train))), kind
         assert all(got_val.read(i) == val.read(i) for i in range(len(val))), kind
-        assert all(got_val[i][3] is None for i in range(len(val))), kind  # every image decodes
+        assert all(got[i][3] is None for got in (got_train, got_val) for i in range(len(got))), kind  # all decode
     assert open(tiny_imagenet / "train" / train.samples[0][0].split("/train/")[1], "rb").read(4) == b"\x89PNG"
     assert [layout(folder) for folder in downloads.values()] == \
            ["archives", "archives", "kaggle", "kaggle", "kaggle-zip", "kaggle-zip"]
+    named = {kind: type(splits(downloads[kind], layout=name)[0]).__name__
+             for kind, name in (("archives", "archives"), ("zip", "kaggle"), ("kaggle", "kaggle"))}
+    assert named == {"archives": "ShardDataset", "zip": "ZipDataset", "kaggle": "ImageFolderDataset"}
 
 
 def layout(folder):
