@@ -21,8 +21,9 @@ import argparse
 import multiprocessing
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -66,24 +67,38 @@ def read_calls() -> int:
         return next(int(line.split()[1]) for line in handle if line.startswith("syscr"))
 
 
-def dataset(source: str, data_dir: Path, shards_dir: Path, img_size: int):
+@dataclass
+class Source:
+    """A training set to time: its dataset, how many files it reads, and where they lie."""
+
+    name: str
+    data: ImageFolderDataset
+    files: int
+    roots: Tuple[Path, ...]
+
+
+def dataset(source: str, data_dir: Path, shards_dir: Path, img_size: int) -> Source:
     transform = train_transform(img_size, decode="fast")
     if source == "shards":
         shards = read_split(shards_dir, "train")
-        return ShardDataset(shards, [], transform, seed=0), len(shards.paths)
+        return Source(source, ShardDataset(shards, [], transform, seed=0), len(shards.paths), (shards_dir,))
     samples = index_split(data_dir / "train", find_classes(data_dir / "train"))
-    return ImageFolderDataset(samples, [], transform, seed=0), len(samples)
+    return Source(source, ImageFolderDataset(samples, [], transform, seed=0), len(samples), (data_dir,))
 
 
 def measure(source: str, data_dir: Path, shards_dir: Path, workers: int, counter: OpenCounter, images: int = 0,
             batch_size: int = 64, img_size: int = 256) -> Dict:
+    return time_loader(dataset(source, data_dir, shards_dir, img_size), workers, counter, images, batch_size)
+
+
+def time_loader(source: Source, workers: int, counter: OpenCounter, images: int = 0, batch_size: int = 64) -> Dict:
     """One pass of the loader over `images` samples in a random order; the first batch
     (worker start-up) is left out of the rate but not out of the counts."""
-    data, files = dataset(source, data_dir, shards_dir, img_size)
+    data = source.data
     count = len(data) if not images else min(images, len(data))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count].tolist()
     loader = DataLoader(Subset(data, order), batch_size=batch_size, **loader_options(workers, False))
-    counter.start(data_dir, shards_dir)
+    counter.start(*source.roots)
     calls = read_calls()
     iterator = iter(loader)
     seen = len(next(iterator).targets)
@@ -94,8 +109,9 @@ def measure(source: str, data_dir: Path, shards_dir: Path, workers: int, counter
     calls, opens = read_calls() - calls, counter.stop()
     del iterator, loader
     seen += timed
-    return {"source": source, "workers": workers, "images": seen, "files": files, "seconds": round(seconds, 3),
-            "images_per_s": round(timed / seconds, 1), "opens": opens, "opens_per_image": round(opens / seen, 4),
+    return {"source": source.name, "workers": workers, "images": seen, "files": source.files,
+            "seconds": round(seconds, 3), "images_per_s": round(timed / seconds, 1), "opens": opens,
+            "opens_per_image": round(opens / seen, 4),
             "read_calls_per_image": round(calls / seen, 2) if workers == 0 else None}
 
 

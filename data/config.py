@@ -37,8 +37,9 @@ def require(ok: bool, key: str, allowed: str, value: Any) -> None:
 @dataclass
 class DataConfig:
     dir: str = setting("", affects_results=False)  # ImageNet root with train/<wnid>/ and val/<wnid>/, or tar shards
-    # auto: class folders if dir/train/ exists, else shards (docs/shards.md)
-    layout: Literal["auto", "class-folders", "shards"] = setting("auto", affects_results=False)
+    # auto: whichever dir holds: class folders, tar shards (docs/shards.md), ImageNet's official
+    # archives or Kaggle's download, zipped or not (docs/archives.md)
+    layout: Literal["auto", "class-folders", "shards", "archives", "kaggle"] = setting("auto", affects_results=False)
     # where the index of the samples is cached; "": beside the data, ~/.cache if read-only
     index_dir: str = setting("", affects_results=False)
     img_size: int = 256  # training crop; with start_img_size, the size it grows to

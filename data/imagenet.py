@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 # Pillow opens every one of these; the comparison ignores case (ImageNet uses .JPEG).
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
-EXPECTED_LAYOUT = """expected the ILSVRC2012 layout:
-    DIR/train/n01440764/n01440764_10026.JPEG   one folder per class (WordNet id),
-    DIR/train/<wnid>/*.JPEG                    classes indexed in sorted folder order
-    DIR/val/<wnid>/*.JPEG                      the same class folders
-or WebDataset tar shards, DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (docs/shards.md)"""
+EXPECTED_LAYOUT = """expected one of these layouts:
+    class folders:        DIR/train/<wnid>/*.JPEG (one folder per WordNet id, classes in sorted order)
+                          and DIR/val/<wnid>/*.JPEG, or a flat DIR/val/ with its labels beside it
+    tar shards:           DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (WebDataset tar shards,
+                          docs/shards.md)
+    ImageNet's archives:  DIR/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz
+    Kaggle's download:    its zip, or DIR/ILSVRC/Data/CLS-LOC/ with DIR/LOC_val_solution.csv (docs/archives.md)"""
 
 
 SUFFIXES = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
@@ -37,8 +39,13 @@ def image_files(folder: Path) -> List[str]:
     """The image file names in a folder, sorted. os.scandir gets file types from the
     directory listing itself: no stat per file, which matters for 1.28M files on NFS."""
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.name[0] != "." and "." in e.name
-                      and e.name.rpartition(".")[2].lower() in SUFFIXES and is_file_entry(e))
+        return sorted(e.name for e in entries if is_image_name(e.name) and is_file_entry(e))
+
+
+def is_image_name(name: str) -> bool:
+    """The rule that picks a folder's images, for archives' members too: an image extension,
+    no dot-file."""
+    return name[:1] != "." and "." in name and name.rpartition(".")[2].lower() in SUFFIXES
 
 
 def is_file_entry(entry: os.DirEntry) -> bool:
@@ -68,7 +75,9 @@ def find_classes(split_dir: Path) -> List[str]:
     classes = subfolders(split_dir)
     if not classes:
         loose = len(image_files(split_dir))
-        hint = f" It holds {loose} image files directly: a flat folder, not class folders." if loose else ""
+        hint = (f" It holds {loose} image files directly: a flat folder, not class folders. Put its labels beside "
+                f"it (ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv), or arrange it into class "
+                f"folders: python -m data.val_layouts arrange --help.") if loose else ""
         raise DatasetLayoutError(f"{split_dir} has no class folders.{hint} {EXPECTED_LAYOUT}")
     return classes
 

@@ -16,7 +16,11 @@ from .fast_decode import ImageTransform
 from .gpu_decode import gpu_decode_available, warn_fallback
 from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
 from .samplers import EvalSampler, TrainSampler
-from .shards import ShardDataset, ShardSplit, build_shard_splits, holds_shards
+from .archives import build_archive_splits
+from .kaggle import build_kaggle_splits
+from .kaggle_zip import build_zip_splits
+from .shards import ShardSplit, build_shard_splits
+from .sources import NAMES, detect_layout, split_dataset
 from .loader_faults import ReadProgress
 from .transforms import SizeByEpoch, eval_transform, train_transform
 
@@ -108,15 +112,20 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, process:
 
 def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
                  seed: int) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
-    """Class folders or tar shards: data.layout, or (auto) whichever data.dir holds."""
+    """Class folders, tar shards, ImageNet's archives or Kaggle's download: data.layout, or
+    (auto) whichever data.dir holds."""
     root = Path(config.dir).expanduser()
-    if config.dir and (config.layout == "shards" or (
-            config.layout == "auto" and not (root / "train").is_dir() and holds_shards(root))):
-        if config.holdout_fraction > 0:
-            raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
-                                  f"tar shards, which carry their own validation shards; set it to 0")
-        return build_shard_splits(root, train, val, seed, config.index_dir)
-    return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction, config.index_dir)
+    layout = detect_layout(root, config.layout) if config.dir else "class-folders"
+    if layout == "class-folders":
+        return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction, config.index_dir)
+    if config.holdout_fraction > 0:
+        raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
+                              f"{NAMES[layout]}, which carry their own validation set; set it to 0")
+    return SPLIT_BUILDERS[layout](root, train, val, seed, config.index_dir)
+
+
+SPLIT_BUILDERS = {"shards": build_shard_splits, "archives": build_archive_splits, "kaggle": build_kaggle_splits,
+                  "kaggle-zip": build_zip_splits}
 
 
 def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Process) -> DataLoader:
@@ -133,5 +142,5 @@ def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfi
     transform; from `shards` when given (their samples are `samples`)."""
     transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
                                config.eval_decode)
-    dataset = ShardDataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
+    dataset = split_dataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
     return dataset, eval_loader(dataset, config, process)

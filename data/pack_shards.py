@@ -2,6 +2,10 @@
 
     python -m data.pack_shards --data-dir /data/imagenet --out /data/imagenet-wds
     python -m data.pack_shards --data-dir sample_imagenet --out sample_shards --train-shards 8 --val-shards 2
+    python -m data.pack_shards --data-dir /data/ilsvrc2012 --out /data/imagenet-wds    (ImageNet as downloaded)
+
+--data-dir is class folders, or ImageNet as downloaded (the official archives, Kaggle's zip or
+its tree: docs/archives.md), read through the reader training uses.
 
 Writes <name>-train-NNNN.tar and <name>-validation-NN.tar (1024 and 64 shards by default,
 as timm publishes ImageNet-1k), each sample a <key>.cls (its class index) and a <key>.jpg
@@ -36,9 +40,12 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
+from .config import DataConfig
 from .errors import DatasetLayoutError
-from .imagenet import Sample, find_classes, index_split, subfolders
+from .imagenet import ImageFolderDataset, Sample, find_classes, index_split, subfolders
+from .loaders import build_splits
 from .shards import INFO_NAME
+from .sources import WHOLE_DOWNLOADS, detect_layout
 from .val_layouts import read_eval_set
 
 log = logging.getLogger(__name__)
@@ -57,10 +64,14 @@ class PackError(ValueError):
 @dataclass
 class SplitPlan:
     split: str  # train | validation
-    samples: List[Sample]  # (file, class index)
+    source: ImageFolderDataset  # its samples, (file, class index), and read(i) their bytes
     keys: List[str]  # each sample's key in the shards
     shards: List[List[int]]  # per shard, its samples (positions in `samples`) in writing order
     filenames: List[str]
+
+    @property
+    def samples(self) -> Sequence[Sample]:
+        return self.source.samples
 
 
 def source_split(root: Path, folder: str, classes: List[str]) -> List[Sample]:
@@ -73,6 +84,17 @@ def source_split(root: Path, folder: str, classes: List[str]) -> List[Sample]:
         raise PackError(f"{path}: its labels name {len(flat.classes)} classes, not the {len(classes)} of "
                         f"{root / 'train'}")
     return flat.samples
+
+
+def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageFolderDataset]:
+    """Each split to pack, as a dataset whose read(i) gives sample i's bytes: class folders,
+    or ImageNet as downloaded (the archives, Kaggle's zip or tree) through the reader that
+    training uses, so that the shards hold the bytes training would read."""
+    if detect_layout(root) in WHOLE_DOWNLOADS:
+        train, val = build_splits(DataConfig(dir=str(root)), None, None, 0)
+        return {folder: train if folder == "train" else val for folder in splits}
+    classes = find_classes(root / "train") if (root / "train").is_dir() else read_eval_set(root / "val").classes
+    return {folder: ImageFolderDataset(source_split(root, folder, classes), classes, None) for folder in splits}
 
 
 def member_extension(path: str) -> str:
@@ -107,13 +129,14 @@ def shuffle_generator(split: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def plan_split(split: str, samples: List[Sample], keys: List[str], count: int, seed: int, name: str) -> SplitPlan:
+def plan_split(split: str, source: ImageFolderDataset, keys: List[str], count: int, seed: int,
+               name: str) -> SplitPlan:
     """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
-    count = min(count, len(samples))
-    order = torch.randperm(len(samples), generator=shuffle_generator(split, seed)).tolist()
-    bounds = [len(samples) * i // count for i in range(count + 1)]
+    count = min(count, len(source))
+    order = torch.randperm(len(source), generator=shuffle_generator(split, seed)).tolist()
+    bounds = [len(source) * i // count for i in range(count + 1)]
     digits = max(2, len(str(count - 1)))
-    return SplitPlan(split, samples, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
+    return SplitPlan(split, source, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
                      [f"{name}-{split}-{i:0{digits}d}.tar" for i in range(count)])
 
 
@@ -168,8 +191,7 @@ def write_shard(out: Path, plan: SplitPlan, shard: int) -> None:
             for position in plan.shards[shard]:
                 path, target = plan.samples[position]
                 key = plan.keys[position]
-                with open(path, "rb") as source:
-                    data = source.read()
+                data = plan.source.read(position)
                 label = str(target).encode()
                 tar.addfile(tar_member(f"{key}.cls", label), io.BytesIO(label))
                 tar.addfile(tar_member(f"{key}.{member_extension(path)}", data), io.BytesIO(data))
@@ -188,15 +210,15 @@ def info_json(plans: List[SplitPlan], classes: List[str], name: str) -> Dict:
 def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_shards: int = 1024,
          val_shards: int = 64, splits: Sequence[str] = ("train", "val"), threads: int = 8) -> Dict:
     """Pack the splits of `root` into `out`; returns what _info.json says."""
-    if not root.is_dir():
-        raise PackError(f"{root} does not exist or is not a folder")
-    classes = find_classes(root / "train") if (root / "train").is_dir() else read_eval_set(root / "val").classes
+    if not root.exists():
+        raise PackError(f"{root} does not exist")
+    sources = source_sets(root, splits)
+    classes = next(iter(sources.values())).classes
     plans = []
-    for folder in splits:
-        samples = source_split(root, folder, classes)
+    for folder, source in sources.items():
         count = train_shards if folder == "train" else val_shards
-        plans.append(plan_split(SPLITS[folder], samples, sample_keys(samples, classes, root / folder), count, seed,
-                                name))
+        plans.append(plan_split(SPLITS[folder], source, sample_keys(source.samples, classes, root / folder), count,
+                                seed, name))
     claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root.resolve()), seed=seed,
                            name=name, shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE))
     todo = [(plan, shard) for plan in plans for shard in range(len(plan.shards))
@@ -215,7 +237,8 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, type=Path, help="ImageNet root with train/ and val/")
+    parser.add_argument("--data-dir", required=True, type=Path,
+                        help="ImageNet root with train/ and val/, or as downloaded (docs/archives.md)")
     parser.add_argument("--out", required=True, type=Path, help="the folder for the shards (empty, or this pack's)")
     parser.add_argument("--name", default="imagenet1k", help="the shards' name prefix (default: imagenet1k, as timm's)")
     parser.add_argument("--seed", type=int, default=0, help="the shuffle across shards (default 0)")

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from .errors import DatasetLayoutError
 from .imagenet import IMAGE_EXTENSIONS
@@ -90,29 +90,36 @@ Member = Tuple[str, int, int, Optional[bytes]]  # name, data offset, size, the b
 def read_members(path: Path, size: int) -> Tuple[List[Member], str]:
     """Every file member's name, offset and size from the tar headers, the .cls members'
     bytes, and what is wrong with the archive's end ("" if nothing)."""
-    members: List[Member] = []
     with open(path, "rb") as handle:
-        try:
-            tar = tarfile.open(fileobj=handle, mode="r:")
-        except tarfile.ReadError as exc:
-            return [], f"not a tar archive ({exc})"
-        damage = ""
-        try:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                value = None
-                if member_key(info.name)[1] == "cls" and info.offset_data + info.size <= size:
-                    value = tar.extractfile(info).read()
-                members.append((info.name, info.offset_data, info.size, value))
-        except tarfile.ReadError as exc:  # "unexpected end of data": the last member's bytes are cut
-            damage = str(exc)
-        handle.seek(tar.offset)
-        if not damage and handle.read(512) != bytes(512):  # tar ends with zero blocks; a cut header does not
-            damage = f"no end-of-archive marker at byte {tar.offset}"
+        members, damage = tar_members(handle, size)
     if damage:
         last = members[-1][0] if members else "its first member"
         damage = f"{path.name} is cut short or damaged at byte {size} ({damage}): members after {last} are lost"
+    return members, damage
+
+
+def tar_members(handle: BinaryIO, size: int) -> Tuple[List[Member], str]:
+    """read_members of an open tar of `size` bytes (a file, or a window on a tar inside
+    another: data/archives.py); the damage as tarfile states it."""
+    members: List[Member] = []
+    try:
+        tar = tarfile.open(fileobj=handle, mode="r:")
+    except tarfile.ReadError as exc:
+        return [], f"not a tar archive ({exc})"
+    damage = ""
+    try:
+        for info in tar:
+            if not info.isfile():
+                continue
+            value = None
+            if member_key(info.name)[1] == "cls" and info.offset_data + info.size <= size:
+                value = tar.extractfile(info).read()
+            members.append((info.name, info.offset_data, info.size, value))
+    except tarfile.ReadError as exc:  # "unexpected end of data": the last member's bytes are cut
+        damage = str(exc)
+    handle.seek(tar.offset)
+    if not damage and handle.read(512) != bytes(512):  # tar ends with zero blocks; a cut header does not
+        damage = f"no end-of-archive marker at byte {tar.offset}"
     return members, damage
 
 

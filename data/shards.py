@@ -94,6 +94,7 @@ class ShardSplit:
     # folders are the shards, and its arrays `offset` and `size` say where each image lies
     samples: SampleIndex
     problems: Dict[int, str]  # sample -> why it cannot be read (known when indexing)
+    classes: Optional[List[str]] = None  # the class names, where the index holds them (Kaggle's zip)
 
     @property
     def shard(self) -> np.ndarray:  # sample -> position in `paths`
@@ -190,7 +191,7 @@ def cached_split(cache: Path, key: List) -> Optional[ShardSplit]:
             return None
         extra = header["extra"]
         return ShardSplit(samples.folders, [tuple(stat) for stat in extra["stats"]], samples,
-                          {int(index): reason for index, reason in extra["problems"].items()})
+                          {int(index): reason for index, reason in extra["problems"].items()}, extra.get("classes"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:

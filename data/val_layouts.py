@@ -7,6 +7,8 @@
                                       LOC_val_solution.csv
     DIR/<name>-validation-NN.tar      WebDataset tar shards (data/shards.py); classes as
                                       _info.json names them, else the model's
+    DIR/ILSVRC2012_img_val.tar        ImageNet's official archives, and Kaggle's download
+    Kaggle's zip or tree              zipped or not (data/sources.py, docs/archives.md)
 
 The devkit's ground truth holds ILSVRC2012 IDs, numbered in meta.mat's order, not in
 sorted wnid order; torchvision's parser turns them into wnids, then wnids into labels.
@@ -14,21 +16,18 @@ sorted wnid order; torchvision's parser turns them into wnids, then wnids into l
     python -m data.val_layouts arrange --val-dir flat/ --devkit ILSVRC2012_devkit_t12.tar.gz --out val/
 """
 import argparse
-import csv
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
+from torchvision.datasets.imagenet import META_FILE
 
 from .errors import DatasetLayoutError
 from .imagenet import Sample, default_classes, image_files, index_split, subfolders
 from .shards import ShardSplit, holds_shards, read_eval_shards
-
-DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
-KAGGLE_SOLUTION = "LOC_val_solution.csv"
+from .sources import WHOLE_DOWNLOADS, detect_layout, source_eval_set
+from .val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, find_label_file, labels_from
 
 EVAL_LAYOUTS = ("expected class folders (DIR/<wnid>/*.JPEG), ImageNetV2's numbered folders (DIR/0 .. DIR/999), "
                 "or a flat folder of ILSVRC2012_val_*.JPEG with its labels")
@@ -41,57 +40,8 @@ FLAT_HELP = (f"a flat folder of ILSVRC2012_val_*.JPEG needs its labels: --devkit
 class EvalSet:
     samples: List[Sample]
     classes: List[str]  # class names in label order (wnids, or '0'..'999' for ImageNetV2)
-    layout: str  # class-folders | imagenetv2 | flat-devkit | flat-kaggle | shards
-    shards: Optional[ShardSplit] = None  # where each sample lies, for layout "shards"
-
-
-@dataclass
-class ValLabels:
-    wnids: Dict[str, str]  # {'ILSVRC2012_val_00000001.JPEG': wnid, ...}
-    classes: List[str]  # every class of the set, sorted: label i is classes[i]
-
-
-def devkit_labels(devkit: Path) -> ValLabels:
-    """From the devkit archive or the meta.bin torchvision makes of it."""
-    devkit = Path(devkit)
-    if devkit.name == META_FILE:
-        wnid_to_words, val_wnids = load_meta_file(str(devkit.parent))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            # torchvision checks the archive's md5 and writes meta.bin next to it: do that in tmp.
-            os.symlink(devkit.resolve(), Path(tmp) / DEVKIT_ARCHIVE)
-            try:
-                parse_devkit_archive(tmp, DEVKIT_ARCHIVE)
-            except RuntimeError as exc:
-                raise DatasetLayoutError(f"{devkit}: not ImageNet's devkit archive ({exc})") from None
-            wnid_to_words, val_wnids = load_meta_file(tmp)
-    return ValLabels({f"ILSVRC2012_val_{i + 1:08d}.JPEG": wnid for i, wnid in enumerate(val_wnids)},
-                     sorted(wnid_to_words))
-
-
-def kaggle_labels(solution_csv: Path) -> ValLabels:
-    """The first wnid of each PredictionString; the classes are all that the file names."""
-    labels = {}
-    with open(solution_csv, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise DatasetLayoutError(f"{solution_csv}: expected Kaggle's columns ImageId,PredictionString")
-        for row in reader:
-            labels[f"{row['ImageId']}.JPEG"] = row["PredictionString"].split()[0]
-    return ValLabels(labels, sorted(set(labels.values())))
-
-
-def find_label_file(folder: Path) -> Optional[Path]:
-    """A devkit or Kaggle solution lying in the folder or its parent."""
-    for place in (folder, folder.parent):
-        for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION):  # meta.bin: parsed already
-            if (place / name).is_file():
-                return place / name
-    return None
-
-
-def labels_from(label_file: Path) -> ValLabels:
-    return kaggle_labels(label_file) if label_file.suffix == ".csv" else devkit_labels(label_file)
+    layout: str  # class-folders | imagenetv2 | flat-devkit | flat-kaggle | shards | archives | kaggle | kaggle-zip
+    shards: Optional[ShardSplit] = None  # where each sample lies, for shards and archives
 
 
 def flat_images(folder: Path) -> List[Path]:
@@ -106,6 +56,8 @@ def eval_folder(root: Path, split: str) -> Path:
     ImageNetV2's numbered folders, a flat folder), unless root is plainly a dataset root
     (it holds train/, val/, validation/ or test/) that lacks the split."""
     root = Path(root)
+    if detect_layout(root) in WHOLE_DOWNLOADS:
+        return root  # ImageNet's archives or Kaggle's download: find_eval_set reads its validation images
     if (root / split).is_dir():
         return root / split
     if root.is_dir():
@@ -150,8 +102,13 @@ def read_eval_set(folder: Path, label_file: Optional[Path] = None) -> EvalSet:
 
 def find_eval_set(folder: Path, split: str, label_file: Optional[Path], trained_classes: Optional[List[str]],
                   num_classes: int, index_dir: str = "") -> EvalSet:
-    """The tar shards of `split` in `folder` if it holds them, else read_eval_set. Shards
-    that do not name their classes take the model's: its checkpoint's, else default_classes."""
+    """The validation images of ImageNet's archives or Kaggle's download, the tar shards of
+    `split` in `folder` if it holds them, else read_eval_set. Shards that do not name their
+    classes take the model's: its checkpoint's, else default_classes."""
+    layout = detect_layout(folder)
+    if layout in WHOLE_DOWNLOADS:
+        samples, classes, split_found = source_eval_set(layout, folder, index_dir)
+        return EvalSet(samples, classes, layout, split_found)
     if folder.is_dir() and not subfolders(folder) and holds_shards(folder, split):
         shards, classes = read_eval_shards(folder, split, trained_classes or default_classes(num_classes), index_dir)
         return EvalSet(shards.samples, classes, "shards", shards)

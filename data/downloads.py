@@ -1,0 +1,109 @@
+"""Commands on ImageNet as downloaded (the official archives, Kaggle's zip or its tree).
+
+    python -m data.downloads verify DIR                  the archives' MD5s against the published ones
+    python -m data.downloads arrange --data-dir DIR --out OUT    class folders OUT/{train,val}/<wnid>/
+
+verify reads each archive whole (138 GB for the train archive: minutes to hours, with a
+progress bar) and compares it with the MD5 torchvision checks; training never needs it, since
+the index checks the archives' structure. arrange writes the images as class folders, read
+through the same reader that training uses (one pread each, a zip's members inflated):
+streaming, one image at a time; resumable, since an image already written with the same bytes
+is kept, and each is written to a temporary name and renamed; and it refuses to overwrite an
+image that differs (OUT holds another result).
+"""
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+from torchvision.datasets.imagenet import ARCHIVE_META
+from tqdm import tqdm
+
+from .config import DataConfig
+from .errors import DatasetLayoutError
+from .imagenet import DECODE_ERRORS, ImageFolderDataset
+from .loaders import build_splits
+
+CHUNK = 1 << 24
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
+                                          disable=None, leave=False) as progress:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+            progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> Dict[str, Tuple[str, bool]]:
+    """Each archive present: its MD5 and whether it is the published one."""
+    found = {name: md5 for name, md5 in ARCHIVE_META.values() if (folder / name).is_file()}
+    if not found:
+        raise DatasetLayoutError(f"{folder} holds none of {', '.join(name for name, _ in ARCHIVE_META.values())}")
+    return {name: (got, got == md5) for name, md5 in found.items() for got in (md5_of(folder / name),)}
+
+
+def place(data: bytes, target: Path) -> bool:
+    """Write one image unless it is there already; True if written. A different file at
+    the place stops the command: OUT holds another result."""
+    if target.is_file():
+        if target.read_bytes() != data:
+            raise DatasetLayoutError(f"{target} exists and differs from the image it would hold: arrange into an "
+                                     f"empty folder, or the folder of an earlier arrange of this download")
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+    return True
+
+
+def arrange_split(dataset: ImageFolderDataset, out: Path) -> Tuple[int, int, int]:
+    """(written, kept, unreadable) for one split's images into out/<wnid>/<file>."""
+    counts = [0, 0, 0]
+    for index in tqdm(range(len(dataset)), desc=out.name, unit="img", disable=None, leave=False):
+        path, target = dataset.samples[index]
+        try:
+            data = dataset.read(index)
+        except DECODE_ERRORS as exc:
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            counts[2] += 1
+            continue
+        counts[0 if place(data, out / dataset.classes[target] / os.path.basename(path)) else 1] += 1
+    return counts[0], counts[1], counts[2]
+
+
+def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
+    train, val = build_splits(DataConfig(dir=str(root)), None, None, 0)
+    return {"train": arrange_split(train, out / "train"), "val": arrange_split(val, out / "val")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("verify", help="compare the archives' MD5s with the published ones")
+    check.add_argument("folder", type=Path, help="the folder that holds the archives")
+    extract = commands.add_parser("arrange", help="write the images as class folders")
+    extract.add_argument("--data-dir", required=True, type=Path, help="the archives' folder, Kaggle's zip or tree")
+    extract.add_argument("--out", required=True, type=Path, help="the folder for train/ and val/")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "verify":
+            results = verify(args.folder)
+            for name, (md5, ok) in results.items():
+                print(f"{name}: {md5} {'OK' if ok else 'DIFFERS from the published MD5: download it again'}")
+            return 0 if all(ok for _, ok in results.values()) else 2
+        for split, (written, kept, unreadable) in arrange(args.data_dir, args.out).items():
+            print(f"{split}: {written} images written, {kept} already there, {unreadable} unreadable skipped")
+    except (DatasetLayoutError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""ImageNet as downloaded: the official ILSVRC2012 archives and Kaggle's download, zipped or
+not, read as they are; the same samples, bytes, weights and validation as class folders,
+the cached index, and a message for each kind of bad archive."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tarfile
+
+import pytest
+import torch
+import torchvision.datasets.imagenet as tv_imagenet
+
+import data.downloads
+import validate
+from benchmarks.common import stand_in_timm_model
+from cspresnet.checkpoint import load_checkpoint
+from data import archives
+from data.config import DataConfig
+from data.errors import DatasetLayoutError
+from data.loaders import build_splits
+from data.pack_shards import pack
+from data.transforms import eval_transform
+from benchmarks.archives import tar_bytes
+from tests.archive_helpers import kaggle_tree, kaggle_zip, official_archives, val_names
+from tests.helpers import (TINY_OVERRIDES, in_this_process, last_wins, module_in_this_process, read_until, start,
+                           train_here)
+from tests.test_validate import assert_one_error_line, fake_devkit
+
+TRAIN, VAL, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+IDENTITY = eval_transform(32, 0.875)
+
+
+@pytest.fixture(scope="module")
+def downloads(tiny_imagenet, tmp_path_factory):
+    """tiny_imagenet as each download: the archives with the devkit, with Kaggle's CSV, and
+    Kaggle's tree unzipped and zipped."""
+    root = tmp_path_factory.mktemp("downloads")
+    top = kaggle_tree(tiny_imagenet, root / "kaggle")
+    zipped = kaggle_zip(top, root / "zip" / "imagenet-object-localization-challenge.zip")
+    return dict(archives=official_archives(tiny_imagenet, root / "archives"),
+                archives_csv=official_archives(tiny_imagenet, root / "archives_csv", labels="csv", seed=1),
+                kaggle=top, kaggle_data=top / "ILSVRC" / "Data" / "CLS-LOC", zip=zipped, zip_folder=zipped.parent)
+
+
+@pytest.fixture(autouse=True)
+def our_devkit(downloads, monkeypatch):
+    """torchvision checks the devkit's md5: the generated one's stands in for the real one's."""
+    registered = {}
+    for folder in downloads.values():
+        if (folder / DEVKIT).is_file():
+            registered = (DEVKIT, hashlib.md5((folder / DEVKIT).read_bytes()).hexdigest())
+    monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "devkit", registered)
+
+
+def splits(folder, **settings):
+    return build_splits(DataConfig(dir=str(folder), **settings), IDENTITY, IDENTITY, 0)
+
+
+def names(dataset):
+    return [(os.path.basename(path), target) for path, target in dataset.samples]
+
+
+def fresh_copy(source, folder):
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".cspresnet_index"))
+    return folder
+
+
+# ----------------------------------------------------------------------------- the same samples and bytes
+
+
+def test_every_download_gives_the_class_folders_samples_in_their_order_with_the_same_bytes(tiny_imagenet, downloads):
+    """The PNG behind a .JPEG name and the CMYK JPEGs of the generated set included."""
+    train, val = splits(tiny_imagenet)
+    for kind, folder in downloads.items():
+        got_train, got_val = splits(folder)
+        assert got_train.classes == got_val.classes == train.classes, kind
+        assert names(got_train) == names(train) and [t for _, t in got_val.samples] == [t for _, t in val.samples]
+        assert got_train.samples.fingerprint() == train.samples.fingerprint(), kind  # a resume across them is exact
+        assert all(got_train.read(i) == train.read(i) for i in range(len(train))), kind
+        assert all(got_val.read(i) == val.read(i) for i in range(len(val))), kind
+        assert all(got[i][3] is None for got in (got_train, got_val) for i in range(len(got))), kind  # all decode
+    assert open(tiny_imagenet / "train" / train.samples[0][0].split("/train/")[1], "rb").read(4) == b"\x89PNG"
+    assert [layout(folder) for folder in downloads.values()] == \
+           ["archives", "archives", "kaggle", "kaggle", "kaggle-zip", "kaggle-zip"]
+    named = {kind: type(splits(downloads[kind], layout=name)[0]).__name__
+             for kind, name in (("archives", "archives"), ("zip", "kaggle"), ("kaggle", "kaggle"))}
+    assert named == {"archives": "ShardDataset", "zip": "ZipDataset", "kaggle": "ImageFolderDataset"}
+
+
+def layout(folder):
+    from data.sources import detect_layout
+
+    return detect_layout(folder)
+
+
+def test_the_official_counts_are_stated_and_a_difference_is_named(downloads, caplog):
+    with caplog.at_level("INFO", logger="data"):
+        splits(downloads["archives"])
+    assert "hold 3 classes, not 1,000 (-997); 24 train images, not 1,281,167 (-1,281,143); 15 validation images, " \
+           "not 50,000 (-49,985): not ImageNet's official counts" in caplog.text
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+def test_the_index_is_built_once_and_again_when_an_archive_changes(downloads, tmp_path, monkeypatch):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    scanned = []
+    real_scan = archives.scan_train
+    monkeypatch.setattr(archives, "scan_train", lambda *a: scanned.append(a[0].name) or real_scan(*a))
+    first = splits(folder)[0]
+    assert scanned == [TRAIN] and (folder / ".cspresnet_index" / "archives-train.idx").is_file()
+    assert names(splits(folder)[0]) == names(first) and scanned == [TRAIN]  # from the cache
+    changed = folder / TRAIN
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    assert names(splits(folder)[0]) == names(first) and scanned == [TRAIN, TRAIN]
+    os.chmod(folder, 0o555)  # read-only: data.index_dir holds it
+    try:
+        elsewhere = splits(folder, index_dir=str(tmp_path / "cache"))[0]
+    finally:
+        os.chmod(folder, 0o755)
+    assert names(elsewhere) == names(first) and any((tmp_path / "cache").rglob("archives-train.idx"))
+
+
+# ----------------------------------------------------------------------------- bad archives
+
+
+def rewrite_train(folder, change):
+    """The train archive rewritten with change(members) applied to its (name, bytes) members."""
+    with tarfile.open(folder / TRAIN) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    (folder / TRAIN).write_bytes(tar_bytes(change(members)))
+
+
+def reasons(dataset):
+    return {path.split(".tar/")[1]: dataset[i][3] for i, (path, _) in enumerate(dataset.samples) if dataset[i][3]}
+
+
+def test_a_truncated_train_archive_is_named_and_its_lost_images_counted(downloads, tmp_path, caplog):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    whole = (folder / TRAIN).read_bytes()
+    with tarfile.open(folder / TRAIN) as tar:
+        first, second = tar.getmembers()[:2]
+    cut = second.offset_data + second.size // 2
+    (folder / TRAIN).write_bytes(whole[:cut])  # inside the second class's tar
+    with caplog.at_level("WARNING", logger="data"):
+        train = splits(folder)[0]
+    assert f"{TRAIN} is cut short or damaged at byte {cut}" in caplog.text
+    lost = reasons(train)
+    third = next(wnid for wnid in train.classes if wnid + ".tar" not in (first.name, second.name))
+    assert lost[f"{third}/{third}.tar"] == f"BadShardSample: lost: {TRAIN} is cut short at byte {cut}"
+    assert any(f"cut short: {TRAIN} ends at byte" in reason for reason in lost.values())
+    assert "cannot be read and will be skipped and counted as unreadable" in caplog.text
+
+
+def test_a_class_tar_that_is_not_a_tar_loses_its_class_and_is_counted(downloads, tmp_path):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    rewrite_train(folder, lambda members: [(name, b"<html>503</html>" * 40 if i == 0 else data)
+                                           for i, (name, data) in enumerate(members)])
+    train = splits(folder)[0]
+    (bad, reason), = reasons(train).items()
+    assert re.fullmatch(r"(n\d+)/\1\.tar", bad) and f"in {TRAIN} is not a tar archive" in reason
+    assert len(train) == 24 - 8 + 1
+
+
+def test_missing_or_wrong_labels_stop_at_once_in_one_line(downloads, tmp_path):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    (folder / DEVKIT).unlink()
+    with pytest.raises(DatasetLayoutError, match=f"has no labels for {VAL}: put {DEVKIT} .or Kaggle's "
+                                                 "LOC_val_solution.csv. beside it"):
+        splits(folder)
+    torch.save(stand_in_timm_model(3).state_dict(), tmp_path / "w.pth")
+    assert_one_error_line(in_this_process(validate.cli, "--checkpoint", tmp_path / "w.pth", "--data-dir", folder),
+                          f"has no labels for {VAL}")
+
+
+def test_a_devkit_whose_ground_truth_has_the_wrong_length_stops_in_one_line(tiny_imagenet, downloads, tmp_path,
+                                                                            monkeypatch):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    ordered = [wnid for _, wnid, _ in sorted(val_names(tiny_imagenet), key=lambda row: row[2])]
+    short = fake_devkit(tmp_path / "short", sorted(set(ordered)), ordered[:13])
+    monkeypatch.setitem(tv_imagenet.ARCHIVE_META, "devkit", (DEVKIT, hashlib.md5(short.read_bytes()).hexdigest()))
+    shutil.copy(short, folder / DEVKIT)
+    with pytest.raises(DatasetLayoutError, match=f"{DEVKIT} labels 13 images but {VAL} holds 15, 2 of them without "
+                                                 f"a label .e.g. ILSVRC2012_val_00000014.JPEG.: its ground truth"):
+        splits(folder)
+
+
+def test_a_validation_archive_missing_an_image_counts_it_as_unreadable(downloads, tmp_path, caplog):
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    with tarfile.open(folder / VAL) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    gone = sorted(name for name, _ in members)[4]
+    (folder / VAL).write_bytes(tar_bytes([(name, data) for name, data in members if name != gone]))
+    with caplog.at_level("WARNING", logger="data"):
+        val = splits(folder)[1]
+    assert f"lacks 1 of the 15 images that {DEVKIT} labels, e.g. {gone}" in caplog.text
+    (path, reason), = reasons(val).items()
+    assert path.endswith(gone) and reason == f"BadShardSample: missing: {VAL} holds no {gone}"
+
+
+def test_a_damaged_zip_member_is_named_and_counted_and_a_cut_zip_stops_in_one_line(downloads, tmp_path):
+    zipped = tmp_path / downloads["zip"].name
+    shutil.copy(downloads["zip"], zipped)
+    train = splits(zipped)[0]
+    deflated = next(i for i in range(len(train)) if train.samples.arrays["method"][i] == 8)
+    whole = zipped.read_bytes()
+    start = int(train.samples.arrays["offset"][deflated])
+    zipped.write_bytes(whole[:start] + bytes(64) + whole[start + 64:])  # same size and time: the index stays
+    os.utime(zipped, ns=(train.shards.stats[0][1], train.shards.stats[0][1]))
+    assert "do not inflate" in splits(zipped)[0][deflated][3]
+    zipped.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DatasetLayoutError, match="cannot be read as a zip .*: download it again"):
+        splits(zipped)
+
+
+def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(downloads, tmp_path):
+    top = fresh_copy(downloads["kaggle"], tmp_path / "kaggle")
+    (top / "LOC_val_solution.csv").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"val is a flat folder of images without labels: put Kaggle's "
+                                                 r"LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz beside it, or "
+                                                 r"arrange it into class folders: python -m data.val_layouts arrange"):
+        splits(top)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_verify_names_each_archive_whose_md5_is_not_the_published_one(downloads):
+    result = in_this_process(data.downloads.main, "verify", downloads["archives"])
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert result.returncode == 2 and set(lines) == {TRAIN, VAL, DEVKIT}
+    assert lines[DEVKIT].endswith(" OK")  # the test's devkit is registered as the published one
+    assert lines[TRAIN].endswith("DIFFERS from the published MD5: download it again")
+
+
+def test_arrange_writes_the_class_folders_resumes_and_refuses_to_overwrite_another_result(tiny_imagenet, downloads,
+                                                                                          tmp_path):
+    out = tmp_path / "out"
+    for kind in ("archives", "zip"):
+        result = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads[kind], "--out", out)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["train: 0 images written, 24 already there, 0 unreadable skipped",
+                                          "val: 0 images written, 15 already there, 0 unreadable skipped"]
+    train = sorted(p.relative_to(tiny_imagenet / "train") for p in (tiny_imagenet / "train").rglob("*.JPEG"))
+    assert sorted(p.relative_to(out / "train") for p in (out / "train").rglob("*.JPEG")) == train
+    assert all((out / "train" / p).read_bytes() == (tiny_imagenet / "train" / p).read_bytes() for p in train)
+    assert {(wnid, path.read_bytes()) for path, wnid, _ in val_names(tiny_imagenet)} == \
+           {(p.parent.name, p.read_bytes()) for p in (out / "val").rglob("*.JPEG")}
+    (out / "train" / train[0]).write_bytes(b"another image")
+    refused = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads["archives"], "--out", out)
+    assert refused.returncode == 2 and f"{out / 'train' / train[0]} exists and differs" in refused.stderr
+
+
+def test_the_packer_reads_the_archives_and_the_zip_into_the_folders_train_shards_byte_for_byte(tiny_imagenet,
+                                                                                               downloads, tmp_path):
+    packs = {kind: pack(folder, tmp_path / kind, seed=2, train_shards=2, val_shards=1)
+             for kind, folder in (("folders", tiny_imagenet), ("archives", downloads["archives"]),
+                                  ("zip", downloads["zip"]))}
+    shards = packs["folders"]["splits"]["train"]["filenames"]
+    for kind in ("archives", "zip"):
+        assert packs[kind]["classes"] == packs["folders"]["classes"]
+        assert all((tmp_path / kind / name).read_bytes() == (tmp_path / "folders" / name).read_bytes()
+                   for name in shards), kind
+    names = tarfile.open(tmp_path / "archives" / packs["archives"]["splits"]["validation"]["filenames"][0]).getnames()
+    assert len(names) == 30 and all(name.startswith("ILSVRC2012_val_") for name in names)
+
+
+# ----------------------------------------------------------------------------- validation and training
+
+
+@pytest.mark.slow
+def test_validate_prints_the_same_result_on_every_download_as_on_class_folders(tiny_imagenet, downloads, tmp_path):
+    torch.save(stand_in_timm_model(3).state_dict(), tmp_path / "w.pth")
+
+    def result(folder):
+        found = validate.main([str(a) for a in ("--checkpoint", tmp_path / "w.pth", "--data-dir", folder,
+                                                "--workers", "0", "--img-size", "32")])
+        return {key: value for key, value in found.items() if key not in ("layout", "images_per_s")}, found["layout"]
+
+    from_folders, _ = result(tiny_imagenet)
+    assert from_folders["images"] == 15 and from_folders["unreadable"] == 0
+    for kind, folder in downloads.items():
+        assert result(folder) == (from_folders, layout(folder)), kind
+
+
+# A checkpoint after every step, so that a kill mid-epoch leaves one to resume from.
+OVERRIDES = last_wins(*TINY_OVERRIDES, "epochs=1", "checkpoint.every_steps=1")
+
+
+def train_from(folder, output):
+    train_here(["train.py", "--recipe", "demo.yaml", "--data-dir", folder, "--output", output, *OVERRIDES])
+    return output
+
+
+def assert_same_weights(a, b):
+    left, right = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert left["step"] == right["step"] == 3
+    assert all(torch.equal(left["model"][key], right["model"][key]) for key in left["model"])
+    assert [row["top1"] for row in left["rows"]] == [row["top1"] for row in right["rows"]]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tiny_imagenet, tmp_path_factory):
+    return train_from(tiny_imagenet, tmp_path_factory.mktemp("folders") / "run")
+
+
+@pytest.mark.slow
+def test_training_from_the_archives_the_zip_and_the_unzipped_download_gives_the_folders_weights_bitwise(
+        downloads, folder_run, tmp_path):
+    for kind in ("archives", "zip", "kaggle"):
+        assert_same_weights(folder_run, train_from(downloads[kind], tmp_path / kind))
+
+
+@pytest.mark.slow
+def test_a_run_from_the_archives_killed_mid_epoch_resumes_bitwise(downloads, folder_run, tmp_path):
+    """Kaggle's labels beside the archives: the child process cannot take the test's devkit."""
+    args = ["train.py", "--recipe", "demo.yaml", "--data-dir", downloads["archives_csv"], "--output", tmp_path / "run",
+            *OVERRIDES]
+    process = start([sys.executable, *args])
+    read_until(process, "step 2 ")  # mid-epoch (3 steps), a checkpoint behind
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = train_here([*args, "--resume", "auto"])
+    at_step = re.search(r"resumed from \S+ at step (\d+)", resumed.stdout + resumed.stderr)
+    assert at_step and int(at_step.group(1)) in (1, 2), resumed.stdout
+    assert "inexactly" not in resumed.stdout + resumed.stderr
+    assert_same_weights(folder_run, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_benchmark_reads_every_source_and_times_the_indexes(tiny_imagenet, tmp_path):
+    import benchmarks.archives
+
+    result = module_in_this_process(benchmarks.archives, "--data-dir", tiny_imagenet, "--work-dir", tmp_path,
+                                    "--rounds", "1", "--img-size", "32", "--batch-size", "4")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 24 and set(summary["index_seconds_per_1000_images"]) == {"archives", "kaggle-zip"}
+    assert all(rate > 0 for workers in summary["images_per_s"].values() for rate in workers.values())
+    assert set(summary["images_per_s"]["workers_2"]) == {"folders", "shards", "archives", "kaggle-zip"}
