@@ -10,10 +10,10 @@ Reads our training checkpoints (model or EMA weights), timm's .pth state dicts,
 from the weights. The evaluation folder is DIR/<split> if it exists, else DIR: class
 folders, ImageNetV2's numbered folders, a flat folder with the devkit or Kaggle's
 solution file, or WebDataset tar shards named <name>-<split>-NN.tar (docs/shards.md;
---split val also takes -validation-); ImageNet as downloaded (the folder of the official
-archives, Kaggle's zip or its unzipped tree) is read as it is (docs/archives.md); a DIR that holds other splits (train/, val/,
-validation/, test/) but not <split> is refused. The last line printed is JSON with top1, top5 (percent), images and the
-settings used.
+--split val also takes -validation-). ImageNet as downloaded (the folder of the official
+archives, Kaggle's zip or its unzipped tree) is read as it is (docs/archives.md). A DIR
+that holds other splits (train/, val/, validation/, test/) but not <split> is refused.
+The last line printed is JSON with top1, top5 (percent), images and the settings used.
 
 Exit codes:
     0  evaluated (images that could not be decoded are skipped, each with a warning)
