@@ -139,12 +139,12 @@ def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_si
 def labelled(rows: List[Row], classes: List[str], path: Path, damage: str) -> List[Row]:
     """The rows with class indices for wnids; a class the archive lacks gets one unreadable
     row, so that the loss is counted and every other label keeps its meaning."""
-    index = {wnid: i for i, wnid in enumerate(classes)}
-    unknown = sorted({row[0] for row in rows} - set(index))
+    index, found = {wnid: i for i, wnid in enumerate(classes)}, {row[0] for row in rows}
+    unknown = sorted(found - set(index))
     if unknown:
         raise DatasetLayoutError(f"{path} holds {len(unknown)} classes that the validation labels do not name, e.g. "
                                  f"{unknown[:3]}: the labels are not of this archive")
-    missing = sorted(set(index) - {row[0] for row in rows})
+    missing = sorted(set(index) - found)
     why = f"{path.name} is cut short at byte {path.stat().st_size}" if damage else f"{path.name} has no such tar"
     return [(index[row[0]],) + tuple(row[1:]) for row in rows] + \
         [(index[wnid], f"{wnid}/{wnid}.tar", 0, 0, f"lost: {why}") for wnid in missing]

@@ -8,9 +8,8 @@ from typing import List, Tuple
 
 from benchmarks.archives import tar_bytes, write_train_archive, write_zip
 from data.imagenet import find_classes, image_files
+from data.val_labels import KAGGLE_DATA
 from tests.test_validate import fake_devkit
-
-KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")
 
 
 def val_names(source: Path) -> List[Tuple[Path, str, str]]:
