@@ -32,7 +32,7 @@ from cspresnet.console import run_script, setup_logging
 from cspresnet.distributed import DistContext
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.errors import CheckpointError, OptionError, UnreadableDataError
-from data.imagenet import IMAGE_EXTENSIONS, default_classes
+from data.sources.class_folders import IMAGE_EXTENSIONS, default_classes
 from data.loader_faults import Batches
 from data.loaders import build_eval_data
 from data.transforms import DevicePreprocess
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def image_paths(inputs: Sequence[str]) -> List[str]:
     """Files as given, whatever their extension (a user who names a file means it); under a
-    folder, every image file (data.imagenet's extensions), subfolders included, sorted."""
+    folder, every image file (data.sources.class_folders's extensions), subfolders included, sorted."""
     paths = []
     for item in inputs:
         path = Path(item).expanduser()

@@ -27,12 +27,12 @@ import torch
 
 from benchmarks.common import machine, print_result
 from benchmarks.shards import OpenCounter, Source, dataset, median, time_loader
-from data.archive_index import read_cached
-from data.archives import TRAIN_ARCHIVE, scan_train
-from data.imagenet import find_classes, image_files
-from data.kaggle_zip import PREFIX, ZipDataset, scan_zip
+from data.sources.archive_index import read_cached
+from data.sources.archives import TRAIN_ARCHIVE, scan_train
+from data.sources.class_folders import find_classes, image_files
+from data.sources.kaggle_zip import PREFIX, ZipDataset, scan_zip
 from data.pack_shards import pack
-from data.shards import ShardDataset
+from data.sources.shards import ShardDataset
 from data.transforms import train_transform
 
 SOURCES = ("folders", "shards", "archives", "kaggle-zip")

@@ -22,7 +22,7 @@ from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader
 
 from benchmarks.common import print_result
-from data.imagenet import ImageFolderDataset, find_classes, index_split
+from data.sources.class_folders import ImageFolderDataset, find_classes, index_split
 from data.jpeg_box import SWITCH, box_decoder
 from data.loaders import PREFETCH_FACTOR, loader_options
 from data.transforms import eval_transform, train_transform

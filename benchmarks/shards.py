@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.common import machine, print_result
-from data.imagenet import ImageFolderDataset, find_classes, index_split
+from data.sources.class_folders import ImageFolderDataset, find_classes, index_split
 from data.loaders import loader_options
 from data.pack_shards import pack
-from data.shards import ShardDataset, read_split
+from data.sources.shards import ShardDataset, read_split
 from data.transforms import train_transform
 
 SOURCES = ("folders", "shards")

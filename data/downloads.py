@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .errors import DatasetLayoutError
-from .imagenet import DECODE_ERRORS, ImageFolderDataset
+from .sources.class_folders import DECODE_ERRORS, ImageFolderDataset
 from .loaders import build_splits
 
 CHUNK = 1 << 24

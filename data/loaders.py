@@ -14,14 +14,11 @@ from .config import DataConfig
 from .errors import DataConfigError
 from .fast_decode import ImageTransform
 from .gpu_decode import gpu_decode_available, warn_fallback
-from .imagenet import ImageFolderDataset, Sample, build_imagenet_splits
-from .samplers import EvalSampler, TrainSampler
-from .archives import build_archive_splits
-from .kaggle import build_kaggle_splits
-from .kaggle_zip import build_zip_splits
-from .shards import ShardSplit, build_shard_splits
-from .sources import NAMES, detect_layout, split_dataset
 from .loader_faults import ReadProgress
+from .samplers import EvalSampler, TrainSampler
+from .sources.class_folders import ImageFolderDataset, Sample, build_imagenet_splits
+from .sources.layout import NAMES, SPLIT_BUILDERS, detect_layout, split_dataset
+from .sources.shards import ShardSplit
 from .transforms import SizeByEpoch, eval_transform, train_transform
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -122,10 +119,6 @@ def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
         raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
                               f"{NAMES[layout]}, which carry their own validation set; set it to 0")
     return SPLIT_BUILDERS[layout](root, train, val, seed, config.index_dir)
-
-
-SPLIT_BUILDERS = {"shards": build_shard_splits, "archives": build_archive_splits, "kaggle": build_kaggle_splits,
-                  "kaggle-zip": build_zip_splits}
 
 
 def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Process) -> DataLoader:

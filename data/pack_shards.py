@@ -22,7 +22,7 @@ one at a time per thread (never the dataset in memory). A shard is written to
 <shard>.partial and renamed when complete, so running the same command again after an
 interruption keeps the finished shards and writes the rest; _pack.json records what is
 being packed (the shuffle rule too), and a different pack into the same folder is refused.
-Training reads the shards in the class folders' order (data/shards.py), so the
+Training reads the shards in the class folders' order (data/sources/shards.py), so the
 shuffle changes nothing it computes.
 """
 import argparse
@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .errors import DatasetLayoutError
-from .imagenet import ImageFolderDataset, Sample, find_classes, index_split, subfolders
+from .sources.class_folders import ImageFolderDataset, Sample, find_classes, index_split, subfolders
 from .loaders import build_splits
-from .shards import INFO_NAME
-from .sources import WHOLE_DOWNLOADS, detect_layout
+from .sources.shards import INFO_NAME
+from .sources.layout import WHOLE_DOWNLOADS, detect_layout
 from .val_layouts import read_eval_set
 
 log = logging.getLogger(__name__)

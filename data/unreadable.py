@@ -5,7 +5,7 @@ from typing import Dict, Sequence
 
 from .batches import Batch
 from .errors import UnreadableDataError
-from .imagenet import Sample
+from .sample_index import Sample
 
 log = logging.getLogger(__name__)
 

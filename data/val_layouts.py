@@ -5,10 +5,10 @@
     DIR/ILSVRC2012_val_*.JPEG flat    with the devkit (ILSVRC2012_devkit_t12.tar.gz, or the
                                       meta.bin torchvision makes of it) or Kaggle's
                                       LOC_val_solution.csv
-    DIR/<name>-validation-NN.tar      WebDataset tar shards (data/shards.py); classes as
+    DIR/<name>-validation-NN.tar      WebDataset tar shards (data/sources/shards.py); classes as
                                       _info.json names them, else the model's
     DIR/ILSVRC2012_img_val.tar        ImageNet's official archives, and Kaggle's download
-    Kaggle's zip or tree              zipped or not (data/sources.py, docs/archives.md)
+    Kaggle's zip or tree              zipped or not (data/sources/layout.py, docs/archives.md)
 
 The devkit's ground truth holds ILSVRC2012 IDs, numbered in meta.mat's order, not in
 sorted wnid order; torchvision's parser turns them into wnids, then wnids into labels.
@@ -24,10 +24,10 @@ from typing import List, Optional
 from torchvision.datasets.imagenet import META_FILE
 
 from .errors import DatasetLayoutError
-from .imagenet import Sample, default_classes, image_files, index_split, subfolders
-from .shards import ShardSplit, holds_shards, read_eval_shards
-from .sources import WHOLE_DOWNLOADS, detect_layout, source_eval_set
-from .val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, find_label_file, labels_from
+from .sources.class_folders import Sample, default_classes, image_files, index_split, subfolders
+from .sources.shards import ShardSplit, holds_shards, read_eval_shards
+from .sources.layout import WHOLE_DOWNLOADS, detect_layout, source_eval_set
+from .sources.val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, find_label_file, labels_from
 
 EVAL_LAYOUTS = ("expected class folders (DIR/<wnid>/*.JPEG), ImageNetV2's numbered folders (DIR/0 .. DIR/999), "
                 "or a flat folder of ILSVRC2012_val_*.JPEG with its labels")

@@ -18,7 +18,7 @@ import data.downloads
 import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
-from data import archives
+from data.sources import archives
 from data.config import DataConfig
 from data.errors import DatasetLayoutError
 from data.loaders import build_splits
@@ -92,7 +92,7 @@ def test_every_download_gives_the_class_folders_samples_in_their_order_with_the_
 
 
 def layout(folder):
-    from data.sources import detect_layout
+    from data.sources.layout import detect_layout
 
     return detect_layout(folder)
 

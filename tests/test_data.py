@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.fast_decode import load_rgb
-from data.imagenet import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split
+from data.sources.class_folders import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split
 from data.batches import SharedBatchRing, collate_batch
 from data.loaders import loader_options
 from data.samplers import EvalSampler, TrainSampler

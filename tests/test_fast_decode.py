@@ -11,7 +11,7 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 
 from data.fast_decode import FastCenterCrop, decode_region
-from data.imagenet import ImageFolderDataset, seeded_randomness
+from data.sources.class_folders import ImageFolderDataset, seeded_randomness
 from data.transforms import eval_transform, train_transform
 
 OUT = 64

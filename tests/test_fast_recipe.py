@@ -13,7 +13,7 @@ from cspresnet.checkpoint import CheckpointFolder
 from cspresnet.optim import LinearSchedule
 from cspresnet.recipe import RecipeError, describe_recipe, load_recipe
 from data.config import DataConfig
-from data.imagenet import build_imagenet_splits
+from data.sources.class_folders import build_imagenet_splits
 from data.loaders import loader_options
 from data.samplers import TrainSampler
 from data.transforms import SizeByEpoch, eval_transform, train_transform

@@ -19,7 +19,7 @@ from cspresnet.model import build_model
 from cspresnet.run_state import dataset_fingerprint
 from cspresnet.weights import CLASSIFIER, apply_initial_weights, read_initial_weights
 from data.config import DataConfig
-from data.imagenet import hold_out, index_split
+from data.sources.class_folders import hold_out, index_split
 from data.loaders import build_training_data
 from data.sample_data import generate
 from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins

@@ -266,7 +266,7 @@ def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imag
     assert sorted(warned) == [
         "html_error_page.JPEG", "truncated.JPEG", "zero_bytes.JPEG"]
     assert summary_column(output, "unreadable_images") == ["3"]  # 30 images, 5 steps of 6: all served once
-    from data.imagenet import find_classes, index_split
+    from data.sources.class_folders import find_classes, index_split
 
     indexed = [p.split("/")[-1] for p, _ in index_split(data / "train", find_classes(data / "train"))]
     assert len(indexed) == 30 and "readme.txt" not in indexed and "Thumbs.db" not in indexed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cspresnet.run_state import dataset_fingerprint
-from data.imagenet import cached_index, find_classes, index_split
+from data.sources.class_folders import cached_index, find_classes, index_split
 from data.sample_index import SampleIndex, cache_file
 from tests.helpers import PrivateMount
 
@@ -33,7 +33,7 @@ def tree(tiny_imagenet, tmp_path):
 
 def indexed(tree, caplog, split="train"):
     caplog.clear()
-    with caplog.at_level("INFO", logger="data.imagenet"):
+    with caplog.at_level("INFO", logger="data.sources.class_folders"):
         index = cached_index(tree / split, find_classes(tree / "train"))
     return index, "read from" in caplog.text
 
@@ -116,7 +116,7 @@ BUILD = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from data.imagenet import cached_index, find_classes
+from data.sources.class_folders import cached_index, find_classes
 root = Path(sys.argv[1])
 cached_index(root / "train", find_classes(root / "train"))
 """

@@ -24,10 +24,10 @@ import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.reports import load_real_labels
-from data import shard_index, shards
+from data.sources import shard_index, shards
 from data.config import DataConfig
 from data.errors import DataConfigError
-from data.imagenet import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
+from data.sources.class_folders import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
 from data.loaders import build_splits
 from data.pack_shards import PLAN_NAME, PackError, pack
 from data.samplers import TrainSampler
@@ -207,7 +207,7 @@ def test_the_index_is_built_once_reused_and_rebuilt_for_a_changed_shard(packed, 
     scanned.clear()
     changed = folder / "imagenet1k-train-01.tar"
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    with caplog.at_level("INFO", logger="data.shard_index"):
+    with caplog.at_level("INFO", logger="data.sources.shard_index"):
         again = shards.read_split(folder, "train")
     assert scanned == [changed.name] and "re-indexing 1 shard(s) that changed" in caplog.text
     assert again.samples == first.samples
@@ -361,7 +361,7 @@ def test_an_index_written_before_cuts_were_recorded_is_built_again(packed, tmp_p
     scanned = []
     real_scan = shard_index.scan_shard
     monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
-    with caplog.at_level("INFO", logger="data.shard_index"):
+    with caplog.at_level("INFO", logger="data.sources.shard_index"):
         again = shards.read_split(folder, "train")
     assert len(scanned) == 3 and "re-indexing 3 shard(s) indexed by an older version" in caplog.text
     assert again.samples == first.samples

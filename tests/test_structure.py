@@ -52,7 +52,7 @@ def test_the_console_knows_the_errors_module_and_no_module_that_raises_them():
 def test_no_module_decodes_images_with_torchvision_io():
     """torchvision 0.29 deprecates its image decoders for TorchCodec's (data/gpu_decode.py)."""
     users = [str(path.relative_to(REPO)) for folder in ("cspresnet", "data", "benchmarks", "tests")
-             for path in (REPO / folder).glob("*.py") if any(name.startswith("torchvision.io")
+             for path in (REPO / folder).rglob("*.py") if any(name.startswith("torchvision.io")
                                                              for name in imported_modules(path))]
     users += [name for name in ("train.py", "validate.py", "predict.py")
               if any(m.startswith("torchvision.io") for m in imported_modules(REPO / name))]

@@ -20,7 +20,7 @@ from timm.data import ImageDataset, RealLabelsImagenet, create_transform, resolv
 from benchmarks.common import stand_in_timm_model
 from cspresnet.export import export_for_timm
 from cspresnet.reports import TIMM_RESULTS_COLUMNS, load_real_labels, real_accuracy
-from data.imagenet import DatasetLayoutError
+from data.sources.class_folders import DatasetLayoutError
 from data.sample_data import generate
 from data.val_layouts import arrange_by_class, read_eval_set
 import validate
@@ -158,7 +158,7 @@ def validate_cli(*args):
 @pytest.mark.parametrize("breakage, message", [
     ("checkpoint", "not a readable PyTorch checkpoint"),
     ("data", "does not exist or is not a folder"),
-    ("empty_class", "missing or empty folders"),  # data.imagenet's message, with its multi-line layout hint
+    ("empty_class", "missing or empty folders"),  # data.sources.class_folders's message, with its multi-line layout hint
     ("recipe", "recipe key 'optim.lr' must be > 0"),
 ])
 def test_bad_input_exits_2_with_one_error_line(val_images, weights, tmp_path, breakage, message):

@@ -11,7 +11,7 @@ class-folder dataset's sample i (sorted classes, then sorted file names), howeve
 packer (data/pack_shards.py) shuffled the samples across shards: training from shards
 gives the same weights as training from the folders they were packed from.
 
-The index of each sample's place in its shard is data/shard_index.py's.
+The index of each sample's place in its shard is data/sources/shard_index.py's.
 
 Each process (each loader worker) opens a shard on first use and keeps it open: one
 open() per shard per worker, then one pread() per image.
@@ -37,10 +37,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import DatasetLayoutError
-from .fast_decode import ImageTransform
-from .imagenet import ImageFolderDataset, default_classes
-from .sample_index import SampleIndex, locked
+from ..errors import DatasetLayoutError
+from ..fast_decode import ImageTransform
+from .class_folders import ImageFolderDataset, default_classes
+from ..sample_index import SampleIndex, locked
 from .shard_index import ShardScan, index_file, indexed_shards, member_key, shard_split, split_names
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A split read out of one archive file (ImageNet's official tars, Kaggle's zip): each
 sample's class, name and the place of its bytes, in the class folders' order, cached.
 
-An archive is read as one tar shard (data/shards.py): its samples all lie in the one file,
+An archive is read as one tar shard (data/sources/shards.py): its samples all lie in the one file,
 each at its offset, so the shard reader (one open per process, one pread per image), its
 dataset and its checks of a changed or vanished file serve it unchanged. Sample i is the
 class folders' sample i (classes in order, then file names sorted), named
@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .sample_index import SampleIndex, cache_file, locked
+from ..sample_index import SampleIndex, cache_file, locked
 from .shards import ShardSplit, cached_split
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@
 --data-dir names the zip, or a folder that holds it and nothing else. The index comes from
 the zip's central directory (Python's zipfile reads it, ZIP64 included) and each image's
 local header (its own extra field moves the data), never an image; then each image is one
-pread of its stored bytes, inflated if deflated (data/archive_index.py). The samples are in
+pread of its stored bytes, inflated if deflated (data/sources/archive_index.py). The samples are in
 the class folders' order, so training from the zip gives the unzipped folders' weights.
 """
 import os
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .archive_index import Row, read_cached, split_from_rows, warn_problems
-from .errors import DatasetLayoutError
-from .fast_decode import ImageTransform
-from .imagenet import is_image_name
+from ..errors import DatasetLayoutError
+from ..fast_decode import ImageTransform
+from .class_folders import is_image_name
 from .shards import BadShardSample, ShardDataset, ShardSplit
 from .val_labels import KAGGLE_DATA, KAGGLE_SOLUTION, kaggle_bytes
 

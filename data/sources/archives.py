@@ -7,8 +7,8 @@ extraction, no copy.
 
 The inner tars lie in the outer one uncompressed, so every JPEG lies whole at a fixed offset
 of the outer file. The index is read from the outer tar's headers and each inner tar's
-(data/shard_index.py's tar reader, on a window of the outer file), never an image; then each
-image is one pread, as from a tar shard (data/archive_index.py). The classes are the labels'
+(data/sources/shard_index.py's tar reader, on a window of the outer file), never an image; then each
+image is one pread, as from a tar shard (data/sources/archive_index.py). The classes are the labels'
 (the devkit's 1,000, or those Kaggle's file names), so that a class missing from a damaged
 train archive does not move the others' labels.
 """
@@ -21,9 +21,9 @@ from typing import BinaryIO, Dict, List, Tuple
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
 
 from .archive_index import Row, read_cached, split_from_rows, warn_problems
-from .errors import DatasetLayoutError
-from .fast_decode import ImageTransform
-from .imagenet import is_image_name
+from ..errors import DatasetLayoutError
+from ..fast_decode import ImageTransform
+from .class_folders import is_image_name
 from .shard_index import Member, tar_members
 from .shards import ShardDataset, ShardSplit
 from .val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, ValLabels, labels_from

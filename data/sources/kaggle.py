@@ -12,9 +12,9 @@ folders' order (class, then file name), so a run evaluates them as it would in v
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .errors import DatasetLayoutError
-from .fast_decode import ImageTransform
-from .imagenet import ImageFolderDataset, Sample, cached_index, find_classes, image_files, subfolders
+from ..errors import DatasetLayoutError
+from ..fast_decode import ImageTransform
+from .class_folders import ImageFolderDataset, Sample, cached_index, find_classes, image_files, subfolders
 from .val_labels import DEVKIT_ARCHIVE, KAGGLE_DATA, KAGGLE_SOLUTION, find_label_file, labels_from
 
 ARRANGE = "python -m data.val_layouts arrange --val-dir VAL --val-solution LOC_val_solution.csv --out OUT/val"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
-from .errors import DatasetLayoutError
-from .imagenet import IMAGE_EXTENSIONS
-from .sample_index import locked
+from ..errors import DatasetLayoutError
+from .class_folders import IMAGE_EXTENSIONS
+from ..sample_index import locked
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def read_members(path: Path, size: int) -> Tuple[List[Member], str]:
 
 def tar_members(handle: BinaryIO, size: int) -> Tuple[List[Member], str]:
     """read_members of an open tar of `size` bytes (a file, or a window on a tar inside
-    another: data/archives.py); the damage as tarfile states it."""
+    another: data/sources/archives.py); the damage as tarfile states it."""
     members: List[Member] = []
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import DatasetLayoutError
-from .fast_decode import ImageTransform
-from .loader_faults import ReadProgress
-from .sample_index import Sample, SampleIndex, cache_file, locked
+from ..errors import DatasetLayoutError
+from ..fast_decode import ImageTransform
+from ..loader_faults import ReadProgress
+from ..sample_index import Sample, SampleIndex, cache_file, locked
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
-from .errors import DatasetLayoutError
+from ..errors import DatasetLayoutError
 
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"

@@ -1,26 +1,21 @@
-"""Which source a --data-dir is, and the readers of each.
-
-    class-folders   DIR/train/<wnid>/, DIR/val/<wnid>/             data/imagenet.py
-    shards          DIR/<name>-train-NNNN.tar, -validation-NN.tar   data/shards.py
-    archives        DIR/ILSVRC2012_img_{train,val}.tar + devkit     data/archives.py
-    kaggle          Kaggle's download unzipped (train/ and a flat val/)  data/kaggle.py
-    kaggle-zip      Kaggle's zip itself                              data/kaggle_zip.py
-
-Each gives its samples in the class folders' order and the bytes of sample i, so the
-samplers, the decode paths and exact resume never learn which one they read.
-"""
+"""Which source a --data-dir holds (data.layout, or auto), and what validate.py and the
+datasets need whichever it is. The sources themselves: data/sources/__init__.py."""
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .archives import holds_archives, read_val
-from .imagenet import Sample
-from .kaggle import kaggle_eval_set, kaggle_root
-from .kaggle_zip import ZipDataset, find_zip, read_zip_split
-from .shards import ShardDataset, ShardSplit, holds_shards
+from .archives import build_archive_splits, holds_archives, read_val
+from .class_folders import Sample
+from .kaggle import build_kaggle_splits, kaggle_eval_set, kaggle_root
+from .kaggle_zip import ZipDataset, build_zip_splits, find_zip, read_zip_split
+from .shards import ShardDataset, ShardSplit, build_shard_splits, holds_shards
 
 NAMES = {"class-folders": "class folders", "shards": "tar shards", "archives": "ImageNet's official archives",
          "kaggle": "Kaggle's download (unzipped)", "kaggle-zip": "Kaggle's zip"}
 WHOLE_DOWNLOADS = ("archives", "kaggle", "kaggle-zip")  # sources that hold both splits and the labels
+# each source but class folders (data/loaders.py: they alone may hold out a validation set):
+# (root, train transform, eval transform, seed, index_dir) -> (train set, validation set)
+SPLIT_BUILDERS = {"shards": build_shard_splits, "archives": build_archive_splits, "kaggle": build_kaggle_splits,
+                  "kaggle-zip": build_zip_splits}
 
 
 def detect_layout(root: Path, layout: str = "auto") -> str:
