@@ -14,16 +14,25 @@ line, anything else with its traceback; 130 a second Ctrl-C, and 128+N no exit w
 runtime.stop_timeout_s of the first signal N, both without saving. Rank 0 also writes the
 outcome to <run folder>/status.
 """
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
+import signal
 
-from cspresnet.console import run_script, setup_logging
-from cspresnet.distributed import init_distributed, shutdown
-from cspresnet.recipe import describe_recipe, load_recipe
-from cspresnet.training import train
+# A stop signal while Python imports torch (seconds) is kept, not fatal: the run acts on it as
+# soon as it can write its status (exit 75; cspresnet/signals.py).
+EARLY_SIGNALS = []
+if __name__ == "__main__":
+    for _stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_stop, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import argparse  # noqa: E402  (after the handlers above)
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cspresnet.console import run_script, setup_logging  # noqa: E402
+from cspresnet.distributed import init_distributed, shutdown  # noqa: E402
+from cspresnet.recipe import describe_recipe, load_recipe  # noqa: E402
+from cspresnet.training import train  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(describe_recipe(args.recipe, overrides, args.data_dir), end="")
         return 0
     ctx = init_distributed(recipe.runtime.device, recipe.runtime.collective_timeout_s)
-    code = train(recipe, ctx, Path(args.output or Path("runs") / Path(args.recipe).stem), args.resume)
+    code = train(recipe, ctx, Path(args.output or Path("runs") / Path(args.recipe).stem), args.resume, EARLY_SIGNALS)
     shutdown()
     return code
 

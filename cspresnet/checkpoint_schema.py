@@ -66,7 +66,19 @@ class TrainingCheckpoint:
                 f"--initial-weights {path}")
         if missing:
             raise CheckpointError(f"{path} is a damaged training checkpoint: it lacks {', '.join(missing)}")
-        return cls(**{name: state.get(name) for name in names if name != "format"})
+        checkpoint = cls(**{name: state.get(name) for name in names if name != "format"})
+        checkpoint.rows = [with_train_size(row, checkpoint.recipe) for row in checkpoint.rows]
+        return checkpoint
+
+
+def with_train_size(row: Dict[str, Any], recipe: Dict[str, Any]) -> Dict[str, Any]:
+    """A summary row as this version writes it: rows written before progressive resizing
+    (before ce21dd9, 2026-12-03) lack the epoch's training crop, which was then data.img_size."""
+    if "train_size" in row:
+        return row
+    size = (recipe.get("data") or {}).get("img_size")
+    before = list(row)[:list(row).index("lr") + 1] if "lr" in row else list(row)
+    return {**{key: row[key] for key in before}, "train_size": size, **row}
 
 
 def read_training_checkpoint(path: Path) -> TrainingCheckpoint:

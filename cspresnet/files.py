@@ -59,25 +59,35 @@ def overwrite_in_place(path: Path, text: str) -> None:
 
 
 def append_csv_row(path: Path, row: Dict[str, object]) -> None:
-    """One row, with the header first when the file is new or empty."""
+    """One row under the file's own header (the row's keys when the file is new or empty); a
+    row with a column the header lacks is refused, since appending it would shift every
+    later column of that line."""
     path = Path(path)
-    new_file = not path.exists() or path.stat().st_size == 0
+    header = None
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), None)
+    if header is not None and set(row) - set(header):
+        raise ValueError(f"{path} has the columns {','.join(header)}; this row adds "
+                         f"{', '.join(sorted(set(row) - set(header)))}: write it to a new file")
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new_file:
+        writer = csv.DictWriter(handle, fieldnames=header or list(row))
+        if header is None:
             writer.writeheader()
         writer.writerow(row)
 
 
 def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
-    """All rows at once, atomically; no rows: no file."""
+    """All rows at once, atomically, under every column any row has (in the order they first
+    appear; a row without one leaves it empty); no rows: no file."""
     if not rows:
         Path(path).unlink(missing_ok=True)
         return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)

@@ -97,7 +97,7 @@ class RunFolder:
         anything that would put a new run on top of another run's files."""
         found = run_files(self.path)
         if resume is None:
-            if found:
+            if found and found != [STATUS_FILE]:  # a status alone: a start stopped before it trained
                 raise RunFolderError(f"{self.path} already holds a run ({', '.join(found)}); continue it with "
                                      f"--resume auto, or pass --output NEW_FOLDER to start another")
             return None

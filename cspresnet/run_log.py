@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
-from .files import append_csv_row, is_disk_full, unless_disk_full, write_csv
+from .files import is_disk_full, unless_disk_full, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,14 @@ class RunLog:
             self._tensorboard(write)
         log.info("step %d loss %.4f lr %.6g", step, loss, lr)
 
-    def epoch(self, row: Dict[str, float]) -> None:
-        """Append one row to summary.csv, mirror it to TensorBoard, print it."""
+    def epoch(self, rows: List[Dict[str, float]]) -> None:
+        """summary.csv written anew with every row (a few hundred lines at most: a rewrite
+        keeps one header for rows written by older versions too), the last row mirrored to
+        TensorBoard and printed."""
         if not self.enabled:
             return
-        unless_disk_full(lambda: append_csv_row(self.csv_path, row), f"summary.csv row of epoch {row['epoch']}")
+        row = rows[-1]
+        unless_disk_full(lambda: write_csv(self.csv_path, rows), f"summary.csv row of epoch {row['epoch']}")
 
         def write(writer: SummaryWriter) -> None:
             step = int(row["step"])  # one x-axis for everything, so a resume can purge by step

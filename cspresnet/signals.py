@@ -4,14 +4,19 @@ nothing: a scheduler delivers the same stop several times (SLURM signals every p
 the job, and torchrun forwards its own copy to each rank). Only a person's second Ctrl-C
 (a SIGINT that comes more than REPEAT_WINDOW_S after the first signal), or no exit within
 runtime.stop_timeout_s, ends the process at once without saving. Whichever way it ends,
-its loader workers end with it."""
+its loader workers end with it.
+
+Before training begins (indexing the data, which can take minutes, building the model)
+there is nothing to save: a stop then ends the start at once (StartInterrupted), and the
+process exits 75 as after a save, for the requeue script. train.py records a signal that
+comes even earlier, while Python imports torch (`early_signals`)."""
 import os
 import select
 import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -24,6 +29,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_WINDOW_S = 0.5
 
 
+class StartInterrupted(Exception):
+    """A stop signal before training began: nothing to save, the start ends here."""
+
+
 class StopRequest:
     """Remembers the first stop signal, for the training loop to act on at a step's end.
 
@@ -34,16 +43,41 @@ class StopRequest:
     whatever the main thread is doing.
     """
 
-    def __init__(self, timeout_s: float, on_give_up: Callable[[str], None] = lambda reason: None):
+    def __init__(self, timeout_s: float, on_give_up: Callable[[str], None] = lambda reason: None,
+                 early_signals: Optional[List[int]] = None):
         self.signal_name: Optional[str] = None
         self.timeout_s = timeout_s
         self.on_give_up = on_give_up  # e.g. writes the run's status; called by the watchdog before it exits
+        self.starting = True  # until the run trains: a stop raises StartInterrupted once armed (arm_start)
+        self._armed = False
         read_end, self._write_end = os.pipe()
         os.set_blocking(self._write_end, False)
-        # The watchdog acts; these handlers only keep the defaults (death, KeyboardInterrupt) away.
-        self._previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in STOP_SIGNALS}
+        # The watchdog acts; these handlers keep the defaults (death, KeyboardInterrupt) away
+        # and, during the start, end it (they run in the main thread, between bytecodes).
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._previous_fd = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, args=(read_end,), name="stop-watchdog", daemon=True).start()
+        for signum in early_signals or ():  # came before the wakeup fd: the watchdog did not see them
+            os.write(self._write_end, bytes([signum]))
+        self._pending = signal.Signals(early_signals[0]).name if early_signals else None
+
+    def _handle(self, signum: int, frame) -> None:
+        self._pending = self._pending or signal.Signals(signum).name
+        if self.starting and self._armed:
+            self.starting = False  # once: a repeated signal must not interrupt the exit
+            raise StartInterrupted(signal.Signals(signum).name)
+
+    def arm_start(self) -> None:
+        """From now until training begins, a stop ends the start at once (also one that came
+        before): call it once the run folder says where the run stands."""
+        self._armed = True
+        if self._pending and self.starting:
+            self.starting = False
+            raise StartInterrupted(self._pending)
+
+    def training(self) -> None:
+        """The run trains from here: a stop is acted on at a step's end, after a save."""
+        self.starting = False
 
     def __enter__(self) -> "StopRequest":
         return self

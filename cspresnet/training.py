@@ -36,15 +36,15 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from data.device_feed import ahead_on_device
+from data.device_feed import ahead_on_device, decoded_on
 from data.errors import (CheckpointError, FinalCheckpointError, LoaderStallError, NonFiniteLossError, RecipeError,
-                         RunFolderError, SharedMemoryError)
+                         RunFolderError, SharedMemoryError, SourceChangedError)
 from data.loader_faults import Batches
 from data.loaders import TrainingData, build_training_data
 from data.transforms import decode_path
 from data.unreadable import UnreadableImages
 
-from .arrangement import Arrangement, arrange
+from .arrangement import arrange
 from .checkpoint_schema import TrainingCheckpoint, read_training_checkpoint
 from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
 from .engine import build_train_step, configure_kernels, evaluate, evaluated_models
@@ -52,21 +52,36 @@ from .recipe import Recipe, RuntimeConfig, changed_keys, recipe_to_dict, recipe_
 from .run_folder import RunFolder
 from .run_log import RunLog
 from .run_state import EpochTotals, RunState, dataset_fingerprint, seed_everything
-from .signals import EXIT_PREEMPTED, StopRequest
+from .signals import EXIT_PREEMPTED, StartInterrupted, StopRequest
 from .weights import InitialWeights, apply_initial_weights, read_initial_weights
 
 log = logging.getLogger(__name__)
 Resumed = Optional[Tuple[Path, TrainingCheckpoint]]  # the checkpoint to continue from, and what it holds
 
 
-def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None) -> int:
-    """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal."""
-    arrangement = arrange(recipe, ctx.world_size)  # an impossible one is refused before anything is touched
+def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None,
+          early_signals: Optional[List[int]] = None) -> int:
+    """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal (also
+    one during the start, where there is nothing to save). `early_signals`: stop signals
+    that came before this call (train.py records them while Python imports)."""
+    arrange(recipe, ctx.world_size)  # an impossible arrangement is refused before anything is touched
     folder = RunFolder(output, recipe.checkpoint.keep_last)
-    with folder.released_at_exit():
+    with folder.released_at_exit(), StopRequest(recipe.runtime.stop_timeout_s, early_signals=early_signals) as stop:
         resumed = claim_run_folder(folder, resume, ctx)
+        step = resumed[1].step if resumed else 0  # of the newest checkpoint: where the run stands until it trains
+        stop.on_give_up = lambda reason: ctx.is_main and folder.set_status(f"interrupted at step {step}: {reason}")
         with folder.failure_recorded(ctx.is_main):
-            return TrainingRun(recipe, ctx, folder, arrangement, resumed).train()
+            try:
+                stop.arm_start()
+                run = TrainingRun(recipe, ctx, folder, resumed, stop)
+            except StartInterrupted as exc:
+                log.info("stopping on %s during the start, before any training: %s; continue with --resume auto", exc,
+                         f"the newest checkpoint is still of step {step}" if resumed else
+                         "nothing of this run was trained yet")
+                if ctx.is_main:
+                    folder.set_status(f"preempted at step {step}")
+                return EXIT_PREEMPTED
+            return run.train()
 
 
 class TrainingRun:
@@ -74,16 +89,15 @@ class TrainingRun:
     folder, the data, the training step, where the run is (RunState), and, while it trains,
     its log and its stop request."""
 
-    def __init__(self, recipe: Recipe, ctx: DistContext, folder: RunFolder, arrangement: Arrangement,
-                 resumed: Resumed):
+    def __init__(self, recipe: Recipe, ctx: DistContext, folder: RunFolder, resumed: Resumed, stop: StopRequest):
         recipe, initial = read_start_weights(as_it_runs(recipe, ctx), resumed)
         configure_kernels(recipe.runtime.deterministic)
         seed_everything(recipe.seed)
         self.data: TrainingData = build_training_data(recipe.data, recipe.batch_size, recipe.seed, ctx)
         self.recipe = recipe = with_class_count(recipe, self.data)
-        self.ctx, self.folder, self.arrangement = ctx, folder, arrangement
+        self.ctx, self.folder, self.arrangement = ctx, folder, arrange(recipe, ctx.world_size)
         self.steps_per_epoch = self.data.sampler.steps_per_epoch
-        self.step = build_train_step(recipe, ctx, self.steps_per_epoch, arrangement)
+        self.step = build_train_step(recipe, ctx, self.steps_per_epoch, self.arrangement)
         self.eval_models = evaluated_models(self.step, recipe.runtime, self.data.val.batch_size)
         if initial is not None:
             models = [self.step.model] + ([self.step.ema.module] if self.step.ema is not None else [])
@@ -95,9 +109,10 @@ class TrainingRun:
                              d.min_unreadable_allowed),
             datasets=(dataset_fingerprint(self.data.train_set.samples), dataset_fingerprint(self.data.val_set.samples)))
         notes = self.restore(resumed[1]) if resumed else []
+        self.stop = stop
+        stop.training()  # before the run folder's files are written: a stop now waits for a step's end and a save
         self.announce(resumed, notes)
         self.log: Optional[RunLog] = None  # while it trains
-        self.stop: Optional[StopRequest] = None
 
     # ------------------------------------------------------------------------- the loop
 
@@ -105,13 +120,12 @@ class TrainingRun:
         """The epochs from where the run is to the recipe's last, and how the run ends."""
         run, main = self.state, self.ctx.is_main
         self.log = RunLog(self.folder.path, main, start_step=run.step, rows=run.rows)
-        with StopRequest(self.recipe.runtime.stop_timeout_s, on_give_up=lambda reason: main and self.folder.set_status(
-                f"interrupted at step {run.step}: {reason}")) as self.stop:
-            try:
-                if not self.train_epochs():
-                    return self.preempted()
-            except (LoaderStallError, SharedMemoryError) as exc:
-                raise type(exc)(f"{exc}; {self.save_after_loader_fault()}") from None
+        self.stop.on_give_up = lambda reason: main and self.folder.set_status(f"interrupted at step {run.step}: {reason}")
+        try:
+            if not self.train_epochs():
+                return self.preempted()
+        except (LoaderStallError, SharedMemoryError, SourceChangedError) as exc:
+            raise type(exc)(f"{exc}; {self.save_after_loader_fault()}") from None
         self.log.close()
         if main:
             self.folder.set_status(f"done at step {run.step}")
@@ -129,13 +143,15 @@ class TrainingRun:
             batches = iter(Batches(self.data.train))
             if self.recipe.runtime.copy_stream:
                 batches = ahead_on_device(batches, self.ctx.device)
+            if self.data.train_decode == "gpu":
+                batches = decoded_on(batches, self.ctx.device)
         for _ in range(run.epoch, self.recipe.epochs):
             if not self.train_epoch(batches):
                 return False
             if run.saved_step != run.step:
                 self.save()  # the epoch's training, kept whatever becomes of its evaluation (a full /dev/shm, a stall)
             saved = self.save(is_best=self.evaluate())
-            self.log.epoch(run.rows[-1])
+            self.log.epoch(run.rows)
             if not saved and run.epoch == self.recipe.epochs:
                 raise FinalCheckpointError(f"the run trained to its end (step {run.step}) but the disk is full and "
                                            f"its final checkpoint was not written; {self.redo_advice()}")

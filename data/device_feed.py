@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from .batches import Batch
+from .gpu_decode import EncodedBatch, decode_batch
 
 
 def ahead_on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
@@ -51,3 +52,15 @@ def ready(batch: Batch, stream: Optional["torch.cuda.Stream"]) -> Batch:
         batch.images.record_stream(current)
         batch.targets.record_stream(current)
     return batch
+
+
+def decoded_on(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """`batches` of JPEGs (data.train_decode=gpu) decoded on `device`; an image that decodes
+    nowhere leaves its batch and is listed unreadable, as a loader worker lists one."""
+    for batch in batches:
+        if isinstance(batch.images, EncodedBatch):
+            images, failed = decode_batch(batch.images, device)
+            kept = [position for position in range(len(batch.targets)) if position not in failed]
+            batch = Batch(images, batch.targets[kept], batch.indices[kept],
+                          batch.unreadable + [(int(batch.indices[p]), why) for p, why in sorted(failed.items())])
+        yield batch

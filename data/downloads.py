@@ -9,7 +9,10 @@ the index checks the archives' structure. arrange writes the images as class fol
 through the same reader that training uses (one pread each, a zip's members inflated):
 streaming, one image at a time; resumable, since an image already written with the same bytes
 is kept, and each is written to a temporary name and renamed; and it refuses to overwrite an
-image that differs (OUT holds another result).
+image that differs (OUT holds another result). Each split is written into OUT/<split>.partial/
+and renamed to OUT/<split>/ when every image is there, so that a folder named train/ or val/ is
+never a part of one: a rerun after a kill goes on in the .partial folder, and OUT may be the
+download's own folder.
 """
 import argparse
 import hashlib
@@ -23,8 +26,12 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .errors import DatasetLayoutError
-from .sources.class_folders import DECODE_ERRORS, ImageFolderDataset
+from .fast_decode import DECODE_ERRORS
+from .sources.class_folders import ImageFolderDataset
 from .loaders import build_splits
+from .sources.kaggle import kaggle_root
+from .sample_index import absolute
+from .sources.layout import download_layout
 
 CHUNK = 1 << 24
 
@@ -55,15 +62,22 @@ def place(data: bytes, target: Path) -> bool:
             raise DatasetLayoutError(f"{target} exists and differs from the image it would hold: arrange into an "
                                      f"empty folder, or the folder of an earlier arrange of this download")
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+    except OSError as exc:  # a full disk: its own error names no file
+        partial.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(partial)) from None
     os.replace(partial, target)
     return True
 
 
 def arrange_split(dataset: ImageFolderDataset, out: Path) -> Tuple[int, int, int]:
-    """(written, kept, unreadable) for one split's images into out/<wnid>/<file>."""
+    """(written, kept, unreadable) for one split's images into out/<wnid>/<file>, by way of
+    out.partial/ unless `out` was arranged before (then its images are checked)."""
+    whole = out.is_dir()
+    into = out if whole else out.with_name(out.name + ".partial")
     counts = [0, 0, 0]
     for index in tqdm(range(len(dataset)), desc=out.name, unit="img", disable=None, leave=False):
         path, target = dataset.samples[index]
@@ -73,12 +87,24 @@ def arrange_split(dataset: ImageFolderDataset, out: Path) -> Tuple[int, int, int
             print(f"skipped {path}: {exc}", file=sys.stderr)
             counts[2] += 1
             continue
-        counts[0 if place(data, out / dataset.classes[target] / os.path.basename(path)) else 1] += 1
+        counts[0 if place(data, into / dataset.classes[target] / os.path.basename(path)) else 1] += 1
+    if not whole:
+        into.mkdir(parents=True, exist_ok=True)  # a split of unreadable images only
+        os.replace(into, out)
     return counts[0], counts[1], counts[2]
 
 
 def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
-    train, val = build_splits(DataConfig(dir=str(root)), None, None, 0)
+    """Any download's splits into OUT/train and OUT/val; the download is told apart from
+    class folders beside it (OUT may be its folder)."""
+    layout = download_layout(root)
+    if layout is None:
+        raise DatasetLayoutError(f"{root} holds none of ImageNet's downloads (the official archives, Kaggle's zip or "
+                                 f"its tree): arrange writes class folders from one of those")
+    if layout == "kaggle" and absolute(out) == absolute(kaggle_root(root)):
+        raise DatasetLayoutError(f"--out {out} is the folder of the download's own train/ and val/: give another")
+    source = DataConfig(dir=str(root), layout="archives" if layout == "archives" else "kaggle")
+    train, val = build_splits(source, None, None, 0)
     return {"train": arrange_split(train, out / "train"), "val": arrange_split(val, out / "val")}
 
 
@@ -100,7 +126,7 @@ def main(argv=None) -> int:
         for split, (written, kept, unreadable) in arrange(args.data_dir, args.out).items():
             print(f"{split}: {written} images written, {kept} already there, {unreadable} unreadable skipped")
     except (DatasetLayoutError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
 

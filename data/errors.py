@@ -46,6 +46,13 @@ class OptionError(BadInputError):
     """A command-line option that cannot work, found before any work."""
 
 
+class SourceChangedError(ExitError):
+    """A file that the index points into (an archive, a zip, a shard) changed under a running
+    job: its offsets no longer hold what was indexed. Not an OSError: no skipped sample."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class UnreadableDataError(ExitError, RuntimeError):
     """More images could not be decoded than the recipe allows, or none at all."""
 

@@ -22,6 +22,9 @@ from timm.data import RandomResizedCropAndInterpolation
 from .jpeg_box import box_decoder
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels of the stored image
+# What a file that cannot be decoded raises: Pillow's UnidentifiedImageError and "image
+# file is truncated" are OSErrors; broken headers raise SyntaxError or ValueError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class ImageTransform:

@@ -13,12 +13,12 @@ import dataclasses
 import io
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
 
-from .fast_decode import Box, FastRandomResizedCrop, decode_region, jpeg_dimensions
+from .fast_decode import DECODE_ERRORS, Box, FastRandomResizedCrop, decode_region, jpeg_dimensions
 
 try:  # pinned in requirements.txt; a machine with another torch may lack a TorchCodec that loads
     from torchcodec.decoders import decode_jpeg
@@ -79,27 +79,50 @@ class EncodedRandomResizedCrop(FastRandomResizedCrop):
         return encoded
 
 
-def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC on `device`: the JPEGs decoded there in one call, cropped and resized."""
+def decode_batch(batch: EncodedBatch, device: torch.device) -> Tuple[torch.Tensor, Dict[int, str]]:
+    """uint8 NHWC on `device` of the images that decode, in order, cropped and resized, and
+    {position in the batch: why} of those that do not. The JPEGs go to the device in one
+    call; when that fails (one truncated file fails them all) each goes on its own, and a
+    file the device cannot decode is decoded as the fast CPU path decodes it, so that the
+    two paths skip the same files."""
     size = batch.images[0].size
     out = torch.empty(len(batch.images), 3, size, size, dtype=torch.uint8, device=device)
-    positions = [i for i, length in enumerate(batch.lengths) if length]
-    files = [file for file in batch.files.split(batch.lengths) if len(file)]
-    decoded = decode_jpeg(files, mode="RGB", device=device) if files else []
-    for position, chw in zip(positions, decoded):
-        image = batch.images[position]
-        top, left, height, width = image.box
-        # In float: CUDA has no antialiased resize for uint8 (torch 2.11). Rounding back to
-        # uint8 lands within one level of the CPU path's uint8 resize.
-        region = chw[:, top:top + height, left:left + width].unsqueeze(0).float()
-        resized = torch.nn.functional.interpolate(region, size=(size, size), mode=image.interpolation, antialias=True)
-        resized = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-        out[position] = resized.flip(-1) if image.flip else resized
+    files = {i: file for i, file in enumerate(batch.files.split(batch.lengths)) if batch.lengths[i]}
+    try:
+        decoded = dict(zip(files, decode_jpeg(list(files.values()), mode="RGB", device=device))) if files else {}
+    except RuntimeError:
+        decoded = {i: chw for i, file in files.items() for chw in on_device(file, device)}
+    failed = {}
     for position, image in enumerate(batch.images):
-        if image.pixels is not None:
-            chw = image.pixels.permute(2, 0, 1).to(device, non_blocking=True)
-            out[position] = chw.flip(-1) if image.flip else chw
-    return out.permute(0, 2, 3, 1)
+        if position in decoded:
+            top, left, height, width = image.box
+            # In float: CUDA has no antialiased resize for uint8 (torch 2.11). Rounding back to
+            # uint8 lands within one level of the CPU path's uint8 resize.
+            region = decoded[position][:, top:top + height, left:left + width].unsqueeze(0).float()
+            resized = torch.nn.functional.interpolate(region, size=(size, size), mode=image.interpolation,
+                                                      antialias=True)
+            chw = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            pixels = image.pixels
+            if pixels is None:
+                try:
+                    pixels = decode_region(bytes(files[position].numpy()), lambda h, w: image.box, size,
+                                           image.interpolation)
+                except DECODE_ERRORS as exc:
+                    failed[position] = f"{type(exc).__name__}: {exc}"
+                    continue
+            chw = pixels.permute(2, 0, 1).to(device, non_blocking=True)
+        out[position] = chw.flip(-1) if image.flip else chw
+    kept = [position for position in range(len(batch.images)) if position not in failed]
+    return (out[kept] if failed else out).permute(0, 2, 3, 1), failed
+
+
+def on_device(file: torch.Tensor, device: torch.device) -> List[torch.Tensor]:
+    """[the file decoded on `device`], or [] where the device's decoder refuses it."""
+    try:
+        return decode_jpeg([file], mode="RGB", device=device)
+    except RuntimeError:
+        return []
 
 
 def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:

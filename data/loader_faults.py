@@ -24,7 +24,7 @@ from typing import Iterator, List, Sequence
 
 import torch
 
-from .errors import LoaderStallError, SharedMemoryError
+from .errors import ExitError, LoaderStallError, SharedMemoryError
 
 
 SHARED_MEMORY_HINT = ("/dev/shm is too small for data.workers: lower it, or give the job more (Docker: "
@@ -97,7 +97,7 @@ class Batches:
                 if batch is None:
                     return
                 yield batch
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, ExitError) as exc:
             explained = self.explained(exc)
             if explained is exc:
                 raise
@@ -106,16 +106,26 @@ class Batches:
     @contextlib.contextmanager
     def deadline(self) -> Iterator[None]:
         """An alarm for the wait: its handler raises in the main thread, which interrupts a
-        blocked system call there (PEP 475 retries one only when the handler returns)."""
+        blocked system call there (PEP 475 retries one only when the handler returns). The
+        wait is counted in ticks, each adding at most two ticks' time: a job suspended and
+        resumed (SLURM's suspend: SIGSTOP, then SIGCONT, to every process) finds one late
+        tick at its resume, so the time it was stopped does not count as waiting."""
         if self.progress is None or threading.current_thread() is not threading.main_thread():
             yield
             return
+        limit = self.progress.timeout_s
+        tick = min(1.0, limit / 4)
+        waited, last = 0.0, time.monotonic()
 
-        def stalled(signum, frame):
-            raise LoaderStallError(self.progress.describe(self.loader.dataset.samples))
+        def counted(signum, frame):
+            nonlocal waited, last
+            now = time.monotonic()
+            waited, last = waited + min(now - last, 2 * tick), now
+            if waited >= limit:
+                raise LoaderStallError(self.progress.describe(self.loader.dataset.samples))
 
-        previous = signal.signal(signal.SIGALRM, stalled)
-        signal.setitimer(signal.ITIMER_REAL, self.progress.timeout_s)
+        previous = signal.signal(signal.SIGALRM, counted)
+        signal.setitimer(signal.ITIMER_REAL, tick, tick)
         try:
             yield
         finally:
@@ -123,8 +133,12 @@ class Batches:
             signal.signal(signal.SIGALRM, previous)
 
     def explained(self, exc: BaseException) -> BaseException:
-        """A full /dev/shm in words; any other error as it was."""
+        """A full /dev/shm in words; an error of ours raised in a loader worker as its own line
+        (the DataLoader hands it over with the worker's traceback in its message); any other
+        as it was."""
         text = str(exc)
+        if isinstance(exc, ExitError) and "Original Traceback" in text:
+            return type(exc)(text.strip().splitlines()[-1].partition(": ")[2])
         if not isinstance(exc, LoaderStallError) and (
                 "shared memory" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
             last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__

@@ -20,6 +20,7 @@ from .sources.class_folders import ImageFolderDataset, Sample, build_imagenet_sp
 from .sources.layout import NAMES, SPLIT_BUILDERS, detect_layout, split_dataset
 from .sources.shards import ShardSplit
 from .transforms import SizeByEpoch, eval_transform, train_transform
+from .unreadable import refuse_damaged
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -98,6 +99,8 @@ def build_training_data(config: DataConfig, batch_size: int, seed: int, process:
         eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
         seed=seed,
     )
+    for dataset, split in ((train_set, "training"), (val_set, "evaluation")):
+        refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, split)
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
                               f"(batch_size={batch_size}); lower batch_size")
@@ -136,4 +139,5 @@ def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfi
     transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
                                config.eval_decode)
     dataset = split_dataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
+    refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, "evaluation")
     return dataset, eval_loader(dataset, config, process)

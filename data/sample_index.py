@@ -23,8 +23,9 @@ import mmap
 import os
 import posixpath
 import struct
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -196,18 +197,87 @@ class SampleIndex(Sequence):
         return index, header
 
 
-def cache_file(root: Path, name: str, index_dir: str = "") -> Path:
-    """Where the index of the dataset at `root` is kept: in `index_dir` (data.index_dir) when set,
-    else beside the data (root/.cspresnet_index/), else, where root is read-only, in a per-user
-    cache; the same name for every rank of every node that reads the same folder."""
-    root = root.resolve()
+def identity(stat: os.stat_result) -> Tuple[int, int, int]:
+    """What tells a file that an index points into from any other: its size, modification
+    time and change time. The change time is the kernel's own: a copy over the file that
+    keeps its size and sets its old modification time (cp --preserve=timestamps) still
+    changes it, and no program can set it back."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def absolute(path: Path) -> Path:
+    """`path` from the root, as indexes name their data: the same data named by a relative
+    path and by an absolute one shares one index. Links are kept (no resolve()), so that a
+    path stays the one the user gave, and works where a magic link (/proc/PID/root) is in it."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def cache_places(root: Path, name: str, index_dir: str = "") -> List[Path]:
+    """Where the index `name` of the data at `root` may be cached, in the order they are read:
+    in `index_dir` (data.index_dir) when set; else beside the data (root/.cspresnet_index/),
+    then the per-user cache. The last is written where the data's folder is read-only. The
+    same names for every rank of every node that reads the same folder."""
+    root = absolute(root)
     tag = f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
     if index_dir:
-        return Path(index_dir).expanduser() / tag / name
-    beside = root / ".cspresnet_index"
-    if os.access(root, os.W_OK) or (beside / name).is_file():
-        return beside / name
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cspresnet" / "index" / tag / name
+        return [Path(index_dir).expanduser() / tag / name]
+    user = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cspresnet" / "index" / tag / name
+    beside = root / ".cspresnet_index" / name
+    return [beside, user] if os.access(root, os.W_OK) or beside.parent.is_dir() else [user]
+
+
+def cache_file(root: Path, name: str, index_dir: str = "") -> Path:
+    """Where the index `name` of the data at `root` is written (cache_places)."""
+    places = cache_places(root, name, index_dir)
+    return places[0] if len(places) == 1 or os.access(absolute(root), os.W_OK) else places[-1]
+
+
+Built = Tuple["SampleIndex", Dict[str, Any], Any]  # the index, what else its source needs back, the key it was built from
+
+
+def cached(what: str, root: Path, name: str, key: Any, build: Callable[[], Built], index_dir: str = "",
+           fresh: Callable[[Dict[str, Any]], bool] = lambda extra: True) -> Tuple["SampleIndex", Dict[str, Any]]:
+    """The index `name` of the data at `root` (`what`, in words) and its `extra`: read from a cache file built
+    from `key` (whose `extra` `fresh` accepts), else built by one process while the others
+    (ranks, nodes) wait on a lock and then read what it wrote, and cached for every later
+    start. A stale cache where nothing can be written (a read-only dataset) is passed over
+    for the user's, not rebuilt at every start; a cache that cannot be written costs the next
+    start a build, with a warning."""
+    started = time.perf_counter()
+    for place in cache_places(root, name, index_dir):
+        found = read_current(place, key, fresh)
+        if found is not None:
+            log.info("indexed %s: %d samples read from %s in %.2f s", what, len(found[0]), place,
+                     time.perf_counter() - started)
+            return found
+    target = cache_file(root, name, index_dir)
+    log.info("indexing %s (once: cached in %s)", what, target)
+    with locked(target):
+        found = read_current(target, key, fresh)  # another process built it while this one waited
+        if found is None:
+            index, extra, built_from = build()
+            try:
+                index.save(target, {"key": built_from}, extra)
+            except OSError as exc:
+                log.warning("could not cache the index in %s (%s): the next start builds it again; set "
+                            "data.index_dir to a writable folder", target, exc.strerror or exc)
+            found = index, extra
+    log.info("indexed %s: %d samples in %.1f s", what, len(found[0]), time.perf_counter() - started)
+    return found
+
+
+def read_current(path: Path, key: Any, fresh: Callable[[Dict[str, Any]], bool]) -> Optional[Tuple["SampleIndex", Dict]]:
+    """The index cached at `path` and its extra, if it is whole and was built from `key`."""
+    try:
+        index, header = SampleIndex.load(path)
+        if header["source"] == {"key": key} and fresh(header["extra"]):
+            return index, header["extra"]
+        log.info("the index %s is out of date: the data changed since it was built", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the index %s cannot be read (%s): indexing again", path, exc)
+    return None
 
 
 @contextlib.contextmanager
@@ -222,6 +292,9 @@ def locked(path: Path) -> Iterator[None]:
         return
     with handle:
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process (a rank, a node) to build %s", path)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:
             pass

@@ -10,7 +10,7 @@ Each transform decodes the file's bytes itself (see fast_decode.ImageTransform):
 the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
 """
 import math
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode
 
 from . import jpeg_box
 from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, load_rgb, pil_to_hwc_uint8
-from .gpu_decode import EncodedBatch, EncodedRandomResizedCrop, decode_batch
+from .gpu_decode import EncodedRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,8 +132,8 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class DevicePreprocess:
-    """A batch as the loader hands it over (uint8 NHWC on the host, or JPEGs, which it
-    decodes on the device first) -> the model's input: normalised float32 NCHW on the device."""
+    """A batch as the loader hands it over (uint8 NHWC, on the host, or on the device after
+    a GPU decode: data.device_feed) -> the model's input: normalised float32 NCHW on the device."""
 
     def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.device = device
@@ -141,9 +141,7 @@ class DevicePreprocess:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
-    def __call__(self, batch: Union[torch.Tensor, EncodedBatch]) -> torch.Tensor:
-        if isinstance(batch, EncodedBatch):
-            batch = decode_batch(batch, self.device)
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
         batch = batch.float().div_(255).sub_(self.mean).div_(self.std)
         return batch.contiguous(memory_format=self.memory_format)

@@ -1,6 +1,7 @@
 """ImageNet as downloaded: the official ILSVRC2012 archives and Kaggle's download, zipped or
 not, read as they are; the same samples, bytes, weights and validation as class folders,
 the cached index, and a message for each kind of bad archive."""
+import fcntl
 import hashlib
 import json
 import os
@@ -9,25 +10,29 @@ import shutil
 import signal
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
 import torchvision.datasets.imagenet as tv_imagenet
 
 import data.downloads
+import train
 import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
+from cspresnet.run_folder import RunFolder
 from data.sources import archives
 from data.config import DataConfig
 from data.errors import DatasetLayoutError
 from data.loaders import build_splits
 from data.pack_shards import pack
 from data.transforms import eval_transform
-from benchmarks.archives import tar_bytes
+from benchmarks.archives import tar_bytes, write_train_archive
 from tests.archive_helpers import kaggle_tree, kaggle_zip, official_archives, val_names
-from tests.helpers import (TINY_OVERRIDES, in_this_process, last_wins, module_in_this_process, read_until, start,
+from tests.helpers import (TINY_OVERRIDES, PrivateMount, in_this_process, last_wins, module_in_this_process, read_until, start,
                            train_here)
+from tests.test_sample_index import aged
 from tests.test_validate import assert_one_error_line, fake_devkit
 
 TRAIN, VAL, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -107,7 +112,7 @@ def test_the_official_counts_are_stated_and_a_difference_is_named(downloads, cap
 # ----------------------------------------------------------------------------- the index
 
 
-def test_the_index_is_built_once_and_again_when_an_archive_changes(downloads, tmp_path, monkeypatch):
+def test_the_index_is_built_once_and_again_when_an_archive_changes(tiny_imagenet, downloads, tmp_path, monkeypatch):
     folder = fresh_copy(downloads["archives"], tmp_path / "archives")
     scanned = []
     real_scan = archives.scan_train
@@ -118,12 +123,33 @@ def test_the_index_is_built_once_and_again_when_an_archive_changes(downloads, tm
     changed = folder / TRAIN
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     assert names(splits(folder)[0]) == names(first) and scanned == [TRAIN, TRAIN]
+    # Another archive of the same size copied over it, keeping its times (cp --preserve=timestamps)
+    other = write_train_archive(tiny_imagenet / "train", tmp_path / "other.tar", seed=7)
+    assert other.stat().st_size == changed.stat().st_size and other.read_bytes() != changed.read_bytes()
+    kept = changed.stat()
+    shutil.copyfile(other, changed)
+    os.utime(changed, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    again, folders = splits(folder)[0], splits(tiny_imagenet)[0]
+    assert scanned == [TRAIN] * 3 and all(again.read(i) == folders.read(i) for i in range(len(folders)))
     os.chmod(folder, 0o555)  # read-only: data.index_dir holds it
     try:
         elsewhere = splits(folder, index_dir=str(tmp_path / "cache"))[0]
     finally:
         os.chmod(folder, 0o755)
     assert names(elsewhere) == names(first) and any((tmp_path / "cache").rglob("archives-train.idx"))
+
+
+def test_the_same_data_named_by_a_relative_path_then_an_absolute_one_is_indexed_once(tiny_imagenet, downloads,
+                                                                                       tmp_path, monkeypatch, caplog):
+    fresh_copy(downloads["archives"], tmp_path / "archives")
+    aged(fresh_copy(tiny_imagenet, tmp_path / "folders"))  # a folder changed just before its listing is listed again
+    monkeypatch.chdir(tmp_path)
+    for name in ("archives", "folders"):
+        splits(name)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="data"):
+            splits(tmp_path / name)
+        assert "samples read from" in caplog.text and "indexing" not in caplog.text, (name, caplog.text)
 
 
 # ----------------------------------------------------------------------------- bad archives
@@ -155,6 +181,21 @@ def test_a_truncated_train_archive_is_named_and_its_lost_images_counted(download
     assert lost[f"{third}/{third}.tar"] == f"BadShardSample: lost: {TRAIN} is cut short at byte {cut}"
     assert any(f"cut short: {TRAIN} ends at byte" in reason for reason in lost.values())
     assert "cannot be read and will be skipped and counted as unreadable" in caplog.text
+
+
+def test_a_train_archive_cut_short_stops_the_run_in_one_line_naming_the_classes_it_lost(downloads, tmp_path):
+    """As an interrupted download leaves it (here inside the second of 3 class tars): whole
+    classes gone, the run refused before any training (counting each lost class as one
+    unreadable sample let it train on)."""
+    folder = fresh_copy(downloads["archives"], tmp_path / "archives")
+    with tarfile.open(folder / TRAIN) as tar:
+        second = tar.getmembers()[1]
+    os.truncate(folder / TRAIN, second.offset_data + second.size // 2)
+    result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", folder, "--output", tmp_path / "run",
+                             *TINY_OVERRIDES)
+    assert_one_error_line(result, "1 of the 3 classes of the training set have no image that can be read (n")
+    assert f"lost: {TRAIN} is cut short at byte" in result.stderr and "download it again" in result.stderr
+    assert result.returncode == 2 and not (tmp_path / "run" / "status").exists()
 
 
 def test_a_class_tar_that_is_not_a_tar_loses_its_class_and_is_counted(downloads, tmp_path):
@@ -227,6 +268,48 @@ def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(down
         splits(top)
 
 
+def test_a_folder_holding_kaggles_zip_beside_its_csv_files_is_read_as_the_zip(downloads, tmp_path):
+    folder = tmp_path / "download"
+    folder.mkdir()
+    shutil.copy(downloads["zip"], folder)
+    for name in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):  # unzipped out of it
+        shutil.copy(downloads["kaggle"] / name, folder)
+    assert layout(folder) == "kaggle-zip"
+    assert names(splits(folder)[0]) == names(splits(downloads["zip"])[0]) == names(splits(folder, layout="kaggle")[0])
+
+
+def with_solution(downloads, folder, edit):
+    """Kaggle's download unzipped, its LOC_val_solution.csv's lines passed through `edit`."""
+    top = fresh_copy(downloads["kaggle"], folder)
+    lines = (top / "LOC_val_solution.csv").read_text().splitlines(keepends=True)
+    (top / "LOC_val_solution.csv").write_text("".join(edit(lines)))
+    return top
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines[:3] + [lines[3].split(",")[0] + ",\n"] + lines[4:],
+     r"LOC_val_solution.csv, line 4: expected an ImageId and a PredictionString that starts with the image's wnid"),
+    (lambda lines: lines[:3] + [lines[3].split(",")[0] + "\n"] + lines[4:], r"line 4: expected an ImageId"),
+    (lambda lines: lines + [lines[2].split(",")[0] + ",n99999999 1 2 3 4\n"],
+     r"line 17: ILSVRC2012_val_00000002 is labelled n99999999, but n\d+ on line 3: which is right\?"),
+])
+def test_a_bad_label_file_is_one_line_and_exit_2_in_train_and_validate(downloads, tmp_path, edit, message):
+    top = with_solution(downloads, tmp_path / "kaggle", edit)
+    torch.save(stand_in_timm_model(3).state_dict(), tmp_path / "w.pth")
+    for result in (in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", top, "--output",
+                                   tmp_path / "run", *TINY_OVERRIDES),
+                   in_this_process(validate.cli, "--checkpoint", tmp_path / "w.pth", "--data-dir", top)):
+        assert_one_error_line(result, "")
+        assert re.search(message, result.stderr), result.stderr
+
+
+def test_a_layout_named_in_the_recipe_that_the_folder_does_not_hold_is_one_line(tiny_imagenet, tmp_path):
+    result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
+                             tmp_path / "run", *TINY_OVERRIDES, "data.layout=kaggle")
+    assert_one_error_line(result, f"data.layout is kaggle but {tiny_imagenet} holds neither Kaggle's zip nor its "
+                                  f"download unzipped")
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
@@ -254,6 +337,50 @@ def test_arrange_writes_the_class_folders_resumes_and_refuses_to_overwrite_anoth
     (out / "train" / train[0]).write_bytes(b"another image")
     refused = in_this_process(data.downloads.main, "arrange", "--data-dir", downloads["archives"], "--out", out)
     assert refused.returncode == 2 and f"{out / 'train' / train[0]} exists and differs" in refused.stderr
+
+
+def many_small_images(folder, classes=20, per_class=300):
+    """An official train archive of 6,000 small images (not JPEGs: arrange copies bytes), a val
+    tar and Kaggle's labels: enough for arrange to be caught halfway."""
+    folder.mkdir()
+    inner = {f"n{c:08d}": [(f"n{c:08d}_{k}.JPEG", os.urandom(64)) for k in range(per_class)] for c in range(classes)}
+    (folder / TRAIN).write_bytes(tar_bytes([(f"{wnid}.tar", tar_bytes(files)) for wnid, files in inner.items()]))
+    (folder / VAL).write_bytes(tar_bytes([(f"ILSVRC2012_val_{i + 1:08d}.JPEG", os.urandom(64)) for i in range(classes)]))
+    (folder / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{wnid} 1 2 3 4\n" for i, wnid in enumerate(inner)))
+    return inner
+
+
+@pytest.mark.slow
+def test_arrange_killed_midway_into_the_downloads_own_folder_goes_on_and_never_takes_its_part_for_the_whole(
+        tmp_path):
+    folder = tmp_path / "download"
+    inner = many_small_images(folder)
+    process = start([sys.executable, "-m", "data.downloads", "arrange", "--data-dir", folder, "--out", folder])
+    deadline = time.monotonic() + 60
+    while sum(len(files) for _, _, files in os.walk(folder / "train.partial")) < 300:
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (folder / "train").exists()  # the part is not taken for class folders
+    result = in_this_process(data.downloads.main, "arrange", "--data-dir", folder, "--out", folder)
+    written, kept = map(int, re.search(r"^train: (\d+) images written, (\d+) already there", result.stdout,
+                                       re.MULTILINE).groups())
+    assert result.returncode == 0 and written + kept == 6000 and kept >= 300, result.stdout + result.stderr
+    assert all((folder / "train" / wnid / name).read_bytes() == data for wnid, files in inner.items()
+               for name, data in files)
+    assert not (folder / "train.partial").exists() and len(list((folder / "val").rglob("*.JPEG"))) == 20
+
+
+def test_arrange_onto_a_full_disk_names_the_file_it_could_not_write(downloads, tmp_path):
+    mount = PrivateMount(tmp_path / "small", size="32k")
+    process = mount.start([sys.executable, "-m", "data.downloads", "arrange", "--data-dir", downloads["archives_csv"],
+                           "--out", tmp_path / "small" / "out"])
+    out, _ = process.communicate(timeout=60)
+    last = out.strip().splitlines()[-1]
+    assert process.returncode == 2 and re.fullmatch(
+        rf"error: \[Errno 28\] No space left on device: '{tmp_path}/small/out/train.partial/n\d+/\..+\.partial'", last), out
 
 
 def test_the_packer_reads_the_archives_and_the_zip_into_the_folders_train_shards_byte_for_byte(tiny_imagenet,
@@ -330,6 +457,58 @@ def test_a_run_from_the_archives_killed_mid_epoch_resumes_bitwise(downloads, fol
     assert at_step and int(at_step.group(1)) in (1, 2), resumed.stdout
     assert "inexactly" not in resumed.stdout + resumed.stderr
     assert_same_weights(folder_run, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_an_archive_rewritten_under_a_running_job_stops_it_in_one_line_and_the_rerun_indexes_it_again(
+        tiny_imagenet, downloads, tmp_path):
+    """Loader workers that keep the archive open all run, the file rewritten in place with
+    another of the same size and its old times: a read notices, not a skipped batch."""
+    folder = fresh_copy(downloads["archives_csv"], tmp_path / "archives")
+    args = ["train.py", "--recipe", "demo.yaml", "--data-dir", folder, "--output", tmp_path / "run",
+            *last_wins(*OVERRIDES, "epochs=3", "batch_size=2", "data.workers=2", "checkpoint.every_steps=0")]
+    other = write_train_archive(tiny_imagenet / "train", tmp_path / "other.tar", seed=7)
+    process = start([sys.executable, *args])
+    read_until(process, "step 2 ")  # 36 steps of 2 images; the workers are at most 8 batches ahead
+    kept = (folder / TRAIN).stat()
+    with open(folder / TRAIN, "r+b") as handle:
+        handle.write(other.read_bytes())
+    os.utime(folder / TRAIN, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    out, _ = process.communicate(timeout=120)
+    last = out.strip().splitlines()[-1]
+    assert process.returncode == 2 and last.startswith(f"error: {folder / TRAIN} changed after it was indexed"), out
+    assert "restart the run to index it again; checkpoint saved at step" in last and "Traceback" not in out
+    resumed = train_here([*args, "--resume", "auto"])
+    assert f"indexed {TRAIN}: 24 samples in" in resumed.stdout and (tmp_path / "run" / "status").read_text() == \
+        "done at step 36\n"
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_start_ends_it_at_once_and_leaves_a_status_the_requeue_script_requeues(downloads, tmp_path):
+    """SIGTERM to the job while it waits for another process's index of the train archive
+    (blocked in a lock, as a second rank or node waits), and while Python imports torch."""
+    folder = fresh_copy(downloads["archives_csv"], tmp_path / "archives")
+    args = ["train.py", "--recipe", "demo.yaml", "--data-dir", folder, "--output", tmp_path / "run", *OVERRIDES]
+    (folder / ".cspresnet_index").mkdir()
+    with open(folder / ".cspresnet_index" / "archives-train.idx.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process builds the index
+        process = start([sys.executable, *args])
+        read_until(process, "waiting for another process")
+        os.killpg(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 75, out
+    assert "stopping on SIGTERM during the start, before any training: nothing of this run was trained yet" in out
+    assert (tmp_path / "run" / "status").read_text() == "preempted at step 0\n"
+    assert not list((folder / ".cspresnet_index").glob("*.partial"))
+    assert RunFolder(tmp_path / "run", keep_last=2).choose_start(None) is None  # a status alone holds no run
+
+    process = start([sys.executable, *args, "--resume", "auto"])
+    time.sleep(0.5)  # importing torch
+    os.killpg(process.pid, signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 75 and (tmp_path / "run" / "status").read_text() == "preempted at step 0\n", out
+    train_here([*args, "--resume", "auto"])
+    assert (tmp_path / "run" / "status").read_text() == "done at step 3\n"
 
 
 @pytest.mark.slow

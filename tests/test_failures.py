@@ -136,6 +136,24 @@ def test_stopped_loader_workers_end_the_run_naming_them_and_it_saves_where_it_go
     assert_every_process_gone(process)
 
 
+def test_a_job_suspended_longer_than_the_loader_timeout_goes_on_when_it_is_resumed(tiny_imagenet, tmp_path):
+    """SLURM's suspend: SIGSTOP to every process of the job (here the worker, then the rank
+    while it waits for that worker's batch), SIGCONT to all twice the time-out later. The time
+    stopped is not a stall."""
+    output = tmp_path / "run"
+    process = start([sys.executable, *train_args(tiny_imagenet, output, "data.workers=1", "data.loader_timeout_s=3")])
+    read_until(process, "step 2 ")
+    worker, = child_pids(process.pid)
+    os.kill(worker, signal.SIGSTOP)
+    time.sleep(1)  # the rank now waits for the worker's next batch, under the alarm
+    os.kill(process.pid, signal.SIGSTOP)
+    time.sleep(6)
+    os.killpg(process.pid, signal.SIGCONT)
+    out = ends_within(process, BOUND_S)
+    assert process.returncode == 0 and "delivered no batch" not in out, out
+    assert (output / "status").read_text().startswith("done at step")
+
+
 def test_a_read_that_never_returns_is_named_with_its_file(tiny_imagenet, tmp_path):
     """A file whose read blocks for good (a named pipe behind a .JPEG link, as a file on a
     hung mount would): the error names the file, the worker and how long it waited."""

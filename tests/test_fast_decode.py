@@ -116,7 +116,7 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
     same crops and flips as the fast CPU path, nearly the same pixels; PNG and CMYK files
     travel decoded."""
     from data.batches import collate_batch
-    from data.gpu_decode import EncodedBatch
+    from data.gpu_decode import EncodedBatch, decode_batch
     from data.transforms import DevicePreprocess
 
     paths = [str(p) for p in sorted(tiny_imagenet.glob("train/*/*.JPEG"))[:10]]
@@ -138,10 +138,11 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
     # The files travel as one tensor (one shared-memory handover, not one per image), whole.
     assert all(image.data is None for image in encoded.images.images)
     assert bytes(encoded.images.files.numpy()) == b"".join(Path(p).read_bytes() for p, kind in zip(paths, kinds) if kind)
-    on_device = DevicePreprocess(torch.device(device), channels_last=True)(encoded.images).cpu()
+    decoded, failed = decode_batch(encoded.images, torch.device(device))
+    on_device = DevicePreprocess(torch.device(device), channels_last=True)(decoded).cpu()
     on_cpu = DevicePreprocess(torch.device("cpu"), channels_last=True)(
         collate_batch([cpu[(0, i)] for i in range(len(paths))]).images)
-    assert on_device.shape == on_cpu.shape == (12, 3, 48, 48)
+    assert on_device.shape == on_cpu.shape == (12, 3, 48, 48) and failed == {}
     difference = (on_device - on_cpu).abs().mean(dim=(1, 2, 3)) * 0.226 * 255  # back to grey levels
     assert difference.max() < 3, difference
 
@@ -159,3 +160,37 @@ def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
     assert "data.train_decode=gpu but no CUDA GPU: decoding on the CPU workers (fast) instead" in caplog.text
     with pytest.raises(RecipeError, match="data.train_decode.*RandAugment"):
         load_recipe("cspresnet50_ra.yaml", ["data.train_decode=gpu"])
+
+
+def test_a_truncated_jpeg_on_the_gpu_decode_path_is_skipped_and_counted_as_the_fast_path_counts_it(
+        tiny_imagenet, tmp_path, monkeypatch):
+    """Trained with data.train_decode=gpu through TorchCodec's CPU decoder (as a GPU would
+    decode, with device=cpu): one file cut in half, one without its end marker. TorchCodec
+    refuses both, and with them the batch; the fast path decodes the second."""
+    import csv
+    import shutil
+
+    import data.loaders
+    from tests.helpers import TINY_OVERRIDES, last_wins, train_here
+
+    folder = shutil.copytree(tiny_imagenet, tmp_path / "data", ignore=shutil.ignore_patterns(".cspresnet_index"))
+
+    def plain_jpeg(path):
+        with Image.open(path) as image:
+            return image.format == "JPEG" and image.mode == "RGB"
+
+    half, no_end = [path for path in sorted(folder.glob("train/*/*.JPEG")) if plain_jpeg(path)][:2]
+    half.write_bytes(half.read_bytes()[:half.stat().st_size // 2])
+    no_end.write_bytes(no_end.read_bytes()[:-2])
+    monkeypatch.setattr(data.loaders, "gpu_decode_available", lambda device: (True, ""))
+
+    def unreadable_per_epoch(decode):
+        output = tmp_path / decode
+        result = train_here(["train.py", "--recipe", "demo.yaml", "--data-dir", folder, "--output", output,
+                             *last_wins(*TINY_OVERRIDES, f"data.train_decode={decode}")])
+        assert f"skipping unreadable image {half}" in result.stderr and str(no_end) not in result.stderr
+        assert ("training JPEGs: nvJPEG on the device" in result.stdout) == (decode == "gpu")
+        with open(output / "summary.csv", newline="") as handle:
+            return [row["unreadable_images"] for row in csv.DictReader(handle)]
+
+    assert unreadable_per_epoch("gpu") == unreadable_per_epoch("fast") == ["1", "1"]

@@ -1,12 +1,16 @@
 """A run folder belongs to one run and keeps a true record of it: no start on top of another
 run's results, one job at a time, each segment's recipe and start step kept, a status line
 that a requeue script can act on, and bad input refused in one line before any training."""
+import csv
+import io
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import yaml
 import train
 from cspresnet.run_folder import RunFolder
 from cspresnet.signals import EXIT_PREEMPTED
-from tests.helpers import (TINY_OVERRIDES, PrivateMount, a_training_checkpoint, last_wins, in_this_process, read_until, run_cli, start, torchrun,
+from tests.helpers import (REPO, TINY_OVERRIDES, PrivateMount, a_training_checkpoint, last_wins, in_this_process, read_until, run_cli, start, torchrun,
                            train_here)
 
 
@@ -120,6 +124,46 @@ def test_a_run_in_segments_keeps_each_ones_recipe_and_says_how_it_ended(tiny_ima
     assert len(segments(output)) == 2 and yaml.safe_load((output / "recipe.yaml").read_text())["batch_size"] == 4
 
 
+OLDEST_RESUMED = "26ce8b7"  # 2026-11-30, before issue 22: the oldest code whose runs this version continues
+
+
+@pytest.fixture(scope="module")
+def older_code(tmp_path_factory):
+    """The project as it was at OLDEST_RESUMED, from this clone's own history."""
+    folder = tmp_path_factory.mktemp(OLDEST_RESUMED)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLDEST_RESUMED], capture_output=True, check=True)
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(folder, filter="data")
+    return folder
+
+
+def stopped_after(process, line):
+    """SIGTERM to the job's processes once the run has printed `line`; its exit code."""
+    read_until(process, line)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=120)
+    return process.returncode
+
+
+@pytest.mark.slow
+def test_a_run_begun_by_older_code_resumes_under_this_code_as_often_as_it_is_stopped(tiny_imagenet, tmp_path,
+                                                                                   older_code):
+    """Its checkpoint's summary rows lack train_size: summary.csv keeps one header of every
+    column, filled in for the old rows, through each later resume."""
+    output, args = tmp_path / "run", train_args(tiny_imagenet, tmp_path / "run", "epochs=4")
+    older = start([sys.executable, older_code / "train.py", *args])  # its own modules, beside its script
+    assert stopped_after(older, "epoch=1 ") == EXIT_PREEMPTED
+    assert "train_size" not in (output / "summary.csv").read_text().splitlines()[0]
+    resumed = start([sys.executable, "train.py", *args, "--resume", "auto"])
+    assert stopped_after(resumed, "epoch=2 ") == EXIT_PREEMPTED
+    train_here(["train.py", *args, "--resume", "auto"])
+    with open(output / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    assert all(None not in row and "" not in row.values() for row in rows), rows  # no field without a column
+    assert {row["train_size"] for row in rows} == {"32"}
+    assert (output / "status").read_text() == "done at step 12\n" and len(segments(output)) == 3
+
+
 @pytest.mark.slow
 def test_a_few_unreadable_files_in_a_small_set_train_through_and_are_counted(tiny_imagenet, tmp_path):
     data = shutil.copytree(tiny_imagenet, tmp_path / "data")
@@ -179,7 +223,7 @@ print("ready", flush=True)
 sys.stdin.readline()  # the disk fills meanwhile
 for step in range(1, 51):
     log.step(step, 1.0, 0.1)
-log.epoch(dict(epoch=1, step=50, top1=10.0))
+log.epoch([dict(epoch=1, step=50, top1=10.0)])
 log.close()
 print("closed", flush=True)
 """

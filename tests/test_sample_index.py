@@ -33,7 +33,7 @@ def tree(tiny_imagenet, tmp_path):
 
 def indexed(tree, caplog, split="train"):
     caplog.clear()
-    with caplog.at_level("INFO", logger="data.sources.class_folders"):
+    with caplog.at_level("INFO", logger="data"):
         index = cached_index(tree / split, find_classes(tree / "train"))
     return index, "read from" in caplog.text
 
@@ -54,7 +54,7 @@ def test_a_file_added_or_removed_or_a_class_added_makes_the_next_start_index_aga
     folder = tree / "train" / "n00000001"
     shutil.copy(next(folder.glob("*.JPEG")), folder / "added.JPEG")
     index, from_cache = indexed(tree, caplog)
-    assert not from_cache and "files or classes were added or removed since" in caplog.text and len(index) == 25
+    assert not from_cache and "out of date: the data changed since it was built" in caplog.text and len(index) == 25
     aged(tree, seconds=50)
     assert not indexed(tree, caplog)[1]  # its time moved: listed again, now settled
     assert indexed(tree, caplog)[1]
@@ -125,18 +125,27 @@ cached_index(root / "train", find_classes(root / "train"))
 @pytest.mark.slow
 def test_two_processes_on_a_read_only_dataset_build_one_index_into_the_users_cache(tiny_imagenet, tmp_path):
     """Two ranks starting together: one builds the index while the other waits for it and
-    reads it; the dataset's folder is read-only, so the index goes to the per-user cache."""
+    reads it; the dataset's folder is read-only and its own index out of date (a file added
+    since), so the index goes to the per-user cache, where the next start finds it."""
     disk = PrivateMount(tmp_path / "disk", size="16m")
     data = disk.outside(disk.path / "data")
     shutil.copytree(tiny_imagenet, data, ignore=shutil.ignore_patterns(".cspresnet_index"))
+    cached_index(data / "train", find_classes(data / "train"))
+    beside = (data / ".cspresnet_index" / "train.idx").read_bytes()
+    shutil.copy(next((data / "train" / "n00000000").iterdir()), data / "train" / "n00000000" / "added.JPEG")
     aged(data)
     disk.run(f"mount -o remount,ro {disk.path}")
     cache = tmp_path / "cache"
-    started = [disk.start(["env", f"XDG_CACHE_HOME={cache}", sys.executable, "-c", BUILD, disk.path / "data"])
-               for _ in range(2)]
+
+    def start_one():
+        return disk.start(["env", f"XDG_CACHE_HOME={cache}", sys.executable, "-c", BUILD, disk.path / "data"])
+
+    started = [start_one() for _ in range(2)]
     logs = [process.communicate(timeout=120)[0] for process in started]
     assert all(process.returncode == 0 for process in started), logs
-    assert sum(" images in " in log for log in logs) == 1 and sum("images read from" in log for log in logs) == 1, logs
+    assert sum(" samples in " in log for log in logs) == 1 and sum("samples read from" in log for log in logs) == 1, logs
     assert all(str(cache / "cspresnet" / "index") in log for log in logs), logs
     assert len(list((cache / "cspresnet" / "index").glob("data-*/train.idx"))) == 1
-    assert not (data / ".cspresnet_index").exists()
+    assert (data / ".cspresnet_index" / "train.idx").read_bytes() == beside  # out of date, passed over
+    later = start_one().communicate(timeout=120)[0]
+    assert "25 samples read from" in later and str(cache) in later and "could not cache" not in later, later

@@ -26,7 +26,7 @@ from cspresnet.checkpoint import load_checkpoint
 from cspresnet.reports import load_real_labels
 from data.sources import shard_index, shards
 from data.config import DataConfig
-from data.errors import DataConfigError
+from data.errors import DataConfigError, SourceChangedError
 from data.sources.class_folders import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
 from data.loaders import build_splits
 from data.pack_shards import PLAN_NAME, PackError, pack
@@ -255,7 +255,7 @@ def test_bad_shards_give_clear_reasons_and_their_samples_are_skipped(bad_shards,
     assert "cut short: the shard ends" in found["d.jpg"] and "set-train-1.tar is cut short" in found["d.jpg"]
 
 
-def test_a_shard_deleted_or_changed_after_indexing_is_named_and_its_samples_counted(bad_shards, caplog):
+def test_a_shard_deleted_after_indexing_is_named_and_its_samples_counted_and_a_changed_one_stops_the_run(bad_shards, caplog):
     split = shards.read_split(bad_shards, "train")
     (bad_shards / "set-train-1.tar").unlink()  # while a run has the index
     dataset = shards.ShardDataset(split, ["x", "y"], eval_transform(32, 0.875))
@@ -268,13 +268,13 @@ def test_a_shard_deleted_or_changed_after_indexing_is_named_and_its_samples_coun
 
     write_tar(bad_shards / "set-train-0.tar", [("a.jpg", b"other"), ("a.cls", b"0")])  # rewritten: stale offsets
     os.utime(bad_shards / "set-train-0.tar", ns=(1, 1))
-    stale = reasons(shards.ShardDataset(later, ["x", "y"], eval_transform(32, 0.875)))
-    assert "changed after it was indexed" in stale["a.jpg"] and "restart the run" in stale["a.jpg"]
+    with pytest.raises(SourceChangedError, match="set-train-0.tar changed after it was indexed.*restart the run"):
+        shards.ShardDataset(later, ["x", "y"], eval_transform(32, 0.875))[0]  # ends the run, no sample skipped
     assert [os.path.basename(p) for p, _ in shards.read_split(bad_shards, "train").samples][0] == "a.jpg"
 
 
-def test_a_deleted_shard_stops_a_resumed_run_by_the_unreadable_budget_and_loses_nothing(handmade, handmade_run,
-                                                                                        tmp_path):
+def test_a_deleted_shard_stops_a_resumed_run_at_its_start_by_the_unreadable_budget_and_loses_nothing(
+        handmade, handmade_run, tmp_path):
     folder, run = tmp_path / "shards", tmp_path / "run"
     shutil.copytree(handmade, folder)
     shutil.copytree(handmade_run, run)
@@ -283,7 +283,7 @@ def test_a_deleted_shard_stops_a_resumed_run_by_the_unreadable_budget_and_loses_
     args = ["--recipe", "demo.yaml", "--data-dir", folder, "--output", run, "--resume", "auto", *TINY_OVERRIDES]
     stopped = in_this_process(train.main, *args)
     assert stopped.returncode == 2 and "imagenet1k-train-0001.tar is gone" in stopped.stderr
-    assert "could not be decoded" in stopped.stderr  # the batch's or the run's budget, whichever is first
+    assert "12 of the 24 images of the training set cannot be read, known before any training" in stopped.stderr
     assert (run / "last.pt").read_bytes() == saved
     assert "training set changed" not in stopped.stdout  # the index kept the gone shard's places
 

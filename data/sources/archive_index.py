@@ -12,18 +12,17 @@ folder is read-only); it is built again when any file it was read from changed s
 modification time.
 """
 import logging
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..sample_index import SampleIndex, cache_file, locked
-from .shards import ShardSplit, cached_split
+from ..sample_index import SampleIndex, cached, identity
+from .shards import ShardSplit
 
 log = logging.getLogger(__name__)
 
-INDEX_RULE = "archive index 1"  # changes when what an index holds changes: older caches are rebuilt
+INDEX_RULE = "archive index 2"  # changes when what an index holds changes: older caches are rebuilt
 # (class, '<wnid>/<file name>', offset, size, why it cannot be read or "", then any source-specific values)
 Row = Tuple
 
@@ -34,16 +33,16 @@ def file_key(paths: Sequence[Path]) -> List:
     for path in paths:
         try:
             found = path.stat()
-            key.append([str(path), found.st_size, found.st_mtime_ns])
+            key.append([str(path), *identity(found)])
         except FileNotFoundError:
-            key.append([str(path), -1, -1])
+            key.append([str(path), -1, -1, -1])
     return key
 
 
-def split_from_rows(archive: Path, stat: Tuple[int, int], rows: List[Row], extra: Sequence[str] = (),
+def split_from_rows(archive: Path, stat: Tuple[int, int, int], rows: List[Row], extra: Sequence[str] = (),
                     classes: Optional[List[str]] = None) -> ShardSplit:
     """The rows in the class folders' order, as a shard split of the one file `archive`
-    (`stat`: its size and time when it was scanned); `extra` names the rows' further
+    (`stat`: its identity when it was scanned); `extra` names the rows' further
     values, kept as arrays of the index."""
     rows.sort(key=lambda row: (row[0], row[1]))
     arrays = {name: np.array([row[5 + k] for row in rows], dtype=np.int64) for k, name in enumerate(extra)}
@@ -57,30 +56,15 @@ def split_from_rows(archive: Path, stat: Tuple[int, int], rows: List[Row], extra
 def read_cached(name: str, sources: Sequence[Path], build: Callable[[], ShardSplit], index_dir: str = "") -> ShardSplit:
     """The split from its cache `name` if it was built from `sources` as they are now, else
     built by one process (the others wait on the lock, then read its cache) and cached."""
-    cache = cache_file(sources[0].parent, name, index_dir)
-    started = time.perf_counter()
-    split = cached_split(cache, file_key(sources))
-    if split is None:
-        with locked(cache):
-            key = file_key(sources)  # before any scan: a file changed during it shows at the next start
-            split = cached_split(cache, key)
-            if split is None:
-                split = build()
-                save(split, cache, key)
-                log.info("indexed %s: %d samples in %.1f s (cached in %s)", sources[0].name, len(split.samples),
-                         time.perf_counter() - started, cache)
-                return split
-    log.info("indexed %s: %d samples read from %s in %.2f s", sources[0].name, len(split.samples), cache,
-             time.perf_counter() - started)
-    return split
+    key = file_key(sources)  # before any scan: a file changed during it shows at the next start
 
+    def built():
+        split = build()
+        return split.samples, dict(stats=split.stats, problems=split.problems, classes=split.classes), key
 
-def save(split: ShardSplit, cache: Path, key: List) -> None:
-    try:
-        split.samples.save(cache, {"key": key}, dict(stats=split.stats, problems=split.problems, classes=split.classes))
-    except OSError as exc:
-        log.warning("could not cache the index in %s (%s): the next start reads the archive's headers again; set "
-                    "data.index_dir to a writable folder", cache, exc.strerror or exc)
+    samples, extra = cached(sources[0].name, sources[0].parent, name, key, built, index_dir)
+    return ShardSplit(samples.folders, [tuple(stat) for stat in extra["stats"]], samples,
+                      {int(index): reason for index, reason in extra["problems"].items()}, extra.get("classes"))
 
 
 def warn_problems(split: ShardSplit, what: str) -> None:

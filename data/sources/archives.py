@@ -23,6 +23,7 @@ from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
 from .archive_index import Row, read_cached, split_from_rows, warn_problems
 from ..errors import DatasetLayoutError
 from ..fast_decode import ImageTransform
+from ..sample_index import absolute, identity
 from .class_folders import is_image_name
 from .shard_index import Member, tar_members
 from .shards import ShardDataset, ShardSplit
@@ -117,7 +118,7 @@ def scan_train(path: Path, classes: List[str]) -> ShardSplit:
     if damage:
         log.warning("%s is cut short or damaged at byte %d (%s): the images after %s are lost; download it again",
                     path, stat.st_size, damage, outer[-1][0])
-    return split_from_rows(path, (stat.st_size, stat.st_mtime_ns), labelled(rows, classes, path, damage))
+    return split_from_rows(path, identity(stat), labelled(rows, classes, path, damage))
 
 
 def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_size: int) -> List[Row]:
@@ -176,7 +177,7 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> ShardSplit:
              cut if images[name][1] + images[name][2] > stat.st_size else "") if name in images else
             (index[wnid], f"{wnid}/{name}", 0, 0, f"missing: {path.name} holds no {name}")
             for name, wnid in labels.wnids.items()]
-    return split_from_rows(path, (stat.st_size, stat.st_mtime_ns), rows)
+    return split_from_rows(path, identity(stat), rows)
 
 
 # ----------------------------------------------------------------------------- the sets
@@ -184,6 +185,7 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> ShardSplit:
 
 def read_val(folder: Path, index_dir: str = "") -> Tuple[ShardSplit, List[str]]:
     """The validation split and the classes, for training and for validate.py."""
+    folder = absolute(folder)  # one index, whether the folder is named by a relative path or not
     if not (folder / VAL_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {VAL_ARCHIVE}; {ARCHIVES_LAYOUT}")
     source = label_file(folder)
@@ -197,6 +199,7 @@ def read_val(folder: Path, index_dir: str = "") -> Tuple[ShardSplit, List[str]]:
 def build_archive_splits(folder: Path, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
                          index_dir: str = "") -> Tuple[ShardDataset, ShardDataset]:
     """Training and validation sets from the archives in `folder`."""
+    folder = absolute(folder)
     if not (folder / TRAIN_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {TRAIN_ARCHIVE}; {ARCHIVES_LAYOUT}")
     val, classes = read_val(folder, index_dir)

@@ -1,24 +1,21 @@
 """Index an ImageNet-layout folder and read its images as RGB."""
 import hashlib
-import logging
 import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DatasetLayoutError
-from ..fast_decode import ImageTransform
+from ..fast_decode import DECODE_ERRORS, ImageTransform
 from ..loader_faults import ReadProgress
-from ..sample_index import Sample, SampleIndex, cache_file, locked
+from ..sample_index import Sample, SampleIndex, absolute, cached
 
-log = logging.getLogger(__name__)
 
 # Pillow opens every one of these; the comparison ignores case (ImageNet uses .JPEG).
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -110,29 +107,26 @@ def list_split(split_dir: Path, classes: Sequence[str]) -> Tuple[List[str], List
 
 # What decides which files a listing keeps (extensions, hidden files, links): a cache made
 # under another rule is built again.
-LISTING_RULE = "1: IMAGE_EXTENSIONS, no dot-files, links that lead nowhere kept"
+LISTING_RULE = "2: IMAGE_EXTENSIONS, no dot-files, links that lead nowhere kept; absolute paths"
 RACY_NS = 2_000_000_000  # a folder changed this close to its listing may have changed unseen
 
 
 def cached_index(split_dir: Path, classes: Sequence[str], index_dir: str = "") -> SampleIndex:
-    """list_split's samples as a SampleIndex, from its cache file when the folders have not
-    changed since it was built, else built (by one process; the others wait for it) and
-    cached for every later start, rank and worker. Adding or removing a file changes its class folder's
-    modification time; adding or removing a class, the split folder's."""
-    path = cache_file(split_dir.parent, f"{split_dir.name}.idx", index_dir)
-    started = time.perf_counter()
-    index = current_index(path, split_dir, classes)
-    if index is None:
-        with locked(path):
-            index = current_index(path, split_dir, classes, quiet=True)
-            if index is None:
-                index = build_index(path, split_dir, classes)
-                log.info("indexed %s: %d images in %.2f s (cached in %s)", split_dir, len(index),
-                         time.perf_counter() - started, path)
-                return index
-    log.info("indexed %s: %d images read from %s in %.2f s", split_dir, len(index), path,
-             time.perf_counter() - started)
-    return index
+    """list_split's samples as a SampleIndex, cached (sample_index.cached) for every later
+    start, rank and worker, and listed again when a folder changed since: adding or removing
+    a file changes its class folder's modification time; adding or removing a class, the
+    split folder's. A folder changed within RACY_NS of the listing may have changed unseen."""
+    split_dir = absolute(split_dir)
+    times = folder_times(split_dir, classes)
+    key = [LISTING_RULE, str(split_dir), list(classes), times]
+
+    def build():
+        built_ns = time.time_ns()
+        folders, files = list_split(split_dir, classes)
+        return SampleIndex.from_names(folders, files, range(len(classes))), {"built_ns": built_ns}, key
+
+    return cached(str(split_dir), split_dir.parent, f"{split_dir.name}.idx", key, build, index_dir,
+                  fresh=lambda extra: max(times) < extra["built_ns"] - RACY_NS)[0]
 
 
 def folder_times(split_dir: Path, classes: Sequence[str]) -> List[int]:
@@ -144,43 +138,6 @@ def folder_times(split_dir: Path, classes: Sequence[str]) -> List[int]:
             return -1
 
     return [mtime(split_dir)] + [mtime(split_dir / name) for name in classes]
-
-
-def current_index(path: Path, split_dir: Path, classes: Sequence[str], quiet: bool = False) -> Optional[SampleIndex]:
-    """The cached index, if it is whole and of these folders as they are now; else None."""
-    try:
-        index, header = SampleIndex.load(path)
-        source = header["source"]
-        if (source["rule"], source["root"], source["classes"]) != (LISTING_RULE, str(split_dir), list(classes)):
-            why = "it was built for other folders or under another listing rule"
-        elif folder_times(split_dir, classes) != source["times"]:
-            why = "files or classes were added or removed since"
-        elif max(source["times"]) >= source["built_ns"] - RACY_NS:
-            why = "a folder changed while it was being indexed"
-        else:
-            return index
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = f"its cache {path} cannot be read ({exc})"
-    if not quiet:
-        log.info("indexing %s again: %s", split_dir, why)
-    return None
-
-
-def build_index(path: Path, split_dir: Path, classes: Sequence[str]) -> SampleIndex:
-    """List the folders (their times first, so that a change during the listing shows next
-    time) and cache the index; a cache that cannot be written costs the next start a listing."""
-    built_ns, times = time.time_ns(), folder_times(split_dir, classes)
-    folders, files = list_split(split_dir, classes)
-    index = SampleIndex.from_names(folders, files, range(len(classes)))
-    try:
-        index.save(path, dict(rule=LISTING_RULE, root=str(split_dir), classes=list(classes), times=times,
-                              built_ns=built_ns))
-    except OSError as exc:
-        log.warning("could not cache the index of %s in %s (%s): the next start lists it again; set "
-                    "data.index_dir to a writable folder", split_dir, path, exc.strerror or exc)
-    return index
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -220,11 +177,6 @@ def seeded_randomness(seed: int, numpy: bool = True) -> Iterator[None]:
                 np.random.set_state(saved[2])
 
 
-# What a file that cannot be decoded raises: Pillow's UnidentifiedImageError and "image
-# file is truncated" are OSErrors; broken headers raise SyntaxError or ValueError.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
 class ImageFolderDataset(Dataset):
     """Samples (path, target) -> (image, target, index, error).
 
@@ -245,6 +197,10 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def known_unreadable(self) -> Dict[int, str]:
+        """{sample: why} of the samples known to be unreadable before any is read (none here)."""
+        return {}
 
     def read(self, index: int) -> bytes:
         """The sample's file, whole: one open and one read."""

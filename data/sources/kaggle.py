@@ -29,6 +29,16 @@ def kaggle_root(root: Path) -> Optional[Path]:
     return None
 
 
+def kaggle_place(root: Path) -> Path:
+    """kaggle_root, or one line that says what data.layout=kaggle expects instead."""
+    place = kaggle_root(root)
+    if place is None:
+        raise DatasetLayoutError(f"data.layout is kaggle but {root} holds neither Kaggle's zip nor its download "
+                                 f"unzipped ({KAGGLE_DATA}/train/<wnid>/ and a flat {KAGGLE_DATA}/val/, with "
+                                 f"{KAGGLE_SOLUTION} at the top); set data.layout=auto to read what it holds")
+    return place
+
+
 def flat_val_samples(val: Path, classes: List[str]) -> List[Sample]:
     """A flat val/'s images with their labels, in the class folders' order."""
     source = find_label_file(val)
@@ -50,14 +60,14 @@ def flat_val_samples(val: Path, classes: List[str]) -> List[Sample]:
 
 def kaggle_eval_set(root: Path) -> Tuple[List[Sample], List[str]]:
     """validate.py's samples and classes (the train/ class folders' names)."""
-    place = kaggle_root(root)
+    place = kaggle_place(root)
     classes = find_classes(place / "train")
     return flat_val_samples(place / "val", classes), classes
 
 
 def build_kaggle_splits(root: Path, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
                         index_dir: str = "") -> Tuple[ImageFolderDataset, ImageFolderDataset]:
-    place = kaggle_root(root)
+    place = kaggle_place(root)
     classes = find_classes(place / "train")
     train = cached_index(place / "train", classes, index_dir)
     val = flat_val_samples(place / "val", classes)

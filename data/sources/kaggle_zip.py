@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 from .archive_index import Row, read_cached, split_from_rows, warn_problems
 from ..errors import DatasetLayoutError
 from ..fast_decode import ImageTransform
+from ..sample_index import absolute, identity
 from .class_folders import is_image_name
 from .shards import BadShardSample, ShardDataset, ShardSplit
 from .val_labels import KAGGLE_DATA, KAGGLE_SOLUTION, kaggle_bytes
@@ -33,14 +34,18 @@ ZIP_LAYOUT = (f"expected Kaggle's ImageNet zip: {PREFIX}train/<wnid>/*.JPEG, {PR
               f"and {KAGGLE_SOLUTION}")
 
 
+# What Kaggle's download holds beside its zip once someone unzipped the small files out of it.
+KAGGLE_FILES = {KAGGLE_SOLUTION, "LOC_train_solution.csv", "LOC_sample_submission.csv", "LOC_synset_mapping.txt"}
+
+
 def find_zip(root: Path) -> Optional[Path]:
     """The zip that `root` names (a damaged one too, to be named as such), or the one zip a
-    folder holds with nothing else; else None."""
+    folder holds with nothing else but Kaggle's CSV and text files; else None."""
     if root.is_file():
         return root if root.suffix.lower() == ".zip" or zipfile.is_zipfile(root) else None
     if not root.is_dir():
         return None
-    entries = [path for path in root.iterdir() if not path.name.startswith(".")]
+    entries = [path for path in root.iterdir() if not path.name.startswith(".") and path.name not in KAGGLE_FILES]
     return entries[0] if len(entries) == 1 and entries[0].suffix == ".zip" and zipfile.is_zipfile(entries[0]) else None
 
 
@@ -110,7 +115,7 @@ def scan_zip(path: Path, split: str) -> ShardSplit:
         rows = [member_row(handle.fileno(), info, target, name) for info, target, name in members]
     if not rows:
         raise DatasetLayoutError(f"{path} holds no {split} images; {ZIP_LAYOUT}")
-    return split_from_rows(path, (stat.st_size, stat.st_mtime_ns), rows, ("method", "length"), classes)
+    return split_from_rows(path, identity(stat), rows, ("method", "length"), classes)
 
 
 class ZipDataset(ShardDataset):
@@ -129,6 +134,7 @@ class ZipDataset(ShardDataset):
 
 
 def read_zip_split(path: Path, split: str, index_dir: str = "") -> ShardSplit:
+    path = absolute(path)
     found = read_cached(f"{path.name}-{split}.idx", [path], lambda: scan_zip(path, split), index_dir)
     warn_problems(found, f"{path.name}'s {split} images")
     return found

@@ -19,20 +19,27 @@ SPLIT_BUILDERS = {"shards": build_shard_splits, "archives": build_archive_splits
 
 
 def detect_layout(root: Path, layout: str = "auto") -> str:
-    """data.layout, or (auto) the source `root` holds; class folders when it holds none."""
+    """data.layout, or (auto) the source `root` holds; class folders when it holds none.
+    Class folders beside the archives (arranged from them) are read rather than the archives."""
     if layout == "kaggle":
         return "kaggle-zip" if find_zip(root) else "kaggle"
     if layout != "auto":
         return layout
+    download = download_layout(root)
+    if download in ("kaggle-zip", "kaggle"):
+        return download
+    if (root / "train").is_dir():
+        return "class-folders"
+    return download or ("shards" if holds_shards(root) else "class-folders")
+
+
+def download_layout(root: Path) -> Optional[str]:
+    """Which of ImageNet's downloads `root` holds, whatever else is beside it; None if none."""
     if find_zip(root):
         return "kaggle-zip"
     if kaggle_root(root):
         return "kaggle"
-    if (root / "train").is_dir():
-        return "class-folders"
-    if holds_archives(root):
-        return "archives"
-    return "shards" if holds_shards(root) else "class-folders"
+    return "archives" if holds_archives(root) else None
 
 
 def source_eval_set(layout: str, root: Path,

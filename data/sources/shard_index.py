@@ -24,7 +24,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 
 from ..errors import DatasetLayoutError
 from .class_folders import IMAGE_EXTENSIONS
-from ..sample_index import locked
+from ..sample_index import absolute, identity, locked
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ShardScan:
 
     size: int
     mtime_ns: int
+    ctime_ns: int
     names: List[str] = field(default_factory=list)  # the image member's name (the key, if it has none)
     offsets: List[int] = field(default_factory=list)  # where the image's bytes start
     sizes: List[int] = field(default_factory=list)
@@ -81,7 +82,7 @@ class ShardScan:
 
     @classmethod
     def from_json(cls, entry: Dict) -> "ShardScan":
-        return cls(**dict(entry, problems=[tuple(p) for p in entry["problems"]]))
+        return cls(**{"ctime_ns": -1, **entry, "problems": [tuple(p) for p in entry["problems"]]})
 
 
 Member = Tuple[str, int, int, Optional[bytes]]  # name, data offset, size, the bytes of a .cls member
@@ -131,7 +132,7 @@ def scan_shard(path: Path) -> ShardScan:
         members, damage = read_members(path, stat.st_size)
     except OSError as exc:
         raise DatasetLayoutError(f"cannot read shard {path}: {exc}") from None
-    scan = ShardScan(stat.st_size, stat.st_mtime_ns, damage=damage, lost=None if damage else 0)
+    scan = ShardScan(*identity(stat), damage=damage, lost=None if damage else 0)
     groups: List[Tuple[str, List[Member]]] = []
     for member in members:
         key, extension = member_key(member[0])
@@ -194,7 +195,7 @@ def keep_lost(scan: ShardScan, name: str, entry: Optional[Dict]) -> ShardScan:
         return scan
     kept = len(scan.names)
     lost = f"lost: {name} is cut short at byte {scan.size} (it was {earlier.size} bytes when indexed)"
-    return ShardScan(scan.size, scan.mtime_ns, earlier.names, earlier.offsets, earlier.sizes, earlier.classes,
+    return ShardScan(scan.size, scan.mtime_ns, scan.ctime_ns, earlier.names, earlier.offsets, earlier.sizes, earlier.classes,
                      scan.problems + [(i, lost) for i in range(kept, len(earlier.names))], scan.damage,
                      len(earlier.names) - kept)
 
@@ -203,28 +204,31 @@ def keep_lost(scan: ShardScan, name: str, entry: Optional[Dict]) -> ShardScan:
 
 
 def index_file(folder: Path, index_dir: str = "") -> Path:
-    """Beside the shards if that folder is writable, else in a per-user cache; `index_dir`
-    (data.index_dir) decides instead when it is set."""
-    folder = folder.resolve()
+    """Where the scans are written: beside the shards if that folder is writable, else in a
+    per-user cache; `index_dir` (data.index_dir) decides instead when it is set."""
+    folder = absolute(folder)
     tag = f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}.json"
     if index_dir:
         return Path(index_dir).expanduser() / tag
-    if os.access(folder, os.W_OK) or (folder / INDEX_NAME).is_file():
+    if os.access(folder, os.W_OK):
         return folder / INDEX_NAME
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "cspresnet" / "shard-index" / tag
 
 
-def load_index(path: Path) -> Dict[str, Dict]:
-    """The cached entries by shard file name; {} when there is none or it cannot be read."""
-    try:
-        index = json.loads(path.read_text())
-        if index.get("format") == INDEX_FORMAT:
-            return index["shards"]
-        log.warning("the shard index %s is of another format: indexing again", path)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, AttributeError, KeyError) as exc:
-        log.warning("the shard index %s cannot be read (%s): indexing again", path, exc)
+def load_index(path: Path, folder: Path) -> Dict[str, Dict]:
+    """The cached entries by shard file name, from `path`, else from the scans a read-only
+    `folder` holds beside its shards (built before it was made read-only); {} when there are none."""
+    read_only = not os.access(absolute(folder), os.W_OK)
+    for place in dict.fromkeys([path] + ([absolute(folder) / INDEX_NAME] if read_only else [])):
+        try:
+            index = json.loads(place.read_text())
+            if index.get("format") == INDEX_FORMAT:
+                return index["shards"]
+            log.warning("the shard index %s is of another format: indexing again", place)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError, KeyError) as exc:
+            log.warning("the shard index %s cannot be read (%s): indexing again", place, exc)
     return {}
 
 
@@ -240,15 +244,15 @@ def save_index(path: Path, shards: Dict[str, Dict]) -> None:
 
 
 def current_entries(cached: Dict[str, Dict], paths: List[Path]) -> Tuple[Dict[str, ShardScan], List[Path]]:
-    """The cached scans of the shards that did not change (same size and modification
-    time), and the shards to scan. An entry without "damage" was written by an older
+    """The cached scans of the shards that did not change (the same identity: size,
+    modification and change time), and the shards to scan. An entry without "damage" was written by an older
     version, which kept no record of a cut: that shard is scanned again."""
     current, stale = {}, []
     for path in paths:
         stat = path.stat()
         entry = cached.get(path.name)
         if entry is not None and "damage" in entry and \
-                (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+                (entry["size"], entry["mtime_ns"], entry.get("ctime_ns")) == identity(stat):
             current[path.name] = ShardScan.from_json(entry)
         else:
             stale.append(path)
@@ -266,9 +270,12 @@ def scan_shards(stale: List[Path], cached: Dict[str, Dict], index_path: Path) ->
         log.info("re-indexing %d shard(s) indexed by an older version, which did not record cut shards", older)
     started = time.perf_counter()
     log.info("indexing %d shard(s) in %s (tar headers only; cached in %s)", len(stale), stale[0].parent, index_path)
-    with ThreadPoolExecutor(min(SCAN_THREADS, len(stale))) as pool:
+    pool = ThreadPoolExecutor(min(SCAN_THREADS, len(stale)))
+    try:
         scans = {path.name: keep_lost(scan, path.name, cached.get(path.name))
                  for path, scan in zip(stale, pool.map(scan_shard, stale))}
+    finally:  # a stop signal during the scan ends it after the shards being read, not after all
+        pool.shutdown(cancel_futures=True)
     log.info("indexed %d shard(s) in %.1f s", len(stale), time.perf_counter() - started)
     return scans
 
@@ -278,11 +285,11 @@ def indexed_shards(paths: List[Path], index_path: Path) -> Dict[str, ShardScan]:
     not; shards the cache knows but that are gone are kept, so that their samples keep
     their places and are reported as unreadable. Only a process that has shards to scan
     takes the lock (and reads the cache again: another may have scanned them meanwhile)."""
-    cached = load_index(index_path)
+    cached = load_index(index_path, paths[0].parent)
     current, stale = current_entries(cached, paths)
     if stale:
         with locked(index_path):
-            cached = load_index(index_path)
+            cached = load_index(index_path, paths[0].parent)
             current, stale = current_entries(cached, paths)
             if stale:
                 scans = scan_shards(stale, cached, index_path)
@@ -295,5 +302,5 @@ def indexed_shards(paths: List[Path], index_path: Path) -> Dict[str, ShardScan]:
             log.warning("%s was indexed but is gone from %s: its %d samples will be skipped as unreadable "
                         "(restore it, or delete %s to index the shards as they are now)",
                         name, paths[0].parent, len(entry["names"]), index_path)
-            current[name] = ShardScan.from_json(dict(entry, size=-1, mtime_ns=-1))
+            current[name] = ShardScan.from_json(dict(entry, size=-1, mtime_ns=-1, ctime_ns=-1))
     return current

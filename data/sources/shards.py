@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import resource
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import DatasetLayoutError
+from ..errors import DatasetLayoutError, SourceChangedError
 from ..fast_decode import ImageTransform
 from .class_folders import ImageFolderDataset, default_classes
-from ..sample_index import SampleIndex, locked
+from ..sample_index import SampleIndex, absolute, cached, identity
 from .shard_index import ShardScan, index_file, indexed_shards, member_key, shard_split, split_names
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class ShardSplit:
     """A split's samples in the class folders' order, and where each one lies."""
 
     paths: List[str]  # the shards
-    stats: List[Tuple[int, int]]  # each shard's (size, mtime_ns) when indexed; (-1, -1): gone
+    stats: List[Tuple[int, int, int]]  # each shard's identity (sample_index.identity) when indexed; -1s: gone
     # ("<shard>/<member>", class), the name that warnings and reports show: the index's
     # folders are the shards, and its arrays `offset` and `size` say where each image lies
     samples: SampleIndex
@@ -138,7 +137,8 @@ def build_split(scans: Dict[str, ShardScan], folder: Path) -> ShardSplit:
         [row[0] for row in rows],
         offset=np.array([scans[names[row[2]]].offsets[row[3]] for row in rows], dtype=np.int64),
         size=np.array([scans[names[row[2]]].sizes[row[3]] for row in rows], dtype=np.int64))
-    return ShardSplit(paths, [(scans[name].size, scans[name].mtime_ns) for name in names], samples, problems)
+    return ShardSplit(paths, [(scans[name].size, scans[name].mtime_ns, scans[name].ctime_ns) for name in names],
+                      samples, problems)
 
 
 def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
@@ -146,19 +146,22 @@ def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
     when no shard changed (no per-shard scan is read), else from the per-shard scans (from
     their cache where a shard is unchanged), and then cached whole; one process builds it
     while the others wait."""
+    folder = absolute(folder)
     paths = find_shards(folder, split)
     if not paths:
         raise DatasetLayoutError(f"{folder} has no {split} shards; {SHARD_LAYOUT}")
     scan_cache = index_file(folder, index_dir)
-    cache = scan_cache.with_name(f"{scan_cache.stem}-{split}.idx")
-    started = time.perf_counter()
-    shards = cached_split(cache, split_key(folder, paths, scan_cache))
-    if shards is None:
-        with locked(cache):
-            shards = cached_split(cache, split_key(folder, paths, scan_cache)) or \
-                index_split(folder, split, paths, scan_cache, cache)
-    log.info("indexed the %s shards in %s: %d samples in %.2f s (cached in %s)", split, folder, len(shards.samples),
-             time.perf_counter() - started, cache)
+
+    def build():
+        scans = indexed_shards(paths, scan_cache)
+        count_lost(scans, info_lengths(folder, split))
+        built = build_split(scans, folder)
+        return built.samples, dict(stats=built.stats, problems=built.problems), split_key(folder, paths, scan_cache)
+
+    samples, extra = cached(f"the {split} shards in {folder}", folder, f"shards-{split}.idx",
+                            split_key(folder, paths, scan_cache), build, index_dir)
+    shards = ShardSplit(samples.folders, [tuple(stat) for stat in extra["stats"]], samples,
+                        {int(index): reason for index, reason in extra["problems"].items()})
     if not len(shards.samples):
         raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; {SHARD_LAYOUT}")
     check_info(folder, split, shards)
@@ -171,46 +174,15 @@ def read_split(folder: Path, split: str, index_dir: str = "") -> ShardSplit:
 
 
 def split_key(folder: Path, paths: List[Path], scan_cache: Path) -> List:
-    """What a split's compact cache must match: each shard's name, size and time, _info.json's,
+    """What a split's compact cache must match: each shard's name and identity, _info.json's,
     and the scans' cache's that it was built from."""
     def stat(path: Path) -> List:
         try:
-            found = path.stat()
-            return [path.name, found.st_size, found.st_mtime_ns]
+            return [path.name, *identity(path.stat())]
         except FileNotFoundError:
-            return [path.name, -1, -1]
+            return [path.name, -1, -1, -1]
 
     return [stat(path) for path in paths] + [stat(folder / INFO_NAME), stat(scan_cache)]
-
-
-def cached_split(cache: Path, key: List) -> Optional[ShardSplit]:
-    """The split from its compact cache, if it is whole and of these shards as they are now."""
-    try:
-        samples, header = SampleIndex.load(cache)
-        if header["source"] != {"key": key}:
-            return None
-        extra = header["extra"]
-        return ShardSplit(samples.folders, [tuple(stat) for stat in extra["stats"]], samples,
-                          {int(index): reason for index, reason in extra["problems"].items()}, extra.get("classes"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("the shard index %s cannot be read (%s): indexing again", cache, exc)
-        return None
-
-
-def index_split(folder: Path, split: str, paths: List[Path], scan_cache: Path, cache: Path) -> ShardSplit:
-    """The split from the shards' scans, cached whole for the next start."""
-    scans = indexed_shards(paths, scan_cache)
-    count_lost(scans, info_lengths(folder, split))
-    shards = build_split(scans, folder)
-    try:
-        shards.samples.save(cache, {"key": split_key(folder, paths, scan_cache)},
-                            dict(stats=shards.stats, problems=shards.problems))
-    except OSError as exc:
-        log.warning("could not cache the %s shards' index in %s (%s): the next start reads the scans again",
-                    split, cache, exc.strerror or exc)
-    return shards
 
 
 def read_info(folder: Path) -> Dict:
@@ -300,7 +272,7 @@ class OpenShards:
     after raising the soft limit to the hard one, the least recently used shard is closed.
     """
 
-    def __init__(self, paths: List[str], stats: List[Tuple[int, int]]):
+    def __init__(self, paths: List[str], stats: List[Tuple[int, int, int]]):
         self.paths = paths
         self.stats = stats
         self.files: "OrderedDict[int, int]" = OrderedDict()
@@ -326,18 +298,18 @@ class OpenShards:
         except FileNotFoundError:
             raise BadShardSample(f"shard {path} is gone: deleted or moved after it was indexed") from None
         self.opened += 1
-        stat = os.fstat(fd)
-        if (stat.st_size, stat.st_mtime_ns) != self.stats[shard]:
-            os.close(fd)
-            raise BadShardSample(f"shard {path} changed after it was indexed (size or modification time): its "
-                                 f"offsets are stale; restart the run to index it again")
         if len(self.files) >= self.capacity:
             os.close(self.files.popitem(last=False)[1])
         self.files[shard] = fd
         return fd
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
+        """The bytes at `offset`, once the file is seen to be the one indexed (an fstat, about
+        a microsecond: every read, since a loader worker keeps its files open all run)."""
         fd = self._descriptor(shard)
+        if identity(os.fstat(fd)) != tuple(self.stats[shard]):
+            raise SourceChangedError(f"{self.paths[shard]} changed after it was indexed (its size, modification or "
+                                     f"change time): its offsets are stale; restart the run to index it again")
         data = os.pread(fd, size, offset)
         while len(data) < size:
             more = os.pread(fd, size - len(data), offset + len(data))
@@ -370,6 +342,9 @@ class ShardDataset(ImageFolderDataset):
         super().__init__(shards.samples, classes, transform, seed)
         self.shards = shards
         self.files = OpenShards(shards.paths, shards.stats)
+
+    def known_unreadable(self) -> Dict[int, str]:
+        return self.shards.problems
 
     def read(self, index: int) -> bytes:
         problem = self.shards.problems.get(index)

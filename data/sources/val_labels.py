@@ -55,13 +55,23 @@ def kaggle_labels(solution_csv: Path) -> ValLabels:
 
 
 def kaggle_rows(lines: Iterable[str], where: object) -> ValLabels:
-    """The first wnid of each PredictionString; the classes are all that the file names."""
-    labels = {}
+    """The first wnid of each PredictionString; the classes are all that the file names. A
+    row without an image or a wnid, or an image labelled twice with different classes, is
+    refused, naming its line."""
+    labels, lines_of = {}, {}
     reader = csv.DictReader(lines)
     if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
         raise DatasetLayoutError(f"{where}: expected Kaggle's columns ImageId,PredictionString")
     for row in reader:
-        labels[f"{row['ImageId']}.JPEG"] = row["PredictionString"].split()[0]
+        line, image, wnids = reader.line_num, row["ImageId"], (row["PredictionString"] or "").split()
+        if not image or not wnids:
+            raise DatasetLayoutError(f"{where}, line {line}: expected an ImageId and a PredictionString that starts "
+                                     f"with the image's wnid, got {','.join(v for v in row.values() if v)!r}")
+        name = f"{image}.JPEG"
+        if labels.get(name, wnids[0]) != wnids[0]:
+            raise DatasetLayoutError(f"{where}, line {line}: {image} is labelled {wnids[0]}, but {labels[name]} on "
+                                     f"line {lines_of[name]}: which is right?")
+        labels[name], lines_of[name] = wnids[0], line
     return ValLabels(labels, sorted(set(labels.values())))
 
 
