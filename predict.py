@@ -27,14 +27,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from timm.data import ImageNetInfo
 
-from cspresnet.checkpoint_schema import read_weights
+from common.errors import CheckpointError, OptionError, UnreadableDataError
+from common.processes import DistContext
+from cspresnet.checkpoint import read_weights
 from cspresnet.console import run_script, setup_logging
-from cspresnet.distributed import DistContext
 from cspresnet.weights import load_cspresnet, trained_data_config
-from data.errors import CheckpointError, OptionError, UnreadableDataError
-from data.sources.class_folders import IMAGE_EXTENSIONS, default_classes
 from data.loader_faults import Batches
 from data.loaders import build_eval_data
+from data.sources.labels import IMAGE_EXTENSIONS, default_classes
 from data.transforms import DevicePreprocess
 from data.unreadable import warn_unreadable
 
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def image_paths(inputs: Sequence[str]) -> List[str]:
     """Files as given, whatever their extension (a user who names a file means it); under a
-    folder, every image file (data.sources.class_folders's extensions), subfolders included, sorted."""
+    folder, every image file (data.sources.labels's extensions), subfolders included, sorted."""
     paths = []
     for item in inputs:
         path = Path(item).expanduser()

@@ -31,18 +31,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cspresnet.checkpoint_schema import Weights, read_weights
+from common.errors import DatasetLayoutError, OptionError, UnreadableDataError
+from cspresnet.checkpoint import Weights, read_weights
 from cspresnet.console import run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import EvalResult, configure_kernels, evaluate
-from cspresnet.files import append_csv_row
-from cspresnet.reports import VAL_NAME, real_accuracy, timm_results_row
+from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.config import DataConfig
-from data.errors import DatasetLayoutError, OptionError, UnreadableDataError
 from data.loaders import build_eval_data
+from data.sources import EvalSet, evaluation_set
+from data.sources.labels import default_classes
 from data.transforms import INTERPOLATIONS, DevicePreprocess, decode_path, memory_format
-from data.val_layouts import EvalSet, eval_folder, find_eval_set
 
 log = logging.getLogger("cspresnet.validate")
 
@@ -134,18 +134,18 @@ def main(argv=None) -> dict:
     raises an error that run_script turns into one line and exit code 2."""
     args = parse_args(argv)
     check_output_paths(args)
-    folder = eval_folder(Path(args.data_dir).expanduser(), args.split)
     weights = read_weights(Path(args.checkpoint), args.weights)
     model = load_cspresnet(weights)
     settings = eval_settings(args, weights)
-    eval_set = find_eval_set(folder, args.split, args.devkit or args.val_solution, weights.classes,
-                             model.num_classes, args.index_dir)
+    eval_set = evaluation_set(Path(args.data_dir).expanduser(), args.split, args.devkit or args.val_solution,
+                              weights.classes or default_classes(model.num_classes), args.index_dir)
+    folder = eval_set.folder
     check_labels(eval_set, weights.classes, model.num_classes, args.real_labels)
 
     ctx = init_distributed(args.device)
     configure_kernels(deterministic=False)  # eval shapes are fixed: let cuDNN pick its fastest kernels
     model = model.to(ctx.device, memory_format=memory_format(args.channels_last))
-    dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx, eval_set.shards)
+    dataset, loader = build_eval_data(eval_set.samples, eval_set.classes, settings, ctx)
     log.info("%d images (%s) in %s; JPEGs: %s", len(dataset), eval_set.layout, folder,
              decode_path(settings.eval_decode))
     result = evaluate(model, loader, model.num_classes, DevicePreprocess(ctx.device, args.channels_last), args.amp,

@@ -1,5 +1,5 @@
 """Training throughput with gradient accumulation against without, at the same micro-batch:
-our TrainStep with the darknet recipe, one update of `passes` x `micro-batch` images against
+our Updater with the darknet recipe, one update of `passes` x `micro-batch` images against
 `passes` updates of `micro-batch` images each, on the same synthetic batches, measured in
 alternation so that drift in the machine hits both alike. What accumulation adds (slicing
 the batch, scaling the loss, one optimizer step per update instead of one per pass) should
@@ -14,16 +14,16 @@ import time
 import torch
 
 from benchmarks.common import machine, print_result
-from cspresnet.distributed import DistContext
-from cspresnet.engine import TrainStep, build_train_step
+from common.processes import DistContext
+from cspresnet.engine import Updater, build_updater
 from cspresnet.recipe import load_recipe
 from data.batches import Batch
 
 
-def build(images_per_update: int, micro_batch: int, img_size: int, amp: str, device: torch.device) -> TrainStep:
+def build(images_per_update: int, micro_batch: int, img_size: int, amp: str, device: torch.device) -> Updater:
     recipe = load_recipe("cspresnet50.yaml", [f"batch_size={images_per_update}", f"micro_batch_size={micro_batch}",
                                               f"data.img_size={img_size}", f"runtime.amp={amp}"])
-    step = build_train_step(recipe, DistContext(rank=0, world_size=1, local_rank=0, device=device),
+    step = build_updater(recipe, DistContext(rank=0, world_size=1, local_rank=0, device=device),
                             steps_per_epoch=10_000)
     step.model.train()
     return step
@@ -34,7 +34,7 @@ def random_batch(images: int, img_size: int) -> Batch:
                  torch.randint(0, 1000, (images,)), torch.arange(images), [])
 
 
-def seconds_for(step: TrainStep, batches, first_update: int) -> float:
+def seconds_for(step: Updater, batches, first_update: int) -> float:
     """Seconds for one update per batch (the device is synchronised before and after)."""
     device = step.preprocess.device
     if device.type == "cuda":

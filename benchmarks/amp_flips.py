@@ -21,7 +21,7 @@ import torch
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
 from benchmarks.common import print_result, stand_in_timm_model
-from data.val_layouts import eval_folder, read_eval_set
+from data.sources import evaluation_set
 
 AMPS = ("bf16", "fp16")  # compared with fp32
 
@@ -66,7 +66,7 @@ def stand_in_folder(folder: Path, tmp: Path, images: int) -> Tuple[Path, Path]:
     """The first `images` of `folder` spread over up to 1000 class folders (links), and the
     stand-in weights for them: (folder, weights)."""
     subset = tmp / "images"
-    samples = read_eval_set(folder, None).samples[:images]
+    samples = list(evaluation_set(folder).samples)[:images]
     classes = min(1000, len(samples))  # labels are not scored; validate.py wants a folder per class
     for index, (path, _) in enumerate(samples):
         target = subset / f"c{index % classes:04d}" / Path(path).name
@@ -79,7 +79,7 @@ def stand_in_folder(folder: Path, tmp: Path, images: int) -> Tuple[Path, Path]:
 
 def measure(data_dir: Path, checkpoint, images: int, device: str, workers: int, channels_last: bool,
             amps=AMPS) -> list:
-    folder = eval_folder(data_dir, "val")
+    folder = evaluation_set(data_dir, "val").folder
     extra = ["--device", device, "--workers", workers, "--batch-size", 256]
     extra += ["--channels-last"] if channels_last else []
     with tempfile.TemporaryDirectory() as tmp:

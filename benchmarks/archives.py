@@ -13,7 +13,6 @@ a JSON line per pass and a last one with the medians and the index build times (
 images, from an empty cache). Everything reads through the page cache: the CPU cost of each
 source, not a disk's or a network filesystem's.
 """
-import argparse
 import io
 import random
 import tarfile
@@ -26,13 +25,13 @@ from typing import Dict, List, Tuple
 import torch
 
 from benchmarks.common import machine, print_result
-from benchmarks.shards import OpenCounter, Source, dataset, median, time_loader
-from data.sources.archive_index import read_cached
-from data.sources.archives import TRAIN_ARCHIVE, scan_train
-from data.sources.class_folders import find_classes, image_files
-from data.sources.kaggle_zip import PREFIX, ZipDataset, scan_zip
+from benchmarks.shards import OpenCounter, Source, benchmark_options, dataset, median, time_loader
+from data.dataset import ImageDataset
 from data.pack_shards import pack
-from data.sources.shards import ShardDataset
+from data.sample_index import cached
+from data.sources.archives import TRAIN_ARCHIVE, scan_train
+from data.sources.folders import find_classes, image_files
+from data.sources.kaggle import PREFIX, scan_zip
 from data.transforms import train_transform
 
 SOURCES = ("folders", "shards", "archives", "kaggle-zip")
@@ -92,11 +91,11 @@ def prepare(data_dir: Path, work: Path) -> Dict[str, Path]:
 
 
 def timed_index(name: str, path: Path, build) -> Tuple:
-    """The split, built from an empty cache, and the seconds it took."""
+    """The index, built and cached from an empty cache, and the seconds it took."""
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
-        split = read_cached(f"bench-{name}.idx", [path], build, cache)
-        return split, time.perf_counter() - started
+        index = cached(name, path.parent, f"bench-{name}.idx", name, lambda previous: (build(), name), cache)
+        return index, time.perf_counter() - started
 
 
 def sources(data_dir: Path, files: Dict[str, Path], img_size: int) -> Tuple[Dict[str, Source], Dict[str, float]]:
@@ -107,8 +106,8 @@ def sources(data_dir: Path, files: Dict[str, Path], img_size: int) -> Tuple[Dict
     zipped, zip_s = timed_index("zip", files["kaggle-zip"], lambda: scan_zip(files["kaggle-zip"], "train"))
     found = {"folders": dataset("folders", data_dir, files["shards"], img_size),
              "shards": dataset("shards", data_dir, files["shards"], img_size),
-             "archives": Source("archives", ShardDataset(archive, classes, transform, seed=0), 1, (files["archives"],)),
-             "kaggle-zip": Source("kaggle-zip", ZipDataset(zipped, classes, transform, seed=0), 1,
+             "archives": Source("archives", ImageDataset(archive, classes, transform, seed=0), 1, (files["archives"],)),
+             "kaggle-zip": Source("kaggle-zip", ImageDataset(zipped, classes, transform, seed=0), 1,
                                   (files["kaggle-zip"],))}
     per_thousand = {"archives": archive_s, "kaggle-zip": zip_s}
     return found, {name: round(seconds * 1000 / len(found["folders"].data), 3)
@@ -116,13 +115,8 @@ def sources(data_dir: Path, files: Dict[str, Path], img_size: int) -> Tuple[Dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, type=Path, help="an ImageNet-layout folder (its train/ is used)")
+    parser = benchmark_options(__doc__)
     parser.add_argument("--work-dir", type=Path, help="where the downloads are written (default <data-dir>-downloads)")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over each source; the median is reported")
-    parser.add_argument("--images", type=int, default=0, help="at most this many a pass (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--img-size", type=int, default=256)
     args = parser.parse_args()
     files = prepare(args.data_dir, args.work_dir or args.data_dir.with_name(args.data_dir.name + "-downloads"))
     torch.set_num_threads(1)  # one core for the loader's own work; workers decode in their processes

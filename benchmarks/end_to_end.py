@@ -17,8 +17,8 @@ import timm
 import torch
 
 from benchmarks.common import print_result, rehearsal_compile_backend
-from cspresnet.distributed import DistContext
-from cspresnet.engine import autocast, build_criterion, build_train_step, configure_kernels
+from common.processes import DistContext
+from cspresnet.engine import autocast, build_criterion, build_updater, configure_kernels
 from cspresnet.optim import build_optimizer
 from cspresnet.recipe import load_recipe
 from data.batches import Batch
@@ -68,7 +68,7 @@ def ours(recipe, device: torch.device, waits: list, use_loader: bool = True, sle
     data = build_training_data(recipe.data, recipe.batch_size, recipe.seed, DistContext.alone(device))
     if facts is not None:
         facts["train_decode"] = data.train_decode
-    train_step = build_train_step(recipe, DistContext.alone(device),
+    train_step = build_updater(recipe, DistContext.alone(device),
                                   data.sampler.steps_per_epoch)
     step_number = itertools.count(1)
     step = (lambda batch: time.sleep(sleep_step)) if sleep_step else \

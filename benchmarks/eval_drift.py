@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import print_result
-from cspresnet.checkpoint_schema import read_weights
-from cspresnet.distributed import DistContext
+from cspresnet.checkpoint import read_weights
+from common.processes import DistContext
 from cspresnet.engine import evaluate
 from cspresnet.weights import load_cspresnet, trained_data_config
 from data.loaders import build_eval_data
 from data.transforms import DevicePreprocess
-from data.val_layouts import eval_folder, read_eval_set
+from data.sources import evaluation_set
 
 
 def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: int = 0) -> dict:
@@ -24,7 +24,7 @@ def measure(checkpoint_path: Path, data_dir: Path, split: str = "val", workers: 
     weights = read_weights(checkpoint_path)
     model = load_cspresnet(weights)
     data = trained_data_config(weights)
-    eval_set = read_eval_set(eval_folder(data_dir, split))
+    eval_set = evaluation_set(data_dir, split)
     cpu = torch.device("cpu")
     results = {}
     for decode in ("full", "fast"):

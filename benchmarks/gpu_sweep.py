@@ -161,10 +161,10 @@ def sweep(runner: Sweep, scale: Scale, data: Path, workers: int) -> None:
 
 def model_only(batch: int, img_size: int, amp: str, compile_mode: str, micro_batch: int = 0, kernel: str = "fused",
                evaluate: bool = False, windows: int = 5, window_steps: int = 10, warmup: int = 5) -> Dict:
-    """train.py's own TrainStep (fused SGD, the GradScaler, channels_last, the recipe's
+    """train.py's own Updater (fused SGD, the GradScaler, channels_last, the recipe's
     compile) on one uint8 batch already on the device, or evaluation's forward pass."""
-    from cspresnet.distributed import DistContext
-    from cspresnet.engine import CompiledAtOneBatch, autocast, build_train_step
+    from common.processes import DistContext
+    from cspresnet.engine import CompiledAtOneBatch, autocast, build_updater
     from cspresnet.recipe import load_recipe
     from data.batches import Batch
 
@@ -173,7 +173,7 @@ def model_only(batch: int, img_size: int, amp: str, compile_mode: str, micro_bat
     recipe = load_recipe("cspresnet50.yaml", [f"batch_size={batch}", f"micro_batch_size={micro_batch}",
                                               f"runtime.amp={amp}", f"optim.kernel={kernel}",
                                               *compile_overrides("off" if evaluate else compile_mode)])
-    step = build_train_step(recipe, DistContext.alone(device), steps_per_epoch=1_000_000)
+    step = build_updater(recipe, DistContext.alone(device), steps_per_epoch=1_000_000)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, img_size, img_size, 3), dtype=torch.uint8, generator=generator)
     batch_on_device = Batch(images.to(device), torch.randint(0, 1000, (batch,), generator=generator).to(device),

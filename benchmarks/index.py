@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict
 
 from benchmarks.common import machine, print_result
-from data.sources.class_folders import cached_index, find_classes
+from data.sources.folders import cached_index, find_classes
 from data.sample_data import generate
 from data.sample_index import cache_file
 

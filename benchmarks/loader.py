@@ -22,7 +22,8 @@ from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader
 
 from benchmarks.common import print_result
-from data.sources.class_folders import ImageFolderDataset, find_classes, index_split
+from data.dataset import ImageDataset as OurDataset
+from data.sources.folders import find_classes, index_split
 from data.jpeg_box import SWITCH, box_decoder
 from data.loaders import PREFETCH_FACTOR, loader_options
 from data.transforms import eval_transform, train_transform
@@ -38,7 +39,7 @@ def build(pipeline: str, folder: Path, split: str, img_size: int, decode: str, w
     classes = find_classes(folder)
     transform = train_transform(img_size, decode=decode) if split == "train" else \
         eval_transform(img_size, 0.887, decode=decode)
-    return ImageFolderDataset(index_split(folder, classes), classes, transform, seed=0), loader_options(workers, False)
+    return OurDataset(index_split(folder, classes), classes, transform, seed=0), loader_options(workers, False)
 
 
 def measure(pipeline: str, data_dir: Path, split: str, workers: int, img_size: int = 256, batch_size: int = 64,

@@ -29,10 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.common import machine, print_result
-from data.sources.class_folders import ImageFolderDataset, find_classes, index_split
+from data.dataset import ImageDataset
 from data.loaders import loader_options
 from data.pack_shards import pack
-from data.sources.shards import ShardDataset, read_split
+from data.sources.folders import find_classes, index_split
+from data.sources.tars import shard_index
 from data.transforms import train_transform
 
 SOURCES = ("folders", "shards")
@@ -72,7 +73,7 @@ class Source:
     """A training set to time: its dataset, how many files it reads, and where they lie."""
 
     name: str
-    data: ImageFolderDataset
+    data: ImageDataset
     files: int
     roots: Tuple[Path, ...]
 
@@ -80,10 +81,10 @@ class Source:
 def dataset(source: str, data_dir: Path, shards_dir: Path, img_size: int) -> Source:
     transform = train_transform(img_size, decode="fast")
     if source == "shards":
-        shards = read_split(shards_dir, "train")
-        return Source(source, ShardDataset(shards, [], transform, seed=0), len(shards.paths), (shards_dir,))
+        shards = shard_index(shards_dir, "train")
+        return Source(source, ImageDataset(shards, [], transform, seed=0), len(shards.folders), (shards_dir,))
     samples = index_split(data_dir / "train", find_classes(data_dir / "train"))
-    return Source(source, ImageFolderDataset(samples, [], transform, seed=0), len(samples), (data_dir,))
+    return Source(source, ImageDataset(samples, [], transform, seed=0), len(samples), (data_dir,))
 
 
 def measure(source: str, data_dir: Path, shards_dir: Path, workers: int, counter: OpenCounter, images: int = 0,
@@ -119,16 +120,22 @@ def median(runs: List[Dict]) -> Dict:
     return sorted(runs, key=lambda run: run["images_per_s"])[len(runs) // 2]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_options(doc: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that time the training loader over several sources."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, type=Path, help="an ImageNet-layout folder (its train/ is used)")
-    parser.add_argument("--shards-dir", type=Path, help="where its shards are (default: <data-dir>-shards)")
-    parser.add_argument("--shards", type=int, default=16, help="shards to pack it into (default 16)")
-    parser.add_argument("--workers", type=int, default=0, help="0: in this process, one core")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over each source; the median is reported")
     parser.add_argument("--images", type=int, default=0, help="at most this many a pass (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3, help="passes over each, alternating; the median is reported")
+    return parser
+
+
+def main() -> None:
+    parser = benchmark_options(__doc__)
+    parser.add_argument("--shards-dir", type=Path, help="where its shards are (default: <data-dir>-shards)")
+    parser.add_argument("--shards", type=int, default=16, help="shards to pack it into (default 16)")
+    parser.add_argument("--workers", type=int, default=0, help="0: in this process, one core")
     args = parser.parse_args()
     shards_dir = args.shards_dir or args.data_dir.with_name(args.data_dir.name + "-shards")
     pack(args.data_dir, shards_dir, name="bench", train_shards=args.shards, splits=["train"])

@@ -10,7 +10,7 @@ group of processes' passes; the trainer prints the result at start, e.g.
 """
 from dataclasses import dataclass
 
-from data.errors import RecipeError
+from common.errors import RecipeError
 
 from .recipe import Recipe
 

@@ -1,95 +1,46 @@
-"""Checkpoint files: written atomically, read without unpickling code, kept and pruned in
-a run folder without ever losing the last good one."""
+"""Checkpoints, the one module that knows their format: written whole or not at all, read
+without unpickling code, what a training checkpoint holds key for key (and what older
+versions wrote), and the weights any supported file carries. A run folder keeps and prunes
+them (run_folder.CheckpointFolder).
+
+The trainer builds a TrainingCheckpoint and reads one back; validate.py, predict.py, export.py
+and the initial weights read `Weights`. A field of where a run is (Position) is saved and
+resumed by adding it to Position; any other, by adding it to TrainingCheckpoint.
+"""
 import logging
-import os
+import math
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, TypeVar
 
 import torch
 
-from data.errors import CheckpointError
-
-from .files import is_disk_full
+from common.errors import CheckpointError
+from common.files import write_atomically
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FORMAT = "cspresnet-train-v1"
+StateDict = Dict[str, torch.Tensor]
+
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save, whole or not at all, and durable: a crash at any point leaves either the
+    old file or the new one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(Path(path), lambda handle: torch.save(state, handle), durable=True)
 
-    A crash at any point leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
+# ----------------------------------------------------------------------------- reading any file
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip file
 # What torch's weights-only unpickler says when a pickle names code it will not run, as
 # opposed to bytes it cannot parse (a truncated or corrupt file).
 FORBIDDEN = ("Unsupported global", "is blocked", "allowlisted", "unrecognized function")
-
-
-def _first_line(exc: BaseException) -> str:
-    """A library's error as one line, so that a CheckpointError stays one line: its type and
-    its message's first non-empty line (junk bytes give bare ones like KeyError: '101')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _unpickler_error(exc: Exception) -> str:
-    """The weights-only unpickler's own sentence, out of the paragraphs of advice torch wraps
-    around it ("Weights only load failed ... WeightsUnpickler error: ...")."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    elif text.startswith("Weights only load failed") and "\n\n" in text:
-        text = text.split("\n\n", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". Please use", 1)[0] if lines else type(exc).__name__
-
-
-def _missing_global(reason: str) -> Optional[str]:
-    """The global a refused pickle names when it cannot be a real one, or None: a name cut
-    short ("torc.") or missing from its module ("collections.Orde") is a truncated or damaged
-    file, not code to fear. Looked up in sys.modules only, so that checking imports nothing."""
-    match = re.search(r"GLOBAL (\S+) was not an allowed global", reason)
-    if not match:
-        return None
-    parts = match.group(1).split(".")
-    if "" in parts:  # "torc.": the file ended inside the name
-        return match.group(1)
-    for i in range(len(parts) - 1, 0, -1):
-        module = sys.modules.get(".".join(parts[:i]))
-        if module is not None:
-            return match.group(1) if parts[i] not in vars(module) else None
-    return None
-
-
-def _looks_like_torch_save(head: bytes) -> bool:
-    """A zip (torch.save today) or a pickle of protocol 2-5 (torch.save before 1.6, or with
-    _use_new_zipfile_serialization=False): anything else is not worth unpickling."""
-    return head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -111,7 +62,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {first_line(exc)}") from None
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
@@ -122,8 +73,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         except MemoryError:
             raise
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable .safetensors file: {_first_line(exc)}") from None
-    if not _looks_like_torch_save(head):
+            raise CheckpointError(f"{path} is not a readable .safetensors file: {first_line(exc)}") from None
+    # A zip (torch.save today) or a pickle of protocol 2-5 (torch.save before 1.6): anything
+    # else is not worth unpickling.
+    if not (head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip file nor a pickle): "
                               f"it starts with {head!r}")
     try:
@@ -133,97 +86,183 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     except MemoryError:
         raise
     except pickle.UnpicklingError as exc:
-        reason = _unpickler_error(exc)
-        missing = _missing_global(reason)
+        reason = unpickler_error(exc)
+        missing = missing_global(reason)
         if missing:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): its pickle "
                                   f"names {missing}, which does not exist") from None
         if any(marker in reason for marker in FORBIDDEN):
-            raise CheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects, not only tensors and plain data, "
-                f"and unpickling them could run code ({reason})"
-            ) from None
+            raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects, not only tensors and "
+                                  f"plain data, and unpickling them could run code ({reason})") from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {reason}") from None
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
 
 
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+def first_line(exc: BaseException) -> str:
+    """A library's error as one line, so that a CheckpointError stays one line: its type and
+    its message's first non-empty line (junk bytes give bare ones like KeyError: '101')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _replace_with_link(source: Path, target: Path) -> None:
-    """Make `target` the same file as `source` in one atomic rename (a hard link, or a copy
-    where the filesystem has no hard links)."""
-    tmp = target.with_name(f".{target.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+def unpickler_error(exc: Exception) -> str:
+    """The weights-only unpickler's own sentence, out of the paragraphs of advice torch wraps
+    around it ("Weights only load failed ... WeightsUnpickler error: ...")."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed") and "\n\n" in text:
+        text = text.split("\n\n", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". Please use", 1)[0] if lines else type(exc).__name__
 
 
-class CheckpointFolder:
-    """A run folder's checkpoints: step-<N>.pt files, with last.pt and best.pt as links.
-
-    Every save writes step-<N>.pt atomically, then points last.pt (and best.pt for a new
-    best) at it, then deletes step files beyond the newest `keep_last`. A full disk skips
-    the save with a message and deletes nothing, so training goes on and the previous
-    checkpoints stay good.
-    """
-
-    def __init__(self, folder: Path, keep_last: int):
-        self.folder = Path(folder)
-        self.keep_last = keep_last
-
-    def step_files(self) -> List[Tuple[int, Path]]:
-        found = []
-        if self.folder.is_dir():
-            for path in self.folder.iterdir():
-                match = STEP_FILE.match(path.name)
-                if match:
-                    found.append((int(match.group(1)), path))
-        return sorted(found)
-
-    def remove_partial_files(self) -> None:
-        """Temporary files are what a kill during a save leaves; they are never complete."""
-        if self.folder.is_dir():
-            for path in self.folder.glob(".*.tmp"):
-                path.unlink(missing_ok=True)
-
-    def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> Optional[Path]:
-        """The saved file, or None when the disk was full."""
-        path = self.folder / f"step-{step:08d}.pt"
-        try:
-            save_checkpoint(state, path)
-            _replace_with_link(path, self.folder / "last.pt")
-            if is_best:
-                _replace_with_link(path, self.folder / "best.pt")
-        except (OSError, RuntimeError) as exc:
-            if not is_disk_full(exc):
-                raise
-            self.remove_partial_files()
-            log.warning("disk full in %s; checkpoint of step %d not written, earlier checkpoints kept, training goes "
-                        "on and the next checkpoint tries again", self.folder, step)
-            return None
-        files = self.step_files()
-        for _, old in files[: max(0, len(files) - self.keep_last)]:
-            old.unlink(missing_ok=True)  # last.pt and best.pt are links: their data stays
-        return path
-
-    def newest_loadable(self, read: Callable[[Path], T] = load_checkpoint) -> Optional[Tuple[Path, T]]:
-        """last.pt, or else the newest step file, that `read` accepts (it raises
-        CheckpointError for one it cannot use: junk, or not a training checkpoint); None
-        when there is none."""
-        candidates = [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]
-        for path in candidates:
-            if not path.is_file():
-                continue
-            try:
-                return path, read(path)
-            except CheckpointError as exc:
-                log.warning("skipping unreadable checkpoint: %s", exc)
+def missing_global(reason: str) -> Optional[str]:
+    """The global a refused pickle names when it cannot be a real one, or None: a name cut
+    short ("torc.") or missing from its module ("collections.Orde") is a truncated or damaged
+    file, not code to fear. Looked up in sys.modules only, so that checking imports nothing."""
+    match = re.search(r"GLOBAL (\S+) was not an allowed global", reason)
+    if not match:
         return None
+    parts = match.group(1).split(".")
+    if "" in parts:  # "torc.": the file ended inside the name
+        return match.group(1)
+    for i in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None:
+            return match.group(1) if parts[i] not in vars(module) else None
+    return None
+
+
+# ----------------------------------------------------------------------------- a training checkpoint
+
+
+@dataclass
+class Position:
+    """Where a run is, the same on every rank: saved in every checkpoint, and taken back on
+    a resume (a field added here is both)."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the current epoch completed
+    step: int = 0  # optimizer steps since the run began, skipped ones included
+    epoch_seconds: float = 0.0  # training time spent in the current epoch so far
+    best_top1: float = -math.inf
+    rows: List[Dict[str, Any]] = field(default_factory=list)  # summary.csv, one row per completed epoch
+
+    def position(self) -> "Position":
+        return Position(**{f.name: getattr(self, f.name) for f in fields(Position)})
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A training run at one step: everything `--resume` needs to go on as if it had never
+    stopped. On disk, one flat dict: these keys and Position's (written since 2026-11-30;
+    before, without `format` and the keys that default to None)."""
+
+    model: StateDict
+    optimizer: Dict[str, Any]
+    scaler: Dict[str, Any]  # the GradScaler's
+    position: Position
+    per_rank: List[Dict[str, Any]]  # each rank's random generators, epoch totals and unreadable files
+    world_size: int  # the processes that wrote it (len(per_rank))
+    dataset: str  # fingerprint of the training set (SampleIndex.fingerprint)
+    classes: List[str]
+    recipe: Dict[str, Any]  # the resolved recipe, as recipe_to_dict gives it
+    model_ema: Optional[StateDict] = None  # None without ema.enabled
+    eval_dataset: Optional[str] = None  # of the evaluation set
+    batch_size: Optional[int] = None  # the global batch the run trained at
+    metrics: Optional[Dict[str, Any]] = None  # the last summary row, for a reader who wants one number
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The dict torch.save writes (not dataclasses.asdict, which would copy every tensor)."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "position"}
+        return dict(flat, **vars(self.position), format=FORMAT)
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any], path: Path) -> "TrainingCheckpoint":
+        """Checked: our format, or a CheckpointError that says what the file is instead."""
+        tag = state.get("format")
+        if tag is not None and tag != FORMAT:
+            raise CheckpointError(f"{path} is a training checkpoint of format {tag!r}; this version resumes {FORMAT!r}")
+        required = [f.name for f in fields(cls) if f.default is not None and f.name != "position"]
+        missing = [name for name in required + [f.name for f in fields(Position)] if name not in state]
+        if missing and (tag is None or "model" not in state):
+            raise CheckpointError(
+                f"{path} holds model weights only, not a training run to continue (such as timm's .pth): --resume "
+                f"continues a run from its own last.pt or step-<N>.pt; to start a new run from these weights, pass "
+                f"--initial-weights {path}")
+        if missing:
+            raise CheckpointError(f"{path} is a damaged training checkpoint: it lacks {', '.join(missing)}")
+        position = Position(**{f.name: state[f.name] for f in fields(Position)})
+        position.rows = [with_train_size(row, state["recipe"]) for row in position.rows]
+        return cls(position=position, **{f.name: state.get(f.name) for f in fields(cls) if f.name != "position"})
+
+
+def with_train_size(row: Dict[str, Any], recipe: Dict[str, Any]) -> Dict[str, Any]:
+    """A summary row as this version writes it: rows written before progressive resizing
+    (before ce21dd9, 2026-12-03) lack the epoch's training crop, which was then data.img_size."""
+    if "train_size" in row:
+        return row
+    size = (recipe.get("data") or {}).get("img_size")
+    before = list(row)[:list(row).index("lr") + 1] if "lr" in row else list(row)
+    return {**{key: row[key] for key in before}, "train_size": size, **row}
+
+
+def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
+    return TrainingCheckpoint.from_dict(load_checkpoint(path), Path(path))
+
+
+# ----------------------------------------------------------------------------- weights of any file
+
+
+@dataclass
+class Weights:
+    """A model's weights from any file users bring, and what the file says about them."""
+
+    state_dict: StateDict
+    kind: str  # "model" or "ema"
+    classes: Optional[List[str]]  # the class names our checkpoints carry; None in timm's files
+    recipe: Optional[Dict[str, Any]]  # the recipe our checkpoints were trained with
+
+
+# Where each kind of weights lies: our training checkpoints, then timm's train.py checkpoints.
+WEIGHT_KEYS = {"model": ("model", "state_dict"), "ema": ("model_ema", "state_dict_ema")}
+
+
+def read_weights(path: Path, which: str = "auto") -> Weights:
+    """The weights in our checkpoints (model or EMA), timm's .pth (a state dict, or its
+    train.py checkpoint), a .safetensors, or a DDP-prefixed state dict.
+
+    which: 'auto' (EMA when present, else the model), 'model' or 'ema'.
+    """
+    return weights_in(load_checkpoint(path), which)
+
+
+def weights_in(checkpoint: Dict[str, Any], which: str = "auto") -> Weights:
+    if which not in ("auto", "model", "ema"):
+        raise CheckpointError(f"weights must be auto, model or ema, got {which!r}")
+    found = {kind: next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), None)
+             for kind, keys in WEIGHT_KEYS.items()}
+    if found["model"] is None and found["ema"] is None:
+        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise CheckpointError("not a state dict: expected tensors, or a training checkpoint with a 'model' entry; "
+                                  f"found keys {sorted(checkpoint)[:8]}")
+        if which == "ema":
+            raise CheckpointError("the checkpoint is a plain state dict and holds no EMA weights")
+        found["model"] = checkpoint
+    kind = which if which != "auto" else ("ema" if found["ema"] is not None else "model")
+    if found[kind] is None:
+        raise CheckpointError(f"the checkpoint holds no {kind} weights "
+                              f"(has: {[k for k, v in found.items() if v is not None]})")
+    classes, recipe = checkpoint.get("classes"), checkpoint.get("recipe")
+    return Weights(strip_prefix(found[kind], "module."), kind, list(classes) if isinstance(classes, list) else None,
+                   recipe if isinstance(recipe, dict) else None)
+
+
+def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
+    """Remove DDP's (or torch.compile's `_orig_mod.`) prefix when every key has it."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict

@@ -13,7 +13,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from data.errors import ExitError
+from common.errors import ExitError
 
 OUR_LOGGERS = ("cspresnet", "data", "benchmarks")
 

@@ -4,32 +4,12 @@ import datetime
 import gc
 import os
 import signal
-from dataclasses import dataclass
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def alone(cls, device: torch.device) -> "DistContext":
-        """One process on `device` (a script without torchrun, a benchmark, a test)."""
-        return cls(rank=0, world_size=1, local_rank=0, device=device)
+from common.processes import DistContext
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:

@@ -1,12 +1,14 @@
-"""What the training loop and validate.py share: one training step (TrainStep), and
+"""What the training loop and validate.py share: one training step (Updater), and
 evaluation. It knows the model, a loader, the optimizer and a loss; not the run folder, the
 log or how a run stops (cspresnet/training.py)."""
 import contextlib
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
@@ -14,14 +16,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.errors import UnreadableDataError
+from common.processes import DistContext
 from data.batches import Batch
-from data.errors import UnreadableDataError
 from data.loader_faults import Batches
 from data.transforms import DevicePreprocess, build_batch_augment, memory_format
 from data.unreadable import warn_unreadable
 
 from .arrangement import Arrangement, arrange
-from .distributed import DistContext, all_gather_objects, all_reduce_sum
+from .distributed import all_gather_objects, all_reduce_sum
 from .model import build_model
 from .optim import build_optimizer, build_schedule, set_lr
 from .recipe import Recipe, RuntimeConfig
@@ -37,11 +40,16 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_kernels(deterministic: bool) -> None:
+def configure_kernels(deterministic: bool, seed: Optional[int] = None) -> None:
     """By default cuDNN times its convolution algorithms and keeps the fastest, which may
     differ from one process to the next and may add in a different order; `deterministic`
     fixes both (and asks for deterministic versions of every other op), at a cost in speed,
-    so that a run on a GPU repeats, and resumes, bit for bit."""
+    so that a run on a GPU repeats, and resumes, bit for bit. `seed` seeds Python's, NumPy's
+    and torch's generators (a run's first draws)."""
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     if deterministic:
         # cuBLAS reads this when it creates its handle; it must be set before the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -68,7 +76,7 @@ def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 
 @dataclass
-class TrainStep:
+class Updater:
     """One weight update: `passes` forward/backward passes over this process's share of the
     global batch (gradient accumulation), then one optimizer step; and everything it needs
     around the model."""
@@ -87,7 +95,7 @@ class TrainStep:
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
-        """The optimizer update at `step` of the schedule (from 1; RunState.schedule_position);
+        """The optimizer update at `step` of the schedule (from 1; RunState.schedule_step);
         its loss (on the device: reading it would wait for the device) and learning rate. The
         schedule, the skip of a non-finite update and the EMA act once per update, never per pass."""
         lr = self.schedule(step)
@@ -136,8 +144,8 @@ class TrainStep:
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
-def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
-                     arrangement: Optional[Arrangement] = None) -> TrainStep:
+def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
+                     arrangement: Optional[Arrangement] = None) -> Updater:
     """The model on its device and everything around it: its EMA (a copy with plain
     BatchNorm: it is only evaluated), SyncBatchNorm, then DDP when there are several
     processes, compiled when the recipe says so. `arrangement`: the run's (default: the
@@ -151,7 +159,7 @@ def build_train_step(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
     ema = ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None
     if arrangement.bn_group > 1:
         model = convert_to_sync_bn(model, arrangement.bn_group, ctx.world_size, ctx.device)
-    step = TrainStep(
+    step = Updater(
         model=model, train_model=model, optimizer=build_optimizer(model, recipe),
         scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
         criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
@@ -187,7 +195,7 @@ class CompiledAtOneBatch(nn.Module):
         return (self.compiled if len(inputs) == self.batch else self.plain)(inputs)
 
 
-def evaluated_models(step: TrainStep, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
+def evaluated_models(step: Updater, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The weights and their EMA as evaluation runs them: through torch.compile at the
     evaluation loader's batch when runtime.compile_eval (its last, smaller batch runs plain)."""
     ema = step.ema.module if step.ema is not None else None

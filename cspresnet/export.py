@@ -15,9 +15,9 @@ from pathlib import Path
 import timm
 from timm.models import save_for_hf
 
-from data.errors import CheckpointError
+from common.errors import CheckpointError
 
-from .checkpoint_schema import read_weights
+from .checkpoint import read_weights
 from .weights import load_weights_strict, num_classes_of, trained_data_config
 
 

@@ -6,8 +6,8 @@ construction order (so the same seed gives the same initial weights), same forwa
 from typing import List, Sequence
 
 import torch
-from torch import nn
 from timm.layers import DropPath, calculate_drop_path_rates
+from torch import nn
 
 STAGE_DEPTHS = (3, 3, 5, 2)
 STAGE_CHANNELS = (128, 256, 512, 1024)

@@ -13,8 +13,9 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
-from data.config import AugmentConfig, DataConfig, KeyName, recipe_key, require, setting
-from data.errors import RecipeError
+from common.errors import RecipeError
+from common.recipe_fields import KeyName, recipe_key, require, setting
+from data.config import AugmentConfig, DataConfig
 
 from .yaml_comments import DuplicateKeyError, load_yaml, load_yaml_with_lines
 

@@ -1,9 +1,11 @@
 """What validate.py reports beyond top-1/top-5: ImageNet-ReaL accuracy and a row in the
 style of timm's results-imagenet.csv."""
+import csv
 import json
 import os
 import pkgutil
 import re
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -45,3 +47,21 @@ def timm_results_row(name: str, result, param_count: int, settings) -> Dict[str,
             "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2),
             "img_size": settings.eval_img_size, "crop_pct": settings.eval_crop_pct,
             "interpolation": settings.eval_interpolation}
+
+
+def append_csv_row(path: Path, row: Dict[str, object]) -> None:
+    """One row under the file's own header (the row's keys when the file is new or empty); a
+    row with a column the header lacks is refused, since appending it would shift every
+    later column of that line."""
+    header = None
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), None)
+    if header is not None and set(row) - set(header):
+        raise ValueError(f"{path} has the columns {','.join(header)}; this row adds "
+                         f"{', '.join(sorted(set(row) - set(header)))}: write it to a new file")
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header or list(row))
+        if header is None:
+            writer.writeheader()
+        writer.writerow(row)

@@ -1,31 +1,120 @@
 """A run folder belongs to one run: a lock held for the run's life, no start on top of
-another run's files, a status line for requeue scripts, and the record of which recipe
-trained which steps. Only rank 0 touches the folder; the other ranks follow its decisions."""
+another run's files, a status line for requeue scripts, the record of which recipe trained
+which steps, and its checkpoints, kept and pruned without ever losing the last good one.
+Only rank 0 touches the folder; the other ranks follow its decisions."""
 import contextlib
 import datetime
 import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
-from data.errors import RunFolderError
+from common.errors import CheckpointError, RunFolderError
+from common.files import is_disk_full, remove_leftovers, write_atomically
 
-from .checkpoint import STEP_FILE, CheckpointFolder
-from .checkpoint_schema import TrainingCheckpoint, read_training_checkpoint
-from .files import is_disk_full, overwrite_in_place, unless_disk_full, write_atomically
+from .checkpoint import TrainingCheckpoint, load_checkpoint, read_training_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 LOCK_FILE = ".lock"
 STATUS_FILE = "status"
 SEGMENTS_FILE = "segments.jsonl"
 # Files that hold a trained result: never started over, never overwritten by another run.
 RESULT_FILES = ("last.pt", "best.pt", "summary.csv")
 OTHER_RUN_FILES = ("recipe.yaml", SEGMENTS_FILE, STATUS_FILE)
+
+
+class CheckpointFolder:
+    """A run folder's checkpoints: step-<N>.pt files, with last.pt and best.pt as links.
+
+    Every save writes step-<N>.pt whole, then points last.pt (and best.pt for a new best) at
+    it, then deletes step files beyond the newest `keep_last`. A full disk skips the save with
+    a message and deletes nothing, so training goes on and the previous checkpoints stay good.
+    """
+
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def step_files(self) -> List[Tuple[int, Path]]:
+        found = []
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                match = STEP_FILE.match(path.name)
+                if match:
+                    found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def remove_partial_files(self) -> None:
+        """What a kill during a save leaves: temporary files, never complete."""
+        if self.folder.is_dir():
+            remove_leftovers(self.folder)
+
+    def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> Optional[Path]:
+        """The saved file, or None when the disk was full."""
+        path = self.folder / f"step-{step:08d}.pt"
+        try:
+            save_checkpoint(state, path)
+            self.link(path, "last.pt")
+            if is_best:
+                self.link(path, "best.pt")
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
+            self.remove_partial_files()
+            log.warning("disk full in %s; checkpoint of step %d not written, earlier checkpoints kept, training goes "
+                        "on and the next checkpoint tries again", self.folder, step)
+            return None
+        files = self.step_files()
+        for _, old in files[: max(0, len(files) - self.keep_last)]:
+            old.unlink(missing_ok=True)  # last.pt and best.pt are links: their data stays
+        return path
+
+    def link(self, source: Path, name: str) -> None:
+        """Make `name` the same file as `source` in one atomic rename (a hard link, or a copy
+        where the filesystem has no hard links)."""
+        tmp = self.folder / f".{name}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, self.folder / name)
+
+    def newest_loadable(self, read: Callable[[Path], T] = load_checkpoint) -> Optional[Tuple[Path, T]]:
+        """last.pt, or else the newest step file, that `read` accepts (it raises
+        CheckpointError for one it cannot use: junk, or not a training checkpoint); None
+        when there is none."""
+        candidates = [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                return path, read(path)
+            except CheckpointError as exc:
+                log.warning("skipping unreadable checkpoint: %s", exc)
+        return None
+
+
+def unless_disk_full(write: Callable[[], object], what: str) -> None:
+    """For the run folder's small files: a full disk costs that write and a warning, not the
+    run (the checkpoints hold what they record)."""
+    try:
+        write()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("disk full: %s not written", what)
 
 
 def run_files(folder: Path) -> List[str]:
@@ -48,6 +137,7 @@ class RunFolder:
         self.path = Path(path)
         self.checkpoints = CheckpointFolder(self.path, keep_last)
         self._lock_fd: Optional[int] = None
+        self.resumed: Optional[Tuple[Path, TrainingCheckpoint]] = None  # the checkpoint the run goes on from
 
     def lock(self) -> None:
         """Hold the folder for this process's life. A POSIX record lock: the kernel drops it
@@ -68,6 +158,7 @@ class RunFolder:
             raise RunFolderError(f"{self.path} is in use by another job ({holder}); "
                                  f"wait for it to end, or pass --output NEW_FOLDER") from None
         self._lock_fd = fd
+        self.checkpoints.remove_partial_files()  # what a kill during a save left: never complete
         holder = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
         unless_disk_full(lambda: os.pwrite(fd, holder.ljust(80), 0), "the lock holder's name")
 
@@ -124,9 +215,16 @@ class RunFolder:
         except OSError:
             return ""
 
-    def write_recipe(self, text: str) -> None:
-        """recipe.yaml: the resolved recipe the run started with (a resume never rewrites it)."""
-        unless_disk_full(lambda: (self.path / "recipe.yaml").write_text(text), "recipe.yaml")
+    def record_start(self, recipe: Dict[str, Any], recipe_yaml: str, world_size: int, notes: List[str],
+                     trains: bool) -> None:
+        """Rank 0's record of a start or a resume: recipe.yaml, the resolved recipe the run
+        started with (a resume never rewrites it); a segment and the status, if it trains."""
+        step = self.resumed[1].position.step if self.resumed else 0
+        if self.resumed is None:
+            unless_disk_full(lambda: write_atomically(self.path / "recipe.yaml", recipe_yaml), "recipe.yaml")
+        if trains:
+            self.add_segment(step, recipe, world_size, notes)
+            self.set_status(f"running from step {step}")
 
     def set_status(self, text: str) -> None:
         """One line: 'running from step N', 'preempted at step N', 'done at step N' or
@@ -138,7 +236,18 @@ class RunFolder:
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
-            unless_disk_full(lambda: overwrite_in_place(self.path / STATUS_FILE, line), f"status '{text}'")
+            unless_disk_full(lambda: self.overwrite_status(line), f"status '{text}'")
+
+    def overwrite_status(self, line: str) -> None:
+        """Over the old status's bytes: on a full disk this needs no new block as long as the
+        line fits the file's last one (not atomic; for this one line only)."""
+        fd = os.open(self.path / STATUS_FILE, os.O_WRONLY)
+        try:
+            data = line.encode()
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
     def record_failure(self, exc: BaseException) -> None:
         """'failed: <the error's last line>', in a folder that holds a run. A start that failed
@@ -153,12 +262,12 @@ class RunFolder:
         except OSError as status_error:
             log.warning("status not written: %s", status_error)
 
-    def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str],
-                    resumed_from: Optional[Path]) -> None:
+    def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str]) -> None:
         """Append this segment of training (who, when, from which step, with which recipe)
         to segments.jsonl; a run's recipe.yaml is its first segment's and is never rewritten."""
         record = dict(start_step=start_step, started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                      host=socket.gethostname(), world_size=world_size, resumed_from=str(resumed_from) if resumed_from else None,
+                      host=socket.gethostname(), world_size=world_size,
+                      resumed_from=str(self.resumed[0]) if self.resumed else None,
                       argv=sys.argv, inexact=notes, recipe=recipe)
 
         def write() -> None:

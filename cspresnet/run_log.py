@@ -1,5 +1,7 @@
 """What a run reports: TensorBoard scalars, summary.csv (a row per epoch) and console lines.
 Only the main rank writes; the others get a RunLog that does nothing."""
+import csv
+import io
 import logging
 import threading
 from pathlib import Path
@@ -7,7 +9,9 @@ from typing import Callable, Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
-from .files import is_disk_full, unless_disk_full, write_csv
+from common.files import is_disk_full, write_atomically
+
+from .run_folder import unless_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +102,16 @@ class RunLog:
 
 def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
+    """All rows at once, whole or not at all, under every column any row has (in the order
+    they first appear; a row without one leaves it empty); no rows: no file."""
+    if not rows:
+        Path(path).unlink(missing_ok=True)
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(Path(path), text.getvalue())

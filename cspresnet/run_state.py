@@ -1,19 +1,17 @@
 """Where a run is, and what each rank has counted: everything a checkpoint holds besides the
 weights, the optimizer and the recipe. A resumed run loads it and goes on as if it had never
 stopped, down to every rank's random generators."""
-import math
 import random
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from data.errors import NonFiniteLossError
-from data.sample_index import SampleIndex
+from common.errors import NonFiniteLossError
 from data.unreadable import UnreadableImages
 
-from .checkpoint_schema import TrainingCheckpoint
+from .checkpoint import Position, TrainingCheckpoint
 from .distributed import all_reduce_sum
 
 
@@ -96,37 +94,24 @@ class EpochTotals:
         self.images += state["images"]
 
 
-POSITION = ("epoch", "step_in_epoch", "step", "epoch_seconds", "best_top1", "rows")
-
-
 @dataclass
-class RunState:
-    """The position is the same on every rank; the totals, the unreadable files seen and the
-    random generators are each rank's own, gathered from every rank when a checkpoint is
-    written (`per_rank`)."""
+class RunState(Position):
+    """Where the run is (Position: the same on every rank, what a checkpoint saves of it),
+    and what each rank has counted: its epoch totals, the unreadable files it has seen and
+    its random generators, gathered from every rank when a checkpoint is written (`per_rank`)."""
 
-    totals: EpochTotals
-    unreadable: UnreadableImages
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # steps of the current epoch completed
-    step: int = 0  # optimizer steps since the run began, skipped ones included
-    epoch_seconds: float = 0.0  # training time spent in the current epoch so far
-    best_top1: float = -math.inf
-    rows: List[Dict] = field(default_factory=list)  # summary.csv, one row per completed epoch
+    totals: Optional[EpochTotals] = None
+    unreadable: Optional[UnreadableImages] = None
     saved_step: int = -1  # this process's knowledge: the newest checkpoint written (-1: none); not saved
-    # dataset_fingerprint of the training and evaluation sets, once per run (8 s at ImageNet's size)
+    # fingerprints of the training and evaluation sets, once per run (8 s at ImageNet's size)
     datasets: Tuple[str, str] = ("", "")
 
-    def schedule_position(self, steps_per_epoch: int) -> int:
+    def schedule_step(self, steps_per_epoch: int) -> int:
         """The update the learning rate is set for: the next one, counted at today's global
         batch. It is `step + 1` unless a resume changed the batch: then `step` counts updates
         at the old batch, and the schedule, whose length is counted at the new one, must go
         on from the images already trained, not from the count of old updates."""
         return self.epoch * steps_per_epoch + self.step_in_epoch + 1
-
-    def position(self) -> Dict[str, Any]:
-        """The checkpoint's entries for where the run is (TrainingCheckpoint's fields)."""
-        return {key: getattr(self, key) for key in POSITION}
 
     def rank_state_dict(self) -> Dict[str, Any]:
         """This rank's entry of the checkpoint's per_rank list."""
@@ -136,9 +121,8 @@ class RunState:
     def load(self, checkpoint: TrainingCheckpoint, rank: int, world_size: int, seed: int) -> Optional[str]:
         """Back to where the checkpoint was, this rank's own part included; on another number
         of processes than saved it, the reason why the rest will not be exactly the same."""
-        for key in POSITION:
-            setattr(self, key, getattr(checkpoint, key))
-        self.saved_step = checkpoint.step  # the checkpoint resumed from
+        vars(self).update(vars(checkpoint.position))
+        self.saved_step = checkpoint.position.step  # the checkpoint resumed from
         if checkpoint.world_size == world_size:
             mine = checkpoint.per_rank[rank]
             restore_rng(mine["rng"], self.totals.device)
@@ -185,18 +169,3 @@ def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
                          n["cached_gaussian"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def dataset_fingerprint(samples: Sequence[Tuple[str, int]]) -> str:
-    """Changes when any file is added, removed or relabelled: then sample indices moved.
-    Only the class folder and file name count, not where the dataset is mounted. A
-    SampleIndex knows its own (kept in its cache file), computed by the same rule."""
-    if isinstance(samples, SampleIndex):
-        return samples.fingerprint()
-    return SampleIndex.from_samples(samples).fingerprint()

@@ -1,5 +1,5 @@
 """Model weights into the model: checked key for key against CSPResNet-50 (whatever file
-they came from: cspresnet.checkpoint_schema reads them), and a new run's initial weights,
+they came from: cspresnet.checkpoint reads them), and a new run's initial weights,
 whose classifier gives way when the classes differ."""
 import hashlib
 from dataclasses import dataclass
@@ -9,10 +9,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from common.errors import CheckpointError
 from data.config import DataConfig
-from data.errors import CheckpointError
 
-from .checkpoint_schema import Weights, read_weights
+from .checkpoint import Weights, read_weights
 from .model import CSPResNet50, build_model
 from .recipe import recipe_from_dict
 

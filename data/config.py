@@ -1,37 +1,17 @@
 """The data package's sections of a recipe: where the images are and how they are read,
 augmented per image and batched (DataConfig), and what is done to a batch on the device
-(AugmentConfig). They live here, with the code that reads them, so that the data layer
-never imports the training layer; cspresnet.recipe embeds them.
+(AugmentConfig). They live here, with the code that reads them; cspresnet.recipe embeds
+them, and both write their fields with common/recipe_fields.py.
 
 Each section checks its own values next to its fields, and marks on a field what the
 recipe layer must know of it: that it changes no trained number (a resume that changes it
 stays exact), or that it belongs to one choice of another key. Adding an augmentation is a
 field here, its check, and the code in data/transforms.py that does it.
 """
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Tuple, Union
+from typing import Literal, Tuple
 
-from .errors import RecipeError
-
-KeyName = Callable[[str], str]  # a field's name -> how a message names it
-
-
-def setting(default: Any, affects_results: bool = True, only_for: Union[str, Tuple[str, ...], None] = None) -> Any:
-    """A recipe field. affects_results=False: it changes how a run goes (where it reads, how
-    fast, when it stops or saves), never a number it trains. only_for: it applies only when
-    its section's `name` is this (or one of these), and must keep its default otherwise."""
-    return dataclasses.field(default=default, metadata={"affects_results": affects_results, "only_for": only_for})
-
-
-def recipe_key(section: str) -> KeyName:
-    return lambda name: f"recipe key '{section}.{name}'" if section else f"recipe key '{name}'"
-
-
-def require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    """Refuse a value that type-checks but cannot work, naming the key and what it allows."""
-    if not ok:
-        raise RecipeError(f"{key} must be {allowed}, got {value!r}")
+from common.recipe_fields import KeyName, recipe_key, require, setting
 
 
 @dataclass

@@ -1,18 +1,20 @@
 """Commands on ImageNet as downloaded (the official archives, Kaggle's zip or its tree).
 
-    python -m data.downloads verify DIR                  the archives' MD5s against the published ones
-    python -m data.downloads arrange --data-dir DIR --out OUT    class folders OUT/{train,val}/<wnid>/
+    python -m data.downloads verify DIR                                the archives' MD5s against the published ones
+    python -m data.downloads arrange --data-dir DIR --out OUT          class folders OUT/{train,val}/<wnid>/
+    python -m data.downloads arrange --val-dir FLAT --devkit D --out OUT/val     a flat val folder, linked
 
 verify reads each archive whole (138 GB for the train archive: minutes to hours, with a
 progress bar) and compares it with the MD5 torchvision checks; training never needs it, since
 the index checks the archives' structure. arrange writes the images as class folders, read
-through the same reader that training uses (one pread each, a zip's members inflated):
-streaming, one image at a time; resumable, since an image already written with the same bytes
-is kept, and each is written to a temporary name and renamed; and it refuses to overwrite an
-image that differs (OUT holds another result). Each split is written into OUT/<split>.partial/
-and renamed to OUT/<split>/ when every image is there, so that a folder named train/ or val/ is
-never a part of one: a rerun after a kill goes on in the .partial folder, and OUT may be the
-download's own folder.
+through the reader that training uses (one pread each, a zip's members inflated): streaming,
+one image at a time, each written whole or not at all; resumable, since an image already
+written with the same bytes is kept; and it refuses to overwrite an image that differs (OUT
+holds another result). Each split is written into OUT/<split>.partial/ and renamed to
+OUT/<split>/ when every image is there, so that a folder named train/ or val/ is never a part
+of one: a rerun after a kill goes on in the .partial folder, and OUT may be the download's own
+folder. With --val-dir it gives a flat folder of validation images the class-folder layout
+without copying: hard links (same filesystem) or symbolic links.
 """
 import argparse
 import hashlib
@@ -21,17 +23,20 @@ import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
-from torchvision.datasets.imagenet import ARCHIVE_META
+from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
 from tqdm import tqdm
 
+from common.errors import DatasetLayoutError
+from common.files import write_atomically
+
 from .config import DataConfig
-from .errors import DatasetLayoutError
+from .dataset import ImageDataset
 from .fast_decode import DECODE_ERRORS
-from .sources.class_folders import ImageFolderDataset
 from .loaders import build_splits
-from .sources.kaggle import kaggle_root
 from .sample_index import absolute
-from .sources.layout import download_layout
+from .sources import download_of, kaggle
+from .sources.folders import image_files
+from .sources.labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, labels_from
 
 CHUNK = 1 << 24
 
@@ -62,18 +67,15 @@ def place(data: bytes, target: Path) -> bool:
             raise DatasetLayoutError(f"{target} exists and differs from the image it would hold: arrange into an "
                                      f"empty folder, or the folder of an earlier arrange of this download")
         return False
-    partial = target.with_name(f".{target.name}.partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(data)
+        write_atomically(target, data)
     except OSError as exc:  # a full disk: its own error names no file
-        partial.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(partial)) from None
-    os.replace(partial, target)
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     return True
 
 
-def arrange_split(dataset: ImageFolderDataset, out: Path) -> Tuple[int, int, int]:
+def arrange_split(dataset: ImageDataset, out: Path) -> Tuple[int, int, int]:
     """(written, kept, unreadable) for one split's images into out/<wnid>/<file>, by way of
     out.partial/ unless `out` was arranged before (then its images are checked)."""
     whole = out.is_dir()
@@ -97,15 +99,33 @@ def arrange_split(dataset: ImageFolderDataset, out: Path) -> Tuple[int, int, int
 def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
     """Any download's splits into OUT/train and OUT/val; the download is told apart from
     class folders beside it (OUT may be its folder)."""
-    layout = download_layout(root)
-    if layout is None:
+    source = download_of(root)
+    if source is None:
         raise DatasetLayoutError(f"{root} holds none of ImageNet's downloads (the official archives, Kaggle's zip or "
                                  f"its tree): arrange writes class folders from one of those")
-    if layout == "kaggle" and absolute(out) == absolute(kaggle_root(root)):
+    if source.layout == "kaggle" and absolute(out) == absolute(kaggle.tree_root(root)):
         raise DatasetLayoutError(f"--out {out} is the folder of the download's own train/ and val/: give another")
-    source = DataConfig(dir=str(root), layout="archives" if layout == "archives" else "kaggle")
-    train, val = build_splits(source, None, None, 0)
+    train, val = build_splits(DataConfig(dir=str(root), layout="archives" if source.layout == "archives" else "kaggle"),
+                              None, None, 0)
     return {"train": arrange_split(train, out / "train"), "val": arrange_split(val, out / "val")}
+
+
+def arrange_by_class(flat_dir: Path, label_file: Path, out_dir: Path, symlinks: bool = False) -> int:
+    """A flat validation folder as class folders, linked, not copied; returns the images placed."""
+    wnids = labels_from(label_file).wnids
+    placed = 0
+    for image in (Path(flat_dir) / name for name in image_files(Path(flat_dir))):
+        if image.name not in wnids:
+            raise DatasetLayoutError(f"{image} has no label in {label_file}")
+        target = Path(out_dir) / wnids[image.name] / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            if symlinks:
+                target.symlink_to(image.resolve())
+            else:
+                os.link(image, target)
+        placed += 1
+    return placed
 
 
 def main(argv=None) -> int:
@@ -113,9 +133,17 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("verify", help="compare the archives' MD5s with the published ones")
     check.add_argument("folder", type=Path, help="the folder that holds the archives")
-    extract = commands.add_parser("arrange", help="write the images as class folders")
-    extract.add_argument("--data-dir", required=True, type=Path, help="the archives' folder, Kaggle's zip or tree")
-    extract.add_argument("--out", required=True, type=Path, help="the folder for train/ and val/")
+    extract = commands.add_parser("arrange", help="write a download's images, or link a flat val folder's, as "
+                                                  "class folders")
+    source = extract.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", type=Path, help="the archives' folder, Kaggle's zip or tree")
+    source.add_argument("--val-dir", type=Path, help="a flat folder of ILSVRC2012_val_*.JPEG, to link")
+    labels = extract.add_mutually_exclusive_group()
+    labels.add_argument("--devkit", type=Path, help=f"--val-dir's labels: {DEVKIT_ARCHIVE} or torchvision's {META_FILE}")
+    labels.add_argument("--val-solution", type=Path, help=f"--val-dir's labels: Kaggle's {KAGGLE_SOLUTION}")
+    extract.add_argument("--out", required=True, type=Path, help="the folder for train/ and val/ (--val-dir: the "
+                                                                  "class folders)")
+    extract.add_argument("--symlink", action="store_true", help="--val-dir: symbolic links instead of hard links")
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
@@ -123,6 +151,12 @@ def main(argv=None) -> int:
             for name, (md5, ok) in results.items():
                 print(f"{name}: {md5} {'OK' if ok else 'DIFFERS from the published MD5: download it again'}")
             return 0 if all(ok for _, ok in results.values()) else 2
+        if args.val_dir:
+            if not (args.devkit or args.val_solution):
+                parser.error("--val-dir needs its labels: --devkit or --val-solution")
+            count = arrange_by_class(args.val_dir, args.devkit or args.val_solution, args.out, args.symlink)
+            print(f"{count} images linked into class folders under {args.out}")
+            return 0
         for split, (written, kept, unreadable) in arrange(args.data_dir, args.out).items():
             print(f"{split}: {written} images written, {kept} already there, {unreadable} unreadable skipped")
     except (DatasetLayoutError, OSError) as exc:

@@ -30,8 +30,8 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 class ImageTransform:
     """Two stages, so that the dataset can tell a broken file from a broken transform:
     `decode` decodes the file's bytes (and fails on a bad one), `finish` only computes.
-    Bytes, not a path: the dataset reads them, from a file (sources/class_folders.py) or from
-    inside a tar shard (sources/shards.py), and the pixels do not depend on where they came from."""
+    Bytes, not a path: the dataset reads them, from a file or from inside an archive
+    (data/dataset.py), and the pixels do not depend on where they came from."""
 
     # Whether a step draws from NumPy's global generator (timm's RandAugment picks its ops
     # with np.random.choice). Only then does the dataset seed it per sample: saving and

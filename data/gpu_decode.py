@@ -138,7 +138,3 @@ def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
     except (RuntimeError, OSError, ValueError) as exc:  # no nvJPEG, or no CUDA build of TorchCodec
         return False, f"TorchCodec cannot decode JPEG on {device} ({exc})"
     return True, ""
-
-
-def warn_fallback(reason: str) -> None:
-    log.warning("data.train_decode=gpu but %s: decoding on the CPU workers (fast) instead", reason)

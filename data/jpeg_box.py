@@ -12,16 +12,18 @@ missing box decoder an error instead (for clusters and CI, where a slow run cost
 import ctypes
 import functools
 import hashlib
-import os
 import logging
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import simplejpeg
 
-from .errors import FastJpegRequired
+from common.errors import FastJpegRequired
+from common.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,18 @@ def build(folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Unavailable(f"cannot create the build folder: {exc}") from None
-    partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
-    try:
-        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-ljpeg"],
-                              capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
-        reason = next((line for line in lines if "error" in line), lines[-1])
-        raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
-    os.replace(partial, library)  # processes building at once each see a whole library or none
+    with tempfile.TemporaryDirectory() as scratch:
+        built = Path(scratch) / library.name
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-ljpeg"],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+            reason = next((line for line in lines if "error" in line), lines[-1])
+            raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
+        write_atomically(library, built.read_bytes())  # processes building at once each see a whole library
     return library
 
 

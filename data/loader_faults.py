@@ -24,8 +24,7 @@ from typing import Iterator, List, Sequence
 
 import torch
 
-from .errors import ExitError, LoaderStallError, SharedMemoryError
-
+from common.errors import ExitError, LoaderStallError, SharedMemoryError
 
 SHARED_MEMORY_HINT = ("/dev/shm is too small for data.workers: lower it, or give the job more (Docker: "
                       "--shm-size=8g or --ipc=host)")

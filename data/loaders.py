@@ -3,24 +3,24 @@
 import ctypes
 import signal
 from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Protocol, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from common.errors import DataConfigError
+from common.processes import DistContext
+
 from .batches import SharedBatchRing
 from .config import DataConfig
-from .errors import DataConfigError
+from .dataset import ImageDataset
 from .fast_decode import ImageTransform
-from .gpu_decode import gpu_decode_available, warn_fallback
 from .loader_faults import ReadProgress
+from .sample_index import Sample, fingerprint_of
 from .samplers import EvalSampler, TrainSampler
-from .sources.class_folders import ImageFolderDataset, Sample, build_imagenet_splits
-from .sources.layout import NAMES, SPLIT_BUILDERS, detect_layout, split_dataset
-from .sources.shards import ShardSplit
-from .transforms import SizeByEpoch, eval_transform, train_transform
-from .unreadable import refuse_damaged
+from .sources import training_splits
+from .transforms import decode_path, eval_transform, training_transforms
+from .unreadable import UnreadableImages, refuse_damaged
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -58,73 +58,57 @@ def loader_options(workers: int, pin_memory: bool) -> dict:
     return options
 
 
-def tracked(dataset: ImageFolderDataset, workers: int, timeout_s: float) -> ImageFolderDataset:
+def tracked(dataset: ImageDataset, workers: int, timeout_s: float) -> ImageDataset:
     """The dataset, recording which sample each of `workers` reads (before they fork), and
     how long its loader may take for a batch (data.loader_faults.Batches)."""
     dataset.progress = ReadProgress(workers, timeout_s)
     return dataset
 
 
-class Process(Protocol):
-    """Which process of how many, on which device: cspresnet.distributed.DistContext is one."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-
 @dataclass
 class TrainingData:
     train: DataLoader  # batches of (epoch, index) keys from `sampler`, one pass for the whole run
     sampler: TrainSampler
-    train_set: ImageFolderDataset
+    train_set: ImageDataset
     val: DataLoader
-    val_set: ImageFolderDataset
+    val_set: ImageDataset
     train_decode: str  # the recipe's, or "fast" where a GPU decode is not available
+    unreadable: UnreadableImages  # the run's budget of unreadable training images
+    fingerprints: Tuple[str, str]  # of the training and evaluation sets, as checkpoints record them
+    jpegs: str  # what decodes the JPEGs, in words, for the start-up lines
 
 
-def build_training_data(config: DataConfig, batch_size: int, seed: int, process: Process) -> TrainingData:
-    """`batch_size` and config.eval_batch_size are global, across the processes."""
-    decode = config.train_decode
-    if decode == "gpu":
-        available, reason = gpu_decode_available(process.device)
-        if not available:
-            warn_fallback(reason)
-            decode = "fast"
-    by_size = {size: train_transform(size, config.crop_scale, config.crop_ratio, config.train_interpolation,
-                                     config.hflip, config.auto_augment, decode) for size in config.train_sizes()}
-    train_set, val_set = build_splits(
-        config,
-        SizeByEpoch(by_size, config.train_size) if len(by_size) > 1 else by_size[config.img_size],
-        eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation, config.eval_decode),
-        seed=seed,
-    )
+def build_training_data(config: DataConfig, batch_size: int, seed: int, process: DistContext) -> TrainingData:
+    """`batch_size` and config.eval_batch_size are global, across the processes. A download
+    that lost whole classes, or more images than the budget allows, stops here."""
+    options = loader_options(config.workers, pin_memory=process.device.type == "cuda")
+    train_transform, val_transform, decode = training_transforms(config, process.device)
+    train_index, val_index, classes = training_splits(config, seed)
+    fingerprints = fingerprint_of(train_index), fingerprint_of(val_index)
+    train_set, val_set = ImageDataset(train_index, classes, train_transform, seed), \
+        ImageDataset(val_index, classes, val_transform)
+    train_set.progress = ReadProgress(config.workers, config.loader_timeout_s)  # see tracked()
     for dataset, split in ((train_set, "training"), (val_set, "evaluation")):
         refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, split)
+    unreadable = UnreadableImages(train_index, config.max_unreadable_batch_fraction, config.max_unreadable_fraction,
+                                  config.min_unreadable_allowed)
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
                               f"(batch_size={batch_size}); lower batch_size")
     sampler = TrainSampler(len(train_set), batch_size // process.world_size, process.world_size, process.rank, seed)
-    train = DataLoader(tracked(train_set, config.workers, config.loader_timeout_s), batch_sampler=sampler,
-                       **loader_options(config.workers, pin_memory=process.device.type == "cuda"))
-    return TrainingData(train, sampler, train_set, eval_loader(val_set, config, process), val_set, decode)
+    return TrainingData(DataLoader(train_set, batch_sampler=sampler, **options), sampler, train_set,
+                        eval_loader(val_set, config, process), val_set, decode, unreadable, fingerprints,
+                        f"training JPEGs: {decode_path(decode)}; evaluation JPEGs: {decode_path(config.eval_decode)}")
 
 
-def build_splits(config: DataConfig, train: ImageTransform, val: ImageTransform,
-                 seed: int) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
-    """Class folders, tar shards, ImageNet's archives or Kaggle's download: data.layout, or
-    (auto) whichever data.dir holds."""
-    root = Path(config.dir).expanduser()
-    layout = detect_layout(root, config.layout) if config.dir else "class-folders"
-    if layout == "class-folders":
-        return build_imagenet_splits(config.dir, train, val, seed, config.holdout_fraction, config.index_dir)
-    if config.holdout_fraction > 0:
-        raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
-                              f"{NAMES[layout]}, which carry their own validation set; set it to 0")
-    return SPLIT_BUILDERS[layout](root, train, val, seed, config.index_dir)
+def build_splits(config: DataConfig, train: Optional[ImageTransform], val: Optional[ImageTransform],
+                 seed: int) -> Tuple[ImageDataset, ImageDataset]:
+    """The training and validation sets of data.dir, whichever source it holds (data/sources)."""
+    train_index, val_index, classes = training_splits(config, seed)
+    return ImageDataset(train_index, classes, train, seed=seed), ImageDataset(val_index, classes, val)
 
 
-def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Process) -> DataLoader:
+def eval_loader(dataset: ImageDataset, config: DataConfig, process: DistContext) -> DataLoader:
     """Every image exactly once across the processes; config.eval_batch_size is global."""
     sampler = EvalSampler(len(dataset), process.world_size, process.rank)
     return DataLoader(tracked(dataset, config.workers, config.loader_timeout_s),
@@ -132,12 +116,12 @@ def eval_loader(dataset: ImageFolderDataset, config: DataConfig, process: Proces
                       **loader_options(config.workers, pin_memory=process.device.type == "cuda"))
 
 
-def build_eval_data(samples: List[Sample], classes: List[str], config: DataConfig, process: Process,
-                    shards: Optional[ShardSplit] = None) -> Tuple[ImageFolderDataset, DataLoader]:
+def build_eval_data(samples: Sequence[Sample], classes: List[str], config: DataConfig,
+                    process: DistContext) -> Tuple[ImageDataset, DataLoader]:
     """An evaluation set (validate.py, predict.py, benchmarks) read with config's evaluation
-    transform; from `shards` when given (their samples are `samples`)."""
+    transform: a SampleIndex of any source, or (path, class) pairs."""
     transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
                                config.eval_decode)
-    dataset = split_dataset(shards, classes, transform) if shards else ImageFolderDataset(samples, classes, transform)
+    dataset = ImageDataset(samples, classes, transform)
     refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, "evaluation")
     return dataset, eval_loader(dataset, config, process)

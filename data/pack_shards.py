@@ -18,12 +18,11 @@ The samples are shuffled across and within shards by --seed: the same seed and f
 the same bytes. The shuffle draws from a random stream of its own, not torch.manual_seed(seed),
 which the training sampler's first epoch uses: with that, every first-epoch batch came from
 one or two shards, and a missing shard emptied whole batches. Files are read and written
-one at a time per thread (never the dataset in memory). A shard is written to
-<shard>.partial and renamed when complete, so running the same command again after an
-interruption keeps the finished shards and writes the rest; _pack.json records what is
-being packed (the shuffle rule too), and a different pack into the same folder is refused.
-Training reads the shards in the class folders' order (data/sources/shards.py), so the
-shuffle changes nothing it computes.
+one at a time per thread (never the dataset in memory). A shard is written whole or not at
+all, so running the same command again after an interruption keeps the finished shards and
+writes the rest; _pack.json records what is being packed (the shuffle rule too), and a
+different pack into the same folder is refused. Training reads the shards in the class
+folders' order (data/sources/tars.py), so the shuffle changes nothing it computes.
 """
 import argparse
 import hashlib
@@ -40,13 +39,16 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
+from common.errors import DatasetLayoutError
+from common.files import remove_leftovers, write_atomically
+
 from .config import DataConfig
-from .errors import DatasetLayoutError
-from .sources.class_folders import ImageFolderDataset, Sample, find_classes, index_split, subfolders
+from .dataset import ImageDataset
 from .loaders import build_splits
-from .sources.shards import INFO_NAME
-from .sources.layout import WHOLE_DOWNLOADS, detect_layout
-from .val_layouts import read_eval_set
+from .sample_index import Sample, absolute
+from .sources import source_of
+from .sources.folders import find_classes, index_split
+from .sources.tars import INFO_NAME
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class PackError(ValueError):
 @dataclass
 class SplitPlan:
     split: str  # train | validation
-    source: ImageFolderDataset  # its samples, (file, class index), and read(i) their bytes
+    source: ImageDataset  # its samples, (file, class index), and read(i) their bytes
     keys: List[str]  # each sample's key in the shards
     shards: List[List[int]]  # per shard, its samples (positions in `samples`) in writing order
     filenames: List[str]
@@ -74,27 +76,15 @@ class SplitPlan:
         return self.source.samples
 
 
-def source_split(root: Path, folder: str, classes: List[str]) -> List[Sample]:
-    """train/ in class folders; val/ in class folders, or flat with its labels (devkit, Kaggle)."""
-    path = root / folder
-    if folder == "train" or (path.is_dir() and subfolders(path)):
-        return index_split(path, classes)
-    flat = read_eval_set(path)
-    if flat.classes != classes:
-        raise PackError(f"{path}: its labels name {len(flat.classes)} classes, not the {len(classes)} of "
-                        f"{root / 'train'}")
-    return flat.samples
-
-
-def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageFolderDataset]:
-    """Each split to pack, as a dataset whose read(i) gives sample i's bytes: class folders,
-    or ImageNet as downloaded (the archives, Kaggle's zip or tree) through the reader that
-    training uses, so that the shards hold the bytes training would read."""
-    if detect_layout(root) in WHOLE_DOWNLOADS:
-        train, val = build_splits(DataConfig(dir=str(root)), None, None, 0)
-        return {folder: train if folder == "train" else val for folder in splits}
-    classes = find_classes(root / "train") if (root / "train").is_dir() else read_eval_set(root / "val").classes
-    return {folder: ImageFolderDataset(source_split(root, folder, classes), classes, None) for folder in splits}
+def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageDataset]:
+    """Each split to pack, as a dataset whose read(i) gives sample i's bytes: any source
+    (class folders, or ImageNet as downloaded) through the reader that training uses, so that
+    the shards hold the bytes training would read. Class folders' train/ alone needs no val/."""
+    if list(splits) == ["train"] and source_of(root).layout == "class-folders":
+        classes = find_classes(root / "train")
+        return {"train": ImageDataset(index_split(root / "train", classes), classes, None)}
+    train, val = build_splits(DataConfig(dir=str(root)), None, None, 0)
+    return {folder: train if folder == "train" else val for folder in splits}
 
 
 def member_extension(path: str) -> str:
@@ -129,7 +119,7 @@ def shuffle_generator(split: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def plan_split(split: str, source: ImageFolderDataset, keys: List[str], count: int, seed: int,
+def plan_split(split: str, source: ImageDataset, keys: List[str], count: int, seed: int,
                name: str) -> SplitPlan:
     """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
     count = min(count, len(source))
@@ -169,12 +159,6 @@ def claim_output(out: Path, plan: Dict) -> None:
     write_atomically(marker, json.dumps(plan, indent=1) + "\n")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
     """A member with fixed ownership and times, so that the same input gives the same bytes."""
     info = tarfile.TarInfo(name)
@@ -183,21 +167,16 @@ def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
 
 
 def write_shard(out: Path, plan: SplitPlan, shard: int) -> None:
-    """One shard, written beside its final name and renamed when complete."""
-    final = out / plan.filenames[shard]
-    partial = final.with_name(final.name + ".partial")
-    with open(partial, "wb") as handle:
+    """One shard, whole or not at all: a rerun after a kill writes it again."""
+    def write(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for position in plan.shards[shard]:
                 path, target = plan.samples[position]
-                key = plan.keys[position]
-                data = plan.source.read(position)
-                label = str(target).encode()
+                key, data, label = plan.keys[position], plan.source.read(position), str(target).encode()
                 tar.addfile(tar_member(f"{key}.cls", label), io.BytesIO(label))
                 tar.addfile(tar_member(f"{key}.{member_extension(path)}", data), io.BytesIO(data))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, final)
+
+    write_atomically(out / plan.filenames[shard], write, durable=True)
 
 
 def info_json(plans: List[SplitPlan], classes: List[str], name: str) -> Dict:
@@ -210,6 +189,7 @@ def info_json(plans: List[SplitPlan], classes: List[str], name: str) -> Dict:
 def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_shards: int = 1024,
          val_shards: int = 64, splits: Sequence[str] = ("train", "val"), threads: int = 8) -> Dict:
     """Pack the splits of `root` into `out`; returns what _info.json says."""
+    root = absolute(root)
     if not root.exists():
         raise PackError(f"{root} does not exist")
     sources = source_sets(root, splits)
@@ -219,8 +199,9 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
         count = train_shards if folder == "train" else val_shards
         plans.append(plan_split(SPLITS[folder], source, sample_keys(source.samples, classes, root / folder), count,
                                 seed, name))
-    claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root.resolve()), seed=seed,
+    claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root), seed=seed,
                            name=name, shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE))
+    remove_leftovers(out)  # a shard being written when an earlier pack was killed
     todo = [(plan, shard) for plan in plans for shard in range(len(plan.shards))
             if not (out / plan.filenames[shard]).is_file()]
     kept = sum(len(plan.shards) for plan in plans) - len(todo)

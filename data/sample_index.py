@@ -1,18 +1,26 @@
-"""A split's samples as a few flat arrays, memory-mapped from a cache file.
+"""A split's samples as a few flat arrays, memory-mapped from a cache file: the one index that
+every source of ImageNet builds, and the one routine that caches it.
 
 A Python list of 1.28M (path, class) tuples costs 223 MB in every process, and a loader
 worker that reads it touches the reference counts of its objects, so copy-on-write
 duplicates their pages in every worker (pytorch/pytorch#13246): 8 ranks x 8 workers, about
-12 GB for file names. A SampleIndex instead holds each sample's folder (a class folder, or a
-tar shard), class and file name in numpy arrays and one byte buffer: 45 MB for ImageNet's
-train set, no Python object per sample, pages that reading never writes, and, mapped from
-its cache file, pages that every rank and worker of a node share. index[i] still gives the
-(path, class) tuple that the rest of the code reads.
+12 GB for file names. A SampleIndex holds each sample's folder, class and name in numpy
+arrays and one byte buffer instead: no Python object per sample, pages that reading never
+writes, and, mapped from its cache file, pages that every rank and worker of a node share.
+index[i] still gives the (path, class) pair that the rest of the code reads.
+
+A sample is one of two kinds, which says how the dataset reads it (data/dataset.py):
+`files`, the file folders[folder_of[i]]/<name>; or `members`, bytes inside the container
+file folders[folder_of[i]] (an archive, a zip, a tar shard) at `offset`, `size` long, stored
+or deflated (`method`, zipfile's numbers) into `length` bytes. An index also keeps what its
+source knew when it built it: why a sample cannot be read (`problems`), each container's
+identity, the class names where the data names them, and what is wrong with each container,
+to be said at every start.
 
 The cache file: MAGIC, the header's length (8 bytes, little-endian), the header (JSON: what
-the index was built from, to tell when it is stale; the folders; the fingerprint; where
-each array lies), then the arrays, each at a 64-byte boundary. It is written to a
-temporary name and renamed, and anything that does not read back whole is rebuilt.
+the index was built from, to tell when it is stale, and the fields above), then the arrays,
+each at a 64-byte boundary. It is written whole or not at all, and a file that does not read
+back whole is built again.
 """
 import contextlib
 import fcntl
@@ -25,26 +33,47 @@ import posixpath
 import struct
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from common.files import write_atomically
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"CSPRESNET-SAMPLE-INDEX-1\n"
+MAGIC = b"CSPRESNET-SAMPLE-INDEX-2\n"
 ALIGN = 64
 Sample = Tuple[str, int]
+Identity = Tuple[int, int, int]
+
+
+class Member(NamedTuple):
+    """A sample inside a container, as a source lists it."""
+
+    target: int
+    name: str  # '<wnid>/<file>' or the tar member's name: what warnings and reports show
+    container: int  # its position in the index's folders
+    offset: int
+    size: int
+    problem: str = ""  # why it cannot be read, known when indexing
+    method: int = 0  # 0 stored, 8 deflated (a zip's)
+    length: int = -1  # its bytes once inflated
 
 
 class SampleIndex(Sequence):
-    """The samples in order: sample i is folders[folder_of[i]]/<its name>, of class targets[i].
-    `arrays` may hold more per-sample arrays a source needs (a shard's offsets and sizes)."""
+    """The samples in order: sample i is folders[folder_of[i]]/<its name>, of class targets[i]."""
 
     def __init__(self, folders: List[str], folder_of: np.ndarray, targets: np.ndarray, names: np.ndarray,
-                 starts: np.ndarray, **arrays: np.ndarray):
-        self.folders = folders
+                 starts: np.ndarray, kind: str = "files", arrays: Optional[Dict[str, np.ndarray]] = None,
+                 identities: Optional[List[Identity]] = None, problems: Optional[Dict[int, str]] = None,
+                 classes: Optional[List[str]] = None, warnings: Sequence[Tuple[int, str]] = ()):
+        self.folders, self.kind = folders, kind
         self.folder_of, self.targets, self.names, self.starts = folder_of, targets, names, starts
-        self.arrays = arrays
+        self.arrays = arrays or {}  # members: offset, size, method, length
+        self.identities = [tuple(each) for each in identities or []]  # members: each container's, when indexed
+        self.problems = problems or {}
+        self.classes = classes
+        self.warnings = [(int(c), text) for c, text in warnings]  # (container, what is wrong with it)
         self._fingerprint: Optional[str] = None
 
     def __len__(self) -> int:
@@ -74,14 +103,24 @@ class SampleIndex(Sequence):
 
     @classmethod
     def from_rows(cls, folders: List[str], folder_of: Sequence[int], names: Sequence[str], targets: Sequence[int],
-                  **arrays: np.ndarray) -> "SampleIndex":
-        """Sample i: folders[folder_of[i]]/names[i], of class targets[i]."""
+                  **fields: Any) -> "SampleIndex":
+        """Sample i: folders[folder_of[i]]/names[i], of class targets[i]; `fields` as __init__'s."""
         encoded = [name.encode("utf-8", "surrogateescape") for name in names]
         starts = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=starts[1:])
         return cls(list(folders), np.asarray(folder_of, dtype=np.int32).reshape(-1),
                    np.asarray(targets, dtype=np.int32).reshape(-1), np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                   starts, **arrays)
+                   starts, **fields)
+
+    @classmethod
+    def from_members(cls, containers: List[str], identities: List[Identity], members: Sequence[Member],
+                     **fields: Any) -> "SampleIndex":
+        """The samples inside `containers`, in the order of `members`."""
+        arrays = {key: np.array([getattr(m, key) for m in members], dtype=np.int64)
+                  for key in ("offset", "size", "method", "length")}
+        return cls.from_rows(containers, [m.container for m in members], [m.name for m in members],
+                             [m.target for m in members], kind="members", arrays=arrays, identities=identities,
+                             problems={i: m.problem for i, m in enumerate(members) if m.problem}, **fields)
 
     @classmethod
     def from_names(cls, folders: List[str], names_per_folder: Sequence[List[str]], targets: Sequence[int]) -> "SampleIndex":
@@ -106,27 +145,21 @@ class SampleIndex(Sequence):
         return index
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample], **arrays: np.ndarray) -> "SampleIndex":
-        """From (path, class) pairs in any order: each path cut into its folder and its name."""
+    def from_samples(cls, samples: Sequence[Sample]) -> "SampleIndex":
+        """Files from (path, class) pairs in any order: each path cut into its folder and its name."""
         folders: Dict[str, int] = {}
         folder_of, names = [], []
         for path, _ in samples:
             folder, _, name = path.rpartition("/")
             folder_of.append(folders.setdefault(folder, len(folders)))
             names.append(name)
-        return cls.from_rows(list(folders), folder_of, names, [target for _, target in samples], **arrays)
-
-    def subset(self, rows: np.ndarray) -> "SampleIndex":
-        """These rows, in this order (a held-out split)."""
-        return SampleIndex.from_samples([self[int(row)] for row in rows],
-                                        **{key: value[rows] for key, value in self.arrays.items()})
+        return cls.from_rows(list(folders), folder_of, names, [target for _, target in samples])
 
     def fingerprint(self) -> str:
         """Changes when any file is added, removed or relabelled: then sample indices moved.
         Only a sample's folder name and file name count, not where the dataset is mounted:
-        sha1 over '<parent folder name>/<file name>\t<class>\n' per sample, what
-        cspresnet.run_state.dataset_fingerprint has always computed from the tuples (as
-        pathlib names the parent), here from the bytes: 1 s for ImageNet's train set."""
+        sha1 over '<parent folder name>/<file name>\t<class>\n' per sample, what checkpoints
+        have always recorded (a member named '<wnid>/<file>' counts as that folder's file)."""
         if self._fingerprint is None:
             digest = hashlib.sha1()
             blob, starts = self.names.tobytes(), self.starts.tolist()
@@ -145,34 +178,34 @@ class SampleIndex(Sequence):
 
     # ------------------------------------------------------------------------- the cache file
 
-    def save(self, path: Path, source: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
-        """Atomically; `source` says what the index was built from (to tell staleness), `extra`
-        what else the source needs back (a shard split's problems)."""
+    def header(self, key: Any) -> Dict[str, Any]:
+        return dict(key=key, kind=self.kind, folders=self.folders, identities=self.identities, problems=self.problems,
+                    classes=self.classes, warnings=self.warnings, fingerprint=self.fingerprint())
+
+    def save(self, path: Path, key: Any) -> None:
+        """Whole or not at all; `key` says what the index was built from (to tell staleness)."""
         arrays = dict(folder_of=self.folder_of, targets=self.targets, names=self.names, starts=self.starts,
                       **self.arrays)
         layout, offset = {}, 0
-        for key, array in arrays.items():
-            layout[key] = [array.dtype.str, offset, len(array)]
+        for name, array in arrays.items():
+            layout[name] = [array.dtype.str, offset, len(array)]
             offset += -(-array.nbytes // ALIGN) * ALIGN
-        header = json.dumps(dict(source=source, folders=self.folders, fingerprint=self.fingerprint(),
-                                 arrays=layout, extra=extra or {})).encode()
+        header = json.dumps(dict(self.header(key), arrays=layout)).encode()
         start = -(-(len(MAGIC) + 8 + len(header)) // ALIGN) * ALIGN
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                handle.write(MAGIC + struct.pack("<Q", len(header)) + header)
-                for key, array in arrays.items():
-                    handle.seek(start + layout[key][1])
-                    handle.write(np.ascontiguousarray(array).tobytes())
-                handle.truncate(start + offset)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+
+        def write(handle) -> None:
+            handle.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            for name, array in arrays.items():
+                handle.seek(start + layout[name][1])
+                handle.write(np.ascontiguousarray(array).tobytes())
+            handle.truncate(start + offset)
+
+        write_atomically(path, write)
 
     @classmethod
-    def load(cls, path: Path) -> Tuple["SampleIndex", Dict[str, Any]]:
-        """The index mapped from its file, and the file's header; ValueError if the file is not
-        a whole index (a junk or truncated cache)."""
+    def load(cls, path: Path) -> Tuple["SampleIndex", Any]:
+        """The index mapped from its file, and the key it was built from; ValueError if the
+        file is not a whole index of this version (a junk or truncated cache)."""
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size < len(MAGIC) + 8:
@@ -184,25 +217,47 @@ class SampleIndex(Sequence):
         header = json.loads(bytes(mapped[len(MAGIC) + 8:len(MAGIC) + 8 + length]))
         start = -(-(len(MAGIC) + 8 + length) // ALIGN) * ALIGN
         arrays = {}
-        for key, (dtype, offset, count) in header["arrays"].items():
+        for name, (dtype, offset, count) in header["arrays"].items():
             dtype = np.dtype(dtype)
             if start + offset + count * dtype.itemsize > size:
-                raise ValueError(f"cut short: its array {key} ends past the file's {size} bytes")
-            arrays[key] = np.frombuffer(mapped, dtype=dtype, count=count, offset=start + offset)
-        base = [arrays.pop(key) for key in ("folder_of", "targets", "names", "starts")]
-        index = cls(header["folders"], *base, **arrays)
+                raise ValueError(f"cut short: its array {name} ends past the file's {size} bytes")
+            arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=start + offset)
+        base = [arrays.pop(name) for name in ("folder_of", "targets", "names", "starts")]
+        index = cls(header["folders"], *base, kind=header["kind"], arrays=arrays, identities=header["identities"],
+                    problems={int(i): why for i, why in header["problems"].items()}, classes=header["classes"],
+                    warnings=header["warnings"])
         if len(index.starts) != len(index) + 1 or len(index.folder_of) != len(index):
             raise ValueError("its arrays disagree in length")
         index._fingerprint = header["fingerprint"]
-        return index, header
+        return index, header["key"]
 
 
-def identity(stat: os.stat_result) -> Tuple[int, int, int]:
+def fingerprint_of(samples: Sequence[Sample]) -> str:
+    """A set's fingerprint, as checkpoints record it (SampleIndex.fingerprint); an index
+    knows its own, kept in its cache file (8 s at ImageNet's size otherwise)."""
+    return (samples if isinstance(samples, SampleIndex) else SampleIndex.from_samples(samples)).fingerprint()
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def identity(stat: os.stat_result) -> Identity:
     """What tells a file that an index points into from any other: its size, modification
     time and change time. The change time is the kernel's own: a copy over the file that
     keeps its size and sets its old modification time (cp --preserve=timestamps) still
     changes it, and no program can set it back."""
     return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def files_key(*paths: Path) -> List[List]:
+    """What an index of these files must match: each one's path and identity (-1s: absent)."""
+    def one(path: Path) -> List:
+        try:
+            return [str(path), *identity(path.stat())]
+        except FileNotFoundError:
+            return [str(path), -1, -1, -1]
+
+    return [one(path) for path in paths]
 
 
 def absolute(path: Path) -> Path:
@@ -215,8 +270,7 @@ def absolute(path: Path) -> Path:
 def cache_places(root: Path, name: str, index_dir: str = "") -> List[Path]:
     """Where the index `name` of the data at `root` may be cached, in the order they are read:
     in `index_dir` (data.index_dir) when set; else beside the data (root/.cspresnet_index/),
-    then the per-user cache. The last is written where the data's folder is read-only. The
-    same names for every rank of every node that reads the same folder."""
+    then the per-user cache. The same names for every rank of every node that reads the folder."""
     root = absolute(root)
     tag = f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
     if index_dir:
@@ -227,57 +281,78 @@ def cache_places(root: Path, name: str, index_dir: str = "") -> List[Path]:
 
 
 def cache_file(root: Path, name: str, index_dir: str = "") -> Path:
-    """Where the index `name` of the data at `root` is written (cache_places)."""
+    """Where the index `name` of the data at `root` is written: the user's cache where the
+    data's folder is read-only."""
     places = cache_places(root, name, index_dir)
     return places[0] if len(places) == 1 or os.access(absolute(root), os.W_OK) else places[-1]
 
 
-Built = Tuple["SampleIndex", Dict[str, Any], Any]  # the index, what else its source needs back, the key it was built from
+Build = Callable[[Optional[SampleIndex]], Tuple[SampleIndex, Any]]
 
 
-def cached(what: str, root: Path, name: str, key: Any, build: Callable[[], Built], index_dir: str = "",
-           fresh: Callable[[Dict[str, Any]], bool] = lambda extra: True) -> Tuple["SampleIndex", Dict[str, Any]]:
-    """The index `name` of the data at `root` (`what`, in words) and its `extra`: read from a cache file built
-    from `key` (whose `extra` `fresh` accepts), else built by one process while the others
-    (ranks, nodes) wait on a lock and then read what it wrote, and cached for every later
-    start. A stale cache where nothing can be written (a read-only dataset) is passed over
-    for the user's, not rebuilt at every start; a cache that cannot be written costs the next
-    start a build, with a warning."""
-    started = time.perf_counter()
+def cached(what: str, root: Path, name: str, key: Any, build: Build, index_dir: str = "") -> SampleIndex:
+    """The index `name` of the data at `root` (`what`, in words): read from a cache file built
+    from `key`, else built by one process while the others (ranks, nodes) wait on a lock and
+    then read what it wrote, and cached for every later start. `build(previous)` gets the
+    out-of-date index, if any, to take what is still true from it, and returns the index and
+    the key to cache it under (None: do not cache it). A stale cache where nothing can be
+    written (a read-only dataset) is passed over for the user's, not rebuilt at every start.
+    The index's warnings are said at every start, as when it was built."""
+    started, previous = time.perf_counter(), None
     for place in cache_places(root, name, index_dir):
-        found = read_current(place, key, fresh)
-        if found is not None:
-            log.info("indexed %s: %d samples read from %s in %.2f s", what, len(found[0]), place,
-                     time.perf_counter() - started)
-            return found
+        found, current = read_cache(place, key)
+        if current:
+            return said(found, what, started, place)
+        previous = previous or found
     target = cache_file(root, name, index_dir)
     log.info("indexing %s (once: cached in %s)", what, target)
     with locked(target):
-        found = read_current(target, key, fresh)  # another process built it while this one waited
-        if found is None:
-            index, extra, built_from = build()
-            try:
-                index.save(target, {"key": built_from}, extra)
-            except OSError as exc:
-                log.warning("could not cache the index in %s (%s): the next start builds it again; set "
-                            "data.index_dir to a writable folder", target, exc.strerror or exc)
-            found = index, extra
-    log.info("indexed %s: %d samples in %.1f s", what, len(found[0]), time.perf_counter() - started)
-    return found
+        found, current = read_cache(target, key)  # another process may have built it while this one waited
+        if current:
+            return said(found, what, started, target)
+        found, built_from = build(previous or found)
+        save(found, target, built_from)
+    return said(found, what, started)
 
 
-def read_current(path: Path, key: Any, fresh: Callable[[Dict[str, Any]], bool]) -> Optional[Tuple["SampleIndex", Dict]]:
-    """The index cached at `path` and its extra, if it is whole and was built from `key`."""
+def save(index: SampleIndex, path: Path, key: Any) -> None:
+    """A cache that cannot be written costs the next start a build, not this one."""
+    if key is None:
+        return
     try:
-        index, header = SampleIndex.load(path)
-        if header["source"] == {"key": key} and fresh(header["extra"]):
-            return index, header["extra"]
+        index.save(path, key)
+    except OSError as exc:
+        log.warning("could not cache the index in %s (%s): the next start builds it again; set data.index_dir to a "
+                    "writable folder", path, exc.strerror or exc)
+
+
+def read_cache(path: Path, key: Any) -> Tuple[Optional[SampleIndex], bool]:
+    """The index cached at `path` if it reads back whole, and whether it was built from `key`."""
+    try:
+        index, built_from = SampleIndex.load(path)
+        if built_from == key:
+            return index, True
         log.info("the index %s is out of date: the data changed since it was built", path)
+        return index, False
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("the index %s cannot be read (%s): indexing again", path, exc)
-    return None
+    return None, False
+
+
+def said(index: SampleIndex, what: str, started: float, place: Optional[Path] = None) -> SampleIndex:
+    """The index, with what the start says of it: where it came from, how long it took, and
+    what is wrong with the data (at every start, as when it was built)."""
+    where = f"read from {place}" if place else "built"
+    log.info("indexed %s: %d samples %s in %.2f s", what, len(index), where, time.perf_counter() - started)
+    for _, warning in index.warnings:
+        log.warning("%s", warning)
+    if index.problems:
+        first, why = min(index.problems.items())
+        log.warning("%d of the %d samples of %s cannot be read and will be skipped and counted as unreadable, e.g. "
+                    "%s: %s", len(index.problems), len(index), what, index[first][0], why)
+    return index
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ timm's CPU transform.
 Each transform decodes the file's bytes itself (see fast_decode.ImageTransform): "full" decodes
 the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
 """
+import logging
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -21,8 +22,9 @@ from torchvision.transforms import InterpolationMode
 
 from . import jpeg_box
 from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, load_rgb, pil_to_hwc_uint8
-from .gpu_decode import EncodedRandomResizedCrop
+from .gpu_decode import EncodedRandomResizedCrop, gpu_decode_available
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -98,6 +100,23 @@ class SizeByEpoch(ImageTransform):
 
     def at(self, epoch: int) -> ImageTransform:
         return self.by_size[self.size_of_epoch(epoch)]
+
+
+def training_transforms(config, device: torch.device) -> Tuple[ImageTransform, ImageTransform, str]:
+    """The training transform of a recipe's data section (one per crop size with progressive
+    resizing), its evaluation transform, and the training decode as it runs on `device`:
+    data.train_decode=gpu where nvJPEG decodes there, else fast, with a warning."""
+    decode = config.train_decode
+    if decode == "gpu":
+        available, reason = gpu_decode_available(device)
+        if not available:
+            log.warning("data.train_decode=gpu but %s: decoding on the CPU workers (fast) instead", reason)
+            decode = "fast"
+    by_size = {size: train_transform(size, config.crop_scale, config.crop_ratio, config.train_interpolation,
+                                     config.hflip, config.auto_augment, decode) for size in config.train_sizes()}
+    train = SizeByEpoch(by_size, config.train_size) if len(by_size) > 1 else by_size[config.img_size]
+    return train, eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
+                                 config.eval_decode), decode
 
 
 def decode_path(decode: str) -> str:

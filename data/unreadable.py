@@ -5,8 +5,9 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
+from common.errors import DatasetLayoutError, UnreadableDataError
+
 from .batches import Batch
-from .errors import DatasetLayoutError, UnreadableDataError
 from .sample_index import Sample
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 from benchmarks.archives import tar_bytes, write_train_archive, write_zip
-from data.sources.class_folders import find_classes, image_files
-from data.sources.val_labels import KAGGLE_DATA
+from data.sources.folders import find_classes, image_files
+from data.sources.labels import KAGGLE_DATA
 from tests.test_validate import fake_devkit
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from cspresnet.arrangement import arrange
-from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
-from cspresnet.distributed import DistContext, init_distributed, shutdown
-from cspresnet.engine import build_criterion, build_train_step
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.run_folder import CheckpointFolder
+from common.processes import DistContext
+from cspresnet.distributed import init_distributed, shutdown
+from cspresnet.engine import build_criterion, build_updater
 from cspresnet.optim import build_optimizer, set_lr
 from cspresnet.recipe import RecipeError, load_recipe
 from cspresnet.sync_bn import convert_to_sync_bn
@@ -81,7 +83,7 @@ def test_one_process_4_passes_of_2_trains_the_weights_of_4_processes_of_2():
     torch.set_num_threads(1)  # 2 cores, often shared: fewer threads run faster (conftest restores them)
     recipe = load_recipe("demo.yaml", [*TINY_OVERRIDES, "micro_batch_size=2"])
     torch.manual_seed(0)
-    step = build_train_step(recipe, CPU, steps_per_epoch=6)
+    step = build_updater(recipe, CPU, steps_per_epoch=6)
     assert step.passes == 4
     ranks = [copy.deepcopy(step.model) for _ in range(4)]
     optimizer = build_optimizer(ranks[0], recipe)
@@ -133,16 +135,16 @@ def accumulated_run(tiny_imagenet, tmp_path_factory):
 # train.py, killed by SIGKILL from inside update 5, as its second pass starts.
 KILLED_BETWEEN_PASSES = """
 import os, signal, sys
-from cspresnet.engine import TrainStep
+from cspresnet.engine import Updater
 import train
-forward_backward = TrainStep.backward_pass
+forward_backward = Updater.backward_pass
 passes = []
 def killed_in_update_5(self, *args, **kwargs):
     passes.append(1)
     if len(passes) == 4 * 2 + 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return forward_backward(self, *args, **kwargs)
-TrainStep.backward_pass = killed_in_update_5
+Updater.backward_pass = killed_in_update_5
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -178,7 +180,7 @@ def torchrun_worker() -> None:
     # The group's gloo threads end in shutdown, not at interpreter exit, where one that frees
     # a collective's tensors would abort the rank (cspresnet.distributed.shutdown says why),
     # even while a reference cycle holds DDP, as train.py's run and its stop callback do.
-    held = build_train_step(load_recipe("demo.yaml", TINY_OVERRIDES), ctx, steps_per_epoch=6)
+    held = build_updater(load_recipe("demo.yaml", TINY_OVERRIDES), ctx, steps_per_epoch=6)
     held.cycle = held
     del held
     shutdown()
@@ -187,14 +189,14 @@ def torchrun_worker() -> None:
 
 def syncbn_over_2_processes_is_batchnorm_over_both_halves(ctx: DistContext) -> None:
     """Each process holds half of a batch of 4: one update with SyncBatchNorm over both, as
-    build_train_step builds it (SyncBN, then DDP), gives the weights and BatchNorm statistics
+    build_updater builds it (SyncBN, then DDP), gives the weights and BatchNorm statistics
     of one process's update on the whole batch; the state dict keeps its keys (checkpoints,
     export); a group of 1 is each process's own BatchNorm."""
     overrides = last_wins(*TINY_OVERRIDES, "batch_size=4", "runtime.sync_bn=true")
     torch.manual_seed(0)
-    synced = build_train_step(load_recipe("demo.yaml", overrides), ctx, steps_per_epoch=6)
+    synced = build_updater(load_recipe("demo.yaml", overrides), ctx, steps_per_epoch=6)
     torch.manual_seed(0)
-    alone = build_train_step(load_recipe("demo.yaml", [*overrides[:-1]]), CPU, steps_per_epoch=6)
+    alone = build_updater(load_recipe("demo.yaml", [*overrides[:-1]]), CPU, steps_per_epoch=6)
     batch = fixed_batch(4, seed=1)
     mine = slice(2 * ctx.rank, 2 * ctx.rank + 2)
     synced(Batch(batch.images[mine], batch.targets[mine], batch.indices[mine], []), 3)
@@ -217,9 +219,9 @@ def two_processes_of_2_passes_train_the_weights_of_one_process_of_4_passes(ctx: 
     pass r + 2k of one process takes. Parameters agree (BatchNorm statistics differ)."""
     recipe = load_recipe("demo.yaml", [*TINY_OVERRIDES, "micro_batch_size=2"])
     torch.manual_seed(0)
-    accumulating = build_train_step(recipe, ctx, steps_per_epoch=6)
+    accumulating = build_updater(recipe, ctx, steps_per_epoch=6)
     torch.manual_seed(0)
-    alone = build_train_step(recipe, CPU, steps_per_epoch=6)
+    alone = build_updater(recipe, CPU, steps_per_epoch=6)
     assert (accumulating.passes, alone.passes) == (2, 4)
     batch = fixed_batch(8, seed=2)
     mine = slice(ctx.rank, None, 2)
@@ -241,7 +243,7 @@ def ddp_switches_change_no_weight(ctx: DistContext) -> None:
         weights = []
         for overrides in ([micro], [micro, *switches]):
             torch.manual_seed(0)
-            step = build_train_step(load_recipe("demo.yaml", [*TINY_OVERRIDES, *overrides]), ctx, steps_per_epoch=6)
+            step = build_updater(load_recipe("demo.yaml", [*TINY_OVERRIDES, *overrides]), ctx, steps_per_epoch=6)
             assert step.ddp.gradient_as_bucket_view is (overrides != [micro])
             for update in (3, 4):
                 batch = fixed_batch(8, seed=update)

@@ -24,7 +24,7 @@ from cspresnet.checkpoint import load_checkpoint
 from cspresnet.run_folder import RunFolder
 from data.sources import archives
 from data.config import DataConfig
-from data.errors import DatasetLayoutError
+from common.errors import DatasetLayoutError
 from data.loaders import build_splits
 from data.pack_shards import pack
 from data.transforms import eval_transform
@@ -91,15 +91,16 @@ def test_every_download_gives_the_class_folders_samples_in_their_order_with_the_
     assert open(tiny_imagenet / "train" / train.samples[0][0].split("/train/")[1], "rb").read(4) == b"\x89PNG"
     assert [layout(folder) for folder in downloads.values()] == \
            ["archives", "archives", "kaggle", "kaggle", "kaggle-zip", "kaggle-zip"]
-    named = {kind: type(splits(downloads[kind], layout=name)[0]).__name__
-             for kind, name in (("archives", "archives"), ("zip", "kaggle"), ("kaggle", "kaggle"))}
-    assert named == {"archives": "ShardDataset", "zip": "ZipDataset", "kaggle": "ImageFolderDataset"}
+    read_as = {kind: (index.kind, bool(index.arrays and (index.arrays["method"] == 8).any())) for kind, name in
+               (("archives", "archives"), ("zip", "kaggle"), ("kaggle", "kaggle"))
+               for index in [splits(downloads[kind], layout=name)[0].samples]}
+    assert read_as == {"archives": ("members", False), "zip": ("members", True), "kaggle": ("files", False)}
 
 
 def layout(folder):
-    from data.sources.layout import detect_layout
+    from data.sources import source_of
 
-    return detect_layout(folder)
+    return source_of(folder).layout
 
 
 def test_the_official_counts_are_stated_and_a_difference_is_named(downloads, caplog):
@@ -178,7 +179,7 @@ def test_a_truncated_train_archive_is_named_and_its_lost_images_counted(download
     assert f"{TRAIN} is cut short or damaged at byte {cut}" in caplog.text
     lost = reasons(train)
     third = next(wnid for wnid in train.classes if wnid + ".tar" not in (first.name, second.name))
-    assert lost[f"{third}/{third}.tar"] == f"BadShardSample: lost: {TRAIN} is cut short at byte {cut}"
+    assert lost[f"{third}/{third}.tar"] == f"UnreadableSample: lost: {TRAIN} is cut short at byte {cut}"
     assert any(f"cut short: {TRAIN} ends at byte" in reason for reason in lost.values())
     assert "cannot be read and will be skipped and counted as unreadable" in caplog.text
 
@@ -241,7 +242,7 @@ def test_a_validation_archive_missing_an_image_counts_it_as_unreadable(downloads
         val = splits(folder)[1]
     assert f"lacks 1 of the 15 images that {DEVKIT} labels, e.g. {gone}" in caplog.text
     (path, reason), = reasons(val).items()
-    assert path.endswith(gone) and reason == f"BadShardSample: missing: {VAL} holds no {gone}"
+    assert path.endswith(gone) and reason == f"UnreadableSample: missing: {VAL} holds no {gone}"
 
 
 def test_a_damaged_zip_member_is_named_and_counted_and_a_cut_zip_stops_in_one_line(downloads, tmp_path):
@@ -251,8 +252,8 @@ def test_a_damaged_zip_member_is_named_and_counted_and_a_cut_zip_stops_in_one_li
     deflated = next(i for i in range(len(train)) if train.samples.arrays["method"][i] == 8)
     whole = zipped.read_bytes()
     start = int(train.samples.arrays["offset"][deflated])
-    zipped.write_bytes(whole[:start] + bytes(64) + whole[start + 64:])  # same size and time: the index stays
-    os.utime(zipped, ns=(train.shards.stats[0][1], train.shards.stats[0][1]))
+    zipped.write_bytes(whole[:start] + bytes(64) + whole[start + 64:])  # same size and time; indexed again (ctime)
+    os.utime(zipped, ns=(train.samples.identities[0][1], train.samples.identities[0][1]))
     assert "do not inflate" in splits(zipped)[0][deflated][3]
     zipped.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(DatasetLayoutError, match="cannot be read as a zip .*: download it again"):
@@ -264,7 +265,7 @@ def test_a_flat_val_folder_without_labels_names_what_to_add_and_the_command(down
     (top / "LOC_val_solution.csv").unlink()
     with pytest.raises(DatasetLayoutError, match=r"val is a flat folder of images without labels: put Kaggle's "
                                                  r"LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz beside it, or "
-                                                 r"arrange it into class folders: python -m data.val_layouts arrange"):
+                                                 r"arrange it into class folders: python -m data.downloads arrange --val-dir"):
         splits(top)
 
 
@@ -380,7 +381,7 @@ def test_arrange_onto_a_full_disk_names_the_file_it_could_not_write(downloads, t
     out, _ = process.communicate(timeout=60)
     last = out.strip().splitlines()[-1]
     assert process.returncode == 2 and re.fullmatch(
-        rf"error: \[Errno 28\] No space left on device: '{tmp_path}/small/out/train.partial/n\d+/\..+\.partial'", last), out
+        rf"error: \[Errno 28\] No space left on device: '{tmp_path}/small/out/train.partial/n\d+/[^/]+\.JPEG'", last), out
 
 
 def test_the_packer_reads_the_archives_and_the_zip_into_the_folders_train_shards_byte_for_byte(tiny_imagenet,
@@ -479,7 +480,7 @@ def test_an_archive_rewritten_under_a_running_job_stops_it_in_one_line_and_the_r
     assert process.returncode == 2 and last.startswith(f"error: {folder / TRAIN} changed after it was indexed"), out
     assert "restart the run to index it again; checkpoint saved at step" in last and "Traceback" not in out
     resumed = train_here([*args, "--resume", "auto"])
-    assert f"indexed {TRAIN}: 24 samples in" in resumed.stdout and (tmp_path / "run" / "status").read_text() == \
+    assert f"indexed {TRAIN}: 24 samples built in" in resumed.stdout and (tmp_path / "run" / "status").read_text() == \
         "done at step 36\n"
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cspresnet.checkpoint import CheckpointError, CheckpointFolder, load_checkpoint, save_checkpoint
-from cspresnet.checkpoint_schema import weights_in
+from cspresnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cspresnet.run_folder import CheckpointFolder
+from cspresnet.checkpoint import weights_in
 from cspresnet.weights import load_weights_strict, num_classes_of
 from cspresnet.model import CSPResNet50
 from tests.helpers import in_this_process

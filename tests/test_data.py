@@ -10,7 +10,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data.fast_decode import load_rgb
-from data.sources.class_folders import DatasetLayoutError, ImageFolderDataset, build_imagenet_splits, find_classes, index_split
+from common.errors import DatasetLayoutError
+from data.config import DataConfig
+from data.dataset import ImageDataset
+from data.loaders import build_splits
+from data.sources.folders import find_classes, index_split
 from data.batches import SharedBatchRing, collate_batch
 from data.loaders import loader_options
 from data.samplers import EvalSampler, TrainSampler
@@ -19,6 +23,11 @@ from data.transforms import eval_transform, train_transform
 
 def identity(image):
     return image
+
+
+def build_imagenet_splits(root, train, val, seed):
+    """Class folders' training and validation sets."""
+    return build_splits(DataConfig(dir=root, layout="class-folders"), train, val, seed)
 
 
 def test_classes_are_sorted_folder_names_and_labels_follow_them(tiny_imagenet):
@@ -149,7 +158,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tiny_imagenet, optio
     seed_all(999)
     assert all(torch.equal(train[(0, i)][0], image) for i, image in enumerate(first))  # global state does not matter
     assert not torch.equal(train[(1, 5)][0], first[5])  # a new epoch draws a new crop
-    other_seed = ImageFolderDataset(train.samples, train.classes, train.transform, seed=4)
+    other_seed = ImageDataset(train.samples, train.classes, train.transform, seed=4)
     assert not torch.equal(other_seed[(0, 5)][0], first[5])
 
 
@@ -216,7 +225,7 @@ def test_transform_output_is_uint8_hwc(tiny_imagenet):
 
 
 def test_unreadable_batch_fraction():
-    from data.errors import UnreadableDataError
+    from common.errors import UnreadableDataError
     from data.batches import Batch
     from data.unreadable import UnreadableImages
 
@@ -238,7 +247,7 @@ def test_unreadable_batch_fraction():
 
 def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
     from data.batches import Batch
-    from data.errors import UnreadableDataError
+    from common.errors import UnreadableDataError
     from data.unreadable import UnreadableImages
 
     hundred = [(f"/d/{i}.JPEG", 0) for i in range(100)]
@@ -256,7 +265,7 @@ def test_the_unreadable_budget_has_a_floor_and_its_message_names_the_keys():
 def test_the_default_budget_lets_a_handful_of_bad_files_through_a_small_set_and_keeps_imagenets():
     from data.batches import Batch
     from data.config import DataConfig
-    from data.errors import UnreadableDataError
+    from common.errors import UnreadableDataError
     from data.unreadable import UnreadableImages
 
     config = DataConfig()
@@ -288,6 +297,6 @@ def test_links_that_lead_nowhere_are_listed_and_read_as_unreadable_files(tmp_pat
     (tmp_path / "train" / "b").unlink()
     samples = index_split(tmp_path / "train", ["a"])
     assert [p.rsplit("/", 1)[1] for p, _ in samples] == ["dangling.JPEG", "good.JPEG", "loop.JPEG"]
-    dataset = ImageFolderDataset(samples, ["a"], eval_transform(32, 0.875))
+    dataset = ImageDataset(samples, ["a"], eval_transform(32, 0.875))
     reasons = [dataset[i][3] for i in range(3)]
     assert "No such file" in reasons[0] and reasons[1] is None and "Too many levels of symbolic links" in reasons[2]

@@ -4,13 +4,13 @@ import torch
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device():
-    from cspresnet.engine import TrainStep, build_grad_scaler
+    from cspresnet.engine import Updater, build_grad_scaler
     from cspresnet.model import build_model
     from cspresnet.optim import build_optimizer
     from cspresnet.recipe import load_recipe
     from cspresnet.run_state import EpochTotals, RunState
     from data.batches import Batch
-    from data.errors import NonFiniteLossError
+    from common.errors import NonFiniteLossError
     from data.transforms import DevicePreprocess
     from data.unreadable import UnreadableImages
 
@@ -18,14 +18,14 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
     cpu = torch.device("cpu")
     model = build_model(3)
     poisoned = {1, 3, 4}
-    run = RunState(EpochTotals(cpu), UnreadableImages([], 0.5, 0.0, 0))
+    run = RunState(totals=EpochTotals(cpu), unreadable=UnreadableImages([], 0.5, 0.0, 0))
 
     class Criterion(torch.nn.Module):
         def forward(self, logits, targets):
             loss = torch.nn.functional.cross_entropy(logits, targets)
             return loss * float("nan") if run.step in poisoned else loss
 
-    step = TrainStep(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
+    step = Updater(model=model, train_model=model, optimizer=build_optimizer(model, load_recipe("demo.yaml")),
                      scaler=build_grad_scaler(cpu, "none"), schedule=lambda step: 0.05, criterion=Criterion(),
                      preprocess=DevicePreprocess(cpu, False), amp="none")
     batch = Batch(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]),

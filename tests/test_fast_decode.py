@@ -11,7 +11,7 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 
 from data.fast_decode import FastCenterCrop, decode_region
-from data.sources.class_folders import ImageFolderDataset, seeded_randomness
+from data.dataset import ImageDataset, seeded_randomness
 from data.transforms import eval_transform, train_transform
 
 OUT = 64
@@ -91,7 +91,7 @@ def test_files_libjpeg_turbo_does_not_take_go_through_pillow(tmp_path):
 def test_fast_training_is_reproducible_per_sample(tiny_imagenet):
     transform = train_transform(48, decode="fast")
     samples = [(str(p), 0) for p in sorted(tiny_imagenet.glob("train/*/*.JPEG"))[:5]]
-    dataset = ImageFolderDataset(samples, ["a"], transform, seed=3)
+    dataset = ImageDataset(samples, ["a"], transform, seed=3)
     first = [dataset[(2, i)][0] for i in range(5)]
     random.seed(1)
     torch.manual_seed(1)
@@ -124,8 +124,8 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
     Image.new("RGB", (90, 70), (10, 200, 30)).convert("CMYK").save(tmp_path / "cmyk.JPEG", "JPEG")
     paths += [str(tmp_path / "png.JPEG"), str(tmp_path / "cmyk.JPEG")]
     samples = [(p, 0) for p in paths]
-    cpu = ImageFolderDataset(samples, ["a"], train_transform(48, decode="fast", interpolation="random"), seed=5)
-    gpu = ImageFolderDataset(samples, ["a"], train_transform(48, decode="gpu", interpolation="random"), seed=5)
+    cpu = ImageDataset(samples, ["a"], train_transform(48, decode="fast", interpolation="random"), seed=5)
+    gpu = ImageDataset(samples, ["a"], train_transform(48, decode="gpu", interpolation="random"), seed=5)
     encoded = collate_batch([gpu[(0, i)] for i in range(len(paths))])
     assert isinstance(encoded.images, EncodedBatch)
     def nvjpeg_takes(path):
@@ -148,7 +148,7 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
 
 
 def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
-    from cspresnet.distributed import DistContext
+    from common.processes import DistContext
     from cspresnet.recipe import RecipeError, load_recipe
     from data.fast_decode import FastRandomResizedCrop
     from data.loaders import build_training_data
@@ -170,7 +170,7 @@ def test_a_truncated_jpeg_on_the_gpu_decode_path_is_skipped_and_counted_as_the_f
     import csv
     import shutil
 
-    import data.loaders
+    import data.transforms
     from tests.helpers import TINY_OVERRIDES, last_wins, train_here
 
     folder = shutil.copytree(tiny_imagenet, tmp_path / "data", ignore=shutil.ignore_patterns(".cspresnet_index"))
@@ -182,7 +182,7 @@ def test_a_truncated_jpeg_on_the_gpu_decode_path_is_skipped_and_counted_as_the_f
     half, no_end = [path for path in sorted(folder.glob("train/*/*.JPEG")) if plain_jpeg(path)][:2]
     half.write_bytes(half.read_bytes()[:half.stat().st_size // 2])
     no_end.write_bytes(no_end.read_bytes()[:-2])
-    monkeypatch.setattr(data.loaders, "gpu_decode_available", lambda device: (True, ""))
+    monkeypatch.setattr(data.transforms, "gpu_decode_available", lambda device: (True, ""))
 
     def unreadable_per_epoch(decode):
         output = tmp_path / decode

@@ -9,11 +9,11 @@ import sys
 import pytest
 from torch.utils.data import DataLoader
 
-from cspresnet.checkpoint import CheckpointFolder
+from cspresnet.run_folder import CheckpointFolder
 from cspresnet.optim import LinearSchedule
 from cspresnet.recipe import RecipeError, describe_recipe, load_recipe
 from data.config import DataConfig
-from data.sources.class_folders import build_imagenet_splits
+from data.loaders import build_splits
 from data.loaders import loader_options
 from data.samplers import TrainSampler
 from data.transforms import SizeByEpoch, eval_transform, train_transform
@@ -61,8 +61,8 @@ def test_workers_that_run_ahead_into_the_next_epoch_crop_at_its_size(tiny_imagen
     had decoded ahead of the epoch's end."""
     config = DataConfig(img_size=64, start_img_size=32, size_ramp_epochs=(0, 1))
     by_size = {size: train_transform(size, decode="fast") for size in config.train_sizes()}
-    train, _ = build_imagenet_splits(str(tiny_imagenet), SizeByEpoch(by_size, config.train_size),
-                                     eval_transform(32, 0.875), seed=0)
+    train, _ = build_splits(DataConfig(dir=str(tiny_imagenet)), SizeByEpoch(by_size, config.train_size),
+                            eval_transform(32, 0.875), seed=0)
     sampler = TrainSampler(len(train), batch_size=4, world_size=1, rank=0, seed=0)
     sampler.set_epoch(0, end_epoch=3)
     loader = DataLoader(train, batch_sampler=sampler, **loader_options(workers=2, pin_memory=False))

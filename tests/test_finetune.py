@@ -14,12 +14,12 @@ from timm.data import ImageDataset, create_transform
 import train
 from cspresnet import training
 from cspresnet.checkpoint import load_checkpoint
-from cspresnet.distributed import DistContext
+from common.processes import DistContext
 from cspresnet.model import build_model
-from cspresnet.run_state import dataset_fingerprint
+from data.sample_index import fingerprint_of
 from cspresnet.weights import CLASSIFIER, apply_initial_weights, read_initial_weights
 from data.config import DataConfig
-from data.sources.class_folders import hold_out, index_split
+from data.sources.folders import hold_out, index_split
 from data.loaders import build_training_data
 from data.sample_data import generate
 from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins
@@ -77,8 +77,8 @@ class FirstEpochSpy:
 
         def spy(run, *args, **kwargs):
             if self.before is None:
-                self.before = {k: v.clone() for k, v in run.step.model.state_dict().items()}
-                model = run.step.model
+                self.before = {k: v.clone() for k, v in run.updater.model.state_dict().items()}
+                model = run.updater.model
                 model.train()
                 self.modes = dict(stages=model.stages.training, stem=model.stem.training, head=model.head.training)
             return real(run, *args, **kwargs)
@@ -179,7 +179,7 @@ def test_weights_that_do_not_fit_are_refused_in_one_line_before_any_work(tiny_im
 
 
 def test_a_class_count_that_differs_from_the_data_is_refused_before_any_work(tiny_imagenet, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "build_train_step", lambda *a: pytest.fail("the model was built"))
+    monkeypatch.setattr(training, "build_updater", lambda *a: pytest.fail("the model was built"))
     result = in_this_process(train.main, "--recipe", "demo.yaml", "--data-dir", tiny_imagenet, "--output",
                              tmp_path / "run", *last_wins(*TINY_OVERRIDES, "model.num_classes=5"))
     assert result.returncode == 2
@@ -240,7 +240,7 @@ def test_auto_classes_and_a_held_out_split_survive_a_resume_which_reads_no_initi
     held = hold_out(index_split(tmp_path / "data" / "train", [f"n{i:08d}" for i in range(3)]), ["n00000000",
                     "n00000001", "n00000002"], 0.25, 0)[1]
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["eval_dataset"] == dataset_fingerprint(held) and last["step"] == 4  # 18 images: 2 steps of 8
+    assert last["eval_dataset"] == fingerprint_of(held) and last["step"] == 4  # 18 images: 2 steps of 8
     assert [row["epoch"] for row in last["rows"]] == [1, 2] and last["classes"] == ["n00000000", "n00000001",
                                                                                     "n00000002"]
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data import fast_decode, jpeg_box
-from data.errors import FastJpegRequired
+from common.errors import FastJpegRequired
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from timm.optim import RMSpropTF
 from timm.scheduler import create_scheduler_v2
 
 from cspresnet.checkpoint import load_checkpoint
-from cspresnet.engine import TrainStep, build_criterion, build_grad_scaler
+from cspresnet.engine import Updater, build_criterion, build_grad_scaler
 from cspresnet.model import build_model
 from cspresnet.optim import StepSchedule, build_optimizer, build_schedule
 from cspresnet.recipe import load_recipe
@@ -164,7 +164,7 @@ def test_ema_update_is_timms_once_per_step():
     torch.manual_seed(0)
     model = build_model(3, drop_rate=0.3, drop_path_rate=0.2)
     recipe = load_recipe("cspresnet50_ra.yaml", ["ema.decay=0.9"])
-    train_step = TrainStep(model=model, train_model=model, optimizer=build_optimizer(model, recipe),
+    train_step = Updater(model=model, train_model=model, optimizer=build_optimizer(model, recipe),
                            scaler=build_grad_scaler(CPU, "none"), schedule=build_schedule(recipe, 10),
                            criterion=build_criterion(False, 0.1), preprocess=DevicePreprocess(CPU, False), amp="none",
                            ema=timm.utils.ModelEmaV3(model, decay=recipe.ema.decay))

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import validate as validate_script
-from cspresnet.checkpoint import CheckpointFolder, load_checkpoint
+from cspresnet.checkpoint import load_checkpoint
+from cspresnet.run_folder import CheckpointFolder
 from cspresnet.signals import EXIT_PREEMPTED
 from cspresnet.optim import build_schedule
 from cspresnet.run_folder import RunFolder
@@ -198,7 +199,7 @@ def test_a_killed_rank_comes_back_under_max_restarts(tiny_imagenet, tmp_path, tw
 
 KILL_DURING_SAVE = """
 import sys, torch
-from cspresnet.checkpoint import CheckpointFolder
+from cspresnet.run_folder import CheckpointFolder
 folder = CheckpointFolder(sys.argv[1], keep_last=2)
 step = 0
 while True:
@@ -266,7 +267,7 @@ def test_hostile_files_are_skipped_counted_and_never_shift_the_sampler(tiny_imag
     assert sorted(warned) == [
         "html_error_page.JPEG", "truncated.JPEG", "zero_bytes.JPEG"]
     assert summary_column(output, "unreadable_images") == ["3"]  # 30 images, 5 steps of 6: all served once
-    from data.sources.class_folders import find_classes, index_split
+    from data.sources.folders import find_classes, index_split
 
     indexed = [p.split("/")[-1] for p, _ in index_split(data / "train", find_classes(data / "train"))]
     assert len(indexed) == 30 and "readme.txt" not in indexed and "Thumbs.db" not in indexed

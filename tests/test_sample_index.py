@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from cspresnet.run_state import dataset_fingerprint
-from data.sources.class_folders import cached_index, find_classes, index_split
+from data.sample_index import fingerprint_of
+from data.sources.folders import cached_index, find_classes, index_split
 from data.sample_index import SampleIndex, cache_file
 from tests.helpers import PrivateMount
 
@@ -42,7 +42,7 @@ def test_the_index_holds_the_listings_samples_in_order_with_the_same_fingerprint
     listed = index_split(tree / "train", find_classes(tree / "train"))
     index, from_cache = indexed(tree, caplog)
     assert not from_cache and index == listed and list(index) == listed and len(index) == 24
-    assert index.fingerprint() == dataset_fingerprint(listed)  # the rule checkpoints were written with
+    assert index.fingerprint() == fingerprint_of(listed)  # the rule checkpoints were written with
     again, from_cache = indexed(tree, caplog)
     assert from_cache and again == listed and again.fingerprint() == index.fingerprint()
     assert isinstance(again.targets, np.ndarray) and not again.targets.flags.writeable  # mapped from its file
@@ -116,7 +116,7 @@ BUILD = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from data.sources.class_folders import cached_index, find_classes
+from data.sources.folders import cached_index, find_classes
 root = Path(sys.argv[1])
 cached_index(root / "train", find_classes(root / "train"))
 """
@@ -130,7 +130,7 @@ def test_two_processes_on_a_read_only_dataset_build_one_index_into_the_users_cac
     disk = PrivateMount(tmp_path / "disk", size="16m")
     data = disk.outside(disk.path / "data")
     shutil.copytree(tiny_imagenet, data, ignore=shutil.ignore_patterns(".cspresnet_index"))
-    cached_index(data / "train", find_classes(data / "train"))
+    cached_index(aged(data) / "train", find_classes(data / "train"))
     beside = (data / ".cspresnet_index" / "train.idx").read_bytes()
     shutil.copy(next((data / "train" / "n00000000").iterdir()), data / "train" / "n00000000" / "added.JPEG")
     aged(data)
@@ -143,7 +143,7 @@ def test_two_processes_on_a_read_only_dataset_build_one_index_into_the_users_cac
     started = [start_one() for _ in range(2)]
     logs = [process.communicate(timeout=120)[0] for process in started]
     assert all(process.returncode == 0 for process in started), logs
-    assert sum(" samples in " in log for log in logs) == 1 and sum("samples read from" in log for log in logs) == 1, logs
+    assert sum("samples built in" in log for log in logs) == 1 and sum("samples read from" in log for log in logs) == 1, logs
     assert all(str(cache / "cspresnet" / "index") in log for log in logs), logs
     assert len(list((cache / "cspresnet" / "index").glob("data-*/train.idx"))) == 1
     assert (data / ".cspresnet_index" / "train.idx").read_bytes() == beside  # out of date, passed over

@@ -24,10 +24,11 @@ import validate
 from benchmarks.common import stand_in_timm_model
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.reports import load_real_labels
-from data.sources import shard_index, shards
+from data.sources import tars
 from data.config import DataConfig
-from data.errors import DataConfigError, SourceChangedError
-from data.sources.class_folders import DatasetLayoutError, ImageFolderDataset, find_classes, index_split
+from common.errors import DataConfigError, DatasetLayoutError, SourceChangedError
+from data.dataset import ImageDataset
+from data.sources.folders import find_classes, index_split
 from data.loaders import build_splits
 from data.pack_shards import PLAN_NAME, PackError, pack
 from data.samplers import TrainSampler
@@ -121,8 +122,7 @@ def packed_seed0(tiny_imagenet, tmp_path_factory):
 
 def fresh_copy(source, folder):
     """A copy to damage, without the index that other tests may have left in `source`."""
-    shutil.copytree(source, folder)
-    (folder / shard_index.INDEX_NAME).unlink(missing_ok=True)
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".cspresnet_index"))
     return folder
 
 
@@ -175,12 +175,12 @@ def test_shards_in_timms_layout_written_by_hand_train_to_the_folders_weights_bit
 @pytest.mark.parametrize("decode", ["full", "fast", "gpu"])
 def test_every_decode_path_gets_the_same_bytes_from_a_shard_as_from_the_file(tiny_imagenet, packed, decode):
     samples = index_split(tiny_imagenet / "train", find_classes(tiny_imagenet / "train"))
-    split = shards.read_split(packed, "train")
-    assert [t for _, t in split.samples] == [t for _, t in samples]
-    assert [os.path.basename(p).split(".")[0] for p, _ in split.samples] == \
+    split = tars.shard_index(packed, "train")
+    assert [t for _, t in split] == [t for _, t in samples]
+    assert [os.path.basename(p).split(".")[0] for p, _ in split] == \
            [os.path.basename(p).split(".")[0] for p, _ in samples]
-    from_files = ImageFolderDataset(samples, [], train_transform(40, decode=decode), seed=1)
-    from_shards = shards.ShardDataset(split, [], train_transform(40, decode=decode), seed=1)
+    from_files = ImageDataset(samples, [], train_transform(40, decode=decode), seed=1)
+    from_shards = ImageDataset(split, [], train_transform(40, decode=decode), seed=1)
     for index in range(len(samples)):
         a, b = from_files[(2, index)], from_shards[(2, index)]
         if decode == "gpu":
@@ -193,27 +193,26 @@ def test_every_decode_path_gets_the_same_bytes_from_a_shard_as_from_the_file(tin
 
 
 def test_the_index_is_built_once_reused_and_rebuilt_for_a_changed_shard(packed, tmp_path, monkeypatch, caplog):
-    folder = tmp_path / "shards"
-    shutil.copytree(packed, folder)
-    (folder / shard_index.INDEX_NAME).unlink(missing_ok=True)  # the other tests may have indexed `packed`
+    folder = fresh_copy(packed, tmp_path / "shards")  # the other tests may have indexed `packed`
     scanned = []
-    real_scan = shard_index.scan_shard
-    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
-    first = shards.read_split(folder, "train")
-    assert sorted(scanned) == [f"imagenet1k-train-0{i}.tar" for i in range(3)] and (folder / shard_index.INDEX_NAME).is_file()
+    real_scan = tars.scan_shard
+    monkeypatch.setattr(tars, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    first = tars.shard_index(folder, "train")
+    assert sorted(scanned) == [f"imagenet1k-train-0{i}.tar" for i in range(3)] and \
+        (folder / ".cspresnet_index" / "shards-train.idx").is_file()
     scanned.clear()
-    assert shards.read_split(folder, "train").samples == first.samples and scanned == []  # from the cache
-    assert len(shards.read_split(folder, "val").samples) == 15 and len(scanned) == 2  # the same file, both splits
+    assert tars.shard_index(folder, "train") == first and scanned == []  # from the cache
+    assert len(tars.shard_index(folder, "val")) == 15 and len(scanned) == 2  # each split its own
     scanned.clear()
     changed = folder / "imagenet1k-train-01.tar"
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    with caplog.at_level("INFO", logger="data.sources.shard_index"):
-        again = shards.read_split(folder, "train")
+    with caplog.at_level("INFO", logger="data"):
+        again = tars.shard_index(folder, "train")
     assert scanned == [changed.name] and "re-indexing 1 shard(s) that changed" in caplog.text
-    assert again.samples == first.samples
+    assert again == first
     scanned.clear()
-    elsewhere = shards.read_split(folder, "train", index_dir=str(tmp_path / "cache"))  # data.index_dir
-    assert len(scanned) == 3 and elsewhere.samples == first.samples and any((tmp_path / "cache").glob("*.json"))
+    elsewhere = tars.shard_index(folder, "train", index_dir=str(tmp_path / "cache"))  # data.index_dir
+    assert len(scanned) == 3 and elsewhere == first and any((tmp_path / "cache").rglob("shards-train.idx"))
 
 
 # ----------------------------------------------------------------------------- bad shards
@@ -243,12 +242,12 @@ def reasons(dataset):
 
 def test_bad_shards_give_clear_reasons_and_their_samples_are_skipped(bad_shards, caplog):
     with caplog.at_level("WARNING", logger="data"):
-        split = shards.read_split(bad_shards, "train")
+        split = tars.shard_index(bad_shards, "train")
     assert "set-train-1.tar is cut short or damaged" in caplog.text
-    assert "2 of the 6 train samples" in caplog.text  # known when indexing; one line a run
-    dataset = shards.ShardDataset(split, ["x", "y"], eval_transform(32, 0.875))
+    assert "2 of the 6 samples of the train shards" in caplog.text  # known when indexing; one line a run
+    dataset = ImageDataset(split, ["x", "y"], eval_transform(32, 0.875))
     found = reasons(dataset)
-    assert [os.path.basename(p) for p, _ in split.samples][-1] == "nolabel.jpg"  # no class: placed last
+    assert [os.path.basename(p) for p, _ in split][-1] == "nolabel.jpg"  # no class: placed last
     assert found["a.jpg"] is None and found["b.jpg"] is None and found["c.jpg"] is None
     assert "not an image Pillow can read (36 bytes, starting b'<html>50'" in found["html.jpg"]
     assert "no .cls member" in found["nolabel.jpg"]
@@ -256,21 +255,21 @@ def test_bad_shards_give_clear_reasons_and_their_samples_are_skipped(bad_shards,
 
 
 def test_a_shard_deleted_after_indexing_is_named_and_its_samples_counted_and_a_changed_one_stops_the_run(bad_shards, caplog):
-    split = shards.read_split(bad_shards, "train")
+    split = tars.shard_index(bad_shards, "train")
     (bad_shards / "set-train-1.tar").unlink()  # while a run has the index
-    dataset = shards.ShardDataset(split, ["x", "y"], eval_transform(32, 0.875))
+    dataset = ImageDataset(split, ["x", "y"], eval_transform(32, 0.875))
     assert "set-train-1.tar is gone: deleted or moved after it was indexed" in reasons(dataset)["c.jpg"]
     with caplog.at_level("WARNING", logger="data"):
-        later = shards.read_split(bad_shards, "train")  # the next run
+        later = tars.shard_index(bad_shards, "train")  # the next run
     assert "set-train-1.tar was indexed but is gone" in caplog.text
-    assert later.samples == split.samples  # the others keep their indices: an exact resume stays exact
-    assert "is gone" in reasons(shards.ShardDataset(later, ["x", "y"], eval_transform(32, 0.875)))["c.jpg"]
+    assert later == split  # the others keep their indices: an exact resume stays exact
+    assert "is gone" in reasons(ImageDataset(later, ["x", "y"], eval_transform(32, 0.875)))["c.jpg"]
 
     write_tar(bad_shards / "set-train-0.tar", [("a.jpg", b"other"), ("a.cls", b"0")])  # rewritten: stale offsets
     os.utime(bad_shards / "set-train-0.tar", ns=(1, 1))
     with pytest.raises(SourceChangedError, match="set-train-0.tar changed after it was indexed.*restart the run"):
-        shards.ShardDataset(later, ["x", "y"], eval_transform(32, 0.875))[0]  # ends the run, no sample skipped
-    assert [os.path.basename(p) for p, _ in shards.read_split(bad_shards, "train").samples][0] == "a.jpg"
+        ImageDataset(later, ["x", "y"], eval_transform(32, 0.875))[0]  # ends the run, no sample skipped
+    assert [os.path.basename(p) for p, _ in tars.shard_index(bad_shards, "train")][0] == "a.jpg"
 
 
 def test_a_deleted_shard_stops_a_resumed_run_at_its_start_by_the_unreadable_budget_and_loses_nothing(
@@ -292,44 +291,45 @@ def test_a_shard_cut_before_it_was_indexed_counts_the_samples_info_json_says_it_
     folder = fresh_copy(packed, tmp_path / "shards")
     _, after_cut = cut_mid_member(folder / "imagenet1k-train-01.tar")
     with caplog.at_level("WARNING", logger="data"):
-        split = shards.read_split(folder, "train")
-    assert len(split.samples) == 24  # _info.json's count: 3 shards of 8
+        split = tars.shard_index(folder, "train")
+    assert len(split) == 24  # _info.json's count: 3 shards of 8
     lost = {i: reason for i, reason in split.problems.items() if reason.startswith("lost:")}
     assert after_cut == 3 and sorted(lost) == [21, 22, 23]  # placeholders, class unknown: placed last
-    assert all(split.samples[i][1] == -1 and split.samples[i][0].endswith(f"<lost sample {n} of 3>")
+    assert all(split[i][1] == -1 and split[i][0].endswith(f"<lost sample {n} of 3>")
                for n, i in enumerate(sorted(lost), start=1))
     assert set(lost.values()) == {f"lost: imagenet1k-train-01.tar is cut short at byte "
                                   f"{(folder / 'imagenet1k-train-01.tar').stat().st_size}; _info.json says it holds "
                                   f"8 samples, its tar headers show 5"}
     cut = [reason for i, reason in split.problems.items() if i not in lost]
     assert len(cut) == 1 and "cut short: the shard ends" in cut[0]
-    assert "3 sample(s) after the cut will be skipped" in caplog.text and "4 of the 24 train samples" in caplog.text
-    dataset = shards.ShardDataset(split, ["a", "b", "c"], eval_transform(32, 0.875))
-    assert all(dataset[i][3] == f"BadShardSample: {lost[i]}" for i in lost)  # the dataset reports them unreadable
+    assert "3 sample(s) after the cut will be skipped" in caplog.text and "4 of the 24 samples of the train shards" \
+        in caplog.text
+    dataset = ImageDataset(split, ["a", "b", "c"], eval_transform(32, 0.875))
+    assert all(dataset[i][3] == f"UnreadableSample: {lost[i]}" for i in lost)  # the dataset reports them unreadable
 
 
 def test_a_shard_cut_after_it_was_indexed_keeps_its_samples_in_their_places_until_it_is_copied_again(
         packed, tmp_path, monkeypatch):
     folder = fresh_copy(packed, tmp_path / "shards")
-    before = shards.read_split(folder, "train")
+    before = tars.shard_index(folder, "train")
     shard = folder / "imagenet1k-train-01.tar"
     whole, after_cut = cut_mid_member(shard)
-    after = shards.read_split(folder, "train")
-    assert after.samples == before.samples  # every sample keeps its index: an exact resume stays exact
+    after = tars.shard_index(folder, "train")
+    assert after == before  # every sample keeps its index: an exact resume stays exact
     lost = [i for i, reason in after.problems.items() if reason.startswith("lost:")]
     assert len(lost) == after_cut == 3 and len(after.problems) == 4  # and the cut one
     assert after.problems[lost[0]] == (f"lost: imagenet1k-train-01.tar is cut short at byte {shard.stat().st_size} "
                                        f"(it was {len(whole)} bytes when indexed)")
-    dataset = shards.ShardDataset(after, ["a", "b", "c"], eval_transform(32, 0.875))
+    dataset = ImageDataset(after, ["a", "b", "c"], eval_transform(32, 0.875))
     assert [i for i in range(len(dataset)) if dataset[i][3]] == sorted(after.problems)  # the rest read as before
     scanned = []
-    real_scan = shard_index.scan_shard
-    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
-    again = shards.read_split(folder, "train")  # the cache keeps the kept samples for the cut shard
-    assert (again.samples, again.problems, scanned) == (after.samples, after.problems, [])
+    real_scan = tars.scan_shard
+    monkeypatch.setattr(tars, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    again = tars.shard_index(folder, "train")  # the cache keeps the kept samples for the cut shard
+    assert (list(again), again.problems, scanned) == (list(after), after.problems, [])
     shard.write_bytes(whole)  # copied again
-    repaired = shards.read_split(folder, "train")
-    assert scanned == [shard.name] and repaired.samples == before.samples and repaired.problems == {}
+    repaired = tars.shard_index(folder, "train")
+    assert scanned == [shard.name] and repaired == before and repaired.problems == {}
 
 
 def test_validate_counts_the_lost_images_of_a_cut_validation_shard_as_unreadable(packed, tmp_path):
@@ -345,26 +345,24 @@ def test_a_cut_shard_without_info_json_or_an_earlier_index_says_the_number_lost_
     (folder / "_info.json").unlink()
     _, after_cut = cut_mid_member(folder / "imagenet1k-train-01.tar")
     with caplog.at_level("WARNING", logger="data"):
-        split = shards.read_split(folder, "train")
+        split = tars.shard_index(folder, "train")
     assert "imagenet1k-train-01.tar is cut short or damaged" in caplog.text
     assert "The number of samples lost after the cut is unknown" in caplog.text
-    assert len(split.samples) == 24 - after_cut and len(split.problems) == 1  # only the cut one is known
+    assert len(split) == 24 - after_cut and len(split.problems) == 1  # only the cut one is known
 
 
-def test_an_index_written_before_cuts_were_recorded_is_built_again(packed, tmp_path, monkeypatch, caplog):
+def test_an_index_written_by_an_older_version_is_built_again(packed, tmp_path, monkeypatch, caplog):
     folder = fresh_copy(packed, tmp_path / "shards")
-    first = shards.read_split(folder, "train")
-    index = json.loads((folder / shard_index.INDEX_NAME).read_text())
-    for entry in index["shards"].values():
-        del entry["damage"], entry["lost"]
-    (folder / shard_index.INDEX_NAME).write_text(json.dumps(index))
+    first = tars.shard_index(folder, "train")
+    cache = folder / ".cspresnet_index" / "shards-train.idx"
+    cache.write_bytes(b"CSPRESNET-SAMPLE-INDEX-1\n" + cache.read_bytes()[25:])  # as the older format began
     scanned = []
-    real_scan = shard_index.scan_shard
-    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
-    with caplog.at_level("INFO", logger="data.sources.shard_index"):
-        again = shards.read_split(folder, "train")
-    assert len(scanned) == 3 and "re-indexing 3 shard(s) indexed by an older version" in caplog.text
-    assert again.samples == first.samples
+    real_scan = tars.scan_shard
+    monkeypatch.setattr(tars, "scan_shard", lambda path: scanned.append(path.name) or real_scan(path))
+    with caplog.at_level("INFO", logger="data"):
+        again = tars.shard_index(folder, "train")
+    assert len(scanned) == 3 and "not a sample index of this version" in caplog.text
+    assert again == first
 
 
 # ----------------------------------------------------------------------------- the pack command
@@ -388,12 +386,12 @@ def test_pack_is_deterministic_resumable_and_keeps_validation_names(tiny_imagene
     # Interrupted: one shard written halfway, another not at all. The rerun keeps the finished ones.
     resumed = tmp_path / "b"
     kept = (resumed / tars[0]).stat().st_mtime_ns
-    (resumed / tars[1]).rename(resumed / (tars[1] + ".partial"))
-    (resumed / (tars[1] + ".partial")).write_bytes(b"half a shard")
+    (resumed / tars[1]).rename(resumed / f".{tars[1]}.4242.tmp")  # a process killed while writing it
+    (resumed / f".{tars[1]}.4242.tmp").write_bytes(b"half a shard")
     (resumed / tars[2]).unlink()
     pack(source, resumed, seed=7, train_shards=4, val_shards=2)
     assert all((tmp_path / "a" / t).read_bytes() == (resumed / t).read_bytes() for t in tars)
-    assert (resumed / tars[0]).stat().st_mtime_ns == kept and not list(resumed.glob("*.partial"))
+    assert (resumed / tars[0]).stat().st_mtime_ns == kept and not list(resumed.glob(".*.tmp"))
     with pytest.raises(PackError, match="holds another pack"):
         pack(source, resumed, seed=8, train_shards=4, val_shards=2)
 
@@ -413,7 +411,7 @@ def test_pack_command_says_what_is_wrong_in_one_line(tiny_imagenet, tmp_path):
 
 
 def test_the_packers_shuffle_is_not_the_samplers_so_each_first_epoch_batch_draws_from_several_shards(packed_seed0):
-    shard_of = shards.read_split(packed_seed0, "train").shard
+    shard_of = tars.shard_index(packed_seed0, "train").folder_of
     for batch_size in (4, 6, 8):
         batches = list(TrainSampler(24, batch_size, 1, 0, seed=0))
         assert all(len({int(shard_of[index]) for _, index in batch}) > 1 for batch in batches), batch_size
@@ -435,7 +433,7 @@ def test_a_pack_begun_with_the_old_shuffle_is_refused_and_the_message_says_what_
 def test_a_shard_deleted_after_indexing_trains_through_a_raised_budget_and_is_counted(packed_seed0, tmp_path):
     folder, run = tmp_path / "shards", tmp_path / "run"
     shutil.copytree(packed_seed0, folder)
-    shard_of = shards.read_split(folder, "train").shard  # indexed: the index keeps the deleted shard's places
+    shard_of = tars.shard_index(folder, "train").folder_of  # indexed: the index keeps the deleted shard's places
     per_batch = [sum(int(shard_of[index]) == 1 for _, index in batch) for batch in TrainSampler(24, 8, 1, 0, seed=0)]
     # Shard 1 holds 8 of the 24 images: max_unreadable_fraction=0.5 allows 12. It gives at most 3
     # images to any first-epoch batch of 8: max_unreadable_batch_fraction=0.75 allows 6. (Under the
@@ -456,9 +454,9 @@ def test_a_shard_deleted_after_indexing_trains_through_a_raised_budget_and_is_co
 def test_the_layout_is_detected_from_the_folder_or_named_in_the_recipe(tiny_imagenet, packed, tmp_path):
     identity = train_transform(32)
     from_shards = build_splits(DataConfig(dir=str(packed)), identity, identity, 0)[0]
-    assert isinstance(from_shards, shards.ShardDataset)
+    assert from_shards.samples.kind == "members"
     assert from_shards.classes == find_classes(tiny_imagenet / "train")  # our packer's _info.json names them
-    assert type(build_splits(DataConfig(dir=str(tiny_imagenet)), identity, identity, 0)[0]) is ImageFolderDataset
+    assert build_splits(DataConfig(dir=str(tiny_imagenet)), identity, identity, 0)[0].samples.kind == "files"
     with pytest.raises(DatasetLayoutError, match="has no train shards"):
         build_splits(DataConfig(dir=str(tiny_imagenet), layout="shards"), identity, identity, 0)
     with pytest.raises(DatasetLayoutError, match="(?s)train does not exist.*WebDataset tar shards"):

@@ -7,8 +7,8 @@ from torch import nn
 
 import train
 from cspresnet.arrangement import arrange
-from cspresnet.distributed import DistContext
-from cspresnet.engine import CompiledAtOneBatch, build_train_step, evaluated_models
+from common.processes import DistContext
+from cspresnet.engine import CompiledAtOneBatch, build_updater, evaluated_models
 from cspresnet.recipe import RecipeError, load_recipe
 from data.batches import Batch
 from data.device_feed import ahead_on_device
@@ -50,15 +50,15 @@ def test_one_compilation_per_crop_size_and_none_for_a_batch_of_another_size(comp
 
 
 def test_the_compiled_training_step_compiles_once_and_trains_the_eager_weights(compiles):
-    """The real model with SGD, through build_train_step: one graph at the pass's size; a batch
+    """The real model with SGD, through build_updater: one graph at the pass's size; a batch
     short of unreadable images runs plain; the weights are those of the eager step."""
     torch.set_num_threads(1)
     recipe = load_recipe("demo.yaml", last_wins(*TINY_OVERRIDES, "runtime.compile=true",
                                                 "runtime.compile_mode=max-autotune"))
     torch.manual_seed(0)
-    compiled = build_train_step(recipe, CPU, steps_per_epoch=6)
+    compiled = build_updater(recipe, CPU, steps_per_epoch=6)
     torch.manual_seed(0)
-    eager = build_train_step(load_recipe("demo.yaml", TINY_OVERRIDES), CPU, steps_per_epoch=6)
+    eager = build_updater(load_recipe("demo.yaml", TINY_OVERRIDES), CPU, steps_per_epoch=6)
     for step, images in enumerate([8, 8, 7], start=3):
         compiled(fixed_batch(images, seed=step), step)
         eager(fixed_batch(images, seed=step), step)
@@ -69,7 +69,7 @@ def test_the_compiled_training_step_compiles_once_and_trains_the_eager_weights(c
 
 def test_compiled_evaluation_runs_the_weights_and_their_ema_at_the_evaluation_batch(compiles):
     recipe = load_recipe("demo.yaml", last_wins(*TINY_OVERRIDES, "runtime.compile_eval=true", "ema.enabled=true"))
-    step = build_train_step(recipe, CPU, steps_per_epoch=6)
+    step = build_updater(recipe, CPU, steps_per_epoch=6)
     model, ema = evaluated_models(step, recipe.runtime, batch=5)
     assert model.plain is step.model and ema.plain is step.ema.module and model.batch == ema.batch == 5
     inputs = torch.randn(5, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -96,7 +96,7 @@ def test_each_sgd_kernel_trains_the_fused_kernels_weights(kernel):
     steps = {}
     for each in ("fused", kernel):
         torch.manual_seed(0)
-        steps[each] = build_train_step(load_recipe("demo.yaml", [*TINY_OVERRIDES, f"optim.kernel={each}"]), CPU, 6)
+        steps[each] = build_updater(load_recipe("demo.yaml", [*TINY_OVERRIDES, f"optim.kernel={each}"]), CPU, 6)
         assert steps[each].optimizer.defaults["fused" if each == "fused" else "foreach"] is (each != "for-loop")
         for step in range(3, 6):
             steps[each](fixed_batch(8, seed=step), step)

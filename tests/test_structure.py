@@ -10,10 +10,10 @@ import torch
 
 import train
 from cspresnet.checkpoint import save_checkpoint
-from cspresnet.checkpoint_schema import FORMAT, TrainingCheckpoint, read_training_checkpoint, read_weights
+from cspresnet.checkpoint import FORMAT, TrainingCheckpoint, read_training_checkpoint, read_weights
 from cspresnet.model import CSPResNet50
 from cspresnet.recipe import recipe_from_dict
-from data.errors import CheckpointError
+from common.errors import CheckpointError
 from tests.helpers import REPO, TINY_OVERRIDES, a_training_checkpoint, in_this_process
 
 TRAINING_PATH = sorted((REPO / "cspresnet").glob("*.py")) + [REPO / "data" / "loaders.py"]
@@ -45,8 +45,8 @@ def imported_modules(path) -> set:
 
 def test_the_console_knows_the_errors_module_and_no_module_that_raises_them():
     ours = {name for name in imported_modules(REPO / "cspresnet" / "console.py")
-            if name.startswith((".", "cspresnet", "data"))}
-    assert ours == {"data.errors"}
+            if name.startswith((".", "cspresnet", "data", "common"))}
+    assert ours == {"common.errors"}
 
 
 def test_no_module_decodes_images_with_torchvision_io():
@@ -71,7 +71,7 @@ def test_the_checkpoint_schema_reads_what_earlier_versions_wrote(tmp_path):
     assert FORMAT == "cspresnet-train-v1"
     save_checkpoint(a_training_checkpoint(), tmp_path / "v1.pt")
     checkpoint = read_training_checkpoint(tmp_path / "v1.pt")
-    assert (checkpoint.step, checkpoint.batch_size, checkpoint.eval_dataset) == (3, 8, "15:def")
+    assert (checkpoint.position.step, checkpoint.batch_size, checkpoint.eval_dataset) == (3, 8, "15:def")
     assert set(checkpoint.to_dict()) == set(a_training_checkpoint())  # and it writes the same keys
 
     # Before 2026-11-30: no format tag, no eval_dataset, no batch_size; RandAugment under augment.
@@ -106,3 +106,52 @@ def test_resuming_from_timms_weights_file_is_one_line_that_names_initial_weights
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "holds model weights only" in lines[0] and "pass --initial-weights" in lines[0]
     assert not (tmp_path / "run" / "status").exists()
+
+
+LIBRARY = sorted(path for folder in ("common", "cspresnet", "data") for path in (REPO / folder).rglob("*.py"))
+
+
+def calling(name: str) -> set:
+    """The library's modules that call `name` (a dotted attribute or a plain name)."""
+    found = set()
+    for path in LIBRARY:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                if called == name or called.endswith("." + name):
+                    found.add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_each_mechanism_is_written_once():
+    """One atomic write (the others rename a finished folder, or swap a checkpoint's link),
+    one index cache, one checkpoint format, one evaluation-set dispatcher."""
+    assert calling("os.replace") == {"common/files.py", "data/downloads.py", "cspresnet/run_folder.py"}
+    assert calling("fcntl.flock") == calling("SampleIndex.load") == {"data/sample_index.py"}
+    assert calling("torch.load") == calling("torch.save") == {"cspresnet/checkpoint.py"}
+    assert calling("evaluation") == calling("source_of") - {"data/pack_shards.py"} == {"data/sources/__init__.py"}
+
+
+def test_the_sources_are_at_most_7_modules_of_1200_lines_on_4_levels_without_a_circle():
+    modules = {path.stem: path for path in (REPO / "data" / "sources").glob("*.py")}
+    lines = sum(len(path.read_text().splitlines()) for path in modules.values())
+    assert len(modules) <= 7 and lines <= 1200, (len(modules), lines)
+    imports = {name: {module.lstrip(".") for module in imported_modules(path)
+                      if module.startswith(".") and not module.startswith("..")} & set(modules)
+               for name, path in modules.items()}
+    imports["__init__"] |= {name for name in modules if name != "__init__"}  # `from . import archives, ...`
+
+    def level(name, seen=()):
+        assert name not in seen, f"a circle: {' -> '.join(seen + (name,))}"
+        return 1 + max((level(other, seen + (name,)) for other in imports[name]), default=0)
+
+    assert max(level(name) for name in modules) <= 4
+
+
+def test_no_floor_imports_one_above_it():
+    """common/ stands on nothing of ours, data/ on common/ alone, cspresnet/ on both."""
+    above = {"common": ("data", "cspresnet"), "data": ("cspresnet",)}
+    upward = [f"{path.relative_to(REPO)} imports {module}" for path in LIBRARY for floor, higher in above.items()
+              if path.relative_to(REPO).parts[0] == floor for module in imported_modules(path)
+              if module.split(".")[0] in higher]
+    assert upward == []

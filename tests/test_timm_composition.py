@@ -1,5 +1,5 @@
 """Our RA recipe, composed as timm's train.py composes it: its factories, side by side with
-our TrainStep on the same batches, agree on every weight, EMA weight and learning rate.
+our Updater on the same batches, agree on every weight, EMA weight and learning rate.
 
 test_ra_recipe.py checks the parts one by one; this checks the wiring between them: which
 parameters get weight decay, when the schedule and the EMA step, how smoothing enters the
@@ -15,8 +15,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from cspresnet.distributed import DistContext
-from cspresnet.engine import build_train_step
+from common.processes import DistContext
+from cspresnet.engine import build_updater
 from cspresnet.recipe import load_recipe
 from data.batches import Batch
 
@@ -80,7 +80,7 @@ def test_our_ra_step_is_timms_train_loop_weight_for_weight():
     torch.set_num_threads(1)  # 2 cores, often shared: fewer threads run faster (conftest restores them)
     recipe = load_recipe("cspresnet50_ra.yaml", OVERRIDES)
     torch.manual_seed(0)
-    ours = build_train_step(recipe, CPU, steps_per_epoch=1)
+    ours = build_updater(recipe, CPU, steps_per_epoch=1)
     assert ours.passes == 1 and recipe.scaled_lr() == 0.016
     theirs = TimmTrainLoop(copy.deepcopy(ours.model), recipe)
     ours.model.train()

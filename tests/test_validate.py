@@ -20,9 +20,10 @@ from timm.data import ImageDataset, RealLabelsImagenet, create_transform, resolv
 from benchmarks.common import stand_in_timm_model
 from cspresnet.export import export_for_timm
 from cspresnet.reports import TIMM_RESULTS_COLUMNS, load_real_labels, real_accuracy
-from data.sources.class_folders import DatasetLayoutError
+from common.errors import DatasetLayoutError
 from data.sample_data import generate
-from data.val_layouts import arrange_by_class, read_eval_set
+from data.downloads import arrange_by_class
+from data.sources import evaluation_set
 import validate
 from tests.helpers import in_this_process, run_cli, torchrun
 
@@ -158,7 +159,7 @@ def validate_cli(*args):
 @pytest.mark.parametrize("breakage, message", [
     ("checkpoint", "not a readable PyTorch checkpoint"),
     ("data", "does not exist or is not a folder"),
-    ("empty_class", "missing or empty folders"),  # data.sources.class_folders's message, with its multi-line layout hint
+    ("empty_class", "missing or empty folders"),  # data.sources.folders's message, with its multi-line layout hint
     ("recipe", "recipe key 'optim.lr' must be > 0"),
 ])
 def test_bad_input_exits_2_with_one_error_line(val_images, weights, tmp_path, breakage, message):
@@ -256,7 +257,7 @@ def fake_devkit(folder, wnids, val_wnids):
 def flat_val(val_images, tmp_path, monkeypatch):
     """The same 30 images as a flat folder of ILSVRC2012_val_*.JPEG, in shuffled order,
     with a devkit archive (its md5 registered as torchvision's) and a Kaggle solution file."""
-    class_folders = read_eval_set(val_images / "val")
+    class_folders = evaluation_set(val_images / "val")
     order = list(range(len(class_folders.samples)))
     random.Random(0).shuffle(order)
     flat = tmp_path / "flat"
@@ -283,14 +284,14 @@ def labels_by_image(eval_set, names):
 
 def test_devkit_ids_follow_meta_mat_not_sorted_order(flat_val):
     flat, archive, _, class_folders = flat_val
-    devkit = read_eval_set(flat, archive)
+    devkit = evaluation_set(flat, label_file=archive)
     assert devkit.layout == "flat-devkit" and devkit.classes == class_folders.classes
     assert labels_by_image(devkit, devkit.classes) == labels_by_image(class_folders, class_folders.classes)
 
 
 def test_kaggle_solution_labels(flat_val):
     flat, _, solution, class_folders = flat_val
-    kaggle = read_eval_set(flat, solution)
+    kaggle = evaluation_set(flat, label_file=solution)
     assert kaggle.layout == "flat-kaggle"
     assert labels_by_image(kaggle, kaggle.classes) == labels_by_image(class_folders, class_folders.classes)
 
@@ -299,7 +300,7 @@ def test_flat_folder_without_labels_says_what_it_needs(flat_val, tmp_path):
     lonely = tmp_path / "lonely" / "flat"  # no devkit or solution file beside it
     shutil.copytree(flat_val[0], lonely)
     with pytest.raises(DatasetLayoutError, match="--devkit ILSVRC2012_devkit_t12.tar.gz .* --val-solution"):
-        read_eval_set(lonely)
+        evaluation_set(lonely)
 
 
 @pytest.mark.parametrize("symlinks", [False, True])
@@ -307,7 +308,7 @@ def test_arrange_links_into_class_folders(flat_val, tmp_path, symlinks):
     flat, archive, _, class_folders = flat_val
     out = tmp_path / ("sym" if symlinks else "hard")
     assert arrange_by_class(flat, archive, out, symlinks=symlinks) == 30
-    arranged = read_eval_set(out)
+    arranged = evaluation_set(out)
     assert arranged.layout == "class-folders" and arranged.classes == class_folders.classes
     assert labels_by_image(arranged, arranged.classes) == labels_by_image(class_folders, class_folders.classes)
     first = next((out / arranged.classes[0]).iterdir())
@@ -330,12 +331,12 @@ def test_imagenetv2_folders_are_numbers_not_strings(tmp_path):
     for label in range(12):
         (tmp_path / str(label)).mkdir()
         Image.new("RGB", (8, 8), (label, 0, 0)).save(tmp_path / str(label) / "a.jpeg")
-    v2 = read_eval_set(tmp_path)
+    v2 = evaluation_set(tmp_path)
     assert v2.layout == "imagenetv2" and v2.classes[:3] == ["0", "1", "2"]
     assert {p.split("/")[-2]: label for p, label in v2.samples}["10"] == 10  # string order would say 2
     shutil.rmtree(tmp_path / "5")
     with pytest.raises(DatasetLayoutError, match="must be 0..10"):
-        read_eval_set(tmp_path)
+        evaluation_set(tmp_path)
 
 
 # ----------------------------------------------------------------------------- reports

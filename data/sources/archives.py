@@ -7,38 +7,38 @@ extraction, no copy.
 
 The inner tars lie in the outer one uncompressed, so every JPEG lies whole at a fixed offset
 of the outer file. The index is read from the outer tar's headers and each inner tar's
-(data/sources/shard_index.py's tar reader, on a window of the outer file), never an image; then each
-image is one pread, as from a tar shard (data/sources/archive_index.py). The classes are the labels'
-(the devkit's 1,000, or those Kaggle's file names), so that a class missing from a damaged
-train archive does not move the others' labels.
+(tars.py's reader, on a window of the outer file), never an image; then each image is one
+pread of the archive. Sample i is the class folders' sample i, named '<wnid>/<file name>' as
+in a folder, so the training set's fingerprint is the folders' too. The classes are the
+labels' (the devkit's 1,000, or those Kaggle's file names), so that a class missing from a
+damaged train archive does not move the others' labels.
 """
 import io
 import logging
 import os
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Tuple
+from typing import BinaryIO, List, Tuple
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
 
-from .archive_index import Row, read_cached, split_from_rows, warn_problems
-from ..errors import DatasetLayoutError
-from ..fast_decode import ImageTransform
-from ..sample_index import absolute, identity
-from .class_folders import is_image_name
-from .shard_index import Member, tar_members
-from .shards import ShardDataset, ShardSplit
-from .val_labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, ValLabels, labels_from
+from common.errors import DatasetLayoutError
+
+from ..config import DataConfig
+from ..sample_index import Member, SampleIndex, absolute, cached, files_key, identity
+from .labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, ValLabels, is_image_name, labelled, labels_from
+from .tars import TarMember, tar_members
 
 log = logging.getLogger(__name__)
 
 TRAIN_ARCHIVE = ARCHIVE_META["train"][0]  # ILSVRC2012_img_train.tar
 VAL_ARCHIVE = ARCHIVE_META["val"][0]  # ILSVRC2012_img_val.tar
+INDEX_RULE = "archives 2"  # changes when what an index holds changes: older caches are rebuilt
 OFFICIAL_COUNTS = {"classes": 1000, "train images": 1_281_167, "validation images": 50_000}
 ARCHIVES_LAYOUT = (f"expected ImageNet's archives as downloaded, side by side: DIR/{TRAIN_ARCHIVE} (a tar of "
                    f"<wnid>.tar), DIR/{VAL_ARCHIVE} and DIR/{DEVKIT_ARCHIVE} (or Kaggle's {KAGGLE_SOLUTION})")
 
 
-def holds_archives(folder: Path) -> bool:
+def holds(folder: Path) -> bool:
     return (folder / TRAIN_ARCHIVE).is_file() or (folder / VAL_ARCHIVE).is_file()
 
 
@@ -70,9 +70,6 @@ class Window(io.RawIOBase):
         return len(data)
 
 
-# ----------------------------------------------------------------------------- labels and counts
-
-
 def label_file(folder: Path) -> Path:
     """The validation labels beside the archives; exit 2 without them, since nothing can be evaluated."""
     for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION):
@@ -82,18 +79,7 @@ def label_file(folder: Path) -> Path:
                              f"{KAGGLE_SOLUTION}) beside it")
 
 
-def check_counts(folder: Path, found: Dict[str, int]) -> None:
-    """State the counts at start; a warning names each that is not the official one."""
-    differ = [f"{count:,} {what}, not {OFFICIAL_COUNTS[what]:,} ({count - OFFICIAL_COUNTS[what]:+,})"
-              for what, count in found.items() if count != OFFICIAL_COUNTS[what]]
-    if differ:
-        log.warning("the archives in %s hold %s: not ImageNet's official counts", folder, "; ".join(differ))
-    else:
-        log.info("the archives in %s hold ImageNet's official counts: %s", folder,
-                 ", ".join(f"{count:,} {what}" for what, count in found.items()))
-
-
-def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, List[Member], str]:
+def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, List[TarMember], str]:
     """The archive's stat (taken first: a change while it is read shows next time), its
     members and what is wrong with its end; exit 2 if it holds nothing at all."""
     stat = os.fstat(handle.fileno())
@@ -107,105 +93,107 @@ def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, Li
 # ----------------------------------------------------------------------------- the train archive
 
 
-def scan_train(path: Path, classes: List[str]) -> ShardSplit:
-    """Every image of every inner tar, in the class folders' order."""
+def scan_train(path: Path, classes: List[str]) -> SampleIndex:
+    """Every image of every inner tar, in the class folders' order; a class the archive lacks
+    gets one unreadable sample, so that the loss is known and every other label keeps its
+    meaning."""
+    warnings: List[Tuple[int, str]] = []
     with open(path, "rb") as handle:
         stat, outer, damage = headers(handle, path, "class tars")
-        rows: List[Row] = []
-        for name, offset, length, _ in outer:
-            if name.endswith(".tar"):
-                rows.extend(inner_rows(handle, name, offset, length, stat.st_size))
+        rows = [row for name, offset, length, _ in outer if name.endswith(".tar")
+                for row in inner_rows(handle, name, offset, length, stat.st_size, warnings)]
     if damage:
-        log.warning("%s is cut short or damaged at byte %d (%s): the images after %s are lost; download it again",
-                    path, stat.st_size, damage, outer[-1][0])
-    return split_from_rows(path, identity(stat), labelled(rows, classes, path, damage))
-
-
-def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_size: int) -> List[Row]:
-    """(wnid, name, offset, size, problem) of one class tar's images; one unreadable row for
-    a class tar that cannot be read at all."""
-    wnid, available = name[:-len(".tar")].rpartition("/")[2], min(length, archive_size - offset)
-    members, damage = tar_members(Window(handle, offset, available), available)
-    if not members:
-        why = f"cut short at byte {archive_size}" if available < length else f"not a tar archive ({damage})"
-        return [(wnid, f"{wnid}/{wnid}.tar", 0, 0, f"{name} in {TRAIN_ARCHIVE} is {why}: its images are lost")]
-    if damage and available == length:
-        log.warning("%s in %s is damaged (%s): its images after %s are lost", name, TRAIN_ARCHIVE, damage,
-                    members[-1][0])
-    cut = f"cut short: {TRAIN_ARCHIVE} ends at byte {archive_size}, inside this image"
-    return [(wnid, f"{wnid}/{file}", offset + start, size, cut if start + size > available else "")
-            for file, start, size in ((m[0].rpartition("/")[2], m[1], m[2]) for m in members) if is_image_name(file)]
-
-
-def labelled(rows: List[Row], classes: List[str], path: Path, damage: str) -> List[Row]:
-    """The rows with class indices for wnids; a class the archive lacks gets one unreadable
-    row, so that the loss is counted and every other label keeps its meaning."""
-    index, found = {wnid: i for i, wnid in enumerate(classes)}, {row[0] for row in rows}
+        warnings.insert(0, (0, f"{path} is cut short or damaged at byte {stat.st_size} ({damage}): the images after "
+                               f"{outer[-1][0]} are lost; download it again"))
+    index, found = {wnid: i for i, wnid in enumerate(classes)}, {wnid for wnid, _ in rows}
     unknown = sorted(found - set(index))
     if unknown:
         raise DatasetLayoutError(f"{path} holds {len(unknown)} classes that the validation labels do not name, e.g. "
                                  f"{unknown[:3]}: the labels are not of this archive")
-    missing = sorted(set(index) - found)
-    why = f"{path.name} is cut short at byte {path.stat().st_size}" if damage else f"{path.name} has no such tar"
-    return [(index[row[0]],) + tuple(row[1:]) for row in rows] + \
-        [(index[wnid], f"{wnid}/{wnid}.tar", 0, 0, f"lost: {why}") for wnid in missing]
+    why = f"{path.name} is cut short at byte {stat.st_size}" if damage else f"{path.name} has no such tar"
+    members = [member._replace(target=index[wnid]) for wnid, member in rows] + \
+        [Member(index[wnid], f"{wnid}/{wnid}.tar", 0, 0, 0, f"lost: {why}") for wnid in sorted(set(index) - found)]
+    return SampleIndex.from_members([str(path)], [identity(stat)], sorted(members, key=lambda m: (m.target, m.name)),
+                                    warnings=warnings)
+
+
+def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_size: int,
+               warnings: List[Tuple[int, str]]) -> List[Tuple[str, Member]]:
+    """(wnid, its sample) for each image of one class tar; one unreadable sample for a class
+    tar that cannot be read at all."""
+    wnid, available = name[:-len(".tar")].rpartition("/")[2], min(length, archive_size - offset)
+    members, damage = tar_members(Window(handle, offset, available), available)
+    if not members:
+        why = f"cut short at byte {archive_size}" if available < length else f"not a tar archive ({damage})"
+        return [(wnid, Member(-1, f"{wnid}/{wnid}.tar", 0, 0, 0, f"{name} in {TRAIN_ARCHIVE} is {why}: its images "
+                                                                 f"are lost"))]
+    if damage and available == length:
+        warnings.append((0, f"{name} in {TRAIN_ARCHIVE} is damaged ({damage}): its images after {members[-1][0]} are "
+                            f"lost"))
+    cut = f"cut short: {TRAIN_ARCHIVE} ends at byte {archive_size}, inside this image"
+    return [(wnid, Member(-1, f"{wnid}/{file}", 0, offset + start, size, cut if start + size > available else ""))
+            for file, start, size in ((m[0].rpartition("/")[2], m[1], m[2]) for m in members) if is_image_name(file)]
 
 
 # ----------------------------------------------------------------------------- the validation archive
 
 
-def scan_val(path: Path, labels: ValLabels, source: Path) -> ShardSplit:
+def scan_val(path: Path, labels: ValLabels, source: Path) -> SampleIndex:
     """The validation images with their labels, in the class folders' order. An image
     without a label stops (the labels are not these images'); a labelled image the archive
     lacks is counted as unreadable."""
     with open(path, "rb") as handle:
         stat, members, _ = headers(handle, path, "images")
     images = {m[0].rpartition("/")[2]: m for m in members if is_image_name(m[0].rpartition("/")[2])}
-    unlabelled = sorted(set(images) - set(labels.wnids))
-    if unlabelled:
-        raise DatasetLayoutError(f"{source.name} labels {len(labels.wnids):,} images but {path.name} holds "
-                                 f"{len(images):,}, {len(unlabelled):,} of them without a label "
-                                 f"(e.g. {unlabelled[0]}): "
-                                 f"its ground truth is of other images or cut short; use the devkit of this archive")
-    missing = sorted(set(labels.wnids) - set(images))
-    if missing:
-        log.warning("%s lacks %d of the %d images that %s labels, e.g. %s: they are counted as unreadable; download "
-                    "it again", path, len(missing), len(labels.wnids), source.name, missing[0])
-    index = {wnid: i for i, wnid in enumerate(labels.classes)}
     cut = f"cut short: {path.name} ends at byte {stat.st_size}, inside this image"
-    rows = [(index[wnid], f"{wnid}/{name}", images[name][1], images[name][2],
-             cut if images[name][1] + images[name][2] > stat.st_size else "") if name in images else
-            (index[wnid], f"{wnid}/{name}", 0, 0, f"missing: {path.name} holds no {name}")
-            for name, wnid in labels.wnids.items()]
-    return split_from_rows(path, identity(stat), rows)
+    rows = [Member(target, f"{wnid}/{name}", 0, images[name][1], images[name][2],
+                   cut if images[name][1] + images[name][2] > stat.st_size else "")
+            for target, wnid, name in labelled(images, labels, labels.classes, path.name, source.name)]
+    index = {wnid: i for i, wnid in enumerate(labels.classes)}
+    missing = sorted(set(labels.wnids) - set(images))
+    rows += [Member(index[labels.wnids[name]], f"{labels.wnids[name]}/{name}", 0, 0, 0,
+                    f"missing: {path.name} holds no {name}") for name in missing]
+    warnings = [(0, f"{path} lacks {len(missing)} of the {len(labels.wnids)} images that {source.name} labels, e.g. "
+                    f"{missing[0]}: they are counted as unreadable; download it again")] if missing else []
+    return SampleIndex.from_members([str(path)], [identity(stat)], sorted(rows, key=lambda m: (m.target, m.name)),
+                                    warnings=warnings)
 
 
-# ----------------------------------------------------------------------------- the sets
+# ----------------------------------------------------------------------------- the source
 
 
-def read_val(folder: Path, index_dir: str = "") -> Tuple[ShardSplit, List[str]]:
+def val_index(folder: Path, index_dir: str) -> Tuple[SampleIndex, List[str]]:
     """The validation split and the classes, for training and for validate.py."""
     folder = absolute(folder)  # one index, whether the folder is named by a relative path or not
     if not (folder / VAL_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {VAL_ARCHIVE}; {ARCHIVES_LAYOUT}")
     source = label_file(folder)
     labels = labels_from(source)
-    val = read_cached("archives-val.idx", [folder / VAL_ARCHIVE, source],
-                      lambda: scan_val(folder / VAL_ARCHIVE, labels, source), index_dir)
-    warn_problems(val, VAL_ARCHIVE)
-    return val, labels.classes
+    key = [INDEX_RULE, *files_key(folder / VAL_ARCHIVE, source)]
+    return cached(VAL_ARCHIVE, folder, "archives-val.idx", key,
+                  lambda previous: (scan_val(folder / VAL_ARCHIVE, labels, source), key), index_dir), labels.classes
 
 
-def build_archive_splits(folder: Path, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
-                         index_dir: str = "") -> Tuple[ShardDataset, ShardDataset]:
-    """Training and validation sets from the archives in `folder`."""
-    folder = absolute(folder)
+def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, SampleIndex, List[str]]:
+    """Training and validation sets from the archives in `root`; the counts stated."""
+    folder = absolute(root)
     if not (folder / TRAIN_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {TRAIN_ARCHIVE}; {ARCHIVES_LAYOUT}")
-    val, classes = read_val(folder, index_dir)
-    train = read_cached("archives-train.idx", [folder / TRAIN_ARCHIVE, label_file(folder)],
-                        lambda: scan_train(folder / TRAIN_ARCHIVE, classes), index_dir)
-    warn_problems(train, TRAIN_ARCHIVE)
-    check_counts(folder, {"classes": len(classes), "train images": len(train.samples),
-                          "validation images": len(val.samples)})
-    return ShardDataset(train, classes, train_transform, seed=seed), ShardDataset(val, classes, eval_transform)
+    val, classes = val_index(folder, config.index_dir)
+    key = [INDEX_RULE, *files_key(folder / TRAIN_ARCHIVE, label_file(folder))]
+    train = cached(TRAIN_ARCHIVE, folder, "archives-train.idx", key,
+                   lambda previous: (scan_train(folder / TRAIN_ARCHIVE, classes), key), config.index_dir)
+    found = {"classes": len(classes), "train images": len(train), "validation images": len(val)}
+    differ = [f"{count:,} {what}, not {OFFICIAL_COUNTS[what]:,} ({count - OFFICIAL_COUNTS[what]:+,})"
+              for what, count in found.items() if count != OFFICIAL_COUNTS[what]]
+    if differ:
+        log.warning("the archives in %s hold %s: not ImageNet's official counts", folder, "; ".join(differ))
+    else:
+        log.info("the archives in %s hold ImageNet's official counts: %s", folder,
+                 ", ".join(f"{count:,} {what}" for what, count in found.items()))
+    return train, val, classes
+
+
+def evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str], str]:
+    val, classes = val_index(root, index_dir)
+    return val, classes, "archives"

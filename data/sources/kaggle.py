@@ -1,26 +1,49 @@
-"""Kaggle's ImageNet download unzipped (imagenet-object-localization-challenge), read as it is.
+"""Kaggle's ImageNet download (imagenet-object-localization-challenge), zipped or not, read as it is.
 
-    TOP/ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG       class folders
-    TOP/ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_*.JPEG  flat: labelled by
-    TOP/LOC_val_solution.csv                           (the first wnid of each PredictionString)
+    imagenet-object-localization-challenge.zip     (ZIP64, 155 GB), or the same unzipped:
+        ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG
+        ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_*.JPEG     flat, labelled by
+        LOC_val_solution.csv                              (the first wnid of each PredictionString)
 
---data-dir may name TOP or its ILSVRC/Data/CLS-LOC; any root whose train/ holds class folders
-and whose val/ is flat is read the same way, its labels found beside val/ (a devkit, meta.bin
-or the CSV) or at the top of Kaggle's tree. The validation images are put in the class
-folders' order (class, then file name), so a run evaluates them as it would in val/<wnid>/.
+Unzipped, train/ is class folders (folders.py) and val/ a flat folder labelled by the CSV;
+--data-dir may name the top or its ILSVRC/Data/CLS-LOC, and any root whose train/ holds class
+folders and whose val/ is flat is read the same way, its labels found beside val/ or at the
+top. Zipped, --data-dir names the zip, or a folder that holds it (and at most Kaggle's CSV and
+text files): the index comes from the zip's central directory (Python's zipfile reads it, ZIP64
+included) and each image's local header (its own extra field moves the data), never an
+image; then each image is one pread of its stored bytes, inflated if deflated. Either way the
+samples are in the class folders' order: training from either gives the folders' weights.
 """
+import io
+import os
+import struct
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..errors import DatasetLayoutError
-from ..fast_decode import ImageTransform
-from .class_folders import ImageFolderDataset, Sample, cached_index, find_classes, image_files, subfolders
-from .val_labels import DEVKIT_ARCHIVE, KAGGLE_DATA, KAGGLE_SOLUTION, find_label_file, labels_from
+from common.errors import DatasetLayoutError
 
-ARRANGE = "python -m data.val_layouts arrange --val-dir VAL --val-solution LOC_val_solution.csv --out OUT/val"
+from ..config import DataConfig
+from ..sample_index import Member, SampleIndex, absolute, cached, files_key, identity
+from .folders import cached_index, find_classes, flat_split, image_files, subfolders
+from .labels import KAGGLE_DATA, KAGGLE_SOLUTION, is_image_name, kaggle_rows, labelled
+
+PREFIX = KAGGLE_DATA.as_posix() + "/"  # ILSVRC/Data/CLS-LOC/
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature, ..., name length, extra length: 30 bytes
+LOCAL_SIGNATURE = 0x04034B50
+READABLE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+INDEX_RULE = "kaggle zip 2"  # changes when what an index holds changes: older caches are rebuilt
+ZIP_LAYOUT = (f"expected Kaggle's ImageNet zip: {PREFIX}train/<wnid>/*.JPEG, {PREFIX}val/ILSVRC2012_val_*.JPEG "
+              f"and {KAGGLE_SOLUTION}")
+# What Kaggle's download holds beside its zip once someone unzipped the small files out of it.
+KAGGLE_FILES = {KAGGLE_SOLUTION, "LOC_train_solution.csv", "LOC_sample_submission.csv", "LOC_synset_mapping.txt"}
+Split = Tuple[SampleIndex, SampleIndex, List[str]]
 
 
-def kaggle_root(root: Path) -> Optional[Path]:
+# ----------------------------------------------------------------------------- unzipped
+
+
+def tree_root(root: Path) -> Optional[Path]:
     """The folder with train/ and a flat val/ (Kaggle's ILSVRC/Data/CLS-LOC, or root itself); None if neither."""
     for place in (root / KAGGLE_DATA, root):
         val = place / "val"
@@ -29,9 +52,9 @@ def kaggle_root(root: Path) -> Optional[Path]:
     return None
 
 
-def kaggle_place(root: Path) -> Path:
-    """kaggle_root, or one line that says what data.layout=kaggle expects instead."""
-    place = kaggle_root(root)
+def tree_place(root: Path) -> Path:
+    """tree_root, or one line that says what data.layout=kaggle expects instead."""
+    place = tree_root(root)
     if place is None:
         raise DatasetLayoutError(f"data.layout is kaggle but {root} holds neither Kaggle's zip nor its download "
                                  f"unzipped ({KAGGLE_DATA}/train/<wnid>/ and a flat {KAGGLE_DATA}/val/, with "
@@ -39,37 +62,97 @@ def kaggle_place(root: Path) -> Path:
     return place
 
 
-def flat_val_samples(val: Path, classes: List[str]) -> List[Sample]:
-    """A flat val/'s images with their labels, in the class folders' order."""
-    source = find_label_file(val)
-    if source is None:
-        raise DatasetLayoutError(f"{val} is a flat folder of images without labels: put Kaggle's {KAGGLE_SOLUTION} "
-                                 f"or {DEVKIT_ARCHIVE} beside it, or arrange it into class folders: {ARRANGE}")
-    wnids, index = labels_from(source).wnids, {wnid: i for i, wnid in enumerate(classes)}
-    names = image_files(val)
-    unlabelled = [name for name in names if name not in wnids]
-    if unlabelled:
-        raise DatasetLayoutError(f"{len(unlabelled)} of the {len(names)} images in {val} have no label in {source}, "
-                                 f"e.g. {unlabelled[0]}")
-    unknown = sorted({wnids[name] for name in names} - set(index))
-    if unknown:
-        raise DatasetLayoutError(f"{source} labels images of {len(unknown)} classes that {val.parent / 'train'} has no "
-                                 f"folder for, e.g. {unknown[0]}")
-    return sorted(((str(val / name), index[wnids[name]]) for name in names), key=lambda sample: (sample[1], sample[0]))
-
-
-def kaggle_eval_set(root: Path) -> Tuple[List[Sample], List[str]]:
-    """validate.py's samples and classes (the train/ class folders' names)."""
-    place = kaggle_place(root)
+def tree_splits(root: Path, config: DataConfig, seed: int) -> Split:
+    place = tree_place(root)
     classes = find_classes(place / "train")
-    return flat_val_samples(place / "val", classes), classes
+    return cached_index(place / "train", classes, config.index_dir), flat_split(place / "val", classes), classes
 
 
-def build_kaggle_splits(root: Path, train_transform: ImageTransform, eval_transform: ImageTransform, seed: int,
-                        index_dir: str = "") -> Tuple[ImageFolderDataset, ImageFolderDataset]:
-    place = kaggle_place(root)
+def tree_evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str], str]:
+    place = tree_place(root)
     classes = find_classes(place / "train")
-    train = cached_index(place / "train", classes, index_dir)
-    val = flat_val_samples(place / "val", classes)
-    return ImageFolderDataset(train, classes, train_transform, seed=seed), \
-        ImageFolderDataset(val, classes, eval_transform)
+    return flat_split(place / "val", classes), classes, "kaggle"
+
+
+# ----------------------------------------------------------------------------- zipped
+
+
+def find_zip(root: Path) -> Optional[Path]:
+    """The zip that `root` names (a damaged one too, to be named as such), or the one zip a
+    folder holds with nothing else but Kaggle's CSV and text files; else None."""
+    if root.is_file():
+        return root if root.suffix.lower() == ".zip" or zipfile.is_zipfile(root) else None
+    if not root.is_dir():
+        return None
+    entries = [path for path in root.iterdir() if not path.name.startswith(".") and path.name not in KAGGLE_FILES]
+    return entries[0] if len(entries) == 1 and entries[0].suffix == ".zip" and zipfile.is_zipfile(entries[0]) else None
+
+
+def member(fd: int, info: zipfile.ZipInfo, target: int, name: str) -> Member:
+    """One image of the zip; its local header says where its data starts."""
+    header = os.pread(fd, LOCAL_HEADER.size, info.header_offset)
+    fields = LOCAL_HEADER.unpack(header) if len(header) == LOCAL_HEADER.size else (0,) * 11
+    start = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
+    problem = "" if fields[0] == LOCAL_SIGNATURE else f"no local header at byte {info.header_offset}: the zip is damaged"
+    if info.compress_type not in READABLE:
+        problem = problem or f"zip method {info.compress_type}: only stored and deflated members are read"
+    elif info.flag_bits & 0x1:
+        problem = problem or "encrypted"
+    elif start + info.compress_size > os.fstat(fd).st_size:
+        problem = problem or "cut short: the zip ends inside this image"
+    return Member(target, name, 0, start, info.compress_size, problem, info.compress_type, info.file_size)
+
+
+def scan_zip(path: Path, split: str) -> SampleIndex:
+    """One split of the zip from its central directory and its images' local headers, in the
+    class folders' order; the classes are its train/ folders, as a listing of them would give."""
+    stat = path.stat()
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetLayoutError(f"{path} cannot be read as a zip ({exc}): download it again") from None
+    with archive, open(path, "rb") as handle:
+        infos = archive.infolist()
+        parts = {info: info.filename[len(PREFIX):].split("/") for info in infos if info.filename.startswith(PREFIX)}
+        classes = sorted({p[1] for p in parts.values() if p[0] == "train" and len(p) >= 3})
+        if not classes:
+            raise DatasetLayoutError(f"{path} holds no {PREFIX}train/<wnid>/ folders; {ZIP_LAYOUT}")
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        if split == "train":
+            found = [(info, index[p[1]], f"{p[1]}/{p[2]}") for info, p in parts.items()
+                     if p[0] == "train" and len(p) == 3 and is_image_name(p[2])]
+        else:
+            images = {p[1]: info for info, p in parts.items() if p[0] == "val" and len(p) == 2 and is_image_name(p[1])}
+            found = [(images[name], target, f"{wnid}/{name}") for target, wnid, name in
+                     labelled(images, zip_labels(archive), classes, path.name, KAGGLE_SOLUTION)]
+        members = sorted((member(handle.fileno(), *each) for each in found), key=lambda m: (m.target, m.name))
+    if not members:
+        raise DatasetLayoutError(f"{path} holds no {split} images; {ZIP_LAYOUT}")
+    return SampleIndex.from_members([str(path)], [identity(stat)], members, classes=classes)
+
+
+def zip_labels(archive: zipfile.ZipFile):
+    try:
+        data = archive.read(KAGGLE_SOLUTION)
+    except KeyError:
+        raise DatasetLayoutError(f"{archive.filename} holds no {KAGGLE_SOLUTION}, the validation labels; "
+                                 f"{ZIP_LAYOUT}") from None
+    return kaggle_rows(io.StringIO(data.decode("utf-8"), newline=""), f"{archive.filename}:{KAGGLE_SOLUTION}")
+
+
+def zip_index(path: Path, split: str, index_dir: str) -> SampleIndex:
+    path = absolute(path)
+    key = [INDEX_RULE, *files_key(path)]
+    return cached(f"{path.name}'s {split} images", path.parent, f"{path.name}-{split}.idx", key,
+                  lambda previous: (scan_zip(path, split), key), index_dir)
+
+
+def zip_splits(root: Path, config: DataConfig, seed: int) -> Split:
+    path = find_zip(root)
+    train, val = zip_index(path, "train", config.index_dir), zip_index(path, "val", config.index_dir)
+    return train, val, train.classes
+
+
+def zip_evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str], str]:
+    val = zip_index(find_zip(root), "val", index_dir)
+    return val, val.classes, "kaggle-zip"

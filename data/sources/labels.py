@@ -1,4 +1,5 @@
-"""The labels of ImageNet's flat validation images: from the devkit or from Kaggle's file.
+"""Which files are images, the names of the classes, and the labels of ImageNet's flat
+validation images, from the devkit or from Kaggle's file:
 
     ILSVRC2012_devkit_t12.tar.gz     meta.mat and the ground truth, in ILSVRC2012 IDs (meta.mat's
                                      order, not sorted wnid order); torchvision's parser turns
@@ -6,23 +7,42 @@
     LOC_val_solution.csv             Kaggle's: ImageId, PredictionString (the first wnid is the label)
 
 Every reader of flat validation images (a flat folder, the official val tar, Kaggle's download
-zipped or not) takes its labels from here, so one image has one label whatever holds it.
+zipped or not) takes its labels, and puts its images in the class folders' order, here: one
+image has one label, and one place, whatever holds it.
 """
 import csv
-import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
-from ..errors import DatasetLayoutError
+from common.errors import DatasetLayoutError
 
+# Pillow opens every one of these; the comparison ignores case (ImageNet uses .JPEG).
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SUFFIXES = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")  # Kaggle's download: its CSV files lie above this
+
+
+def is_image_name(name: str) -> bool:
+    """The rule that picks a folder's images, for archives' members too: an image extension,
+    no dot-file."""
+    return name[:1] != "." and "." in name and name.rpartition(".")[2].lower() in SUFFIXES
+
+
+def default_classes(num_classes: int) -> List[str]:
+    """For a set that does not name its classes (timm's shards, timm's weights): ImageNet's
+    1000 WordNet ids in timm's order for a 1000-class set, else the class numbers."""
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_names())
+    return [str(i) for i in range(num_classes)]
 
 
 @dataclass
@@ -49,11 +69,6 @@ def devkit_labels(devkit: Path) -> ValLabels:
                      sorted(wnid_to_words))
 
 
-def kaggle_labels(solution_csv: Path) -> ValLabels:
-    with open(solution_csv, newline="") as handle:
-        return kaggle_rows(handle, solution_csv)
-
-
 def kaggle_rows(lines: Iterable[str], where: object) -> ValLabels:
     """The first wnid of each PredictionString; the classes are all that the file names. A
     row without an image or a wnid, or an image labelled twice with different classes, is
@@ -75,11 +90,6 @@ def kaggle_rows(lines: Iterable[str], where: object) -> ValLabels:
     return ValLabels(labels, sorted(set(labels.values())))
 
 
-def kaggle_bytes(data: bytes, where: object) -> ValLabels:
-    """Kaggle's solution file read out of an archive."""
-    return kaggle_rows(io.StringIO(data.decode("utf-8"), newline=""), where)
-
-
 def find_label_file(folder: Path) -> Optional[Path]:
     """A devkit or Kaggle solution lying in the folder or its parent, or at the top of
     Kaggle's download when the folder is its ILSVRC/Data/CLS-LOC/<split>."""
@@ -94,4 +104,26 @@ def find_label_file(folder: Path) -> Optional[Path]:
 
 
 def labels_from(label_file: Path) -> ValLabels:
-    return kaggle_labels(label_file) if label_file.suffix == ".csv" else devkit_labels(label_file)
+    if label_file.suffix != ".csv":
+        return devkit_labels(label_file)
+    with open(label_file, newline="") as handle:
+        return kaggle_rows(handle, label_file)
+
+
+def labelled(names: Iterable[str], labels: ValLabels, classes: List[str], where: str,
+             source: str) -> List[Tuple[int, str, str]]:
+    """(class, wnid, name) of each flat validation image in the class folders' order (class,
+    then name). An image without a label, or labelled with a class the set does not have, is
+    refused: the labels are not of these images."""
+    names = list(names)
+    unlabelled = sorted(set(names) - set(labels.wnids))
+    if unlabelled:
+        raise DatasetLayoutError(f"{source} labels {len(labels.wnids):,} images but {where} holds {len(names):,}, "
+                                 f"{len(unlabelled):,} of them without a label (e.g. {unlabelled[0]}): its ground "
+                                 f"truth is of other images or cut short; use the labels of this download")
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    unknown = sorted({labels.wnids[name] for name in names} - set(index))
+    if unknown:
+        raise DatasetLayoutError(f"{source} labels images of {len(unknown)} classes that the set has no training "
+                                 f"folder for, e.g. {unknown[0]}")
+    return sorted((index[labels.wnids[name]], labels.wnids[name], name) for name in names)

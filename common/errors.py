@@ -1,8 +1,8 @@
 """The errors that end a script, each with the exit code it ends it with.
 
-They are the house's ground floor: data/ imports nothing of cspresnet/, so they live here,
-where every module that raises one can import it, and cspresnet/console.py turns any of
-them into one line on stderr and its exit code without knowing the modules that raise them.
+They are the house's ground floor (common/, which data/ and cspresnet/ both import): every
+module that raises one can import them, and cspresnet/console.py turns any of them into one
+line on stderr and its exit code without knowing the modules that raise them.
 The codes are train.py's and validate.py's contract (README, docs/training.md).
 """
 
