@@ -1,13 +1,7 @@
-"""How one weight update's global batch is cut: processes x passes x images per pass, and
-how many images each BatchNorm normalises over.
-
-darknet's csresnet50.cfg says batch=128 subdivisions=4: an update accumulates 4 forward
-passes of 32 images, so BatchNorm sees 32 at a time. Here `batch_size` is the update,
-`micro_batch_size` the images of one pass in one process, and SyncBatchNorm may pool a
-group of processes' passes; the trainer prints the result at start, e.g.
-
-    global batch 128 = 1 process x 4 passes x 32 images; BatchNorm over 32
-"""
+"""How one update's global batch is cut: processes x passes x images per pass, and how many images
+each BatchNorm normalises over. darknet's csresnet50.cfg says batch=128 subdivisions=4: 4 passes of 32
+images per update, BatchNorm over 32. Here SyncBatchNorm may also pool a group of processes' passes; the
+trainer prints e.g. "global batch 128 = 1 process x 4 passes x 32 images; BatchNorm over 32"."""
 from dataclasses import dataclass
 
 from common.errors import RecipeError
@@ -34,22 +28,19 @@ class Arrangement:
                 f"BatchNorm over {self.bn_images}")
         if self.bn_group > 1:
             line += f" (SyncBatchNorm over groups of {self.bn_group} processes)"
-        if self.short_of_micro_batch:
-            line += f", not the recipe's micro_batch_size {self.micro_batch_size}: {self.fewer_images_than_a_pass()}"
-        return line
+        if not self.short_of_micro_batch:
+            return line
+        share, micro = self.images_per_pass, self.micro_batch_size
+        line += (f", not the recipe's micro_batch_size {micro}: each process has {share} images, fewer than one "
+                 f"pass, so it takes them in one")
+        pooled = micro // share
+        if micro % share == 0 and self.processes % pooled == 0:
+            return f"{line}; to normalise over {micro} add runtime.sync_bn=true runtime.sync_bn_group_size={pooled}"
+        return f"{line}; to normalise over {micro}, raise batch_size to a multiple of {micro * self.processes}"
 
     @property
     def short_of_micro_batch(self) -> bool:
         return self.bn_images < self.micro_batch_size
-
-    def fewer_images_than_a_pass(self) -> str:
-        share, micro = self.images_per_pass, self.micro_batch_size
-        text = f"each process has {share} images, fewer than one pass, so it takes them in one"
-        pooled = micro // share
-        if micro % share == 0 and self.processes % pooled == 0:
-            return (f"{text}; to normalise over {micro} add runtime.sync_bn=true "
-                    f"runtime.sync_bn_group_size={pooled}")
-        return f"{text}; to normalise over {micro}, raise batch_size to a multiple of {micro * self.processes}"
 
 
 def counted(n: int, one: str, many: str) -> str:
@@ -57,8 +48,7 @@ def counted(n: int, one: str, many: str) -> str:
 
 
 def arrange(recipe: Recipe, world_size: int) -> Arrangement:
-    """The arrangement of `recipe` on `world_size` processes, or a RecipeError that names the
-    global batch, the processes and the images per pass, and what would fit."""
+    """Or a RecipeError that names the global batch, the processes, the images per pass and what would fit."""
     batch, micro = recipe.batch_size, recipe.micro_batch_size
     share = batch // world_size
     if batch % world_size or share == 0:
@@ -66,7 +56,10 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
                           f"cannot share equally; it must be a multiple of {world_size}")
     images = min(micro, share) if micro else share  # a share smaller than a pass is one pass, said at start
     if share % images:
-        raise RecipeError(cannot_cut(batch, world_size, micro))
+        raise RecipeError(f"global batch {batch} cannot be cut into {counted(world_size, 'process', 'processes')} x "
+                          f"whole passes x {micro} images (recipe keys 'batch_size', 'micro_batch_size'): each process "
+                          f"has {share} images, not a multiple of {micro}: set micro_batch_size to a divisor of "
+                          f"{share}, or 0 (one pass)")
     if recipe.mixing() and images % 2:
         raise RecipeError(f"global batch {batch} = {counted(world_size, 'process', 'processes')} x {share} images "
                           f"in one pass: mixup and cutmix need an even number of images per pass; use a global "
@@ -77,13 +70,6 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
                           f"the first update, and would stop averaging gradients after it (pytorch/pytorch#143580, "
                           f"#187732); set micro_batch_size=0 or {share} (one pass), or ddp_static_graph=false")
     return Arrangement(batch, world_size, share // images, images, bn_group_size(recipe, world_size), micro)
-
-
-def cannot_cut(batch: int, world_size: int, micro: int) -> str:
-    share = batch // world_size
-    return (f"global batch {batch} cannot be cut into {counted(world_size, 'process', 'processes')} x whole passes "
-            f"x {micro} images (recipe keys 'batch_size', 'micro_batch_size'): each process has {share} images, "
-            f"not a multiple of {micro}: set micro_batch_size to a divisor of {share}, or 0 (one pass)")
 
 
 def bn_group_size(recipe: Recipe, world_size: int) -> int:

@@ -1,13 +1,7 @@
-"""Checkpoints, the one module that knows their format: written whole or not at all, read
-without unpickling code, what a training checkpoint holds key for key (and what older
-versions wrote), and the weights any supported file carries. A run folder keeps and prunes
-them (run_folder.CheckpointFolder).
-
-The trainer builds a TrainingCheckpoint and reads one back; validate.py, predict.py, export.py
-and the initial weights read `Weights`. A field of where a run is (Position) is saved and
-resumed by adding it to Position; any other, by adding it to TrainingCheckpoint.
-"""
-import logging
+"""The one module that knows the checkpoint format: written whole or not at all, read without unpickling
+code, a TrainingCheckpoint key for key (and what older versions wrote), and the `Weights` any supported
+file carries. To save and resume a new field of where a run is, add it to Position; any other, to
+TrainingCheckpoint."""
 import math
 import pickle
 import re
@@ -15,43 +9,32 @@ import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TypeVar
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from common.errors import CheckpointError
 from common.files import write_atomically
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 FORMAT = "cspresnet-train-v1"
 StateDict = Dict[str, torch.Tensor]
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """torch.save, whole or not at all, and durable: a crash at any point leaves either the
-    old file or the new one."""
+    """Durable, whole or not at all: a crash at any point leaves either the old file or the new one."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomically(Path(path), lambda handle: torch.save(state, handle), durable=True)
 
 
-# ----------------------------------------------------------------------------- reading any file
-
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip file
-# What torch's weights-only unpickler says when a pickle names code it will not run, as
-# opposed to bytes it cannot parse (a truncated or corrupt file).
+# What the weights-only unpickler says of a pickle that names code, as opposed to bytes it cannot parse.
 FORBIDDEN = ("Unsupported global", "is blocked", "allowlisted", "unrecognized function")
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """torch.load with weights_only=True: tensors and plain data, never arbitrary code.
-
-    Any file that does not load raises CheckpointError with one line naming the file and what
-    is wrong with it, never the loader's own exception: `--resume auto` then falls back to an
-    older checkpoint, and the scripts exit 2 with that line. Junk bytes make torch.load raise
-    almost anything (KeyError, IndexError, UnicodeDecodeError, struct.error ...), hence the
-    broad except around the load itself.
-    """
+    """weights_only: tensors and plain data, never code. A file that does not load raises a one-line
+    CheckpointError, never the loader's own exception: `--resume auto` then falls back to an older one, the
+    scripts exit 2 with that line. Junk bytes make torch.load raise almost anything, hence the broad except."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
@@ -74,8 +57,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
             raise
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable .safetensors file: {first_line(exc)}") from None
-    # A zip (torch.save today) or a pickle of protocol 2-5 (torch.save before 1.6): anything
-    # else is not worth unpickling.
+    # A zip (torch.save today) or a pickle of protocol 2-5 (before 1.6): anything else is not worth unpickling.
     if not (head.startswith(ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip file nor a pickle): "
                               f"it starts with {head!r}")
@@ -101,15 +83,13 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 
 def first_line(exc: BaseException) -> str:
-    """A library's error as one line, so that a CheckpointError stays one line: its type and
-    its message's first non-empty line (junk bytes give bare ones like KeyError: '101')."""
+    """Its type and first non-empty line, so a CheckpointError stays one line (junk gives bare KeyError: '101')."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def unpickler_error(exc: Exception) -> str:
-    """The weights-only unpickler's own sentence, out of the paragraphs of advice torch wraps
-    around it ("Weights only load failed ... WeightsUnpickler error: ...")."""
+    """The unpickler's own sentence, out of torch's paragraphs ("Weights only load failed ... error: ...")."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
@@ -120,9 +100,8 @@ def unpickler_error(exc: Exception) -> str:
 
 
 def missing_global(reason: str) -> Optional[str]:
-    """The global a refused pickle names when it cannot be a real one, or None: a name cut
-    short ("torc.") or missing from its module ("collections.Orde") is a truncated or damaged
-    file, not code to fear. Looked up in sys.modules only, so that checking imports nothing."""
+    """The global a refused pickle names when it cannot be a real one: a name cut short ("torc.") or missing from
+    its module ("collections.Orde") is a damaged file, not code to fear. Checked in sys.modules: imports nothing."""
     match = re.search(r"GLOBAL (\S+) was not an allowed global", reason)
     if not match:
         return None
@@ -136,14 +115,9 @@ def missing_global(reason: str) -> Optional[str]:
     return None
 
 
-# ----------------------------------------------------------------------------- a training checkpoint
-
-
 @dataclass
 class Position:
-    """Where a run is, the same on every rank: saved in every checkpoint, and taken back on
-    a resume (a field added here is both)."""
-
+    """Where a run is, the same on every rank: saved in every checkpoint, and taken back on a resume."""
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # steps of the current epoch completed
     step: int = 0  # optimizer steps since the run began, skipped ones included
@@ -157,10 +131,8 @@ class Position:
 
 @dataclass
 class TrainingCheckpoint:
-    """A training run at one step: everything `--resume` needs to go on as if it had never
-    stopped. On disk, one flat dict: these keys and Position's (written since 2026-11-30;
-    before, without `format` and the keys that default to None)."""
-
+    """Everything `--resume` needs. On disk one flat dict: these keys and Position's (written since
+    2026-11-30; before, without `format` and the keys that default to None)."""
     model: StateDict
     optimizer: Dict[str, Any]
     scaler: Dict[str, Any]  # the GradScaler's
@@ -176,13 +148,13 @@ class TrainingCheckpoint:
     metrics: Optional[Dict[str, Any]] = None  # the last summary row, for a reader who wants one number
 
     def to_dict(self) -> Dict[str, Any]:
-        """The dict torch.save writes (not dataclasses.asdict, which would copy every tensor)."""
+        """Not dataclasses.asdict, which would copy every tensor."""
         flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "position"}
         return dict(flat, **vars(self.position), format=FORMAT)
 
     @classmethod
     def from_dict(cls, state: Dict[str, Any], path: Path) -> "TrainingCheckpoint":
-        """Checked: our format, or a CheckpointError that says what the file is instead."""
+        """Our format, or a CheckpointError that says what the file is instead."""
         tag = state.get("format")
         if tag is not None and tag != FORMAT:
             raise CheckpointError(f"{path} is a training checkpoint of format {tag!r}; this version resumes {FORMAT!r}")
@@ -201,8 +173,7 @@ class TrainingCheckpoint:
 
 
 def with_train_size(row: Dict[str, Any], recipe: Dict[str, Any]) -> Dict[str, Any]:
-    """A summary row as this version writes it: rows written before progressive resizing
-    (before ce21dd9, 2026-12-03) lack the epoch's training crop, which was then data.img_size."""
+    """Rows written before progressive resizing (ce21dd9, 2026-12-03) lack train_size: it was data.img_size."""
     if "train_size" in row:
         return row
     size = (recipe.get("data") or {}).get("img_size")
@@ -214,13 +185,9 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     return TrainingCheckpoint.from_dict(load_checkpoint(path), Path(path))
 
 
-# ----------------------------------------------------------------------------- weights of any file
-
-
 @dataclass
 class Weights:
     """A model's weights from any file users bring, and what the file says about them."""
-
     state_dict: StateDict
     kind: str  # "model" or "ema"
     classes: Optional[List[str]]  # the class names our checkpoints carry; None in timm's files
@@ -232,11 +199,8 @@ WEIGHT_KEYS = {"model": ("model", "state_dict"), "ema": ("model_ema", "state_dic
 
 
 def read_weights(path: Path, which: str = "auto") -> Weights:
-    """The weights in our checkpoints (model or EMA), timm's .pth (a state dict, or its
-    train.py checkpoint), a .safetensors, or a DDP-prefixed state dict.
-
-    which: 'auto' (EMA when present, else the model), 'model' or 'ema'.
-    """
+    """From our checkpoints, timm's .pth (a state dict, or its train.py checkpoint), a .safetensors, or a
+    DDP-prefixed state dict. which: 'auto' (EMA when present, else the model), 'model' or 'ema'."""
     return weights_in(load_checkpoint(path), which)
 
 
@@ -262,7 +226,7 @@ def weights_in(checkpoint: Dict[str, Any], which: str = "auto") -> Weights:
 
 
 def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
-    """Remove DDP's (or torch.compile's `_orig_mod.`) prefix when every key has it."""
+    """Remove a prefix (DDP's) when every key has it."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict

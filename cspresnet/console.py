@@ -1,10 +1,6 @@
-"""What train.py, validate.py and predict.py print, and how they end: the same logging and
-the same exit codes for all.
-
-Logging: rank 0 shows everything ours logs (information on stdout, warnings and errors on
-stderr); the other ranks show only their warnings and errors, each line marked with its
-rank. Lines go through tqdm so that they do not tear a progress bar.
-"""
+"""The same logging and exit codes for train.py, validate.py and predict.py. Rank 0 shows everything
+ours logs (information on stdout, warnings and errors on stderr); the other ranks only their warnings
+and errors, marked with the rank. Lines go through tqdm so that they do not tear a progress bar."""
 import logging
 import multiprocessing
 import signal
@@ -42,10 +38,8 @@ def setup_logging(rank: int) -> None:
 
 
 def run_script(main: Callable[[], int]) -> int:
-    """A script's main, with its exit code: an ExitError (data/errors.py) is one line on
-    stderr and its code (bad input 2, a non-finite loss 3, a full disk at the very end, a
-    stalled loader or a full /dev/shm 1); anything else raises (traceback, exit 1). The
-    loader workers end with the process, however it ends."""
+    """An ExitError (common/errors.py) is one line on stderr and its code (bad input 2, a non-finite
+    loss 3, a full disk at the very end, a stalled loader or a full /dev/shm 1); anything else raises."""
     try:
         return main()
     except ExitError as exc:
@@ -57,13 +51,9 @@ def run_script(main: Callable[[], int]) -> int:
 
 
 def end_child_processes() -> None:
-    """Kill this process's multiprocessing children (the loader workers) and reap them.
-
-    Why: at exit, multiprocessing sends daemonic children SIGTERM and then joins them with
-    no time limit. Our workers ignore SIGTERM (data.loaders.WorkerSignals), and a worker
-    stuck in a system call may never leave, so without this an error anywhere would hang
-    the exit.
-    """
+    """Kill and reap the loader workers: at exit multiprocessing SIGTERMs daemonic children and joins them
+    with no time limit, but ours ignore SIGTERM (data.loaders.WorkerSignals), and one stuck in a system
+    call may never leave, so an error anywhere would hang the exit."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
     children = multiprocessing.active_children()
     for child in children:

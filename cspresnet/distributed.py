@@ -26,10 +26,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def end_with_launcher() -> None:
-    """torchrun starts each rank in a session of its own, so a kill of torchrun's process
-    group (a scheduler's SIGKILL, an OOM-killed agent) does not reach the ranks: they would
-    train on unsupervised, holding the run folder's lock. The kernel kills a rank when its
-    launcher dies instead, as when the node is lost."""
+    """torchrun starts each rank in a session of its own, so a kill of torchrun's process group (a
+    scheduler's SIGKILL, an OOM-killed agent) does not reach the ranks: they would train on unsupervised,
+    holding the run folder's lock. The kernel kills a rank when its launcher dies instead."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
@@ -39,17 +38,15 @@ def end_with_launcher() -> None:
 
 
 def init_distributed(device_preference: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Read torchrun's environment; join the process group if there is more than one process.
-    A collective that waits longer than `timeout_s` for a rank fails instead of hanging."""
+    """Joins the group when torchrun started several processes; a collective waiting over `timeout_s` fails."""
     end_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        # torchrun --max-restarts keeps its store across restarts, and a restarted group
-        # would read the dead group's addresses from it (seen with gloo in torch 2.14;
-        # pytorch/pytorch#167288 for NCCL); a key prefix per restart keeps attempts apart.
+        # torchrun --max-restarts keeps its store, and a restarted group would read the dead group's addresses
+        # from it (seen with gloo in torch 2.14; pytorch/pytorch#167288 for NCCL): a key prefix per restart.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -82,16 +79,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group and end its threads while Python still runs.
-
-    Why: destroy_process_group drops torch's references to the group, but DDP's cycles keep
-    it, and so its worker threads, alive until the interpreter exits. A worker that then
-    releases the last collective's tensors needs the GIL, which a finalizing interpreter
-    refuses: the thread is unwound through a destructor and the rank aborts with SIGABRT
-    ("terminate called without an active exception") after a run that succeeded. That hit
-    2 of 42 two-process runs on the 2-core development machine (pytorch/pytorch#190489).
-    Collecting those cycles here destroys the group, which joins its threads with the GIL
-    released. Call it once the training run itself is no longer referenced."""
+    """Leave the process group and end its threads while Python still runs. Call it once the training
+    run is no longer referenced. Why: DDP's cycles keep the group and its threads alive past
+    destroy_process_group, until the interpreter exits; a worker then releasing the last collective's
+    tensors needs the GIL, which a finalizing interpreter refuses, and the rank aborts with SIGABRT
+    ("terminate called without an active exception") after a run that succeeded (2 of 42 two-process
+    runs, pytorch/pytorch#190489). Collecting the cycles here joins the threads with the GIL released."""
     if dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()

@@ -1,6 +1,4 @@
-"""What the training loop and validate.py share: one training step (Updater), and
-evaluation. It knows the model, a loader, the optimizer and a loss; not the run folder, the
-log or how a run stops (cspresnet/training.py)."""
+"""What the training loop and validate.py share: one training step (Updater), and evaluation."""
 import contextlib
 import os
 import random
@@ -35,23 +33,17 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 def autocast(device: torch.device, amp: str):
     dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def configure_kernels(deterministic: bool, seed: Optional[int] = None) -> None:
-    """By default cuDNN times its convolution algorithms and keeps the fastest, which may
-    differ from one process to the next and may add in a different order; `deterministic`
-    fixes both (and asks for deterministic versions of every other op), at a cost in speed,
-    so that a run on a GPU repeats, and resumes, bit for bit. `seed` seeds Python's, NumPy's
-    and torch's generators (a run's first draws)."""
+    """cuDNN's benchmark picks algorithms that may differ between processes and add in another order;
+    `deterministic` fixes both (and every other op), slower, so that a GPU run repeats and resumes bit for bit."""
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS reads this when it creates its handle; it must be set before the first matmul.
+    if deterministic:  # cuBLAS reads this when it creates its handle: before the first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
@@ -59,28 +51,19 @@ def configure_kernels(deterministic: bool, seed: Optional[int] = None) -> None:
 
 
 def build_criterion(mixing: bool, label_smoothing: float) -> nn.Module:
-    """timm's choice: mixup/cutmix hand over soft targets with the smoothing folded in,
-    so they take the soft-target cross-entropy; hard targets take the smoothed one."""
-    if mixing:
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    """timm's choice: mixup/cutmix hand over soft targets with the smoothing folded in."""
+    return SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
 def build_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
-    """fp16 needs loss scaling. bf16 and fp32 get a scaler pinned at 1.0, which changes no
-    number (x1.0 is exact) and gives every precision the same behaviour on a non-finite
-    gradient: the step is skipped on the device (with fused SGD), without a host sync."""
-    if amp == "fp16":
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0)
+    """fp16 needs loss scaling. bf16 and fp32 get a scaler pinned at 1.0 (exact), so that every precision
+    skips a non-finite gradient's step the same way: on the device (with fused SGD), without a host sync."""
+    return torch.amp.GradScaler(device.type, init_scale=2.0**16 if amp == "fp16" else 1.0)  # 2**16: torch's default
 
 
 @dataclass
 class Updater:
-    """One weight update: `passes` forward/backward passes over this process's share of the
-    global batch (gradient accumulation), then one optimizer step; and everything it needs
-    around the model."""
-
+    """One weight update: `passes` forward/backward passes (gradient accumulation), then one optimizer step."""
     model: nn.Module  # what is trained and saved
     train_model: nn.Module  # the same model, maybe wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
@@ -95,9 +78,8 @@ class Updater:
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
-        """The optimizer update at `step` of the schedule (from 1; RunState.schedule_step);
-        its loss (on the device: reading it would wait for the device) and learning rate. The
-        schedule, the skip of a non-finite update and the EMA act once per update, never per pass."""
+        """The update at `step` of the schedule (from 1); its loss (on the device: reading it waits) and lr.
+        The schedule, the skip of a non-finite update and the EMA act once per update, never per pass."""
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         inputs = self.preprocess(batch.images)
@@ -112,10 +94,8 @@ class Updater:
         return sum(losses), lr
 
     def split(self, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """The update's images in `passes` strided slices: pass k takes images k, k + passes, ...
-        The sampler deals rank r of P every P-th image, so pass k of rank r gets exactly the
-        images that rank r + P*k of P x passes processes would get in one pass: accumulation
-        and more processes train on the same batches."""
+        """Pass k takes images k, k + passes, ...: the sampler deals rank r of P every P-th image, so pass k
+        of rank r gets the images of rank r + P*k of P x passes processes: both train on the same batches."""
         if self.passes == 1:
             yield inputs, targets
             return
@@ -127,10 +107,8 @@ class Updater:
                 targets[k::self.passes]
 
     def backward_pass(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, last: bool) -> torch.Tensor:
-        """Forward and backward over one pass that holds `weight` of the update's images: its
-        loss is scaled by that weight, so the summed gradients are those of the mean loss over
-        all of them, as in one big pass. DDP averages the gradients over the processes only
-        in the update's last pass."""
+        """The loss is scaled by the pass's share of the update's images, so the summed gradients are those
+        of one big pass. DDP averages the gradients over the processes only in the update's last pass."""
         with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
             if self.augment is not None:
                 inputs, targets = self.augment(inputs, targets)  # mixup within the pass, as timm's accumulation
@@ -146,10 +124,8 @@ class Updater:
 
 def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
                      arrangement: Optional[Arrangement] = None) -> Updater:
-    """The model on its device and everything around it: its EMA (a copy with plain
-    BatchNorm: it is only evaluated), SyncBatchNorm, then DDP when there are several
-    processes, compiled when the recipe says so. `arrangement`: the run's (default: the
-    recipe's on ctx's processes, for a caller that has none)."""
+    """The EMA is taken before SyncBatchNorm (it is only evaluated), then DDP and compile. `arrangement`:
+    the run's (default: the recipe's on ctx's processes, for a caller that has none)."""
     rt = recipe.runtime
     arrangement = arrangement or arrange(recipe, ctx.world_size)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
@@ -163,10 +139,8 @@ def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
         model=model, train_model=model, optimizer=build_optimizer(model, recipe),
         scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
         criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
-        preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp,
-        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
-        ema=ema, passes=arrangement.passes,
-    )
+        preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp, ema=ema, passes=arrangement.passes,
+        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device))
     if ctx.is_distributed:
         step.ddp = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=rt.ddp_bucket_cap_mb,
@@ -178,13 +152,9 @@ def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
 
 
 class CompiledAtOneBatch(nn.Module):
-    """`module` through torch.compile with static shapes, for inputs of one batch size.
-
-    Static shapes give the fastest kernels (and CUDA graphs need them), but every new input
-    shape compiles again, and with CUDA graphs records another graph. Each crop size of a
-    progressive-resizing recipe compiles once, at `batch` images; inputs of any other size (a
-    training batch short of unreadable images, an evaluation's last batch) run the plain
-    module instead of compiling again, every epoch."""
+    """Static shapes give the fastest kernels (CUDA graphs need them) but every new shape compiles again: each
+    crop size compiles once, at `batch` images; any other batch (short of unreadable images, an evaluation's
+    last) runs the plain module rather than compile again every epoch."""
 
     def __init__(self, module: nn.Module, batch: int, mode: str = "default"):
         super().__init__()
@@ -196,8 +166,7 @@ class CompiledAtOneBatch(nn.Module):
 
 
 def evaluated_models(step: Updater, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
-    """The weights and their EMA as evaluation runs them: through torch.compile at the
-    evaluation loader's batch when runtime.compile_eval (its last, smaller batch runs plain)."""
+    """The weights and their EMA, compiled at the evaluation batch when runtime.compile_eval."""
     ema = step.ema.module if step.ema is not None else None
     if not rt.compile_eval:
         return step.model, ema
@@ -228,73 +197,54 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, preprocess: DevicePreprocess, amp: str,
              progress: Callable = lambda iterable: iterable, keep_logits: bool = False) -> EvalResult:
-    """Evaluate this rank's share of loader.dataset, then gather every rank's predictions.
-
-    Each image is counted exactly once: the gathered dataset indices (evaluated plus
-    unreadable) must be 0..N-1 with no gaps and no repeats, or the evaluation is wrong.
-    """
     was_training = model.training
     model.eval()
-    found = EvalParts(min(5, num_classes), num_classes, keep_logits, preprocess.device)
+    k = min(5, num_classes)
+    indices, topk, targets, logits_kept, unreadable = [], [], [], [], []
+    loss_sum = torch.zeros((), device=preprocess.device, dtype=torch.float64)
     start = time.perf_counter()
     for batch in progress(Batches(loader)):
+        unreadable += batch.unreadable
         for index, reason in batch.unreadable:
             warn_unreadable(loader.dataset.samples[index][0], reason)
-        if len(batch.targets):
-            with autocast(preprocess.device, amp):
-                logits = model(preprocess(batch.images)).float()
-            found.add(batch, logits)
-        else:
-            found.add(batch, None)
+        if not len(batch.targets):
+            continue
+        with autocast(preprocess.device, amp):
+            logits = model(preprocess(batch.images)).float()
+        loss_sum += F.cross_entropy(logits, batch.targets.to(logits.device), reduction="sum").double()
+        topk.append(logits.topk(k, dim=1).indices.cpu())
+        targets.append(batch.targets)
+        indices.append(batch.indices)
+        if keep_logits:
+            logits_kept.append(logits.cpu())
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return found.gather(len(loader.dataset), seconds)
+
+    def cat(values, *shape):
+        return torch.cat(values) if values else torch.empty(0, *shape, dtype=torch.long)
+
+    logits = torch.cat(logits_kept) if logits_kept else torch.empty(0, num_classes)
+    mine = (cat(indices), cat(topk, k), cat(targets), unreadable, logits)
+    return gathered(mine, all_reduce_sum(loss_sum).item(), len(loader.dataset), seconds, keep_logits)
 
 
-class EvalParts:
-    """One rank's share of an evaluation as it goes, and every rank's gathered in dataset order."""
-
-    def __init__(self, k: int, num_classes: int, keep_logits: bool, device: torch.device):
-        self.k, self.num_classes, self.keep_logits = k, num_classes, keep_logits
-        self.indices, self.topk, self.targets, self.logits = [], [], [], []
-        self.unreadable: List[Tuple[int, str]] = []
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-
-    def add(self, batch: Batch, logits: Optional[torch.Tensor]) -> None:
-        self.unreadable += batch.unreadable
-        if logits is None:
-            return
-        self.loss_sum += F.cross_entropy(logits, batch.targets.to(logits.device), reduction="sum").double()
-        self.topk.append(logits.topk(self.k, dim=1).indices.cpu())
-        self.targets.append(batch.targets)
-        self.indices.append(batch.indices)
-        if self.keep_logits:
-            self.logits.append(logits.cpu())
-
-    def gather(self, dataset_size: int, seconds: float) -> EvalResult:
-        """Every rank's share, in dataset order (collectives: all_reduce, all_gather)."""
-        def cat(values, *shape):
-            return torch.cat(values) if values else torch.empty(0, *shape, dtype=torch.long)
-
-        loss_total = all_reduce_sum(self.loss_sum).item()
-        logits = torch.cat(self.logits) if self.logits else torch.empty(0, self.num_classes)
-        gathered = all_gather_objects((cat(self.indices), cat(self.topk, self.k), cat(self.targets),
-                                       self.unreadable, logits))
-        order = torch.cat([g[0] for g in gathered])
-        unreadable = sorted(pair for g in gathered for pair in g[3])
-        every = torch.cat([order, torch.tensor([index for index, _ in unreadable], dtype=torch.long)])
-        if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
-            raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of "
-                               f"{dataset_size} once")
-        ascending = order.argsort()
-        predictions = torch.cat([g[1] for g in gathered])[ascending]
-        targets = torch.cat([g[2] for g in gathered])[ascending]
-        hits = predictions == targets[:, None]
-        evaluated = len(targets)
-        return EvalResult(
-            top1=100.0 * hits[:, 0].double().mean().item() if evaluated else 0.0,
-            top5=100.0 * hits.any(dim=1).double().mean().item() if evaluated else 0.0,
-            loss=loss_total / max(evaluated, 1), images=evaluated, unreadable=unreadable, seconds=seconds,
-            predictions=predictions, targets=targets, indices=order[ascending],
-            logits=torch.cat([g[4] for g in gathered])[ascending] if self.keep_logits else None,
-        )
+def gathered(mine: tuple, loss_total: float, dataset_size: int, seconds: float, keep_logits: bool) -> EvalResult:
+    """Every rank's share in dataset order (an all_gather): the dataset indices (evaluated plus unreadable)
+    must be 0..N-1 with no gaps and no repeats, or the evaluation is wrong."""
+    parts = all_gather_objects(mine)
+    order = torch.cat([g[0] for g in parts])
+    unreadable = sorted(pair for g in parts for pair in g[3])
+    every = torch.cat([order, torch.tensor([index for index, _ in unreadable], dtype=torch.long)])
+    if every.numel() != dataset_size or not torch.equal(every.sort().values, torch.arange(dataset_size)):
+        raise RuntimeError(f"evaluation covered {every.numel()} images with gaps or repeats; expected each of "
+                           f"{dataset_size} once")
+    ascending = order.argsort()
+    predictions = torch.cat([g[1] for g in parts])[ascending]
+    targets = torch.cat([g[2] for g in parts])[ascending]
+    hits = predictions == targets[:, None]
+    evaluated = len(targets)
+    return EvalResult(top1=100.0 * hits[:, 0].double().mean().item() if evaluated else 0.0,
+                      top5=100.0 * hits.any(dim=1).double().mean().item() if evaluated else 0.0,
+                      loss=loss_total / max(evaluated, 1), images=evaluated, unreadable=unreadable, seconds=seconds,
+                      predictions=predictions, targets=targets, indices=order[ascending],
+                      logits=torch.cat([g[4] for g in parts])[ascending] if keep_logits else None)

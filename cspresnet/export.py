@@ -24,20 +24,16 @@ from .weights import load_weights_strict, num_classes_of, trained_data_config
 def export_for_timm(checkpoint_path: Path, out_dir: Path, weights: str = "auto") -> Path:
     """Write out_dir/model.safetensors and out_dir/config.json; returns the weights file."""
     read = read_weights(checkpoint_path, weights)
-    num_classes = num_classes_of(read.state_dict)
     data = trained_data_config(read)
     # Written through timm's own writer, from timm's model, so the files are what timm expects.
-    model = timm.create_model("cspresnet50", pretrained=False, num_classes=num_classes)
+    model = timm.create_model("cspresnet50", pretrained=False, num_classes=num_classes_of(read.state_dict))
     load_weights_strict(model, read.state_dict)
-    classes = read.classes
     model_config = {"pretrained_cfg": {"tag": Path(out_dir).name}}  # not timm's "ra_in1k"
-    if classes:
-        model_config["label_names"] = list(classes)
-    save_for_hf(
-        model, str(out_dir), safe_serialization=True, model_config=model_config,
-        data_config={"input_size": (3, data.eval_img_size, data.eval_img_size), "crop_pct": data.eval_crop_pct,
-                     "interpolation": data.eval_interpolation},
-    )
+    if read.classes:
+        model_config["label_names"] = list(read.classes)
+    save_for_hf(model, str(out_dir), safe_serialization=True, model_config=model_config,
+                data_config={"input_size": (3, data.eval_img_size, data.eval_img_size),
+                             "crop_pct": data.eval_crop_pct, "interpolation": data.eval_interpolation})
     return Path(out_dir) / "model.safetensors"
 
 

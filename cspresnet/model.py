@@ -1,9 +1,7 @@
-"""CSPResNet-50, written out so that it is the same network as timm's `cspresnet50`.
-
-Same module names (so timm's official weights load with strict=True), same layer
-construction order (so the same seed gives the same initial weights), same forward.
-"""
-from typing import List, Sequence
+"""CSPResNet-50, the same network as timm's `cspresnet50`: same module names (so timm's weights load
+with strict=True), same construction order (so a seed gives the same initial weights), same forward."""
+from collections import OrderedDict
+from typing import Sequence
 
 import torch
 from timm.layers import DropPath, calculate_drop_path_rates
@@ -45,10 +43,8 @@ class Bottleneck(nn.Module):
 
 
 class CrossStage(nn.Module):
-    """Expand to 2x channels, run the blocks on one half, merge the halves with a 1x1 conv.
-
-    The first half crossing the stage untouched is the "cross stage partial" idea.
-    """
+    """Expand to 2x channels, run the blocks on one half, merge the halves with a 1x1 conv (the first
+    half crossing the stage untouched is the "cross stage partial" idea)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, drop_path_rates: Sequence[float]):
         super().__init__()
@@ -67,16 +63,6 @@ class CrossStage(nn.Module):
         return self.conv_transition(torch.cat([cross, through], dim=1))
 
 
-class Stem(nn.Module):
-    def __init__(self, in_chs: int):
-        super().__init__()
-        self.conv1 = ConvBnAct(in_chs, STEM_CHANNELS, 7, stride=2)
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.conv1(x))
-
-
 class Head(nn.Module):
     def __init__(self, in_features: int, num_classes: int, drop_rate: float):
         super().__init__()
@@ -93,16 +79,15 @@ class CSPResNet50(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        self.stem = Stem(in_chans)
+        self.stem = nn.Sequential(OrderedDict(conv1=ConvBnAct(in_chans, STEM_CHANNELS, 7, stride=2),
+                                              pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1)))
         # Linear 0 -> drop_path_rate over all 13 blocks, grouped per stage, as timm does.
-        rates: List[List[float]] = calculate_drop_path_rates(drop_path_rate, list(STAGE_DEPTHS), stagewise=True)
-        stages = []
-        in_chs = STEM_CHANNELS
-        for index, (out_chs, stage_rates) in enumerate(zip(STAGE_CHANNELS, rates)):
-            stages.append(CrossStage(in_chs, out_chs, stride=1 if index == 0 else 2, drop_path_rates=stage_rates))
-            in_chs = out_chs
-        self.stages = nn.Sequential(*stages)
-        self.head = Head(in_chs, num_classes, drop_rate)
+        rates = calculate_drop_path_rates(drop_path_rate, list(STAGE_DEPTHS), stagewise=True)
+        inputs = (STEM_CHANNELS, *STAGE_CHANNELS[:-1])
+        self.stages = nn.Sequential(*[CrossStage(in_chs, out_chs, stride=2 if index else 1, drop_path_rates=stage_rates)
+                                      for index, (in_chs, out_chs, stage_rates)
+                                      in enumerate(zip(inputs, STAGE_CHANNELS, rates))])
+        self.head = Head(STAGE_CHANNELS[-1], num_classes, drop_rate)
         self.backbone_frozen = False
         self._init_weights()
 
@@ -122,10 +107,9 @@ class CSPResNet50(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
     def freeze_backbone(self) -> None:
-        """A linear probe: only the classifier learns. The backbone gets no gradients (so an
-        optimizer built afterwards leaves it out) and stays in eval mode while the model
-        trains, so its BatchNorm statistics stay those of the weights loaded and drop-path
-        is off: the classifier learns on exactly the features those weights compute."""
+        """A linear probe. The backbone gets no gradients (an optimizer built afterwards leaves it out) and
+        stays in eval mode (BatchNorm statistics kept, drop-path off): the classifier learns on exactly the
+        features the loaded weights compute."""
         self.backbone_frozen = True
         self.stem.requires_grad_(False)
         self.stages.requires_grad_(False)

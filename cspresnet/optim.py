@@ -11,23 +11,19 @@ from .recipe import Recipe
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> List[dict]:
     """Weight decay on conv and linear weights only, as darknet does; BN and biases are 1-D."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 SGD_KERNELS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD is fused by default (optim.kernel): one kernel for all tensors, and it takes the
-    GradScaler's inf/NaN flag on the device, so a non-finite step is skipped without a host
-    sync. The other kernels, and timm's RMSpropTF, make the GradScaler read that flag on the
-    host once per step."""
+    """Fused SGD (the default optim.kernel) takes the GradScaler's inf/NaN flag on the device, so a
+    non-finite step is skipped without a host sync; the other kernels and RMSpropTF read it on the host."""
     o = recipe.optim
     groups = parameter_groups(model, o.weight_decay, o.decay_norm_and_bias)
     if o.name == "rmsproptf":
@@ -35,9 +31,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     optimizer = torch.optim.SGD(groups, lr=recipe.scaled_lr(), momentum=o.momentum, nesterov=o.nesterov,
                                 **SGD_KERNELS[o.kernel])
     if o.momentum > 0:
-        # Fused SGD allocates the buffers uninitialised on its first step and leaves them so
-        # if that step is skipped (torch 2.14). Zeros give the same first update (buffer = grad),
-        # with every kernel.
+        # Fused SGD allocates the buffers uninitialised on its first step and leaves them so if that step
+        # is skipped (torch 2.14). Zeros give the same first update (buffer = grad), with every kernel.
         for group in optimizer.param_groups:
             for param in group["params"]:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -46,12 +41,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 @dataclass(frozen=True)
 class DarknetPolySchedule:
-    """darknet's burn-in then poly policy, as a pure function of the step number.
-
-    `step` counts optimizer updates from 1, as darknet's batch number does when it sets the
-    rate: update 1 uses base * (1/burn_in)^power; the last update (step == total) uses 0.
-    A pure function of the step is resume-safe by construction.
-    """
+    """darknet's burn-in then poly policy, a pure function of the step (so resume-safe). `step` counts
+    updates from 1, as darknet's batch number: update 1 uses base * (1/burn_in)^power, update `total` 0."""
 
     base_lr: float
     burn_in: int
@@ -70,18 +61,14 @@ class DarknetPolySchedule:
 
 @dataclass(frozen=True)
 class StepSchedule:
-    """timm's StepLRScheduler (warmup_prefix=False, t_in_epochs=False) counted in optimizer
-    steps, as a pure function of the step: a linear warmup from warmup_lr, then a staircase
-    that falls by decay_rate every decay_epochs, counted from step 0 (the warmup only
-    overrides its start).
+    """timm's StepLRScheduler (warmup_prefix=False, t_in_epochs=False) in optimizer steps: a linear warmup
+    from warmup_lr, then a staircase falling by decay_rate every decay_epochs, counted from step 0.
 
-    timm's train.py sets the rate for update `step` (from 1) from t = step - 1 (step_update
-    after each update), and so do we. The arithmetic is timm's, operation for operation, so
-    the rates are equal as floats: the slope is divided before it is multiplied by t, and
-    the staircase floor-divides t by the float decay length. At a t that is a whole multiple
-    of a decay length like 16.8 (2.4 epochs of 7 steps) t / decay_steps can round up to the
-    whole number while t // decay_steps does not: the step falls one update later, as timm's.
-    """
+    Like timm's train.py, update `step` (from 1) gets the rate of t = step - 1. The arithmetic is timm's,
+    operation for operation (the slope divided before it is multiplied by t, t floor-divided by the float
+    decay length), so the rates are equal as floats: at a t that is a whole multiple of a decay length like
+    16.8 (2.4 epochs of 7 steps) t / decay_steps can round up while t // decay_steps does not, and the step
+    falls one update later, as timm's."""
 
     base_lr: float
     steps_per_epoch: int
@@ -107,10 +94,8 @@ class StepSchedule:
 
 @dataclass(frozen=True)
 class LinearSchedule:
-    """FFCV's "cyclic" schedule (ffcv-imagenet train_imagenet.py, get_cyclic_lr): a linear
-    warmup from warmup_lr to the base rate over warmup_epochs, then a straight line down to
-    0 at the end of the run, set per update (FFCV interpolates within each epoch too). As a
-    pure function of the step, like the others; `t = step - 1` updates done before this one."""
+    """FFCV's "cyclic" schedule (ffcv-imagenet train_imagenet.py, get_cyclic_lr): a linear warmup, then
+    a straight line down to 0 at the run's end, per update (FFCV interpolates within epochs too)."""
 
     base_lr: float
     steps_per_epoch: int
@@ -130,19 +115,12 @@ class LinearSchedule:
 
 
 def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
-    s = recipe.schedule
+    s, lr, total = recipe.schedule, recipe.scaled_lr(), recipe.epochs * steps_per_epoch
     if s.name == "step":
-        return StepSchedule(recipe.scaled_lr(), steps_per_epoch, s.warmup_epochs, s.warmup_lr, s.decay_epochs,
-                            s.decay_rate)
+        return StepSchedule(lr, steps_per_epoch, s.warmup_epochs, s.warmup_lr, s.decay_epochs, s.decay_rate)
     if s.name == "linear":
-        return LinearSchedule(recipe.scaled_lr(), steps_per_epoch, s.warmup_epochs, s.warmup_lr,
-                              recipe.epochs * steps_per_epoch)
-    return DarknetPolySchedule(
-        base_lr=recipe.scaled_lr(),
-        burn_in=recipe.burn_in_steps(),
-        total=recipe.epochs * steps_per_epoch,
-        power=recipe.schedule.power,
-    )
+        return LinearSchedule(lr, steps_per_epoch, s.warmup_epochs, s.warmup_lr, total)
+    return DarknetPolySchedule(lr, recipe.burn_in_steps(), total, s.power)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

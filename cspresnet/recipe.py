@@ -1,8 +1,6 @@
-"""Recipes: YAML files read into typed dataclasses, with `base:` extension and overrides.
-
-Every value is checked once, here, so that a typo or an impossible value stops the run
-before any data is read, with a message that names the key and what it allows.
-"""
+"""Recipes: YAML files read into typed dataclasses, with `base:` extension and overrides. Every
+value is checked once, here, so that a typo or an impossible value stops the run before any
+data is read, with a message that names the key and what it allows."""
 import dataclasses
 import math
 import re
@@ -16,8 +14,9 @@ import yaml
 from common.errors import RecipeError
 from common.recipe_fields import KeyName, recipe_key, require, setting
 from data.config import AugmentConfig, DataConfig
+from data.sources import layouts
 
-from .yaml_comments import DuplicateKeyError, load_yaml, load_yaml_with_lines
+from .yaml_comments import DuplicateKeyError, load_yaml_with_lines
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -59,9 +58,8 @@ class OptimConfig:
     lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
     momentum: float = 0.9
     nesterov: bool = setting(False, only_for="sgd")
-    # SGD's kernels: fused (one kernel for every tensor; a skipped step costs no host sync),
-    # foreach (a kernel per operation over lists of tensors) or for-loop (a kernel per tensor).
-    # timm's RMSpropTF has one implementation, a loop over the tensors.
+    # SGD's kernels: fused (one kernel for every tensor; a skipped step costs no host sync), foreach (a
+    # kernel per operation over lists of tensors) or for-loop (a kernel per tensor). RMSpropTF has only a loop.
     kernel: Literal["fused", "foreach", "for-loop"] = setting("fused", only_for="sgd")
     eps: float = setting(1e-3, only_for="rmsproptf")
     alpha: float = setting(0.9, only_for="rmsproptf")  # decay of the squared-gradient average
@@ -87,9 +85,8 @@ class ScheduleConfig:
     # burn_in_iters is counted at reference_batch_size: scaled to keep the same number of images
     burn_in_iters: int = setting(1000, only_for="darknet_poly")
     power: float = setting(4.0, only_for="darknet_poly")
-    # step (timm's StepLRScheduler, per iteration): linear warmup from warmup_lr, then
-    # lr * decay_rate^floor(epochs / decay_epochs); linear (FFCV's "cyclic"): the same warmup,
-    # then down in a straight line to 0 at the run's end
+    # step (timm's StepLRScheduler, per iteration): linear warmup from warmup_lr, then lr * decay_rate^floor(epochs
+    # / decay_epochs); linear (FFCV's "cyclic"): the same warmup, then down in a straight line to 0 at the run's end
     warmup_epochs: float = setting(0.0, only_for=("step", "linear"))
     warmup_lr: float = setting(1e-6, only_for=("step", "linear"))
     decay_epochs: float = setting(2.4, only_for="step")
@@ -119,19 +116,16 @@ class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
     channels_last: bool = True
-    # torch.compile of the training forward pass, with static shapes: one graph per crop size at
-    # the arrangement's images per pass; a pass of another size (a batch short of unreadable
-    # images) runs the plain model instead of compiling again.
+    # torch.compile of the training forward pass, with static shapes: one graph per crop size at the arrangement's
+    # images per pass; a pass of another size (a batch short of unreadable images) runs the plain model uncompiled.
     compile: bool = False
-    # torch.compile's mode: reduce-overhead adds CUDA graphs; max-autotune times kernels (slow to
-    # compile, minutes); max-autotune-no-cudagraphs, both without the graphs
+    # reduce-overhead adds CUDA graphs; max-autotune times kernels (minutes to compile); -no-cudagraphs: without graphs
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_eval: bool = False  # evaluation through torch.compile too (mode as above), at its static batch
     # copy each batch to the GPU on a side stream, one batch ahead, so the copy overlaps the step
     copy_stream: bool = setting(False, affects_results=False)
-    # DistributedDataParallel's options (several processes only): the gradient buckets' size in MB,
-    # gradients kept as views into the buckets (saves a copy and memory), and static_graph (the
-    # same parameters used in every pass, which lets DDP skip its per-pass bookkeeping)
+    # DDP's options (several processes only): the gradient buckets' size in MB, gradients kept as views into the
+    # buckets (saves a copy and memory), static_graph (the same parameters in every pass: DDP skips bookkeeping)
     ddp_bucket_cap_mb: float = setting(25.0, affects_results=False)
     ddp_gradient_as_bucket_view: bool = setting(False, affects_results=False)
     ddp_static_graph: bool = setting(False, affects_results=False)
@@ -172,9 +166,8 @@ class CheckpointConfig:
 class Recipe:
     epochs: int = 80
     batch_size: int = 128  # global, across all processes: the images of one weight update
-    # Images per forward pass per process, which BatchNorm normalises over (without SyncBN);
-    # each update accumulates the gradients of batch_size / (processes x this) passes.
-    # 0: each process's whole share in one pass.
+    # Images per forward pass per process, which BatchNorm normalises over (without SyncBN); each update
+    # accumulates the gradients of batch_size / (processes x this) passes. 0: each process's whole share in one pass.
     micro_batch_size: int = 0
     seed: int = 0
     label_smoothing: float = 0.1
@@ -188,9 +181,8 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def check(self) -> None:
-        """Values that type-check but cannot work: the top-level keys, then each section's
-        (in the order of the keys, so that the first wrong key is the one named), then what
-        crosses sections."""
+        """The top-level keys, then each section's (in key order, so that the first wrong key is the one
+        named), then what crosses sections."""
         key = recipe_key("")
         require(self.epochs >= 1, key("epochs"), ">= 1", self.epochs)
         require(self.batch_size >= 1, key("batch_size"), ">= 1", self.batch_size)
@@ -198,6 +190,8 @@ class Recipe:
                 self.micro_batch_size)  # whether it fits the batch depends on the processes: arrangement.py
         require(self.seed >= 0, key("seed"), ">= 0", self.seed)
         require(0.0 <= self.label_smoothing < 1.0, key("label_smoothing"), "in [0, 1)", self.label_smoothing)
+        require(self.data.layout in layouts(), recipe_key("data")("layout"), "one of " + ", ".join(layouts()),
+                self.data.layout)
         for section in (self.data, self.augment, self.model, self.optim, self.schedule, self.ema, self.runtime,
                         self.checkpoint):
             section.check()
@@ -208,7 +202,6 @@ class Recipe:
                 self.micro_batch_size)
 
     def scaled_lr(self) -> float:
-        """The learning rate actually used at this recipe's global batch."""
         if self.optim.lr_scaling == "none":
             return self.optim.lr
         return self.optim.lr * self.batch_size / self.optim.reference_batch_size
@@ -244,9 +237,8 @@ def keys_that_change_no_result(cls: type = None, prefix: str = "") -> List[str]:
 
 def changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "",
                  defaults: Optional[Dict[str, Any]] = None) -> List[str]:
-    """The keys of two recipe dicts (recipe_to_dict's) that differ and can change the trained
-    weights, as 'key old -> new'; `old` may be from an older version (moved keys followed, a
-    key added since then read as its default)."""
+    """The keys of two recipe_to_dict dicts that differ and can change the trained weights, as 'key old ->
+    new'; `old` may be from an older version (moved keys followed, a key added since read as its default)."""
     old, unaffected, changes = with_moved_keys(old) if not prefix else old, keys_that_change_no_result(), []
     defaults = recipe_to_dict(Recipe()) if defaults is None else defaults
     for key in sorted(set(old) | set(new)):
@@ -277,12 +269,9 @@ def with_moved_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A path that exists, or a bare name looked up in recipes/."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    bundled = RECIPES_DIR / name_or_path
-    if bundled.is_file():
-        return bundled
+    for path in (Path(name_or_path), RECIPES_DIR / name_or_path):
+        if path.is_file():
+            return path
     raise RecipeError(f"recipe '{name_or_path}' not found: not a file, and not in {RECIPES_DIR} "
                       f"(available: {_available()})")
 
@@ -297,8 +286,8 @@ Origin = Tuple[str, str]
 
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...], origins: Dict[str, Origin]) -> Dict[str, Any]:
-    """Read one file and, recursively, the file it extends; child keys win. Records in
-    `origins`, for every dotted key a file sets, the file and the comment beside the key."""
+    """One file and, recursively, the file it extends; child keys win. Records in `origins`, for every
+    dotted key a file sets, the file and the comment beside the key."""
     if path in chain:
         raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
     try:
@@ -315,14 +304,12 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...], origins: Dict[str, Origin]) 
                           f"got {type(raw).__name__}")
     merged: Dict[str, Any] = {}
     if "base" in raw:
-        base_path = _base_path(path, raw.pop("base"), lines.get("base"))
-        merged = _read_yaml(base_path, chain + (path,), origins)
+        merged = _read_yaml(_base_path(path, raw.pop("base"), lines.get("base")), chain + (path,), origins)
     return _merge(merged, raw, origins, lambda key: (path.name, comments.get(key, "")))
 
 
 def _read_text(path: Path) -> str:
-    """The file as text, or a RecipeError: a file in another encoding would otherwise end
-    the run in a UnicodeDecodeError traceback that does not name the file."""
+    """A file in another encoding would otherwise end the run in a traceback that does not name it."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -336,8 +323,7 @@ def _read_text(path: Path) -> str:
 
 
 def _base_path(path: Path, base: Any, line: Optional[int]) -> Path:
-    """The file that `path`'s `base:` names: next to `path`, else as resolve_recipe_path finds
-    it. An empty base is refused rather than read as no base, which would train the defaults."""
+    """An empty base is refused rather than read as no base, which would train the defaults."""
     where = f"{path}, line {line}" if line else str(path)
     if not isinstance(base, str) or not base.strip():
         given = "empty" if base is None or isinstance(base, str) else repr(base)
@@ -352,8 +338,7 @@ def _base_path(path: Path, base: Any, line: Optional[int]) -> Path:
 
 def _merge(base: Dict[str, Any], child: Dict[str, Any], origins: Dict[str, Origin],
            origin_of: Callable[[str], Origin], prefix: str = "") -> Dict[str, Any]:
-    """`child` over `base`: sections merge key by key, any other value replaces. Each value
-    `child` sets is recorded in `origins` under its dotted key, as `origin_of(key)`."""
+    """`child` over `base`: sections merge key by key, any other value replaces (recorded in `origins`)."""
     merged = dict(base)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -385,24 +370,23 @@ def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origi
         raise RecipeError(f"override '{override}': '{dotted}' is not a dotted key like optim.lr")
     _refuse_repeat(given, ".".join(keys), override)
     try:
-        value = load_yaml(text, root=".".join(keys)) if text.strip() else ""
+        value = load_yaml_with_lines(text, root=".".join(keys))[0] if text.strip() else ""
     except yaml.YAMLError:
         value = text
     except DuplicateKeyError as exc:
         raise RecipeError(f"override '{override}': {exc}") from None
     node = raw
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
             raise RecipeError(f"override '{override}': '{key}' is a value, not a section")
-        node = child
     node[keys[-1]] = value
     _record(origins, ".".join(keys), value, lambda key: ("command line", override))
 
 
 def _refuse_repeat(given: Dict[str, str], dotted: str, override: str) -> None:
-    """A key given twice on the command line is refused, as in a file: the last would win
-    silently. So is a key and the section around it: which wins depends on their order."""
+    """An override key given twice is refused, as in a file: the last would win silently. So is a key and
+    the section around it: which wins depends on their order."""
     for earlier_key, earlier in given.items():
         if earlier_key == dotted:
             raise RecipeError(f"override key '{dotted}' is given twice: '{earlier}' and '{override}'; "
@@ -417,8 +401,7 @@ def _refuse_repeat(given: Dict[str, str], dotted: str, override: str) -> None:
 
 def _resolve(name_or_path: str, overrides: Optional[List[str]],
              data_dir: Optional[str]) -> Tuple[Recipe, Dict[str, Origin]]:
-    """The recipe file, the files it extends, the overrides and --data-dir, in that order,
-    checked; and where each value that is not a default came from."""
+    """The recipe file, the files it extends, the overrides, --data-dir, checked; and each value's origin."""
     origins: Dict[str, Origin] = {}
     raw = _read_yaml(resolve_recipe_path(name_or_path).resolve(), (), origins)
     given: Dict[str, str] = {}
@@ -439,30 +422,22 @@ def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_d
 
 
 def describe_recipe(name_or_path: str, overrides: Optional[List[str]] = None, data_dir: Optional[str] = None) -> str:
-    """The resolved recipe as YAML, each value followed by where it came from: the recipe
-    file that set it last and the comment beside it there, the command line, or [default].
-
-        python train.py --recipe cspresnet50_ra.yaml --print-recipe
-    """
+    """The resolved recipe as YAML (--print-recipe), each value followed by where it came from: the
+    recipe file that set it last and the comment beside it there, the command line, or [default]."""
     recipe, origins = _resolve(name_or_path, overrides, data_dir)
-
-    def note(dotted: str) -> str:
-        where, comment = origins.get(dotted, ("default", ""))
-        return f"[command line: {comment}]" if where == "command line" else f"[{where}] {comment}".rstrip()
-
     lines = []
     for key, value in recipe_to_dict(recipe).items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
-            lines += [f"{f'  {sub}: {_inline(v)}':<44} # {note(f'{key}.{sub}')}" for sub, v in value.items()]
+            entries = [(f"  {sub}", f"{key}.{sub}", v) for sub, v in value.items()]
         else:
-            lines.append(f"{f'{key}: {_inline(value)}':<44} # {note(key)}")
+            entries = [(key, key, value)]
+        for name, dotted, v in entries:
+            where, comment = origins.get(dotted, ("default", ""))
+            note = f"[command line: {comment}]" if where == "command line" else f"[{where}] {comment}".rstrip()
+            flow = yaml.safe_dump(v, default_flow_style=True, width=1000).splitlines()[0]  # lists in flow style
+            lines.append(f"{f'{name}: {flow}':<44} # {note}")
     return "\n".join(lines) + "\n"
-
-
-def _inline(value: Any) -> str:
-    """One value as one line of YAML (lists in flow style)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).splitlines()[0]
 
 
 def recipe_from_dict(raw: Dict[str, Any]) -> Recipe:
@@ -473,14 +448,10 @@ def recipe_from_dict(raw: Dict[str, Any]) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return value
+    def with_lists(pairs):  # tuples as lists, as YAML and the checkpoints hold them
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in pairs}
 
-    return plain(dataclasses.asdict(recipe))
+    return dataclasses.asdict(recipe, dict_factory=with_lists)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -491,43 +462,33 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is Literal:
-        values = typing.get_args(kind)
-        return repr(values[0]) if len(values) == 1 else "one of " + ", ".join(repr(v) for v in values)
-    if typing.get_origin(kind) is Union:
-        return " or ".join(_type_name(option) for option in typing.get_args(kind))
-    if typing.get_origin(kind) is tuple:
-        return f"a list of {len(typing.get_args(kind))} numbers"
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(v) for v in args)
+    if origin is Union:
+        return " or ".join(_type_name(option) for option in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
 
 
 def _convert(kind: Any, value: Any, key: str) -> Any:
+    """`value` as the field type `kind` (a section, a Union, Literal, tuple or plain type) takes it."""
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{key}.")
     wrong = RecipeError(f"recipe key '{key}' must be {_type_name(kind)}, got {value!r}")
-    origin = typing.get_origin(kind)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Union:  # the first option that takes the value
-        for option in typing.get_args(kind):
+        for option in args:
             try:
                 return _convert(option, value, key)
             except RecipeError:
                 continue
         raise wrong
-    if origin is Literal:
-        if value not in typing.get_args(kind):
-            raise wrong
-        return value
     if origin is tuple:
-        items = typing.get_args(kind)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise wrong
-        return tuple(_convert(item, v, f"{key}[{i}]") for i, (item, v) in enumerate(zip(items, value)))
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, (item, v) in enumerate(zip(args, value)))
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise wrong
@@ -540,11 +501,15 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
         if not math.isfinite(number):  # .inf, -.inf, .nan, 1e400: no use as a rate, size or probability
             raise RecipeError(f"recipe key '{key}' must be a finite number, got {number!r}")
         return number
-    if kind is str:
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    raise TypeError(f"unsupported recipe field type {kind} for '{key}'")
+    if origin is Literal:
+        fits = value in args
+    elif kind in (bool, int, str):
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # True is an int too
+    else:
+        raise TypeError(f"unsupported recipe field type {kind} for '{key}'")
+    if not fits:
+        raise wrong
+    return value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -554,20 +519,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
-    if f"{prefix}{unknown[0] if unknown else ''}" in MOVED_KEYS:
+    if unknown and f"{prefix}{unknown[0]}" in MOVED_KEYS:
         raise RecipeError(f"recipe key '{prefix}{unknown[0]}' is now '{MOVED_KEYS[prefix + unknown[0]]}': rename it")
     if unknown:
-        raise RecipeError(
-            f"unknown recipe key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(names)}"
-        )
-    values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], f"{prefix}{name}.")
-        else:
-            values[name] = _convert(kind, raw[name], f"{prefix}{name}")
-    return cls(**values)
-
+        raise RecipeError(f"unknown recipe key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(names)}")
+    return cls(**{name: _convert(hints[name], raw[name], prefix + name) for name in names if name in raw})

@@ -1,5 +1,4 @@
-"""What validate.py reports beyond top-1/top-5: ImageNet-ReaL accuracy and a row in the
-style of timm's results-imagenet.csv."""
+"""What validate.py reports beyond top-1/top-5: ImageNet-ReaL accuracy, a row of timm's results-imagenet.csv."""
 import csv
 import json
 import os
@@ -16,8 +15,8 @@ TIMM_RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_
 
 
 def load_real_labels() -> List[List[int]]:
-    """ImageNet-ReaL (Beyer et al. 2020) as timm ships it: entry i lists the acceptable
-    classes of ILSVRC2012_val_{i+1:08d}.JPEG, empty where the raters found none."""
+    """ImageNet-ReaL (Beyer et al. 2020) as timm ships it: the acceptable classes of
+    ILSVRC2012_val_{i+1:08d}.JPEG, empty where the raters found none."""
     return json.loads(pkgutil.get_data("timm.data", "_info/imagenet_real_labels.json").decode("utf-8"))
 
 
@@ -29,7 +28,8 @@ def real_accuracy(predictions: torch.Tensor, paths: Sequence[str],
     for predicted, path in zip(predictions.tolist(), paths):
         match = VAL_NAME.match(os.path.basename(path))
         if not match:
-            raise ValueError(f"--real-labels needs ImageNet's validation file names (ILSVRC2012_val_*.JPEG), got {path}")
+            raise ValueError(f"--real-labels needs ImageNet's validation file names (ILSVRC2012_val_*.JPEG), "
+                             f"got {path}")
         labels = real_labels[int(match.group(1)) - 1]
         if labels:
             top1.append(predicted[0] in labels)
@@ -40,8 +40,7 @@ def real_accuracy(predictions: torch.Tensor, paths: Sequence[str],
 
 
 def timm_results_row(name: str, result, param_count: int, settings) -> Dict[str, object]:
-    """A row of timm's results-imagenet.csv: `result` is validate's EvalResult, `settings` its
-    data section (the evaluation transform)."""
+    """`result`: validate's EvalResult; `settings`: its data section (the evaluation transform)."""
     top1, top5 = result.top1, result.top5
     return {"model": name, "top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
             "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2),
@@ -50,9 +49,8 @@ def timm_results_row(name: str, result, param_count: int, settings) -> Dict[str,
 
 
 def append_csv_row(path: Path, row: Dict[str, object]) -> None:
-    """One row under the file's own header (the row's keys when the file is new or empty); a
-    row with a column the header lacks is refused, since appending it would shift every
-    later column of that line."""
+    """Under the file's own header (or the row's keys); a row with a column the header lacks is refused,
+    since it would shift every later column of that line."""
     header = None
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as handle:

@@ -1,7 +1,6 @@
-"""A run folder belongs to one run: a lock held for the run's life, no start on top of
-another run's files, a status line for requeue scripts, the record of which recipe trained
-which steps, and its checkpoints, kept and pruned without ever losing the last good one.
-Only rank 0 touches the folder; the other ranks follow its decisions."""
+"""A run folder belongs to one run: a lock for the run's life, no start on top of another run's files,
+a status line for requeue scripts, which recipe trained which steps, and checkpoints pruned without
+ever losing the last good one. Only rank 0 touches it; the other ranks follow its decisions."""
 import contextlib
 import datetime
 import fcntl
@@ -33,25 +32,17 @@ OTHER_RUN_FILES = ("recipe.yaml", SEGMENTS_FILE, STATUS_FILE)
 
 
 class CheckpointFolder:
-    """A run folder's checkpoints: step-<N>.pt files, with last.pt and best.pt as links.
-
-    Every save writes step-<N>.pt whole, then points last.pt (and best.pt for a new best) at
-    it, then deletes step files beyond the newest `keep_last`. A full disk skips the save with
-    a message and deletes nothing, so training goes on and the previous checkpoints stay good.
-    """
+    """step-<N>.pt files, written whole, then linked as last.pt (and best.pt), then the oldest beyond
+    `keep_last` deleted. A full disk skips the save and deletes nothing: the previous checkpoints stay good."""
 
     def __init__(self, folder: Path, keep_last: int):
-        self.folder = Path(folder)
-        self.keep_last = keep_last
+        self.folder, self.keep_last = Path(folder), keep_last
 
     def step_files(self) -> List[Tuple[int, Path]]:
-        found = []
-        if self.folder.is_dir():
-            for path in self.folder.iterdir():
-                match = STEP_FILE.match(path.name)
-                if match:
-                    found.append((int(match.group(1)), path))
-        return sorted(found)
+        if not self.folder.is_dir():
+            return []
+        matches = [STEP_FILE.match(path.name) for path in self.folder.iterdir()]
+        return sorted((int(match.group(1)), self.folder / match.group(0)) for match in matches if match)
 
     def remove_partial_files(self) -> None:
         """What a kill during a save leaves: temporary files, never complete."""
@@ -79,8 +70,7 @@ class CheckpointFolder:
         return path
 
     def link(self, source: Path, name: str) -> None:
-        """Make `name` the same file as `source` in one atomic rename (a hard link, or a copy
-        where the filesystem has no hard links)."""
+        """`name` becomes `source` in one atomic rename (a hard link, or a copy where there are none)."""
         tmp = self.folder / f".{name}.link.tmp"
         tmp.unlink(missing_ok=True)
         try:
@@ -92,23 +82,18 @@ class CheckpointFolder:
         os.replace(tmp, self.folder / name)
 
     def newest_loadable(self, read: Callable[[Path], T] = load_checkpoint) -> Optional[Tuple[Path, T]]:
-        """last.pt, or else the newest step file, that `read` accepts (it raises
-        CheckpointError for one it cannot use: junk, or not a training checkpoint); None
-        when there is none."""
-        candidates = [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]
-        for path in candidates:
-            if not path.is_file():
-                continue
-            try:
-                return path, read(path)
-            except CheckpointError as exc:
-                log.warning("skipping unreadable checkpoint: %s", exc)
+        """last.pt, or else the newest step file, that `read` accepts (it raises CheckpointError otherwise)."""
+        for path in [self.folder / "last.pt"] + [path for _, path in reversed(self.step_files())]:
+            if path.is_file():
+                try:
+                    return path, read(path)
+                except CheckpointError as exc:
+                    log.warning("skipping unreadable checkpoint: %s", exc)
         return None
 
 
 def unless_disk_full(write: Callable[[], object], what: str) -> None:
-    """For the run folder's small files: a full disk costs that write and a warning, not the
-    run (the checkpoints hold what they record)."""
+    """For the small files: a full disk costs the write and a warning, not the run (the checkpoints hold it)."""
     try:
         write()
     except OSError as exc:
@@ -118,7 +103,6 @@ def unless_disk_full(write: Callable[[], object], what: str) -> None:
 
 
 def run_files(folder: Path) -> List[str]:
-    """The names of the files in `folder` that belong to a run."""
     if not folder.is_dir():
         return []
     return sorted(path.name for path in folder.iterdir()
@@ -140,9 +124,8 @@ class RunFolder:
         self.resumed: Optional[Tuple[Path, TrainingCheckpoint]] = None  # the checkpoint the run goes on from
 
     def lock(self) -> None:
-        """Hold the folder for this process's life. A POSIX record lock: the kernel drops it
-        when the process dies however it dies, forked loader workers do not inherit it, and
-        it works across hosts on NFS. A second job on the folder is refused, naming the holder."""
+        """A POSIX record lock: the kernel drops it however the process dies, forked loader workers do not
+        inherit it, and it works across hosts on NFS. A second job on the folder is refused, naming the holder."""
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--output {self.path} is a file, not a folder")
         try:
@@ -164,8 +147,7 @@ class RunFolder:
 
     @contextlib.contextmanager
     def released_at_exit(self) -> Iterator[None]:
-        """The lock goes when the process does; a caller that goes on (a test, a notebook)
-        must let it go itself."""
+        """The lock goes when the process does; a caller that goes on (a test, a notebook) lets it go here."""
         try:
             yield
         finally:
@@ -175,17 +157,21 @@ class RunFolder:
 
     @contextlib.contextmanager
     def failure_recorded(self, enabled: bool) -> Iterator[None]:
-        """Any error that ends the run leaves 'failed: ...' in the status file (rank 0)."""
+        """An error that ends the run leaves 'failed: <its last line>' in the status of a folder that holds a
+        run (a start that failed before it wrote anything leaves it for the corrected command)."""
         try:
             yield
         except BaseException as exc:
-            if enabled:
-                self.record_failure(exc)
+            if enabled and run_files(self.path):
+                last_line = (str(exc).strip().splitlines() or ["no message"])[-1]
+                try:
+                    self.set_status(f"failed: {type(exc).__name__}: {last_line}")
+                except OSError as status_error:  # a read-only folder: the first error is the one to tell
+                    log.warning("status not written: %s", status_error)
             raise
 
     def choose_start(self, resume: Optional[str]) -> Optional[Tuple[Path, TrainingCheckpoint]]:
-        """(path, state) of the checkpoint to continue from, or None to start the run; refuses
-        anything that would put a new run on top of another run's files."""
+        """The checkpoint to continue from, or None to start; refuses a new run on top of another run's files."""
         found = run_files(self.path)
         if resume is None:
             if found and found != [STATUS_FILE]:  # a status alone: a start stopped before it trained
@@ -217,8 +203,7 @@ class RunFolder:
 
     def record_start(self, recipe: Dict[str, Any], recipe_yaml: str, world_size: int, notes: List[str],
                      trains: bool) -> None:
-        """Rank 0's record of a start or a resume: recipe.yaml, the resolved recipe the run
-        started with (a resume never rewrites it); a segment and the status, if it trains."""
+        """recipe.yaml is the resolved recipe the run started with (a resume never rewrites it)."""
         step = self.resumed[1].position.step if self.resumed else 0
         if self.resumed is None:
             unless_disk_full(lambda: write_atomically(self.path / "recipe.yaml", recipe_yaml), "recipe.yaml")
@@ -227,9 +212,7 @@ class RunFolder:
             self.set_status(f"running from step {step}")
 
     def set_status(self, text: str) -> None:
-        """One line: 'running from step N', 'preempted at step N', 'done at step N' or
-        'failed: ...'. Written atomically; on a full disk, over the old line in its place (no
-        new block needed while it fits), so that it does not go on claiming an old state."""
+        """Atomic; on a full disk over the old line in its place, so that it does not go on claiming an old state."""
         line = text.replace("\n", " ") + "\n"
         try:
             write_atomically(self.path / STATUS_FILE, line)
@@ -239,8 +222,7 @@ class RunFolder:
             unless_disk_full(lambda: self.overwrite_status(line), f"status '{text}'")
 
     def overwrite_status(self, line: str) -> None:
-        """Over the old status's bytes: on a full disk this needs no new block as long as the
-        line fits the file's last one (not atomic; for this one line only)."""
+        """Needs no new block on a full disk while the line fits the file's last one (not atomic)."""
         fd = os.open(self.path / STATUS_FILE, os.O_WRONLY)
         try:
             data = line.encode()
@@ -249,22 +231,7 @@ class RunFolder:
         finally:
             os.close(fd)
 
-    def record_failure(self, exc: BaseException) -> None:
-        """'failed: <the error's last line>', in a folder that holds a run. A start that failed
-        before it wrote anything (a typo in --data-dir) leaves the folder as it found it, for
-        the corrected command; and a folder that cannot take even that (read-only) keeps
-        the first error as the one to tell."""
-        if not run_files(self.path):
-            return
-        last_line = (str(exc).strip().splitlines() or ["no message"])[-1]
-        try:
-            self.set_status(f"failed: {type(exc).__name__}: {last_line}")
-        except OSError as status_error:
-            log.warning("status not written: %s", status_error)
-
     def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str]) -> None:
-        """Append this segment of training (who, when, from which step, with which recipe)
-        to segments.jsonl; a run's recipe.yaml is its first segment's and is never rewritten."""
         record = dict(start_step=start_step, started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       host=socket.gethostname(), world_size=world_size,
                       resumed_from=str(self.resumed[0]) if self.resumed else None,

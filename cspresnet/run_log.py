@@ -1,5 +1,4 @@
-"""What a run reports: TensorBoard scalars, summary.csv (a row per epoch) and console lines.
-Only the main rank writes; the others get a RunLog that does nothing."""
+"""TensorBoard scalars, summary.csv (a row per epoch) and console lines; only the main rank writes."""
 import csv
 import io
 import logging
@@ -17,9 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def quiet_tensorboard_threads() -> None:
-    """TensorBoard writes its events from a thread of its own, which dies of a full disk with
-    a traceback on stderr; the writer then raises the same error at its next call, where
-    RunLog warns in one line and carries on. The thread's traceback is left out."""
+    """TensorBoard's writer thread dies of a full disk with a traceback on stderr, which is left out: the
+    writer raises the same error at its next call, where RunLog warns in one line and carries on."""
     previous = threading.excepthook
     if getattr(previous, "quiets_tensorboard", False):
         return
@@ -34,11 +32,10 @@ def quiet_tensorboard_threads() -> None:
 
 class RunLog:
     def __init__(self, output_dir: Path, enabled: bool, start_step: int = 0, rows: Optional[List[Dict]] = None):
-        """A run that starts at `start_step` drops TensorBoard events after it and rewrites
-        summary.csv from the checkpoint's rows: the logs then read as if it never stopped."""
+        """A resume drops TensorBoard events after `start_step` and rewrites summary.csv from the checkpoint's
+        rows: the logs then read as if it never stopped."""
         quiet_tensorboard_threads()
-        self.enabled = enabled
-        self.output_dir = Path(output_dir)
+        self.enabled, self.output_dir = enabled, Path(output_dir)
         self.csv_path = self.output_dir / "summary.csv"
         self.writer: Optional[SummaryWriter] = None
         self.purge_step: Optional[int] = start_step + 1
@@ -47,8 +44,7 @@ class RunLog:
             self._tensorboard(lambda writer: None)
 
     def _tensorboard(self, write: Callable[[SummaryWriter], None]) -> None:
-        """TensorBoard's writer dies with its first failed write. On a full disk it is dropped
-        with a warning, and made anew (a new event file) at the next epoch's end."""
+        """The writer dies with its first failed write: on a full disk it is made anew at the next epoch's end."""
         try:
             if self.writer is None:
                 self.writer = SummaryWriter(str(self.output_dir), purge_step=self.purge_step)
@@ -65,48 +61,39 @@ class RunLog:
             except (OSError, RuntimeError):
                 pass  # its thread has already failed on the same full disk
 
+    def _scalars(self, values: Dict[str, float], step: int, flush: bool = False) -> None:
+        def write(writer: SummaryWriter) -> None:
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, step)
+            if flush:
+                writer.flush()
+
+        self._tensorboard(write)
+
     def step(self, step: int, loss: float, lr: float) -> None:
         if not self.enabled:
             return
         if self.writer is not None:
-            def write(writer: SummaryWriter) -> None:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", lr, step)
-
-            self._tensorboard(write)
+            self._scalars({"train/loss": loss, "train/lr": lr}, step)
         log.info("step %d loss %.4f lr %.6g", step, loss, lr)
 
     def epoch(self, rows: List[Dict[str, float]]) -> None:
-        """summary.csv written anew with every row (a few hundred lines at most: a rewrite
-        keeps one header for rows written by older versions too), the last row mirrored to
-        TensorBoard and printed."""
+        """summary.csv written anew (a few hundred lines at most; one header for older versions' rows too)."""
         if not self.enabled:
             return
         row = rows[-1]
         unless_disk_full(lambda: write_csv(self.csv_path, rows), f"summary.csv row of epoch {row['epoch']}")
-
-        def write(writer: SummaryWriter) -> None:
-            step = int(row["step"])  # one x-axis for everything, so a resume can purge by step
-            for key, value in row.items():
-                if key != "step":
-                    writer.add_scalar(f"epoch/{key}", value, step)
-            writer.flush()
-
-        self._tensorboard(write)
-        log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+        # one x-axis for everything, so that a resume can purge by step
+        self._scalars({f"epoch/{k}": v for k, v in row.items() if k != "step"}, int(row["step"]), flush=True)
+        log.info(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def close(self) -> None:
         if self.writer is not None:
             self._tensorboard(lambda writer: writer.close())
 
 
-def _fmt(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
-    """All rows at once, whole or not at all, under every column any row has (in the order
-    they first appear; a row without one leaves it empty); no rows: no file."""
+    """Whole or not at all, under every column any row has (in order of appearance); no rows: no file."""
     if not rows:
         Path(path).unlink(missing_ok=True)
         return

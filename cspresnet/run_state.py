@@ -1,6 +1,5 @@
-"""Where a run is, and what each rank has counted: everything a checkpoint holds besides the
-weights, the optimizer and the recipe. A resumed run loads it and goes on as if it had never
-stopped, down to every rank's random generators."""
+"""Where a run is and what each rank has counted: all a checkpoint holds besides the weights, the
+optimizer and the recipe, down to every rank's random generators, so that a resume is exact."""
 import random
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -27,25 +26,20 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
-@dataclass
 class EpochTotals:
-    """This rank's running sums for the current epoch, kept on the device so that no step
-    waits for them."""
+    """This rank's running sums for the current epoch, kept on the device so that no step waits for them."""
 
-    device: torch.device
-    sums: torch.Tensor = None  # [loss x images, images with a finite loss, non-finite steps]
-    streak: torch.Tensor = None  # current run of non-finite losses
-    max_streak: torch.Tensor = None  # longest run since the last check
-    window: torch.Tensor = None  # [loss sum, steps] since the last log line
-    images: int = 0  # images trained on (decodable ones)
-
-    def __post_init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
         zeros = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
-        self.sums, self.streak, self.max_streak, self.window = zeros(3), zeros(()), zeros(()), zeros(2)
-        self.images = 0
+        self.sums = zeros(3)  # [loss x images, images with a finite loss, non-finite steps]
+        self.streak = zeros(())  # current run of non-finite losses
+        self.max_streak = zeros(())  # longest run since the last check
+        self.window = zeros(2)  # [loss sum, steps] since the last log line
+        self.images = 0  # images trained on (decodable ones)
 
     def add(self, loss: torch.Tensor, batch_size: int) -> None:
         loss = loss.detach().double()
@@ -58,17 +52,10 @@ class EpochTotals:
         self.images += batch_size
 
     def read_window_loss(self) -> float:
-        """Mean loss of this rank since the last call (waits for the device)."""
+        """Waits for the device."""
         loss_sum, steps = self.window.tolist()
         self.window.zero_()
         return loss_sum / steps if steps else float("nan")
-
-    def longest_nonfinite_streak(self) -> int:
-        """Over all ranks (a collective)."""
-        longest = self.max_streak.clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
-        return int(longest.item())
 
     def finish_epoch(self, seconds: float) -> EpochStats:
         """The epoch's figures over all ranks (a collective); starts the next epoch's sums."""
@@ -96,31 +83,24 @@ class EpochTotals:
 
 @dataclass
 class RunState(Position):
-    """Where the run is (Position: the same on every rank, what a checkpoint saves of it),
-    and what each rank has counted: its epoch totals, the unreadable files it has seen and
-    its random generators, gathered from every rank when a checkpoint is written (`per_rank`)."""
-
+    """Where the run is (Position, the same on every rank), and what each rank has counted (totals,
+    unreadable files, random generators), gathered from every rank into a checkpoint's `per_rank`."""
     totals: Optional[EpochTotals] = None
     unreadable: Optional[UnreadableImages] = None
     saved_step: int = -1  # this process's knowledge: the newest checkpoint written (-1: none); not saved
-    # fingerprints of the training and evaluation sets, once per run (8 s at ImageNet's size)
-    datasets: Tuple[str, str] = ("", "")
+    datasets: Tuple[str, str] = ("", "")  # training and evaluation sets' fingerprints (8 s at ImageNet's size)
 
     def schedule_step(self, steps_per_epoch: int) -> int:
-        """The update the learning rate is set for: the next one, counted at today's global
-        batch. It is `step + 1` unless a resume changed the batch: then `step` counts updates
-        at the old batch, and the schedule, whose length is counted at the new one, must go
-        on from the images already trained, not from the count of old updates."""
+        """The next update, counted at today's global batch: `step + 1` unless a resume changed the batch;
+        then the schedule (counted at the new batch) goes on from the images trained, not the old updates."""
         return self.epoch * steps_per_epoch + self.step_in_epoch + 1
 
     def rank_state_dict(self) -> Dict[str, Any]:
-        """This rank's entry of the checkpoint's per_rank list."""
         return dict(rng=capture_rng(self.totals.device), totals=self.totals.state_dict(),
                     unreadable=self.unreadable.state_dict())
 
     def load(self, checkpoint: TrainingCheckpoint, rank: int, world_size: int, seed: int) -> Optional[str]:
-        """Back to where the checkpoint was, this rank's own part included; on another number
-        of processes than saved it, the reason why the rest will not be exactly the same."""
+        """On another number of processes than saved it: the reason why the rest will not be exactly the same."""
         vars(self).update(vars(checkpoint.position))
         self.saved_step = checkpoint.position.step  # the checkpoint resumed from
         if checkpoint.world_size == world_size:
@@ -138,7 +118,10 @@ class RunState(Position):
 
     def check_numerics(self, max_nonfinite_steps: int) -> None:
         """Stop when any rank saw too many non-finite losses in a row (a collective)."""
-        longest = self.totals.longest_nonfinite_streak()
+        streak = self.totals.max_streak.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(streak, op=torch.distributed.ReduceOp.MAX)
+        longest = int(streak.item())
         if longest >= max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"the loss was not finite for {longest} steps in a row (up to step {self.step}); those steps were "
@@ -147,14 +130,11 @@ class RunState(Position):
 
 
 def capture_rng(device: torch.device) -> Dict[str, Any]:
-    """This process's generators, as tensors and plain data (loadable with weights_only)."""
+    """As tensors and plain data (loadable with weights_only)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-    }
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                       "has_gauss": has_gauss, "cached_gaussian": cached}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state

@@ -1,15 +1,10 @@
-"""How a training process stops. The first SIGTERM or SIGINT (preemption, scancel, Ctrl-C)
-lets the step finish, a checkpoint be saved and the process exit 75. More SIGTERMs change
-nothing: a scheduler delivers the same stop several times (SLURM signals every process of
-the job, and torchrun forwards its own copy to each rank). Only a person's second Ctrl-C
-(a SIGINT that comes more than REPEAT_WINDOW_S after the first signal), or no exit within
-runtime.stop_timeout_s, ends the process at once without saving. Whichever way it ends,
-its loader workers end with it.
-
-Before training begins (indexing the data, which can take minutes, building the model)
-there is nothing to save: a stop then ends the start at once (StartInterrupted), and the
-process exits 75 as after a save, for the requeue script. train.py records a signal that
-comes even earlier, while Python imports torch (`early_signals`)."""
+"""How a training process stops. The first SIGTERM or SIGINT (preemption, scancel, Ctrl-C) lets the step
+finish, a checkpoint be saved and the process exit 75. More SIGTERMs change nothing: a scheduler delivers
+the same stop several times (SLURM signals every process, torchrun forwards its own copy). A second Ctrl-C
+(a SIGINT more than REPEAT_WINDOW_S after the first), or no exit within runtime.stop_timeout_s, ends the
+process and its loader workers at once, unsaved. Before training begins there is nothing to save: a stop
+ends the start at once (StartInterrupted), exit 75. train.py records signals that come during its imports."""
+import contextlib
 import os
 import select
 import signal
@@ -24,30 +19,23 @@ from .distributed import all_reduce_sum
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerun with --resume auto
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# A SIGINT this soon after the first stop signal is the same stop delivered twice (a
-# scheduler's copy and torchrun's), not a person pressing Ctrl-C again.
+# A SIGINT this soon after the first stop signal is the same stop delivered twice, not a second Ctrl-C.
 REPEAT_WINDOW_S = 0.5
 
 
 class StartInterrupted(Exception):
-    """A stop signal before training began: nothing to save, the start ends here."""
+    """A stop signal before training began: nothing to save."""
 
 
 class StopRequest:
-    """Remembers the first stop signal, for the training loop to act on at a step's end.
+    """The first stop signal, acted on at a step's end. Python runs handlers only in the main thread between
+    bytecodes, never reached in a collective whose peer is gone; so a watchdog thread reads the signals from
+    the wakeup fd (written by CPython's C-level handler) and keeps the time limit."""
 
-    Python runs signal handlers only in the main thread between bytecodes, so a process
-    blocked in a collective whose peer is gone would never see a signal there. CPython's
-    C-level handler also writes each signal's number to the wakeup fd at once; a watchdog
-    thread reads it from there, so that it counts signals and keeps the time limit
-    whatever the main thread is doing.
-    """
-
-    def __init__(self, timeout_s: float, on_give_up: Callable[[str], None] = lambda reason: None,
-                 early_signals: Optional[List[int]] = None):
+    def __init__(self, timeout_s: float, early_signals: Optional[List[int]] = None):
         self.signal_name: Optional[str] = None
         self.timeout_s = timeout_s
-        self.on_give_up = on_give_up  # e.g. writes the run's status; called by the watchdog before it exits
+        self.on_give_up: Callable[[str], None] = lambda reason: None  # the caller's (the run's status), before exit
         self.starting = True  # until the run trains: a stop raises StartInterrupted once armed (arm_start)
         self._armed = False
         read_end, self._write_end = os.pipe()
@@ -68,15 +56,14 @@ class StopRequest:
             raise StartInterrupted(signal.Signals(signum).name)
 
     def arm_start(self) -> None:
-        """From now until training begins, a stop ends the start at once (also one that came
-        before): call it once the run folder says where the run stands."""
+        """Until training begins a stop (also an earlier one) ends the start; call it once the run stands."""
         self._armed = True
         if self._pending and self.starting:
             self.starting = False
             raise StartInterrupted(self._pending)
 
     def training(self) -> None:
-        """The run trains from here: a stop is acted on at a step's end, after a save."""
+        """From here a stop is acted on at a step's end, after a save."""
         self.starting = False
 
     def __enter__(self) -> "StopRequest":
@@ -99,16 +86,14 @@ class StopRequest:
         while True:
             wait = None if first is None else max(0.0, first + self.timeout_s - time.monotonic())
             if not select.select([read_end], [], [], wait)[0]:
-                self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of {self.signal_name}",
-                              signal.Signals[self.signal_name])
+                self._give_up(f"it did not stop within runtime.stop_timeout_s={self.timeout_s:g} s of "
+                              f"{self.signal_name}", signal.Signals[self.signal_name])
             received = os.read(read_end, 64)
             if not received:  # closed: the run is over
                 os.close(read_end)
                 return
             for signum in received:  # every signal with a Python handler lands here: keep ours
-                if signum not in STOP_SIGNALS:
-                    continue
-                if first is None:
+                if signum in STOP_SIGNALS and first is None:
                     self.signal_name, first = signal.Signals(signum).name, time.monotonic()
                 elif signum == signal.SIGINT and time.monotonic() - first > REPEAT_WINDOW_S:
                     self._give_up("a second Ctrl-C (SIGINT)", signal.SIGINT)
@@ -117,8 +102,6 @@ class StopRequest:
         code = 128 + signum.value
         message = f"ending without saving: {reason}; the last checkpoint stays as it was (exit code {code})"
         os.write(sys.stderr.fileno(), f"error: {message}\n".encode())
-        try:
+        with contextlib.suppress(Exception):  # nothing may stop this exit
             self.on_give_up(message)
-        except Exception:  # noqa: BLE001  (nothing may stop this exit)
-            pass
         os._exit(code)  # the kernel ends the loader workers with it (WorkerSignals: parent-death signal)

@@ -1,12 +1,7 @@
-"""SyncBatchNorm over groups of processes: BatchNorm statistics pooled over the group's
-images, so that 8 GPUs with 16 images each can normalise over pairs = 32, as darknet did.
-
-The state dict keeps BatchNorm's keys, so checkpoints, validate.py and the timm export do
-not change. On GPUs this is torch's SyncBatchNorm. It refuses CPU tensors, so on a CPU
-(gloo: the tests, a CPU cluster) the same statistics come from differentiable all-reduces
-of per-channel sums, whose backward all-reduces the gradients of those sums as torch's
-does.
-"""
+"""SyncBatchNorm over groups of processes, so that 8 GPUs with 16 images each can normalise over pairs
+= 32, as darknet did. The state dict keeps BatchNorm's keys (checkpoints and exports do not change).
+On GPUs this is torch's SyncBatchNorm, which refuses CPU tensors: on a CPU (gloo: the tests, a CPU
+cluster) differentiable all-reduces of per-channel sums give the same statistics and gradients."""
 from typing import Optional
 
 import torch
@@ -51,8 +46,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         return super().forward(input)
 
     def pooled_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Training-mode BatchNorm over every image of the process group, two passes over
-        the data (mean, then the centred squares) for float accuracy."""
+        """Two passes over the data (mean, then the centred squares) for float accuracy."""
         group = self.process_group or dist.group.WORLD
         factor = self.momentum
         if self.track_running_stats:
@@ -78,12 +72,9 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
 
 
 def convert_to_sync_bn(model: nn.Module, group_size: int, world_size: int, device: torch.device) -> nn.Module:
-    """Every BatchNorm of `model` as a SyncBatchNorm over this process's group of
-    `group_size` consecutive ranks (all ranks must call this together: each creates every
-    group). The same parameters and buffers, so an optimizer built before still holds them."""
-    group: Optional[dist.ProcessGroup] = None  # the whole world
-    if group_size != world_size:
-        group, _ = dist.new_subgroups(group_size)
+    """Every BatchNorm as a SyncBatchNorm over this process's group of `group_size` consecutive ranks
+    (all ranks call this together: each creates every group), keeping the parameters and buffers."""
+    group = dist.new_subgroups(group_size)[0] if group_size != world_size else None  # None: the whole world
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
     return to_cpu_sync_bn(model, group)

@@ -1,30 +1,13 @@
-"""A training state, top to bottom: one TrainingRun owns it.
-
-    train()                    arrange the batch (an impossible cut stops here); the run folder:
-                               rank 0 locks it and picks the checkpoint, every rank follows
-      TrainingRun(...)         the data, the step (model, SyncBN, optimizer, schedule, DDP, compile),
-                               the initial weights on a fresh start, the checkpoint on a resume;
-                               rank 0 records the start and says what runs
-      .train()                 under the stop watchdog; how the run ends (status)
-        .train_epochs()        for each remaining epoch:
-          .train_epoch()         steps to the epoch's end; on a signal: checkpoint, exit 75
-          .save()                the epoch's training, before its evaluation
-          .evaluate()            the weights, and their EMA
-          .save(is_best)         step-<N>.pt, last.pt, best.pt
-
-engine.py holds what this loop and validate.py share: Updater (one optimizer update) and
-evaluate. This module alone knows the run folder, the log and the stop protocol.
+"""A training run: train() claims the run folder, TrainingRun(...) builds the data and the step and
+restores the checkpoint, .train() runs each remaining epoch (train_epoch, save, evaluate, save(is_best))
+under the stop watchdog. This module alone knows the run folder, the log and the stop protocol.
 
 Every rank must reach these collectives in the same order, or the job hangs until
-runtime.collective_timeout_s: the decision in claim_run_folder (all_gather) and the barrier
-after loading the checkpoint; DDP's buffer broadcast in every forward pass and its gradient
-all-reduce in the last backward pass of every update; with SyncBatchNorm, all-reduces in
-every BatchNorm's forward and backward (within its group); every runtime.log_interval steps
-the non-finite check (all_reduce MAX) and the stop agreement (all_reduce); in every save two
-all_gathers (per-rank state, whether it was written); at each epoch's end the totals
-(all_reduce), each evaluation (all_reduce, all_gather) and the unreadable count (all_reduce).
-Everything that decides whether to call one of them is the same on every rank (step
-numbers, agreed flags), never rank-local.
+runtime.collective_timeout_s: claim_run_folder's all_gather and barrier; DDP's buffer broadcast in
+every forward and gradient all-reduce in each update's last backward; SyncBatchNorm's all-reduces;
+every runtime.log_interval steps the non-finite check (all_reduce MAX) and the stop agreement; two
+all_gathers in every save; at each epoch's end the totals, each evaluation and the unreadable count.
+Whatever decides whether to call one is the same on every rank (step numbers, agreed flags).
 """
 import dataclasses
 import itertools
@@ -68,14 +51,13 @@ Resumed = Optional[Tuple[Path, TrainingCheckpoint]]  # the checkpoint to continu
 
 def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] = None,
           early_signals: Optional[List[int]] = None) -> int:
-    """Train; returns the process exit code: 0, or EXIT_PREEMPTED after a stop signal (also
-    one during the start, where there is nothing to save). `early_signals`: stop signals
-    that came before this call (train.py records them while Python imports)."""
+    """Returns the exit code: 0, or EXIT_PREEMPTED after a stop signal (also during the start, with nothing
+    to save). `early_signals`: stop signals train.py recorded while Python imported."""
     arrangement = arrange(recipe, ctx.world_size)  # an impossible one is refused before anything is touched
     folder = RunFolder(output, recipe.checkpoint.keep_last)
     with folder.released_at_exit(), StopRequest(recipe.runtime.stop_timeout_s, early_signals=early_signals) as stop:
         resumed = folder.resumed = claim_run_folder(folder, resume, ctx)
-        step = resumed[1].position.step if resumed else 0  # of the newest checkpoint: where the run stands until it trains
+        step = resumed[1].position.step if resumed else 0  # the newest checkpoint's: where the run stands for now
         stop.on_give_up = lambda reason: ctx.is_main and folder.set_status(f"interrupted at step {step}: {reason}")
         with folder.failure_recorded(ctx.is_main):
             try:
@@ -91,10 +73,6 @@ def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] 
 
 
 class TrainingRun:
-    """Everything that lives as long as the run: the recipe as it runs, the processes, the run
-    folder, the data, the training step, where the run is (RunState), and, while it trains,
-    its log and its stop request."""
-
     def __init__(self, recipe: Recipe, ctx: DistContext, arrangement: Arrangement, folder: RunFolder,
                  stop: StopRequest):
         resumed = folder.resumed
@@ -117,13 +95,10 @@ class TrainingRun:
         self.announce(resumed, notes)
         self.log: Optional[RunLog] = None  # while it trains
 
-    # ------------------------------------------------------------------------- the loop
-
     def train(self) -> int:
-        """The epochs from where the run is to the recipe's last, and how the run ends."""
         state, main = self.state, self.ctx.is_main
         self.log = RunLog(self.folder.path, main, start_step=state.step, rows=state.rows)
-        self.stop.on_give_up = lambda reason: main and self.folder.set_status(f"interrupted at step {state.step}: {reason}")
+        self.stop.on_give_up = lambda why: main and self.folder.set_status(f"interrupted at step {state.step}: {why}")
         try:
             if not self.train_epochs():
                 return self.preempted()
@@ -137,11 +112,10 @@ class TrainingRun:
         return 0
 
     def train_epochs(self) -> bool:
-        """Train, save, evaluate and save each remaining epoch; False when stopped by a signal."""
+        """False when stopped by a signal."""
         state = self.state
         if state.epoch < self.recipe.epochs:
-            # One pass over all remaining epochs: the workers decode the next epoch's first
-            # batches while this one ends and is evaluated, so the GPU does not wait for them.
+            # One pass over all remaining epochs: the next epoch's first batches decode during this one's evaluation.
             self.data.sampler.set_epoch(state.epoch, state.step_in_epoch, end_epoch=self.recipe.epochs)
             batches = iter(Batches(self.data.train))
             if self.recipe.runtime.copy_stream:
@@ -163,9 +137,8 @@ class TrainingRun:
         return True
 
     def train_epoch(self, batches) -> bool:
-        """From state.step_in_epoch to the epoch's end, saving every checkpoint.every_steps;
-        False when it stopped on a signal (after saving). Every runtime.log_interval steps all
-        ranks read the loss, check for non-finite losses and agree on stopping (collectives)."""
+        """To the epoch's end; False when it stopped on a signal (after saving). Every runtime.log_interval
+        steps all ranks read the loss, check for non-finite losses and agree on stopping (collectives)."""
         state, rt, every, per_epoch = self.state, self.recipe.runtime, self.recipe.checkpoint.every_steps, \
             self.steps_per_epoch
         started = time.perf_counter() - state.epoch_seconds
@@ -175,9 +148,8 @@ class TrainingRun:
         self.updater.model.train()
         for batch in bar:
             state.unreadable.check(batch)
-            at = state.schedule_step(per_epoch)
             state.step += 1
-            loss, lr = self.updater(batch, at)
+            loss, lr = self.updater(batch, state.schedule_step(per_epoch))  # schedule_step: by step_in_epoch
             state.totals.add(loss, len(batch.targets))
             state.step_in_epoch += 1
             state.epoch_seconds = time.perf_counter() - started  # current at any save, a stall's included
@@ -197,8 +169,7 @@ class TrainingRun:
         return True
 
     def close_epoch(self) -> bool:
-        """The epoch's totals, the evaluation of the weights (and of their EMA), its summary
-        row; whether it is the best epoch yet (on the better of the two)."""
+        """The epoch's totals, evaluations and summary row; whether it is the best yet (on weights or EMA)."""
         state, updater, classes = self.state, self.updater, self.recipe.model.num_classes
         state.check_numerics(self.recipe.runtime.max_nonfinite_steps)
         stats = state.totals.finish_epoch(state.epoch_seconds)
@@ -224,36 +195,29 @@ class TrainingRun:
         return is_best
 
     def save(self, is_best: bool = False) -> bool:
-        """All ranks: gather the per-rank state; rank 0 writes. False when the disk was full.
-        Never writes non-finite weights."""
-        state = self.state
+        """All ranks gather the per-rank state, rank 0 writes; False when the disk was full."""
+        state, updater = self.state, self.updater
         per_rank = all_gather_objects(state.rank_state_dict())
-        if not self.updater.weights_are_finite():
+        if not updater.weights_are_finite():
             raise NonFiniteLossError(f"the weights are not finite at step {state.step}; "
                                      f"refusing to overwrite the last good checkpoint")
         written = True
         if self.ctx.is_main:
-            written = self.folder.checkpoints.save(self.checkpoint(per_rank).to_dict(), state.step, is_best) is not None
+            checkpoint = TrainingCheckpoint(
+                model=updater.model.state_dict(), optimizer=updater.optimizer.state_dict(),
+                scaler=updater.scaler.state_dict(), position=state.position(), per_rank=per_rank,
+                world_size=len(per_rank), dataset=state.datasets[0], classes=self.data.train_set.classes,
+                recipe=recipe_to_dict(self.recipe), model_ema=updater.ema.module.state_dict() if updater.ema else None,
+                eval_dataset=state.datasets[1], batch_size=self.recipe.batch_size,
+                metrics=state.rows[-1] if state.rows else None)
+            written = self.folder.checkpoints.save(checkpoint.to_dict(), state.step, is_best) is not None
         written = all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
         if written:
             state.saved_step = state.step
         return written
 
-    def checkpoint(self, per_rank: List[dict]) -> TrainingCheckpoint:
-        updater, state = self.updater, self.state
-        return TrainingCheckpoint(
-            model=updater.model.state_dict(), optimizer=updater.optimizer.state_dict(),
-            scaler=updater.scaler.state_dict(), position=state.position(), per_rank=per_rank,
-            world_size=len(per_rank), dataset=state.datasets[0], classes=self.data.train_set.classes,
-            recipe=recipe_to_dict(self.recipe), model_ema=updater.ema.module.state_dict() if updater.ema else None,
-            eval_dataset=state.datasets[1], batch_size=self.recipe.batch_size,
-            metrics=state.rows[-1] if state.rows else None)
-
-    # ------------------------------------------------------------------------- how it began and ends
-
     def restore(self, checkpoint: TrainingCheckpoint) -> List[str]:
-        """Put the run back where the checkpoint left it; returns why the rest of the run will
-        not be exactly what it would have been, if it will not."""
+        """Returns why the rest of the run will not be exactly what it would have been, if it will not."""
         updater, state, recipe = self.updater, self.state, self.recipe
         saved_classes = checkpoint.model["head.fc.weight"].shape[0]
         if saved_classes != recipe.model.num_classes:
@@ -282,9 +246,7 @@ class TrainingRun:
         return [note for note in notes if note]
 
     def continue_with_new_batch(self, old_batch: int) -> Optional[str]:
-        """A global batch changed in the middle of an epoch: go on after the images already
-        trained, rounded down to a whole batch (the learning rate follows the position:
-        RunState.schedule_step)."""
+        """A batch changed mid-epoch: go on after the images already trained, rounded down to a whole batch."""
         state, new_batch, per_epoch = self.state, self.recipe.batch_size, self.steps_per_epoch
         if old_batch == new_batch or not state.step_in_epoch:
             return None
@@ -296,7 +258,6 @@ class TrainingRun:
                 f"of its images; it goes on {goes_on}")
 
     def announce(self, resumed: Resumed, notes: List[str]) -> None:
-        """Rank 0 records the run's start or resume in its folder and says what it is doing."""
         if not self.ctx.is_main:
             return
         recipe, state, data, folder = self.recipe, self.state, self.data, self.folder
@@ -323,10 +284,10 @@ class TrainingRun:
             log.info("resuming inexactly: %s", note)
 
     def preempted(self) -> int:
-        """The stop's outcome, as it is on disk: the newest checkpoint that was written."""
         state, signal_name = self.state, self.stop.signal_name or "a signal to another rank"
         if state.saved_step == state.step:
-            log.info("stopping on %s: checkpoint saved at step %d; continue with --resume auto", signal_name, state.step)
+            log.info("stopping on %s: checkpoint saved at step %d; continue with --resume auto", signal_name,
+                     state.step)
         else:
             log.warning("stopping on %s: the checkpoint of step %d could not be written (the disk is full); %s",
                         signal_name, state.step, self.redo_advice())
@@ -335,7 +296,6 @@ class TrainingRun:
         return EXIT_PREEMPTED
 
     def redo_advice(self) -> str:
-        """What to state after the checkpoint of state.step could not be written, and what it will redo."""
         if self.state.saved_step < 0:
             return (f"no checkpoint of this run was written; free space in {self.folder.path}, then rerun with "
                     f"--resume auto (it starts again from step 0)")
@@ -343,9 +303,8 @@ class TrainingRun:
                 f"rerun with --resume auto to redo the steps since")
 
     def save_after_loader_fault(self) -> str:
-        """After the loader failed to deliver: one process saves where it got to (its state is
-        whole, between two steps); several cannot, since the others wait in a collective that
-        this rank will not join. Returns what was saved, in words."""
+        """One process saves where it got to (between two steps); several cannot: the others wait in a
+        collective that this rank will not join. Returns what was saved, in words."""
         state = self.state
         if state.saved_step == state.step or (not self.ctx.is_distributed and self.save()):
             return f"checkpoint saved at step {state.step}; continue with --resume auto"
@@ -356,18 +315,15 @@ class TrainingRun:
 
 def crop_sizes(recipe: Recipe) -> str:
     """The training crop of each stretch of epochs, counted from 1: '160 px in epochs 1-25, ...'."""
-    sizes = [recipe.data.train_size(epoch) for epoch in range(recipe.epochs)]
-    stretches, first = [], 0
-    for epoch in range(1, len(sizes) + 1):
-        if epoch == len(sizes) or sizes[epoch] != sizes[first]:
-            span = f"epoch {first + 1}" if epoch == first + 1 else f"epochs {first + 1}-{epoch}"
-            stretches.append(f"{sizes[first]} px in {span}")
-            first = epoch
+    stretches, first = [], 1
+    for size, epochs in itertools.groupby(recipe.data.train_size(epoch) for epoch in range(recipe.epochs)):
+        last = first + len(list(epochs)) - 1
+        stretches.append(f"{size} px in " + (f"epoch {first}" if last == first else f"epochs {first}-{last}"))
+        first = last + 1
     return ", ".join(stretches)
 
 
 def compiled_what(rt: RuntimeConfig, train_batch: int, eval_batch: int) -> str:
-    """The start's line on torch.compile: what is compiled, at which static batch."""
     parts = [f"training passes of {train_batch} images"] if rt.compile else []
     parts += [f"evaluation batches of {eval_batch} images"] if rt.compile_eval else []
     return (f"torch.compile (mode {rt.compile_mode}, static shapes): {' and '.join(parts)}; a batch of another "
@@ -375,8 +331,7 @@ def compiled_what(rt: RuntimeConfig, train_batch: int, eval_batch: int) -> str:
 
 
 def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:
-    """Rank 0 locks the folder and picks the checkpoint to continue from; every rank follows
-    its decision, or fails with its error."""
+    """Rank 0 locks the folder and picks the checkpoint; every rank follows, or fails with its error."""
     decision, checkpoint = ("start",), None
     if ctx.is_main:
         try:
@@ -398,8 +353,7 @@ def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext)
 
 
 def as_it_runs(recipe: Recipe, ctx: DistContext) -> Recipe:
-    """The recipe as this machine runs it, which is what the run folder records: GPUs
-    without bf16 (before Ampere) train in fp16 instead."""
+    """The recipe as this machine runs it (and the run folder records): GPUs before Ampere lack bf16."""
     if recipe.runtime.amp == "bf16" and ctx.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log.warning("%s has no bf16: runtime.amp=fp16 instead", torch.cuda.get_device_name(ctx.device))
         return dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, amp="fp16"))
@@ -407,8 +361,7 @@ def as_it_runs(recipe: Recipe, ctx: DistContext) -> Recipe:
 
 
 def with_class_count(recipe: Recipe, data: TrainingData) -> Recipe:
-    """model.num_classes: auto becomes the number of class folders in train/ (and the run
-    folder records that number); an explicit count must equal it."""
+    """model.num_classes: auto becomes the number of class folders in train/; an explicit count must match."""
     found = len(data.train_set.classes)
     if recipe.model.num_classes == "auto":
         log.info("model.num_classes: auto -> %d, the class folders of %s", found, Path(recipe.data.dir) / "train")
@@ -420,9 +373,7 @@ def with_class_count(recipe: Recipe, data: TrainingData) -> Recipe:
 
 
 def read_start_weights(recipe: Recipe, resumed: Resumed) -> Tuple[Recipe, Optional[InitialWeights]]:
-    """On a fresh start from model.initial_weights: the file, read and checked before any
-    work, and the recipe with its SHA-256, which the run folder records. A resume takes its
-    weights from the checkpoint and reads no other file."""
+    """A fresh start checks model.initial_weights before any work and records its SHA-256; a resume reads none."""
     model = recipe.model
     if resumed is not None or not model.initial_weights:
         return recipe, None

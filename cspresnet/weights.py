@@ -1,6 +1,5 @@
-"""Model weights into the model: checked key for key against CSPResNet-50 (whatever file
-they came from: cspresnet.checkpoint reads them), and a new run's initial weights,
-whose classifier gives way when the classes differ."""
+"""Weights into the model, checked key for key against CSPResNet-50 (cspresnet.checkpoint reads the
+files), and a new run's initial weights, whose classifier gives way when the classes differ."""
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,39 +26,30 @@ def num_classes_of(state_dict: Dict[str, torch.Tensor]) -> int:
 
 
 def check_keys(expected: Dict[str, torch.Tensor], state_dict: Dict[str, torch.Tensor]) -> None:
-    """Refuse weights whose keys or shapes are not `expected`'s, in one readable message
-    instead of load_state_dict's wall of keys."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
-
-        parts = [f"missing keys: {show(missing)}" if missing else "",
-                 f"unexpected keys: {show(unexpected)}" if unexpected else "",
-                 f"wrong shapes: {show(mismatched)}" if mismatched else ""]
-        raise CheckpointError(
-            "these weights are not CSPResNet-50's (timm 'cspresnet50' layout): " + "; ".join(p for p in parts if p)
-        )
+    """One readable message instead of load_state_dict's wall of keys."""
+    problems = {"missing keys": sorted(set(expected) - set(state_dict)),
+                "unexpected keys": sorted(set(state_dict) - set(expected)),
+                "wrong shapes": sorted(k for k in set(expected) & set(state_dict)
+                                       if expected[k].shape != state_dict[k].shape)}
+    parts = [f"{what}: {len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+             for what, keys in problems.items() if keys]
+    if parts:
+        raise CheckpointError("these weights are not CSPResNet-50's (timm 'cspresnet50' layout): " + "; ".join(parts))
 
 
 def load_weights_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
-    """load_state_dict(strict=True), refusing another architecture in one line."""
     check_keys(model.state_dict(), state_dict)
     model.load_state_dict(state_dict, strict=True)
 
 
 def load_cspresnet(weights: Weights) -> CSPResNet50:
-    """Our model with these weights (strictly): another architecture is refused, listing the keys."""
     model = build_model(num_classes_of(weights.state_dict))
     load_weights_strict(model, weights.state_dict)
     return model
 
 
 def trained_data_config(weights: Weights) -> DataConfig:
-    """The data settings of the recipe the weights were trained with; timm's cspresnet50
-    defaults (256 px, crop 0.887, bilinear) for weights that carry no recipe."""
+    """timm's cspresnet50 defaults (256 px, crop 0.887, bilinear) for weights that carry no recipe."""
     return recipe_from_dict(weights.recipe).data if weights.recipe is not None else DataConfig()
 
 
@@ -68,8 +58,6 @@ def trained_data_config(weights: Weights) -> DataConfig:
 
 @dataclass
 class InitialWeights:
-    """The weights a new run starts from (model.initial_weights), read and checked."""
-
     path: Path
     sha256: str
     kind: str  # "model" or "ema": which weights of the file
@@ -86,8 +74,8 @@ def file_sha256(path: Path) -> str:
 
 
 def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> InitialWeights:
-    """The file's weights (weights_only), refused now, before any work, when it is not the
-    file `sha256` names or when anything but the classifier does not fit CSPResNet-50."""
+    """Refused now, before any work, when it is not the file `sha256` names or when anything but the
+    classifier does not fit CSPResNet-50."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise CheckpointError(f"recipe key 'model.initial_weights': {file} does not exist; give timm's "
@@ -109,9 +97,8 @@ def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> Ini
 
 
 def apply_initial_weights(initial: InitialWeights, models: Sequence[nn.Module], classes: Sequence[str]) -> str:
-    """Load `initial` into each of `models` (the model and its EMA), strictly; the classifier
-    too when it is for the same classes, else the models keep their freshly initialised one.
-    Returns the line that says which."""
+    """Into the model and its EMA, strictly; the classifier only when it is for the same classes, else
+    the models keep their freshly initialised one. Returns the line that says which."""
     own = models[0].state_dict()
     keep, why = classifier_fits(initial, own, classes)
     loaded = {k: v for k, v in initial.state_dict.items() if keep or k not in CLASSIFIER}

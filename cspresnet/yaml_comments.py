@@ -7,8 +7,6 @@ import yaml
 
 
 class DuplicateKeyError(ValueError):
-    """A mapping names the same key twice."""
-
     def __init__(self, key: Any, section: str, lines: Tuple[int, int]):
         self.key, self.section, self.lines = key, section, lines
         where = "at the top level" if section == "" else f"in section '{section}'"
@@ -16,18 +14,13 @@ class DuplicateKeyError(ValueError):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping naming one key twice (safe_load keeps the last),
-    and notes where each key stands, so that the comment beside it can be found.
+    """Refuses a mapping naming one key twice. `root`: the section the document is (an override's
+    dotted key), for messages. After loading, `key_lines` maps each dotted key to its line (0-based)
+    and `line_ends` each line to the column where its last token ends: what follows is a comment."""
 
-    `root` names the section the document itself is (an override's dotted key), for messages.
-    After loading, `key_lines` maps each dotted key to its line (0-based) and `line_ends`
-    maps each line to the column where its last token ends: what follows is a comment.
-    """
-
-    root = ""
-
-    def __init__(self, stream):
+    def __init__(self, stream, root: str):
         super().__init__(stream)
+        self.root = root
         self.key_lines: Dict[str, int] = {}
         self.line_ends: Dict[int, int] = {}
 
@@ -44,8 +37,7 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
     def _name_sections(self, node, where: str) -> None:
-        """Remember each mapping's dotted place in the document, for construct_mapping's
-        messages, and each key's line."""
+        """Each mapping's dotted place, for construct_mapping's messages, and each key's line."""
         if id(node) in self._sections:  # an alias: the same node again
             return
         if isinstance(node, yaml.MappingNode):
@@ -77,20 +69,13 @@ class RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str, root: str = "") -> Any:
-    """Recipe YAML, as yaml.safe_load reads it, except that a key given twice in one
-    mapping raises DuplicateKeyError instead of the last one silently winning."""
-    return load_yaml_with_lines(text, root)[0]
-
-
 YAML_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a new line
 
 
 def load_yaml_with_lines(text: str, root: str = "") -> Tuple[Any, Dict[str, str], Dict[str, int]]:
-    """load_yaml's value, {dotted key: the comment written beside it} ("" for none), and
-    {dotted key: its line, from 1}: so that a message about a key's value can say where it is."""
-    loader = RecipeLoader(text)
-    loader.root = root
+    """yaml.safe_load's value (but a key given twice in one mapping raises DuplicateKeyError), {dotted key:
+    the comment beside it} ("" for none), and {dotted key: its line, from 1}, for messages about a key."""
+    loader = RecipeLoader(text, root)
     try:
         value = loader.get_single_data()
     finally:

@@ -21,9 +21,8 @@ class Batch:
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.unreadable)
 
-    # From a loader worker, every tensor crosses through a shared-memory file of its own,
-    # ~0.6 ms of the training process's wall time each (benchmarks.handover); the labels and
-    # indices go as lists instead.
+    # From a loader worker each tensor crosses through a shared-memory file of its own, ~0.6 ms of
+    # the training process's time each (benchmarks.handover): the labels and indices go as lists.
     def __getstate__(self) -> Dict:
         return dict(self.__dict__, targets=self.targets.tolist(), indices=self.indices.tolist())
 
@@ -42,27 +41,15 @@ def collate_batch(samples, out: Optional[torch.Tensor] = None) -> Batch:
         images = torch.stack([s[0] for s in good], out=None if out is None else out[:len(good)])
     else:
         images = torch.empty(0, dtype=torch.uint8)
-    targets = torch.tensor([s[1] for s in good], dtype=torch.long)
-    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
-    return Batch(images, targets, indices, unreadable)
+    return Batch(images, torch.tensor([s[1] for s in good], dtype=torch.long),
+                 torch.tensor([s[2] for s in good], dtype=torch.long), unreadable)
 
 
 class SharedBatchRing:
-    """collate_batch; in a loader worker, into a ring of shared-memory buffers that the
-    worker allocates once and then reuses.
-
-    Why: a batch must be in shared memory to reach the main process, and fresh shared
-    memory is slow to fill (a page fault per 4 KiB: ~170 us an image here, more than the
-    crop and resize). torch's own collate allocates it fresh for every batch.
-
-    Why it is safe: the DataLoader hands worker w its next task only when it yields one
-    of w's batches, and keeps at most prefetch_factor tasks per worker in flight. With a
-    ring of prefetch_factor + 2 buffers, a buffer is refilled only after two more of its
-    worker's batches have been yielded, by which time the main process is done with it
-    (train.py and evaluation consume each batch before asking for the next; with
-    pin_memory it is copied out even before it is yielded). Keeping a batch longer (say,
-    list(loader)) needs a copy of its images.
-    """
+    """collate_batch, in a worker into a ring of shared-memory buffers allocated once (fresh ones cost a page
+    fault per 4 KiB, ~170 us an image). Safe: a worker gets a task only as one of its batches is yielded,
+    with at most prefetch_factor in flight, so of prefetch_factor + 2 buffers one is refilled two yielded
+    batches later, when the main process is done with it. Keeping a batch longer needs a copy of it."""
 
     def __init__(self, prefetch_factor: int):
         self.buffers: List[Optional[torch.Tensor]] = [None] * (prefetch_factor + 2)

@@ -1,12 +1,7 @@
-"""The data package's sections of a recipe: where the images are and how they are read,
-augmented per image and batched (DataConfig), and what is done to a batch on the device
-(AugmentConfig). They live here, with the code that reads them; cspresnet.recipe embeds
-them, and both write their fields with common/recipe_fields.py.
-
-Each section checks its own values next to its fields, and marks on a field what the
-recipe layer must know of it: that it changes no trained number (a resume that changes it
-stays exact), or that it belongs to one choice of another key. Adding an augmentation is a
-field here, its check, and the code in data/transforms.py that does it.
+"""The data package's sections of a recipe (cspresnet.recipe embeds them): where the images are
+and how they are read, augmented and batched (DataConfig), and what is done to a batch on the
+device (AugmentConfig). Each checks its own values; setting(affects_results=False) marks a field
+that changes no trained number (a resume that changes it stays exact).
 """
 from dataclasses import dataclass
 from typing import Literal, Tuple
@@ -17,20 +12,17 @@ from common.recipe_fields import KeyName, recipe_key, require, setting
 @dataclass
 class DataConfig:
     dir: str = setting("", affects_results=False)  # ImageNet root with train/<wnid>/ and val/<wnid>/, or tar shards
-    # auto: whichever dir holds: class folders, tar shards (docs/shards.md), ImageNet's official
-    # archives or Kaggle's download, zipped or not (docs/archives.md)
-    layout: Literal["auto", "class-folders", "shards", "archives", "kaggle"] = setting("auto", affects_results=False)
-    # where the index of the samples is cached; "": beside the data, ~/.cache if read-only
-    index_dir: str = setting("", affects_results=False)
+    # auto: whichever dir holds; else a row of data/sources/__init__.py's SOURCES (checked by the recipe)
+    layout: str = setting("auto", affects_results=False)
+    index_dir: str = setting("", affects_results=False)  # the samples' index; "": beside them, ~/.cache if read-only
     img_size: int = 256  # training crop; with start_img_size, the size it grows to
-    # Progressive resizing (FFCV's): > 0, the training crop of epoch e (counted from 0) is this
-    # up to size_ramp_epochs[0], img_size from size_ramp_epochs[1], and in between the linear
-    # interpolation rounded to a multiple of 32. 0: img_size throughout.
+    # Progressive resizing (FFCV's): > 0, the training crop is this up to epoch size_ramp_epochs[0] (from 0),
+    # img_size from size_ramp_epochs[1], in between linear, rounded to a multiple of 32. 0: img_size throughout.
     start_img_size: int = 0
     size_ramp_epochs: Tuple[int, int] = (0, 0)
     workers: int = setting(8, affects_results=False)  # loader processes per training process
-    # No batch from the loader for this long (a hung network mount, a stopped worker) ends the
-    # run, naming the worker and its file; minutes, since a first batch may wait on a cold cache.
+    # No batch for this long (a hung network mount, a stopped worker) ends the run, naming the worker
+    # and its file; minutes, since a first batch may wait on a cold cache.
     loader_timeout_s: float = setting(300.0, affects_results=False)
     # Per image, in the loader:
     train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
@@ -44,9 +36,7 @@ class DataConfig:
     eval_crop_pct: float = 0.887  # resize the short side to floor(eval_img_size / crop_pct)
     eval_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     eval_batch_size: int = 256  # global, like batch_size
-    # > 0: evaluate on this fraction of each class of train/, held out from training (chosen
-    # from the seed), instead of on val/; for a dataset without a val/ folder.
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = 0.0  # > 0: evaluate on this fraction of each train/ class (by the seed), not val/
     # Undecodable files are skipped and counted; these decide when the run stops instead.
     max_unreadable_batch_fraction: float = setting(0.5, affects_results=False)  # of one batch
     max_unreadable_fraction: float = setting(0.001, affects_results=False)  # of the training set ...
@@ -114,8 +104,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """What is done to a batch on the device, after the loader's per-image augmentation; all
-    off by default (timm's implementations)."""
+    """What is done to a batch on the device, after the per-image augmentation; all off by default (timm's)."""
 
     random_erasing: float = 0.0  # probability per image, applied to the normalised batch
     random_erasing_mode: Literal["pixel", "rand", "const"] = "pixel"

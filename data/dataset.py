@@ -24,18 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class UnreadableSample(OSError):
-    """A sample that its source cannot give (known when indexing, or found when read): the
-    dataset reports it as unreadable, and it is skipped and counted like a broken JPEG."""
+    """A sample its source cannot give (known when indexing, or found when read): counted like a broken JPEG."""
 
 
 class ImageDataset(Dataset):
-    """Samples -> (image, target, index, error), by index or by (epoch, index).
-
-    The training sampler passes the epoch along, so that per-sample randomness survives
-    persistent workers. A sample that cannot be read or decoded gives image None and the
-    reason, so that one bad JPEG costs one sample, not the run; the loader's collate drops it
-    and counts it. `samples` is a SampleIndex (files or members, data/sample_index.py) or a
-    list of (path, class) pairs (files)."""
+    """Samples (a SampleIndex, or (path, class) pairs) -> (image, target, index, error), by index or by
+    (epoch, index): the sampler passes the epoch, so per-sample randomness survives persistent workers.
+    An unreadable sample gives image None and the reason: one bad JPEG costs one sample, not the run."""
 
     def __init__(self, samples: Sequence[Sample], classes: List[str], transform: Optional[ImageTransform],
                  seed: Optional[int] = None):
@@ -52,13 +47,11 @@ class ImageDataset(Dataset):
         return getattr(self.samples, "problems", {})
 
     def read(self, index: int) -> bytes:
-        """The sample's bytes: a file read whole, or a member read with one pread of its container."""
         if not self.members:
             with open(self.samples[index][0], "rb") as handle:
                 return handle.read()
-        problem = self.samples.problems.get(index)
-        if problem is not None:
-            raise UnreadableSample(problem)
+        if index in self.samples.problems:
+            raise UnreadableSample(self.samples.problems[index])
         arrays = self.samples.arrays
         data = self.files.read(int(self.samples.folder_of[index]), int(arrays["offset"][index]),
                                int(arrays["size"][index]))
@@ -86,13 +79,8 @@ class ImageDataset(Dataset):
 
 
 class OpenFiles:
-    """This process's open containers: one is opened on first use and stays open, so a loader
-    worker opens each once, then reads each sample with one pread().
-
-    The descriptors belong to the process that opened them: a forked loader worker starts with
-    none of its own. pread() has no shared file position, so nothing depends on which process
-    reads. Where the open-file limit is below the number of containers even after raising the
-    soft limit to the hard one, the least recently used one is closed."""
+    """This process's open containers, opened on first use and kept (a forked worker opens its own); a sample is
+    one pread(). Where even the hard open-file limit is too low, the least recently used one is closed."""
 
     def __init__(self, paths: List[str], identities: List[Identity]):
         self.paths, self.identities = paths, identities
@@ -125,8 +113,7 @@ class OpenFiles:
         return fd
 
     def read(self, container: int, offset: int, size: int) -> bytes:
-        """The bytes at `offset`, once the file is seen to be the one indexed (an fstat, about
-        a microsecond: every read, since a loader worker keeps its files open all run)."""
+        """Checks the file is the one indexed at every read (an fstat, ~1 us): a worker keeps it open all run."""
         fd = self._descriptor(container)
         if identity(os.fstat(fd)) != tuple(self.identities[container]):
             raise SourceChangedError(f"{self.paths[container]} changed after it was indexed (its size, modification "
@@ -142,8 +129,7 @@ class OpenFiles:
 
 
 def open_file_capacity(files: int) -> int:
-    """How many containers this process may keep open: raises the soft open-file limit to the
-    hard one if they need it, leaving room for everything else a process opens."""
+    """Raises the soft open-file limit up to the hard one if the containers need it, with room to spare."""
     spare = 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < files + spare and (hard == resource.RLIM_INFINITY or hard > soft):
@@ -165,17 +151,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextmanager
 def seeded_randomness(seed: int, numpy: bool = True) -> Iterator[None]:
-    """Seed torch's, Python's and (if `numpy`) NumPy's global generators for one sample.
-
-    torchvision and timm augmentations (crop, flip, RandAugment) draw from these globals;
-    seeding them per sample makes each image's augmentation a function of (seed, epoch,
-    index), independent of which worker process draws it. In the main process (workers=0)
-    the generators are restored afterwards, since training draws from them too; a loader
-    worker has no other use for them and skips that. NumPy is left alone unless the
-    transform draws from it: saving and restoring its state costs ~70 us, more than all
-    the rest together. torch.default_generator, not torch.manual_seed, which also queues
-    CUDA seeding at ~80 us a call.
-    """
+    """torchvision's and timm's augmentations draw from the global generators: seeded per sample, an image's
+    augmentation depends on (seed, epoch, index) alone, not on the worker. The main process (workers=0)
+    restores them after, as training draws from them too. NumPy only if the transform uses it (saving and
+    restoring its state costs ~70 us); torch.default_generator, as torch.manual_seed also seeds CUDA (~80 us)."""
     restore = torch.utils.data.get_worker_info() is None
     if restore:
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state() if numpy else None

@@ -1,15 +1,6 @@
-"""Training batches copied to the GPU one step ahead, on a CUDA stream of their own
-(runtime.copy_stream).
-
-A pinned batch copied with non_blocking=True on the default stream does not block the host,
-but the GPU runs it in that stream's order: after the step queued before it, before the one
-after. On a side stream the copy of the next batch runs while this step computes.
-
-The training process then holds one batch more than without it: the next one. The
-shared-memory ring allows that (data/batches.py: a worker's buffer is refilled only after two
-more of that worker's batches have been yielded, and the batch before the one in hand is no
-longer read by then; with pin_memory the batch has left the ring anyway). On the CPU the
-same look-ahead runs, with a copy that is no copy, which is how it is tested there.
+"""Training batches copied to the GPU one step ahead on a stream of their own (runtime.copy_stream):
+on the default stream the copy would wait for the step queued before it. The one batch more held is
+within the shared-memory ring's slack (data/batches.py).
 """
 import contextlib
 from typing import Iterable, Iterator, Optional
@@ -34,8 +25,7 @@ def ahead_on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[
 
 
 def copied(batch: Batch, device: torch.device, stream: Optional["torch.cuda.Stream"]) -> Batch:
-    """The copy queued on `stream`; JPEGs for the GPU decoder stay on the host (they are
-    decoded on the default stream)."""
+    """The copy queued on `stream`; JPEGs for the GPU decoder stay on the host (decoded on the default stream)."""
     if not isinstance(batch.images, torch.Tensor):
         return batch
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -44,8 +34,7 @@ def copied(batch: Batch, device: torch.device, stream: Optional["torch.cuda.Stre
 
 
 def ready(batch: Batch, stream: Optional["torch.cuda.Stream"]) -> Batch:
-    """Make the default stream wait for the batch's copy, and keep its memory from being
-    reused by the side stream's allocator until the default stream is done with it."""
+    """The default stream waits for the batch's copy, and the side stream's allocator keeps its memory until then."""
     if stream is not None and isinstance(batch.images, torch.Tensor):
         current = torch.cuda.current_stream(stream.device)
         current.wait_stream(stream)
@@ -55,8 +44,7 @@ def ready(batch: Batch, stream: Optional["torch.cuda.Stream"]) -> Batch:
 
 
 def decoded_on(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """`batches` of JPEGs (data.train_decode=gpu) decoded on `device`; an image that decodes
-    nowhere leaves its batch and is listed unreadable, as a loader worker lists one."""
+    """`batches` of JPEGs decoded on `device`; one that decodes nowhere is listed unreadable, as a worker would."""
     for batch in batches:
         if isinstance(batch.images, EncodedBatch):
             images, failed = decode_batch(batch.images, device)

@@ -1,20 +1,11 @@
-"""Commands on ImageNet as downloaded (the official archives, Kaggle's zip or its tree).
+"""Commands on ImageNet as downloaded (the official archives, Kaggle's zip or its tree: docs/archives.md).
 
     python -m data.downloads verify DIR                                the archives' MD5s against the published ones
     python -m data.downloads arrange --data-dir DIR --out OUT          class folders OUT/{train,val}/<wnid>/
     python -m data.downloads arrange --val-dir FLAT --devkit D --out OUT/val     a flat val folder, linked
 
-verify reads each archive whole (138 GB for the train archive: minutes to hours, with a
-progress bar) and compares it with the MD5 torchvision checks; training never needs it, since
-the index checks the archives' structure. arrange writes the images as class folders, read
-through the reader that training uses (one pread each, a zip's members inflated): streaming,
-one image at a time, each written whole or not at all; resumable, since an image already
-written with the same bytes is kept; and it refuses to overwrite an image that differs (OUT
-holds another result). Each split is written into OUT/<split>.partial/ and renamed to
-OUT/<split>/ when every image is there, so that a folder named train/ or val/ is never a part
-of one: a rerun after a kill goes on in the .partial folder, and OUT may be the download's own
-folder. With --val-dir it gives a flat folder of validation images the class-folder layout
-without copying: hard links (same filesystem) or symbolic links.
+verify reads each archive whole (138 GB for the train one). arrange is resumable; each split goes
+into OUT/<split>.partial/, renamed to OUT/<split>/ when complete, so OUT may be the download's folder.
 """
 import argparse
 import hashlib
@@ -38,14 +29,12 @@ from .sources import download_of, kaggle
 from .sources.folders import image_files
 from .sources.labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, labels_from
 
-CHUNK = 1 << 24
-
 
 def md5_of(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
                                           disable=None, leave=False) as progress:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
             progress.update(len(chunk))
     return digest.hexdigest()
@@ -60,8 +49,7 @@ def verify(folder: Path) -> Dict[str, Tuple[str, bool]]:
 
 
 def place(data: bytes, target: Path) -> bool:
-    """Write one image unless it is there already; True if written. A different file at
-    the place stops the command: OUT holds another result."""
+    """Write one image unless it is there already; True if written. A different file there: OUT holds another result."""
     if target.is_file():
         if target.read_bytes() != data:
             raise DatasetLayoutError(f"{target} exists and differs from the image it would hold: arrange into an "
@@ -76,8 +64,7 @@ def place(data: bytes, target: Path) -> bool:
 
 
 def arrange_split(dataset: ImageDataset, out: Path) -> Tuple[int, int, int]:
-    """(written, kept, unreadable) for one split's images into out/<wnid>/<file>, by way of
-    out.partial/ unless `out` was arranged before (then its images are checked)."""
+    """(written, kept, unreadable) into out/<wnid>/<file>, by way of out.partial/ unless `out` was arranged before."""
     whole = out.is_dir()
     into = out if whole else out.with_name(out.name + ".partial")
     counts = [0, 0, 0]
@@ -93,12 +80,11 @@ def arrange_split(dataset: ImageDataset, out: Path) -> Tuple[int, int, int]:
     if not whole:
         into.mkdir(parents=True, exist_ok=True)  # a split of unreadable images only
         os.replace(into, out)
-    return counts[0], counts[1], counts[2]
+    return tuple(counts)
 
 
 def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
-    """Any download's splits into OUT/train and OUT/val; the download is told apart from
-    class folders beside it (OUT may be its folder)."""
+    """Any download's splits into OUT/train and OUT/val (OUT may be the download's folder)."""
     source = download_of(root)
     if source is None:
         raise DatasetLayoutError(f"{root} holds none of ImageNet's downloads (the official archives, Kaggle's zip or "
@@ -112,9 +98,8 @@ def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
 
 def arrange_by_class(flat_dir: Path, label_file: Path, out_dir: Path, symlinks: bool = False) -> int:
     """A flat validation folder as class folders, linked, not copied; returns the images placed."""
-    wnids = labels_from(label_file).wnids
-    placed = 0
-    for image in (Path(flat_dir) / name for name in image_files(Path(flat_dir))):
+    wnids, names = labels_from(label_file).wnids, image_files(Path(flat_dir))
+    for image in (Path(flat_dir) / name for name in names):
         if image.name not in wnids:
             raise DatasetLayoutError(f"{image} has no label in {label_file}")
         target = Path(out_dir) / wnids[image.name] / image.name
@@ -124,8 +109,7 @@ def arrange_by_class(flat_dir: Path, label_file: Path, out_dir: Path, symlinks: 
                 target.symlink_to(image.resolve())
             else:
                 os.link(image, target)
-        placed += 1
-    return placed
+    return len(names)
 
 
 def main(argv=None) -> int:

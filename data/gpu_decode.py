@@ -1,17 +1,9 @@
-"""JPEG decoding on the GPU (nvJPEG through TorchCodec), for boxes with few CPU cores.
-
-Loader workers only read the file, parse its header and draw the crop (the same draw as
-the CPU path); the GPU decodes the whole batch in one call, then crops, resizes and flips
-each image. Files nvJPEG does not take (PNG behind a .JPEG name, CMYK) are decoded by the
-worker on the CPU and travel as pixels. The same code runs with device=cpu, which is how
-it is tested on machines without a GPU.
-
-TorchCodec, not torchvision.io: torchvision 0.29 deprecates its image decoders in favour of
-TorchCodec's, which call the same nvJPEG batch decode on CUDA and libjpeg-turbo on the CPU.
+"""JPEG decoding on the GPU (nvJPEG through TorchCodec; torchvision 0.29 deprecates its own), for
+boxes with few CPU cores: workers read the file and draw the crop, the GPU decodes the batch in one
+call. Files nvJPEG does not take travel as pixels. With device=cpu it is testable without a GPU.
 """
 import dataclasses
 import io
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -25,13 +17,10 @@ try:  # pinned in requirements.txt; a machine with another torch may lack a Torc
 except (ImportError, OSError, RuntimeError) as exc:
     decode_jpeg, WHY_NO_TORCHCODEC = None, f"TorchCodec cannot be imported ({exc})"
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class EncodedImage:
-    """One training image on its way to the GPU: JPEG bytes and what to do with them, or
-    pixels already decoded on the CPU."""
+    """One training image on its way to the GPU: JPEG bytes and what to do with them, or pixels."""
 
     data: Optional[bytes]  # the file, or None
     pixels: Optional[torch.Tensor]  # uint8 HWC, already cropped and resized, or None
@@ -43,9 +32,7 @@ class EncodedImage:
 
 @dataclass
 class EncodedBatch:
-    """A batch's JPEG files back to back in one tensor. A loader worker hands each tensor
-    over through its own shared-memory file: one per image cost the training process
-    0.39 ms an image on our 2-core CPU (`python -m benchmarks.handover --way per_image`)."""
+    """A batch's JPEGs back to back in one tensor: one per image cost 0.39 ms an image (benchmarks.handover)."""
 
     images: List[EncodedImage]  # their `data` moved into `files`
     files: torch.Tensor  # uint8, every file's bytes in order
@@ -63,15 +50,12 @@ class EncodedBatch:
 
 
 class EncodedRandomResizedCrop(FastRandomResizedCrop):
-    """The worker half of GPU decoding: the crop, flip and interpolation are drawn here,
-    exactly as FastRandomResizedCrop draws them."""
+    """The worker half of GPU decoding: the crop, flip and interpolation, drawn as FastRandomResizedCrop draws them."""
 
     def decode(self, data: bytes) -> EncodedImage:
-        interpolation = self._interpolation()
-        dimensions = jpeg_dimensions(data)
+        interpolation, dimensions = self._interpolation(), jpeg_dimensions(data)
         if dimensions is not None:
-            box = self._box(*dimensions)
-            return EncodedImage(data, None, box, self._flip(), interpolation, self.size)
+            return EncodedImage(data, None, self._box(*dimensions), self._flip(), interpolation, self.size)
         pixels = decode_region(data, self._box, self.size, interpolation)
         return EncodedImage(None, pixels, (0, 0, self.size, self.size), self._flip(), interpolation, self.size)
 
@@ -80,11 +64,9 @@ class EncodedRandomResizedCrop(FastRandomResizedCrop):
 
 
 def decode_batch(batch: EncodedBatch, device: torch.device) -> Tuple[torch.Tensor, Dict[int, str]]:
-    """uint8 NHWC on `device` of the images that decode, in order, cropped and resized, and
-    {position in the batch: why} of those that do not. The JPEGs go to the device in one
-    call; when that fails (one truncated file fails them all) each goes on its own, and a
-    file the device cannot decode is decoded as the fast CPU path decodes it, so that the
-    two paths skip the same files."""
+    """uint8 NHWC on `device` of the images that decode, and {position: why} of the others. One truncated
+    file fails a batch call, so then each goes alone; one the device refuses is decoded as the fast CPU
+    path decodes it, so that the two paths skip the same files."""
     size = batch.images[0].size
     out = torch.empty(len(batch.images), 3, size, size, dtype=torch.uint8, device=device)
     files = {i: file for i, file in enumerate(batch.files.split(batch.lengths)) if batch.lengths[i]}
@@ -96,11 +78,9 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> Tuple[torch.Tenso
     for position, image in enumerate(batch.images):
         if position in decoded:
             top, left, height, width = image.box
-            # In float: CUDA has no antialiased resize for uint8 (torch 2.11). Rounding back to
-            # uint8 lands within one level of the CPU path's uint8 resize.
+            # In float: CUDA has no antialiased uint8 resize (torch 2.11); rounded, it is within one level of the CPU's
             region = decoded[position][:, top:top + height, left:left + width].unsqueeze(0).float()
-            resized = torch.nn.functional.interpolate(region, size=(size, size), mode=image.interpolation,
-                                                      antialias=True)
+            resized = torch.nn.functional.interpolate(region, (size, size), mode=image.interpolation, antialias=True)
             chw = resized[0].round_().clamp_(0, 255).to(torch.uint8)
         else:
             pixels = image.pixels

@@ -1,13 +1,6 @@
-"""Decode only the box that a crop keeps (jpeg_box.c), compiled on first use and cached.
-
-The C file is built with the machine's C compiler ($CC, default cc) against its
-libjpeg-turbo (Debian and Ubuntu: `apt install gcc libjpeg-dev`) into ~/.cache/cspresnet/
-(or $XDG_CACHE_HOME/cspresnet/), one build per source, compiler and libjpeg version. For a
-libjpeg-turbo outside the system folders (conda, a module system), the compiler reads the
-usual CPATH and LIBRARY_PATH, and the loader LD_LIBRARY_PATH. Where it cannot be built, the
-fast path decodes whole files with simplejpeg instead, after one warning: the same pixels,
-more time. CSPRESNET_JPEG_BOX=0 decodes whole files without a warning; =require makes a
-missing box decoder an error instead (for clusters and CI, where a slow run costs more).
+"""Decode only the box that a crop keeps (jpeg_box.c), built on first use with $CC (default cc) and
+cached. Where it cannot be built, simplejpeg decodes whole files after one warning (the same pixels,
+more time); CSPRESNET_JPEG_BOX=0 does so quietly, =require makes it an error (docs/performance.md).
 """
 import ctypes
 import functools
@@ -36,24 +29,24 @@ class Unavailable(RuntimeError):
     """The box decoder cannot be built, loaded or trusted here; the message says why."""
 
 
-
-
-def libjpeg_version(compiler: str) -> str:
-    """The libjpeg(-turbo) version the build compiles against, from its headers' macros."""
+def run_compiler(compiler: str, arguments: list, timeout: int, stdin: Optional[str] = None) -> str:
+    """Its standard output; Unavailable with its first error line where it fails."""
     try:
-        done = subprocess.run([compiler, "-E", "-dM", "-x", "c", "-"], input="#include <stdio.h>\n#include <jpeglib.h>\n",
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run([compiler, *arguments], input=stdin, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         reason = next((line for line in lines if "error" in line), lines[-1])
         raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
-    macros = {}
-    for line in done.stdout.splitlines():  # "#define NAME VALUE"
-        parts = line.split(None, 2)
-        if len(parts) == 3:
-            macros[parts[1]] = parts[2]
+    return done.stdout
+
+
+def libjpeg_version(compiler: str) -> str:
+    """The libjpeg(-turbo) version the build compiles against, from its headers' macros."""
+    output = run_compiler(compiler, ["-E", "-dM", "-x", "c", "-"], 60, "#include <stdio.h>\n#include <jpeglib.h>\n")
+    lines = [line.split(None, 2) for line in output.splitlines()]  # "#define NAME VALUE"
+    macros = {parts[1]: parts[2] for parts in lines if len(parts) == 3}
     return macros.get("LIBJPEG_TURBO_VERSION", f"libjpeg {macros.get('JPEG_LIB_VERSION', '?')}")
 
 
@@ -75,15 +68,7 @@ def build(folder: Path) -> Path:
         raise Unavailable(f"cannot create the build folder: {exc}") from None
     with tempfile.TemporaryDirectory() as scratch:
         built = Path(scratch) / library.name
-        try:
-            done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-ljpeg"],
-                                  capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"could not run the C compiler {compiler!r}: {exc}") from None
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
-            reason = next((line for line in lines if "error" in line), lines[-1])
-            raise Unavailable(f"{compiler} could not build {SOURCE.name}: {reason.strip()}")
+        run_compiler(compiler, [*FLAGS, "-o", str(built), str(SOURCE), "-ljpeg"], 120)
         write_atomically(library, built.read_bytes())  # processes building at once each see a whole library
     return library
 
@@ -103,11 +88,8 @@ class BoxDecoder:
         self.row_width, self.box_column = ctypes.c_int(), ctypes.c_int()
         self.message = ctypes.create_string_buffer(256)
 
-    def decode(self, data: bytes, scale: int, top: int, left: int, height: int, width: int,
-               image_width: int) -> np.ndarray:
-        """Rows top..top+height-1, columns left..left+width-1 of the image decoded at 1/scale
-        (image_width wide): a (height, width, 3) view of a buffer that the next call reuses.
-        Raises ValueError, as simplejpeg does, for a file that it cannot decode."""
+    def decode(self, data: bytes, scale: int, top: int, left: int, height: int, width: int, image_width: int):
+        """The box of the image decoded at 1/scale: a view of a buffer the next call reuses. ValueError if bad."""
         if self.buffer.size < height * image_width * 3:
             self.buffer = np.empty(height * image_width * 3, dtype=np.uint8)
             self.address = self.buffer.ctypes.data
@@ -120,8 +102,7 @@ class BoxDecoder:
 
 
 def check(decoder: BoxDecoder) -> None:
-    """Boxes must be exactly those pixels of the whole decoded image. libjpeg-turbo's row
-    skipping has had bugs in some releases, and this machine's release is not pinned."""
+    """Boxes must be those pixels of the whole image: libjpeg-turbo's row skipping had bugs in some releases."""
     image = np.random.default_rng(0).integers(0, 256, (75, 93, 3), dtype=np.uint8)  # odd sizes, 4:2:0: edge iMCUs
     jpeg = simplejpeg.encode_jpeg(image, quality=90, colorsubsampling="420")
     for scale in (1, 2):
@@ -150,8 +131,7 @@ def box_decoder() -> Optional[BoxDecoder]:
         _why_not = f"{SWITCH}=0"
         return None
     try:
-        version = libjpeg_version(os.environ.get("CC", "cc"))
-        decoder = BoxDecoder(build(cache_folder()), version)
+        decoder = BoxDecoder(build(cache_folder()), libjpeg_version(os.environ.get("CC", "cc")))
         check(decoder)
         return decoder
     except (Unavailable, OSError) as exc:  # OSError: the library did not load

@@ -1,5 +1,4 @@
-"""DataLoaders for training and evaluation, built from the data section of a recipe
-(data.config.DataConfig), and the loader workers' signal handling."""
+"""DataLoaders for training and evaluation from a recipe's DataConfig, and the workers' signal handling."""
 import ctypes
 import signal
 from dataclasses import dataclass
@@ -26,16 +25,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerSignals:
-    """A loader worker's signal handling, set as it starts: it ignores SIGINT and SIGTERM.
-
-    The training process decides when its workers end. Ctrl-C reaches the whole process
-    group, and a scheduler may signal every process of a job (SLURM does, and torchrun
-    forwards its own copy to each rank's process group): a worker that died of it would
-    fail the step that the training process still has to finish and save. The training
-    process kills its workers when it exits (cspresnet.console.end_child_processes), and
-    the kernel kills them when it dies (a parent-death signal, which also reaches a
-    stopped or stuck worker), so no worker outlives its job.
-    """
+    """A loader worker ignores SIGINT and SIGTERM, which reach every process of a job (Ctrl-C, SLURM): dying
+    of them, it would fail the step that the training process still has to save. It ends with that process:
+    killed at its exit (cspresnet.console), or by the kernel at its death (a parent-death signal)."""
 
     def __call__(self, worker_id: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -48,9 +40,8 @@ PREFETCH_FACTOR = 4  # batches in flight per worker
 
 
 def loader_options(workers: int, pin_memory: bool) -> dict:
-    """DataLoader arguments shared by training, evaluation and benchmarks.loader."""
-    # A private generator: creating a loader iterator draws a worker seed from it, and the
-    # global generator (dropout, mixup) must not see that draw or a resumed run would differ.
+    """DataLoader arguments. A private generator: an iterator draws a worker seed from it, which the global
+    one (dropout, mixup) must not see, or a resumed run would differ."""
     options = dict(num_workers=workers, pin_memory=pin_memory, collate_fn=SharedBatchRing(PREFETCH_FACTOR),
                    generator=torch.Generator().manual_seed(0))
     if workers > 0:
@@ -59,8 +50,7 @@ def loader_options(workers: int, pin_memory: bool) -> dict:
 
 
 def tracked(dataset: ImageDataset, workers: int, timeout_s: float) -> ImageDataset:
-    """The dataset, recording which sample each of `workers` reads (before they fork), and
-    how long its loader may take for a batch (data.loader_faults.Batches)."""
+    """The dataset, recording what each worker reads and how long a batch may take (loader_faults.Batches)."""
     dataset.progress = ReadProgress(workers, timeout_s)
     return dataset
 
@@ -79,19 +69,16 @@ class TrainingData:
 
 
 def build_training_data(config: DataConfig, batch_size: int, seed: int, process: DistContext) -> TrainingData:
-    """`batch_size` and config.eval_batch_size are global, across the processes. A download
-    that lost whole classes, or more images than the budget allows, stops here."""
+    """`batch_size` and config.eval_batch_size are global. A download that lost too much stops here."""
     options = loader_options(config.workers, pin_memory=process.device.type == "cuda")
     train_transform, val_transform, decode = training_transforms(config, process.device)
-    train_index, val_index, classes = training_splits(config, seed)
-    fingerprints = fingerprint_of(train_index), fingerprint_of(val_index)
-    train_set, val_set = ImageDataset(train_index, classes, train_transform, seed), \
-        ImageDataset(val_index, classes, val_transform)
-    train_set.progress = ReadProgress(config.workers, config.loader_timeout_s)  # see tracked()
+    train_set, val_set = build_splits(config, train_transform, val_transform, seed)
+    tracked(train_set, config.workers, config.loader_timeout_s)
+    fingerprints = fingerprint_of(train_set.samples), fingerprint_of(val_set.samples)
     for dataset, split in ((train_set, "training"), (val_set, "evaluation")):
         refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, split)
-    unreadable = UnreadableImages(train_index, config.max_unreadable_batch_fraction, config.max_unreadable_fraction,
-                                  config.min_unreadable_allowed)
+    unreadable = UnreadableImages(train_set.samples, config.max_unreadable_batch_fraction,
+                                  config.max_unreadable_fraction, config.min_unreadable_allowed)
     if len(train_set) < batch_size:
         raise DataConfigError(f"{config.dir}/train has {len(train_set)} images, fewer than one global batch "
                               f"(batch_size={batch_size}); lower batch_size")
@@ -118,10 +105,8 @@ def eval_loader(dataset: ImageDataset, config: DataConfig, process: DistContext)
 
 def build_eval_data(samples: Sequence[Sample], classes: List[str], config: DataConfig,
                     process: DistContext) -> Tuple[ImageDataset, DataLoader]:
-    """An evaluation set (validate.py, predict.py, benchmarks) read with config's evaluation
-    transform: a SampleIndex of any source, or (path, class) pairs."""
-    transform = eval_transform(config.eval_img_size, config.eval_crop_pct, config.eval_interpolation,
-                               config.eval_decode)
-    dataset = ImageDataset(samples, classes, transform)
+    """An evaluation set (validate.py, predict.py, benchmarks) of a SampleIndex or (path, class) pairs."""
+    dataset = ImageDataset(samples, classes, eval_transform(config.eval_img_size, config.eval_crop_pct,
+                                                            config.eval_interpolation, config.eval_decode))
     refuse_damaged(dataset, config.max_unreadable_fraction, config.min_unreadable_allowed, "evaluation")
     return dataset, eval_loader(dataset, config, process)

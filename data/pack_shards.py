@@ -1,28 +1,12 @@
-"""Pack an ImageNet-layout folder into WebDataset tar shards, in timm's layout.
+"""Pack an ImageNet-layout folder into WebDataset tar shards, in timm's layout (docs/shards.md).
 
     python -m data.pack_shards --data-dir /data/imagenet --out /data/imagenet-wds
     python -m data.pack_shards --data-dir sample_imagenet --out sample_shards --train-shards 8 --val-shards 2
     python -m data.pack_shards --data-dir /data/ilsvrc2012 --out /data/imagenet-wds    (ImageNet as downloaded)
 
---data-dir is class folders, or ImageNet as downloaded (the official archives, Kaggle's zip or
-its tree: docs/archives.md), read through the reader training uses.
-
-Writes <name>-train-NNNN.tar and <name>-validation-NN.tar (1024 and 64 shards by default,
-as timm publishes ImageNet-1k), each sample a <key>.cls (its class index) and a <key>.jpg
-(the file's bytes, unchanged: a PNG stays a PNG, as a folder would keep it), and
-_info.json with timm's split sizes plus the class names. The key is the file's name
-without its extension, so the validation images keep their ILSVRC2012_val_* names
-(ImageNet-ReaL finds them); where names repeat across classes it is <class>/<name>.
-
-The samples are shuffled across and within shards by --seed: the same seed and files give
-the same bytes. The shuffle draws from a random stream of its own, not torch.manual_seed(seed),
-which the training sampler's first epoch uses: with that, every first-epoch batch came from
-one or two shards, and a missing shard emptied whole batches. Files are read and written
-one at a time per thread (never the dataset in memory). A shard is written whole or not at
-all, so running the same command again after an interruption keeps the finished shards and
-writes the rest; _pack.json records what is being packed (the shuffle rule too), and a
-different pack into the same folder is refused. Training reads the shards in the class
-folders' order (data/sources/tars.py), so the shuffle changes nothing it computes.
+Each sample is a <key>.cls and the file's bytes unchanged, keyed by the file's name without its
+extension (so ImageNet-ReaL finds the validation images). Shuffled by --seed: the same seed and
+files give the same bytes. A rerun after an interruption keeps the finished shards.
 """
 import argparse
 import hashlib
@@ -53,8 +37,7 @@ from .sources.tars import INFO_NAME
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "_pack.json"
-# How the samples are shuffled (recorded in _pack.json and its digest): a pack begun under
-# another rule is not continued under this one, which would mix two orders in one set.
+# The shuffle rule, recorded in _pack.json: a pack begun under another is not continued (two orders in one set).
 SHUFFLE = "randperm from sha256('data.pack_shards <split> seed <seed>')"
 SPLITS = {"train": "train", "val": "validation"}  # source folder -> the split's name in the shards (timm's)
 
@@ -68,18 +51,12 @@ class SplitPlan:
     split: str  # train | validation
     source: ImageDataset  # its samples, (file, class index), and read(i) their bytes
     keys: List[str]  # each sample's key in the shards
-    shards: List[List[int]]  # per shard, its samples (positions in `samples`) in writing order
+    shards: List[List[int]]  # per shard, its samples (positions in source.samples) in writing order
     filenames: List[str]
-
-    @property
-    def samples(self) -> Sequence[Sample]:
-        return self.source.samples
 
 
 def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageDataset]:
-    """Each split to pack, as a dataset whose read(i) gives sample i's bytes: any source
-    (class folders, or ImageNet as downloaded) through the reader that training uses, so that
-    the shards hold the bytes training would read. Class folders' train/ alone needs no val/."""
+    """Each split, read(i) giving the bytes that training would read. Class folders' train/ alone needs no val/."""
     if list(splits) == ["train"] and source_of(root).layout == "class-folders":
         classes = find_classes(root / "train")
         return {"train": ImageDataset(index_split(root / "train", classes), classes, None)}
@@ -87,15 +64,10 @@ def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageDataset]:
     return {folder: train if folder == "train" else val for folder in splits}
 
 
-def member_extension(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    return "jpg" if suffix in (".jpg", ".jpeg") else suffix.lstrip(".")
-
-
 def sample_keys(samples: Sequence[Sample], classes: List[str], where: Path) -> List[str]:
     """The file names without extension; prefixed with the class where they repeat."""
     stems = [Path(path).stem for path, _ in samples]
-    dotted = [path for path, stem in zip((p for p, _ in samples), stems) if "." in stem]
+    dotted = [path for (path, _), stem in zip(samples, stems) if "." in stem]
     if dotted:
         raise PackError(f"{len(dotted)} file names in {where} have a dot before their extension, e.g. {dotted[0]}: "
                         f"a WebDataset key ends at the first dot, so rename them")
@@ -110,20 +82,14 @@ def sample_keys(samples: Sequence[Sample], classes: List[str], where: Path) -> L
     return keys
 
 
-def shuffle_generator(split: str, seed: int) -> torch.Generator:
-    """The packer's own random stream, from a hash of its name, the split and --seed. The
-    training sampler seeds torch with seed * 100_003 + epoch: a packer seeded with --seed
-    itself dealt the shards (default seed 0) exactly as the first epoch of a run with seed 0
-    deals its batches, each batch from one or two shards."""
-    digest = hashlib.sha256(f"data.pack_shards {split} seed {seed}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def plan_split(split: str, source: ImageDataset, keys: List[str], count: int, seed: int,
-               name: str) -> SplitPlan:
+def plan_split(split: str, source: ImageDataset, keys: List[str], count: int, seed: int, name: str) -> SplitPlan:
     """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
+    # A stream of its own: seeding torch with --seed itself dealt the shards as a seed-0 run's first epoch
+    # (seed * 100_003 + epoch) deals its batches, each batch then from one or two shards.
+    digest = hashlib.sha256(f"data.pack_shards {split} seed {seed}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     count = min(count, len(source))
-    order = torch.randperm(len(source), generator=shuffle_generator(split, seed)).tolist()
+    order = torch.randperm(len(source), generator=generator).tolist()
     bounds = [len(source) * i // count for i in range(count + 1)]
     digits = max(2, len(str(count - 1)))
     return SplitPlan(split, source, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
@@ -131,12 +97,11 @@ def plan_split(split: str, source: ImageDataset, keys: List[str], count: int, se
 
 
 def plan_digest(plans: List[SplitPlan], root: Path, name: str, seed: int) -> str:
-    """Changes with anything that changes the shards' contents: files, classes, seed, counts,
-    the shuffle rule."""
+    """Changes with anything that changes the shards' contents: files, classes, seed, counts, the shuffle rule."""
     digest = hashlib.sha1(f"{name}\n{seed}\n{SHUFFLE}\n".encode())
     for plan in plans:
         digest.update(f"{plan.split} {len(plan.shards)}\n".encode())
-        for (path, target), key in zip(plan.samples, plan.keys):
+        for (path, target), key in zip(plan.source.samples, plan.keys):
             digest.update(f"{Path(path).relative_to(root)}\t{target}\t{key}\n".encode())
     return digest.hexdigest()
 
@@ -171,19 +136,14 @@ def write_shard(out: Path, plan: SplitPlan, shard: int) -> None:
     def write(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for position in plan.shards[shard]:
-                path, target = plan.samples[position]
+                path, target = plan.source.samples[position]
                 key, data, label = plan.keys[position], plan.source.read(position), str(target).encode()
+                suffix = Path(path).suffix.lower()
+                extension = "jpg" if suffix in (".jpg", ".jpeg") else suffix.lstrip(".")
                 tar.addfile(tar_member(f"{key}.cls", label), io.BytesIO(label))
-                tar.addfile(tar_member(f"{key}.{member_extension(path)}", data), io.BytesIO(data))
+                tar.addfile(tar_member(f"{key}.{extension}", data), io.BytesIO(data))
 
     write_atomically(out / plan.filenames[shard], write, durable=True)
-
-
-def info_json(plans: List[SplitPlan], classes: List[str], name: str) -> Dict:
-    """timm's _info.json fields (its wds reader takes the split sizes from here), and the class names."""
-    splits = {plan.split: dict(name=plan.split, num_samples=len(plan.samples), filenames=plan.filenames,
-                               shard_lengths=[len(shard) for shard in plan.shards]) for plan in plans}
-    return dict(name=name, splits=splits, num_classes=len(classes), classes=classes)
 
 
 def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_shards: int = 1024,
@@ -194,11 +154,9 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
         raise PackError(f"{root} does not exist")
     sources = source_sets(root, splits)
     classes = next(iter(sources.values())).classes
-    plans = []
-    for folder, source in sources.items():
-        count = train_shards if folder == "train" else val_shards
-        plans.append(plan_split(SPLITS[folder], source, sample_keys(source.samples, classes, root / folder), count,
-                                seed, name))
+    plans = [plan_split(SPLITS[folder], source, sample_keys(source.samples, classes, root / folder),
+                        train_shards if folder == "train" else val_shards, seed, name)
+             for folder, source in sources.items()]
     claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root), seed=seed,
                            name=name, shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE))
     remove_leftovers(out)  # a shard being written when an earlier pack was killed
@@ -208,10 +166,12 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
     if kept:
         log.info("continuing a pack in %s: %d shard(s) already written are kept", out, kept)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for _ in tqdm(pool.map(lambda job: write_shard(out, *job), todo), total=len(todo), desc="shards",
-                      disable=None, leave=False):
-            pass
-    info = info_json(plans, classes, name)
+        list(tqdm(pool.map(lambda job: write_shard(out, *job), todo), total=len(todo), desc="shards", disable=None,
+                  leave=False))
+    # timm's _info.json fields (its wds reader takes the split sizes from here), and the class names
+    written = {plan.split: dict(name=plan.split, num_samples=len(plan.source), filenames=plan.filenames,
+                                shard_lengths=[len(shard) for shard in plan.shards]) for plan in plans}
+    info = dict(name=name, splits=written, num_classes=len(classes), classes=classes)
     write_atomically(out / INFO_NAME, json.dumps(info, indent=1) + "\n")
     return info
 

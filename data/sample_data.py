@@ -1,8 +1,6 @@
-"""Write a small, learnable image-classification set in the ImageNet layout, as real JPEGs.
-
-Each class is a shape drawn in a class-specific hue over a random textured background, at
-a random place, size and image resolution, so random-resized crops still see the class.
-Like ImageNet it holds a few grayscale and CMYK JPEGs and one PNG behind a .JPEG name.
+"""Write a small, learnable image-classification set in the ImageNet layout, as real JPEGs: a
+class's shape and hue over a random textured background, at random places and sizes (random-resized
+crops still see the class); like ImageNet, a few grayscale and CMYK JPEGs and a PNG named .JPEG.
 
     python -m data.sample_data --out sample_imagenet
 """
@@ -31,13 +29,11 @@ def draw_sample(class_index: int, num_classes: int, rng: random.Random, size: tu
         r = rng.randint(3, max(4, min(size) // 8))
         draw.rectangle((x - r, y - r, x + r, y + r), fill=_hue_rgb(rng.random(), 0.3, rng.uniform(0.2, 1.0)))
     background = background.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
-
     draw = ImageDraw.Draw(background)
     colour = _hue_rgb(class_index / num_classes + rng.uniform(-0.02, 0.02), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
     shape = SHAPES[class_index % len(SHAPES)]
     radius = rng.uniform(0.25, 0.45) * min(size)
-    cx = rng.uniform(radius, width - radius)
-    cy = rng.uniform(radius, height - radius)
+    cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if shape == "disc":
         draw.ellipse(box, fill=colour)
@@ -54,27 +50,8 @@ def draw_sample(class_index: int, num_classes: int, rng: random.Random, size: tu
     return background
 
 
-def _save(image: Image.Image, path: Path, kind: str, rng: random.Random) -> None:
-    quality = rng.randint(75, 95)
-    if kind == "gray":
-        image.convert("L").save(path, "JPEG", quality=quality)
-    elif kind == "cmyk":
-        image.convert("CMYK").save(path, "JPEG", quality=quality)
-    elif kind == "png":
-        image.save(path, "PNG")  # ImageNet's n02105855_2933.JPEG is a PNG too
-    else:
-        image.save(path, "JPEG", quality=quality)
-
-
-def generate(
-    out: Path,
-    num_classes: int = 10,
-    train_per_class: int = 60,
-    val_per_class: int = 20,
-    min_size: int = 96,
-    max_size: int = 320,
-    seed: int = 0,
-) -> Path:
+def generate(out: Path, num_classes: int = 10, train_per_class: int = 60, val_per_class: int = 20,
+             min_size: int = 96, max_size: int = 320, seed: int = 0) -> Path:
     """Build the set at `out` unless an identical one is already there; returns `out`."""
     settings = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
                     min_size=min_size, max_size=max_size, seed=seed)
@@ -85,7 +62,6 @@ def generate(
         raise ValueError(f"num_classes must be in [1, 1000], got {num_classes}")
     if not 32 <= min_size <= max_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
-
     rng = random.Random(seed)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -98,10 +74,13 @@ def generate(
             for image_index in range(per_class):
                 size = (rng.randint(min_size, max_size), rng.randint(min_size, max_size))
                 image = draw_sample(class_index, num_classes, rng, size)
+                path, quality = folder / f"{wnid}_{image_index}.JPEG", rng.randint(75, 95)
                 counter += 1
-                # Every 23rd image grayscale, every 29th CMYK, the very first one a PNG.
-                kind = "png" if counter == 1 else "gray" if counter % 23 == 0 else "cmyk" if counter % 29 == 0 else "rgb"
-                _save(image, folder / f"{wnid}_{image_index}.JPEG", kind, rng)
+                if counter == 1:  # ImageNet's n02105855_2933.JPEG is a PNG too
+                    image.save(path, "PNG")
+                else:  # every 23rd image grayscale, every 29th CMYK
+                    mode = "L" if counter % 23 == 0 else "CMYK" if counter % 29 == 0 else "RGB"
+                    image.convert(mode).save(path, "JPEG", quality=quality)
     (staging / "sample_data.json").write_text(json.dumps(settings))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

@@ -1,26 +1,14 @@
 """A split's samples as a few flat arrays, memory-mapped from a cache file: the one index that
 every source of ImageNet builds, and the one routine that caches it.
 
-A Python list of 1.28M (path, class) tuples costs 223 MB in every process, and a loader
-worker that reads it touches the reference counts of its objects, so copy-on-write
-duplicates their pages in every worker (pytorch/pytorch#13246): 8 ranks x 8 workers, about
-12 GB for file names. A SampleIndex holds each sample's folder, class and name in numpy
-arrays and one byte buffer instead: no Python object per sample, pages that reading never
-writes, and, mapped from its cache file, pages that every rank and worker of a node share.
-index[i] still gives the (path, class) pair that the rest of the code reads.
+A list of 1.28M (path, class) tuples costs 223 MB, copied into every loader worker that touches
+its reference counts (pytorch/pytorch#13246): about 12 GB for 8 ranks x 8 workers. Mapped arrays
+hold no Python object per sample, and a node's processes share their pages. A sample is a file,
+folders[folder_of[i]]/<name> (kind `files`), or bytes inside that container (kind `members`) at
+`offset`, `size` long, stored or deflated (`method`, zipfile's numbers) into `length` bytes.
 
-A sample is one of two kinds, which says how the dataset reads it (data/dataset.py):
-`files`, the file folders[folder_of[i]]/<name>; or `members`, bytes inside the container
-file folders[folder_of[i]] (an archive, a zip, a tar shard) at `offset`, `size` long, stored
-or deflated (`method`, zipfile's numbers) into `length` bytes. An index also keeps what its
-source knew when it built it: why a sample cannot be read (`problems`), each container's
-identity, the class names where the data names them, and what is wrong with each container,
-to be said at every start.
-
-The cache file: MAGIC, the header's length (8 bytes, little-endian), the header (JSON: what
-the index was built from, to tell when it is stale, and the fields above), then the arrays,
-each at a 64-byte boundary. It is written whole or not at all, and a file that does not read
-back whole is built again.
+The cache file: MAGIC, the header's length (8 bytes, little-endian), the header (JSON: the key it
+was built from, the other fields), then the arrays, each at a 64-byte boundary.
 """
 import contextlib
 import fcntl
@@ -45,11 +33,10 @@ MAGIC = b"CSPRESNET-SAMPLE-INDEX-2\n"
 ALIGN = 64
 Sample = Tuple[str, int]
 Identity = Tuple[int, int, int]
+Build = Callable[[Optional["SampleIndex"]], Tuple["SampleIndex", Any]]  # cached()'s: previous -> (index, key)
 
 
 class Member(NamedTuple):
-    """A sample inside a container, as a source lists it."""
-
     target: int
     name: str  # '<wnid>/<file>' or the tar member's name: what warnings and reports show
     container: int  # its position in the index's folders
@@ -71,8 +58,7 @@ class SampleIndex(Sequence):
         self.folder_of, self.targets, self.names, self.starts = folder_of, targets, names, starts
         self.arrays = arrays or {}  # members: offset, size, method, length
         self.identities = [tuple(each) for each in identities or []]  # members: each container's, when indexed
-        self.problems = problems or {}
-        self.classes = classes
+        self.problems, self.classes = problems or {}, classes  # {sample: why it cannot be read}, named classes
         self.warnings = [(int(c), text) for c, text in warnings]  # (container, what is wrong with it)
         self._fingerprint: Optional[str] = None
 
@@ -91,10 +77,6 @@ class SampleIndex(Sequence):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
-    def __iter__(self) -> Iterator[Sample]:
-        for index in range(len(self)):
-            yield self[index]
-
     def __add__(self, other: Sequence[Sample]) -> List[Sample]:  # as lists of samples add up
         return list(self) + list(other)
 
@@ -104,7 +86,6 @@ class SampleIndex(Sequence):
     @classmethod
     def from_rows(cls, folders: List[str], folder_of: Sequence[int], names: Sequence[str], targets: Sequence[int],
                   **fields: Any) -> "SampleIndex":
-        """Sample i: folders[folder_of[i]]/names[i], of class targets[i]; `fields` as __init__'s."""
         encoded = [name.encode("utf-8", "surrogateescape") for name in names]
         starts = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=starts[1:])
@@ -115,7 +96,6 @@ class SampleIndex(Sequence):
     @classmethod
     def from_members(cls, containers: List[str], identities: List[Identity], members: Sequence[Member],
                      **fields: Any) -> "SampleIndex":
-        """The samples inside `containers`, in the order of `members`."""
         arrays = {key: np.array([getattr(m, key) for m in members], dtype=np.int64)
                   for key in ("offset", "size", "method", "length")}
         return cls.from_rows(containers, [m.container for m in members], [m.name for m in members],
@@ -124,9 +104,8 @@ class SampleIndex(Sequence):
 
     @classmethod
     def from_names(cls, folders: List[str], names_per_folder: Sequence[List[str]], targets: Sequence[int]) -> "SampleIndex":
-        """Folder k's files (names without a '/'), in order, are names_per_folder[k], all of
-        class targets[k]. The fingerprint comes with it, joined a folder at a time (0.1 s for
-        ImageNet's train set, against 1 s sample by sample)."""
+        """Folder k's files (no '/' in a name) are names_per_folder[k], of class targets[k]; the fingerprint
+        comes with it, joined a folder at a time (0.1 s for ImageNet's train set, not 1 s sample by sample)."""
         counts, targets = [len(names) for names in names_per_folder], list(targets)
         names = [name for each in names_per_folder for name in each]
         text = "".join(names)
@@ -156,10 +135,9 @@ class SampleIndex(Sequence):
         return cls.from_rows(list(folders), folder_of, names, [target for _, target in samples])
 
     def fingerprint(self) -> str:
-        """Changes when any file is added, removed or relabelled: then sample indices moved.
-        Only a sample's folder name and file name count, not where the dataset is mounted:
-        sha1 over '<parent folder name>/<file name>\t<class>\n' per sample, what checkpoints
-        have always recorded (a member named '<wnid>/<file>' counts as that folder's file)."""
+        """Changes when a file is added, removed or relabelled (sample indices moved), not where the data
+        is mounted: sha1 over '<parent folder name>/<file name>\t<class>\n' per sample, as checkpoints
+        have always recorded it (a member named '<wnid>/<file>' counts as that folder's file)."""
         if self._fingerprint is None:
             digest = hashlib.sha1()
             blob, starts = self.names.tobytes(), self.starts.tolist()
@@ -176,12 +154,6 @@ class SampleIndex(Sequence):
             self._fingerprint = f"{len(self)}:{digest.hexdigest()}"
         return self._fingerprint
 
-    # ------------------------------------------------------------------------- the cache file
-
-    def header(self, key: Any) -> Dict[str, Any]:
-        return dict(key=key, kind=self.kind, folders=self.folders, identities=self.identities, problems=self.problems,
-                    classes=self.classes, warnings=self.warnings, fingerprint=self.fingerprint())
-
     def save(self, path: Path, key: Any) -> None:
         """Whole or not at all; `key` says what the index was built from (to tell staleness)."""
         arrays = dict(folder_of=self.folder_of, targets=self.targets, names=self.names, starts=self.starts,
@@ -190,7 +162,9 @@ class SampleIndex(Sequence):
         for name, array in arrays.items():
             layout[name] = [array.dtype.str, offset, len(array)]
             offset += -(-array.nbytes // ALIGN) * ALIGN
-        header = json.dumps(dict(self.header(key), arrays=layout)).encode()
+        header = json.dumps(dict(key=key, kind=self.kind, folders=self.folders, identities=self.identities,
+                                 problems=self.problems, classes=self.classes, warnings=self.warnings,
+                                 fingerprint=self.fingerprint(), arrays=layout)).encode()
         start = -(-(len(MAGIC) + 8 + len(header)) // ALIGN) * ALIGN
 
         def write(handle) -> None:
@@ -204,8 +178,7 @@ class SampleIndex(Sequence):
 
     @classmethod
     def load(cls, path: Path) -> Tuple["SampleIndex", Any]:
-        """The index mapped from its file, and the key it was built from; ValueError if the
-        file is not a whole index of this version (a junk or truncated cache)."""
+        """The index mapped from its file, and its key; ValueError for a junk or truncated cache."""
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size < len(MAGIC) + 8:
@@ -233,44 +206,33 @@ class SampleIndex(Sequence):
 
 
 def fingerprint_of(samples: Sequence[Sample]) -> str:
-    """A set's fingerprint, as checkpoints record it (SampleIndex.fingerprint); an index
-    knows its own, kept in its cache file (8 s at ImageNet's size otherwise)."""
+    """An index knows its fingerprint, kept in its cache file (8 s at ImageNet's size otherwise)."""
     return (samples if isinstance(samples, SampleIndex) else SampleIndex.from_samples(samples)).fingerprint()
 
 
-# ----------------------------------------------------------------------------- caching
-
-
 def identity(stat: os.stat_result) -> Identity:
-    """What tells a file that an index points into from any other: its size, modification
-    time and change time. The change time is the kernel's own: a copy over the file that
-    keeps its size and sets its old modification time (cp --preserve=timestamps) still
-    changes it, and no program can set it back."""
+    """The change time is the kernel's own: a copy that keeps size and mtime (cp --preserve=timestamps) changes it."""
     return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def files_key(*paths: Path) -> List[List]:
     """What an index of these files must match: each one's path and identity (-1s: absent)."""
-    def one(path: Path) -> List:
+    key = []
+    for path in paths:
         try:
-            return [str(path), *identity(path.stat())]
+            key.append([str(path), *identity(path.stat())])
         except FileNotFoundError:
-            return [str(path), -1, -1, -1]
-
-    return [one(path) for path in paths]
+            key.append([str(path), -1, -1, -1])
+    return key
 
 
 def absolute(path: Path) -> Path:
-    """`path` from the root, as indexes name their data: the same data named by a relative
-    path and by an absolute one shares one index. Links are kept (no resolve()), so that a
-    path stays the one the user gave, and works where a magic link (/proc/PID/root) is in it."""
+    """One index for a relative or absolute path; no resolve(): the user's path works through /proc/PID/root."""
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def cache_places(root: Path, name: str, index_dir: str = "") -> List[Path]:
-    """Where the index `name` of the data at `root` may be cached, in the order they are read:
-    in `index_dir` (data.index_dir) when set; else beside the data (root/.cspresnet_index/),
-    then the per-user cache. The same names for every rank of every node that reads the folder."""
+    """Where an index may be cached, in reading order: `index_dir` if set; else beside the data, then the user's."""
     root = absolute(root)
     tag = f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
     if index_dir:
@@ -281,23 +243,16 @@ def cache_places(root: Path, name: str, index_dir: str = "") -> List[Path]:
 
 
 def cache_file(root: Path, name: str, index_dir: str = "") -> Path:
-    """Where the index `name` of the data at `root` is written: the user's cache where the
-    data's folder is read-only."""
+    """Where an index is written: the user's cache where the data's folder is read-only (a stale index beside
+    the data is then passed over for it, not rebuilt at every start)."""
     places = cache_places(root, name, index_dir)
     return places[0] if len(places) == 1 or os.access(absolute(root), os.W_OK) else places[-1]
 
 
-Build = Callable[[Optional[SampleIndex]], Tuple[SampleIndex, Any]]
-
-
 def cached(what: str, root: Path, name: str, key: Any, build: Build, index_dir: str = "") -> SampleIndex:
-    """The index `name` of the data at `root` (`what`, in words): read from a cache file built
-    from `key`, else built by one process while the others (ranks, nodes) wait on a lock and
-    then read what it wrote, and cached for every later start. `build(previous)` gets the
-    out-of-date index, if any, to take what is still true from it, and returns the index and
-    the key to cache it under (None: do not cache it). A stale cache where nothing can be
-    written (a read-only dataset) is passed over for the user's, not rebuilt at every start.
-    The index's warnings are said at every start, as when it was built."""
+    """The index `name` of the data at `root` (`what`, in words), read from a cache built from `key`, or built
+    by one process while the others (ranks, nodes) wait on a lock. `build(previous)` may reuse the out-of-date
+    index and returns the index and the key to cache it under (None: not cached)."""
     started, previous = time.perf_counter(), None
     for place in cache_places(root, name, index_dir):
         found, current = read_cache(place, key)
@@ -311,39 +266,30 @@ def cached(what: str, root: Path, name: str, key: Any, build: Build, index_dir: 
         if current:
             return said(found, what, started, target)
         found, built_from = build(previous or found)
-        save(found, target, built_from)
+        try:  # a cache that cannot be written costs the next start a build, not this one
+            if built_from is not None:
+                found.save(target, built_from)
+        except OSError as exc:
+            log.warning("could not cache the index in %s (%s): the next start builds it again; set data.index_dir "
+                        "to a writable folder", target, exc.strerror or exc)
     return said(found, what, started)
 
 
-def save(index: SampleIndex, path: Path, key: Any) -> None:
-    """A cache that cannot be written costs the next start a build, not this one."""
-    if key is None:
-        return
-    try:
-        index.save(path, key)
-    except OSError as exc:
-        log.warning("could not cache the index in %s (%s): the next start builds it again; set data.index_dir to a "
-                    "writable folder", path, exc.strerror or exc)
-
-
 def read_cache(path: Path, key: Any) -> Tuple[Optional[SampleIndex], bool]:
-    """The index cached at `path` if it reads back whole, and whether it was built from `key`."""
     try:
         index, built_from = SampleIndex.load(path)
-        if built_from == key:
-            return index, True
-        log.info("the index %s is out of date: the data changed since it was built", path)
-        return index, False
     except FileNotFoundError:
-        pass
+        return None, False
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("the index %s cannot be read (%s): indexing again", path, exc)
-    return None, False
+        return None, False
+    if built_from != key:
+        log.info("the index %s is out of date: the data changed since it was built", path)
+    return index, built_from == key
 
 
 def said(index: SampleIndex, what: str, started: float, place: Optional[Path] = None) -> SampleIndex:
-    """The index, with what the start says of it: where it came from, how long it took, and
-    what is wrong with the data (at every start, as when it was built)."""
+    """Where the index came from, how long it took, and what is wrong with the data: at every start."""
     where = f"read from {place}" if place else "built"
     log.info("indexed %s: %d samples %s in %.2f s", what, len(index), where, time.perf_counter() - started)
     for _, warning in index.warnings:
@@ -357,8 +303,7 @@ def said(index: SampleIndex, what: str, started: float, place: Optional[Path] = 
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """One process builds an index while the others (ranks, nodes) wait for it; where the
-    filesystem cannot lock, each builds its own (the writes are atomic either way)."""
+    """Where the filesystem cannot lock, each process builds its own index (the writes are atomic anyway)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path.with_name(path.name + ".lock"), "a")

@@ -1,13 +1,6 @@
-"""Per-image transforms (on PIL images, in loader workers) and the batch work on the
-training device (normalisation, random erasing, mixup).
-
-Workers return uint8 HWC tensors: a quarter of the bytes of float32 through the worker
-queues and the host-to-device copy. Normalisation then runs on the device with the same
-float32 operations as torchvision's ToTensor + Normalize, so results are bit-identical to
-timm's CPU transform.
-
-Each transform decodes the file's bytes itself (see fast_decode.ImageTransform): "full" decodes
-the whole file with Pillow first, exactly as timm does; "fast" is fast_decode's path.
+"""Per-image transforms (in loader workers) and the batch work on the training device. Workers
+return uint8 HWC tensors, a quarter of float32's bytes; the device normalises with the float32
+operations of torchvision's ToTensor + Normalize, bit-identical to timm's CPU transform.
 """
 import logging
 import math
@@ -28,18 +21,14 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 class FullDecode(ImageTransform):
     """Decode the whole file to RGB with Pillow, then run PIL transforms on it: timm's way."""
 
     def __init__(self, steps: transforms.Compose, uses_numpy_random: bool = False):
-        self.steps = steps
-        self.uses_numpy_random = uses_numpy_random
+        self.steps, self.uses_numpy_random = steps, uses_numpy_random
 
     def decode(self, data: bytes) -> Image.Image:
         return load_rgb(data)
@@ -51,28 +40,17 @@ class FullDecode(ImageTransform):
         return f"FullDecode({self.steps})"
 
 
-def rand_augment(img_size: int, auto_augment: str, interpolation: str):
-    """timm's RandAugment with the hyper-parameters timm's training transform gives it."""
-    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
-    if interpolation != "random":
-        hparams["interpolation"] = Image.Resampling[interpolation.upper()]
-    return rand_augment_transform(auto_augment, hparams)
-
-
-def train_transform(
-    img_size: int,
-    scale: Tuple[float, float] = (0.08, 1.0),
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-    interpolation: str = "bilinear",
-    hflip: float = 0.5,
-    auto_augment: str = "",
-    decode: str = "full",
-) -> ImageTransform:
-    """Random-resized crop (interpolation may be 'random': bilinear or bicubic per image),
-    flip, RandAugment. decode="full" is timm's transform exactly; "fast" draws the crops
-    from the same distribution and decodes faster (fast_decode); "gpu" draws them and
-    leaves the decoding to the device (gpu_decode)."""
-    augment = rand_augment(img_size, auto_augment, interpolation) if auto_augment else None
+def train_transform(img_size: int, scale: Tuple[float, float] = (0.08, 1.0),
+                    ratio: Tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bilinear", hflip: float = 0.5,
+                    auto_augment: str = "", decode: str = "full") -> ImageTransform:
+    """Random-resized crop, flip, RandAugment. decode="full" is timm's transform exactly; "fast" draws the
+    crops alike and decodes faster (fast_decode); "gpu" leaves the decoding to the device (gpu_decode)."""
+    augment = None
+    if auto_augment:  # timm's RandAugment, with the hyper-parameters timm's training transform gives it
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
+        if interpolation != "random":
+            hparams["interpolation"] = Image.Resampling[interpolation.upper()]
+        augment = rand_augment_transform(auto_augment, hparams)
     names = ["bilinear", "bicubic"] if interpolation == "random" else [interpolation]
     if decode == "fast":
         return FastRandomResizedCrop(img_size, scale, ratio, names, hflip, augment)
@@ -89,10 +67,8 @@ def train_transform(
 
 
 class SizeByEpoch(ImageTransform):
-    """The training transform of each epoch's crop size (data.start_img_size, progressive
-    resizing). The size is a function of the sample's epoch, which the sampler's keys carry,
-    so workers that run ahead into the next epoch already crop at its size, and a resumed
-    run crops as the uninterrupted one did."""
+    """Each epoch's crop size (progressive resizing), by the epoch the sampler's keys carry: workers that
+    run ahead into the next epoch crop at its size, and a resumed run as the uninterrupted one did."""
 
     def __init__(self, by_size: Dict[int, ImageTransform], size_of_epoch: Callable[[int], int]):
         self.by_size, self.size_of_epoch = by_size, size_of_epoch
@@ -103,9 +79,7 @@ class SizeByEpoch(ImageTransform):
 
 
 def training_transforms(config, device: torch.device) -> Tuple[ImageTransform, ImageTransform, str]:
-    """The training transform of a recipe's data section (one per crop size with progressive
-    resizing), its evaluation transform, and the training decode as it runs on `device`:
-    data.train_decode=gpu where nvJPEG decodes there, else fast, with a warning."""
+    """The training and evaluation transforms, and the training decode: gpu only where nvJPEG runs on `device`."""
     decode = config.train_decode
     if decode == "gpu":
         available, reason = gpu_decode_available(device)
@@ -133,16 +107,13 @@ def eval_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)
 
 
-def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear", decode: str = "full") -> ImageTransform:
-    """decode="full" is timm's evaluation transform, bit for bit; "fast" resizes only the
-    kept region, decoded by libjpeg-turbo (faster; predictions move slightly)."""
+def eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear",
+                   decode: str = "full") -> ImageTransform:
+    """decode="full" is timm's, bit for bit; "fast" decodes and resizes only the kept box (predictions move)."""
     if decode == "fast":
         return FastCenterCrop(img_size, eval_resize_size(img_size, crop_pct), interpolation)
-    return FullDecode(transforms.Compose([
-        transforms.Resize(eval_resize_size(img_size, crop_pct), interpolation=INTERPOLATIONS[interpolation]),
-        transforms.CenterCrop(img_size),
-        pil_to_hwc_uint8,
-    ]))
+    resize = transforms.Resize(eval_resize_size(img_size, crop_pct), interpolation=INTERPOLATIONS[interpolation])
+    return FullDecode(transforms.Compose([resize, transforms.CenterCrop(img_size), pil_to_hwc_uint8]))
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -151,8 +122,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class DevicePreprocess:
-    """A batch as the loader hands it over (uint8 NHWC, on the host, or on the device after
-    a GPU decode: data.device_feed) -> the model's input: normalised float32 NCHW on the device."""
+    """A loader's batch (uint8 NHWC, on the host or the device) -> the model's input: normalised float32 NCHW."""
 
     def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.device = device
@@ -167,13 +137,10 @@ class DevicePreprocess:
 
 
 class BatchAugment:
-    """The augmentations that timm applies to a whole normalised batch on the device:
-    random erasing (as timm's prefetcher does), then mixup/cutmix, which also turns the
-    targets into soft labels (with the label smoothing folded in)."""
+    """timm's batch augmentations on the device: random erasing (as its prefetcher), then mixup/cutmix."""
 
     def __init__(self, erasing: Optional[RandomErasing], mixup: Optional[Mixup]):
-        self.erasing = erasing
-        self.mixup = mixup
+        self.erasing, self.mixup = erasing, mixup
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor):
         if self.erasing is not None:
@@ -183,12 +150,12 @@ class BatchAugment:
         return inputs, targets
 
 
-def build_batch_augment(augment, label_smoothing: float, num_classes: int, device: torch.device) -> Optional[BatchAugment]:
+def build_batch_augment(augment, label_smoothing: float, num_classes: int,
+                        device: torch.device) -> Optional[BatchAugment]:
     """None when the recipe asks for neither (the darknet recipe)."""
     erasing = RandomErasing(augment.random_erasing, mode=augment.random_erasing_mode, device=device) \
         if augment.random_erasing > 0 else None
-    mixup = None
-    if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
-        mixup = Mixup(mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha, prob=augment.mixup_prob,
-                      switch_prob=augment.mixup_switch_prob, label_smoothing=label_smoothing, num_classes=num_classes)
+    mixup = Mixup(mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha, prob=augment.mixup_prob,
+                  switch_prob=augment.mixup_switch_prob, label_smoothing=label_smoothing,
+                  num_classes=num_classes) if augment.mixing else None
     return BatchAugment(erasing, mixup) if erasing or mixup else None

@@ -1,25 +1,12 @@
-"""Every source of ImageNet that a --data-dir may hold, one row each, and the one place that
-chooses among them, for training and for evaluation:
-
-    class-folders   DIR/train/<wnid>/, DIR/val/<wnid>/                   folders.py
-    shards          DIR/<name>-train-NNNN.tar, -validation-NN.tar         tars.py
-    archives        DIR/ILSVRC2012_img_{train,val}.tar + devkit           archives.py
-    kaggle          Kaggle's download unzipped (train/ and a flat val/)   kaggle.py
-    kaggle-zip      Kaggle's zip itself                                   kaggle.py
-
-A row says how to tell that a folder holds its source, how to build the source's training and
-validation indexes, and, for a download that carries its own validation images, how to build
-that set for validate.py (labelling flat images by the labels the download carries: labels.py).
-Every source gives its samples in the class folders' order, in one index type
-(data/sample_index.py) that the one dataset reads (data/dataset.py), so the samplers, the
-decode paths and exact resume never learn which one they read. A sixth source is one module
-and one row here (docs/adding-a-source.md).
+"""Every source of ImageNet that a --data-dir may hold, one row each (SOURCES), and the one place that
+chooses among them, for training and for evaluation. Each gives its samples in the class folders' order as a SampleIndex: the samplers, decoders and
+exact resume never learn which one they read. A sixth is one module and one row (docs/adding-a-source.md).
 """
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from common.errors import DataConfigError
+from common.errors import DataConfigError, DatasetLayoutError
 
 from ..config import DataConfig
 from ..sample_index import Sample, SampleIndex
@@ -32,23 +19,36 @@ Splits = Tuple[SampleIndex, SampleIndex, List[str]]  # the training and validati
 class Source:
     layout: str  # its name, as data.layout and validate.py's "layout" give it
     described: str  # in words, for messages
+    expects: str  # what --data-dir holds, for the message that lists every layout
     holds: Callable[[Path], bool]  # whether --data-dir holds it
     splits: Callable[[Path, DataConfig, int], Splits]  # (root, the data section, seed)
     evaluation: Optional[Callable[[Path, str], Tuple[SampleIndex, List[str], str]]] = None  # (root, index_dir)
 
 
-# In the order a folder is recognised: class folders arranged beside the archives are read
-# rather than the archives.
+# In the order a folder is recognised: class folders arranged beside the archives win over them.
 SOURCES = (
-    Source("kaggle-zip", "Kaggle's zip", lambda root: kaggle.find_zip(root) is not None, kaggle.zip_splits,
+    Source("kaggle-zip", "Kaggle's zip", "imagenet-object-localization-challenge.zip, or a folder that holds it "
+           "(docs/archives.md)", lambda root: kaggle.find_zip(root) is not None, kaggle.zip_splits,
            kaggle.zip_evaluation),
-    Source("kaggle", "Kaggle's download (unzipped)", lambda root: kaggle.tree_root(root) is not None,
-           kaggle.tree_splits, kaggle.tree_evaluation),
-    Source("class-folders", "class folders", folders.holds, folders.splits),
-    Source("archives", "ImageNet's official archives", archives.holds, archives.splits, archives.evaluation),
-    Source("shards", "tar shards", tars.holds, tars.splits),
+    Source("kaggle", "Kaggle's download (unzipped)", "DIR/ILSVRC/Data/CLS-LOC/ with DIR/LOC_val_solution.csv",
+           lambda root: kaggle.tree_root(root) is not None, kaggle.tree_splits, kaggle.tree_evaluation),
+    Source("class-folders", "class folders", folders.EXPECTS, folders.holds, folders.splits),
+    Source("archives", "ImageNet's official archives", "DIR/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, "
+           "ILSVRC2012_devkit_t12.tar.gz", archives.holds, archives.splits, archives.evaluation),
+    Source("shards", "tar shards", "DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (WebDataset tar "
+           "shards, docs/shards.md)",
+           tars.holds, tars.splits),
 )
 BY_LAYOUT = {source.layout: source for source in SOURCES}
+
+
+def layouts() -> Tuple[str, ...]:
+    """data.layout's values; kaggle is either of Kaggle's."""
+    return ("auto", *BY_LAYOUT)
+
+
+def expected_layouts() -> str:
+    return "expected one of these layouts: " + "; ".join(f"{source.described}: {source.expects}" for source in SOURCES)
 
 
 class EvalSet(NamedTuple):
@@ -59,8 +59,7 @@ class EvalSet(NamedTuple):
 
 
 def source_of(root: Path, layout: str = "auto") -> Source:
-    """data.layout's source (kaggle: the zip, or the tree), or (auto) the one `root` holds;
-    class folders when it holds none."""
+    """data.layout's source (kaggle: the zip, or the tree), or (auto) the one `root` holds, else class folders."""
     if layout == "kaggle":
         return BY_LAYOUT["kaggle-zip" if kaggle.find_zip(root) else "kaggle"]
     if layout != "auto":
@@ -76,7 +75,12 @@ def download_of(root: Path) -> Optional[Source]:
 def training_splits(config: DataConfig, seed: int) -> Splits:
     """The training and validation indexes of data.dir, as data.layout says or (auto) as found."""
     root = Path(config.dir).expanduser()
-    source = source_of(root, config.layout) if config.dir else BY_LAYOUT["class-folders"]
+    if not config.dir:
+        raise DatasetLayoutError(f"no dataset folder given: pass --data-dir DIR or data.dir=DIR; {expected_layouts()}")
+    source = source_of(root, config.layout)
+    if source.layout == "class-folders" and not source.holds(root):  # also what auto falls back to
+        missing = f"{root / 'train'} does not exist" if root.is_dir() else f"dataset folder {root} does not exist"
+        raise DatasetLayoutError(f"{missing}; {expected_layouts()}")
     if config.holdout_fraction > 0 and source.layout != "class-folders":  # the others carry their own
         raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
                               f"{source.described}, which carry their own validation set; set it to 0")
@@ -85,9 +89,8 @@ def training_splits(config: DataConfig, seed: int) -> Splits:
 
 def evaluation_set(root: Path, split: str = "val", label_file: Optional[Path] = None,
                    model_classes: Sequence[str] = (), index_dir: str = "") -> EvalSet:
-    """validate.py's set: a download's own validation images; else root/<split> (or root):
-    tar shards of the split, class folders, ImageNetV2's numbered folders or a flat folder
-    with its labels. Shards that do not name their classes take the model's."""
+    """validate.py's set: a download's own validation images; else root/<split> (or root) as shards (named
+    classes, else the model's), class folders, ImageNetV2's numbered folders or a flat folder with labels."""
     source = source_of(root)
     if source.evaluation is not None:
         return EvalSet(*source.evaluation(root, index_dir), root)

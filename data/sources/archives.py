@@ -1,17 +1,13 @@
-"""Training and evaluation straight from ImageNet's official ILSVRC2012 archives: no
-extraction, no copy.
+"""Training and evaluation straight from ImageNet's official ILSVRC2012 archives: no extraction, no copy.
 
     DIR/ILSVRC2012_img_train.tar        138 GB: a tar of 1,000 tars <wnid>.tar, each a class's JPEGs
     DIR/ILSVRC2012_img_val.tar          6.3 GB: 50,000 JPEGs ILSVRC2012_val_%08d.JPEG, flat
     DIR/ILSVRC2012_devkit_t12.tar.gz    the validation labels (or Kaggle's LOC_val_solution.csv)
 
-The inner tars lie in the outer one uncompressed, so every JPEG lies whole at a fixed offset
-of the outer file. The index is read from the outer tar's headers and each inner tar's
-(tars.py's reader, on a window of the outer file), never an image; then each image is one
-pread of the archive. Sample i is the class folders' sample i, named '<wnid>/<file name>' as
-in a folder, so the training set's fingerprint is the folders' too. The classes are the
-labels' (the devkit's 1,000, or those Kaggle's file names), so that a class missing from a
-damaged train archive does not move the others' labels.
+The inner tars lie uncompressed in the outer one, so each JPEG is one pread at an offset read from
+the tar headers. Sample i is the class folders' sample i, named '<wnid>/<file name>' (the same
+fingerprint). The classes are the labels', so a class missing from a damaged train archive does
+not move the others' labels.
 """
 import io
 import logging
@@ -43,21 +39,15 @@ def holds(folder: Path) -> bool:
 
 
 class Window(io.RawIOBase):
-    """Bytes [start, start + size) of an open file, as a file of their own: tarfile reads an
-    inner tar through it where it lies in the outer one. pread: no shared file position."""
+    """Bytes [start, start + size) of an open file, for tarfile to read an inner tar in place (pread: no shared
+    file position)."""
 
     def __init__(self, handle: BinaryIO, start: int, size: int):
         super().__init__()
         self.fd, self.start, self.size, self.position = handle.fileno(), start, size, 0
 
-    def readable(self) -> bool:
+    def seekable(self) -> bool:  # tarfile.extractfile() asks; read() and tell() come from RawIOBase
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self.position = max(0, offset + {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence])
@@ -71,7 +61,7 @@ class Window(io.RawIOBase):
 
 
 def label_file(folder: Path) -> Path:
-    """The validation labels beside the archives; exit 2 without them, since nothing can be evaluated."""
+    """The validation labels beside the archives; exit 2 without them: nothing can be evaluated."""
     for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION):
         if (folder / name).is_file():
             return folder / name
@@ -80,8 +70,8 @@ def label_file(folder: Path) -> Path:
 
 
 def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, List[TarMember], str]:
-    """The archive's stat (taken first: a change while it is read shows next time), its
-    members and what is wrong with its end; exit 2 if it holds nothing at all."""
+    """The archive's stat (taken first: a change while it is read shows next time), its members and what is
+    wrong with its end; exit 2 if it holds nothing at all."""
     stat = os.fstat(handle.fileno())
     members, damage = tar_members(handle, stat.st_size)
     if not members:
@@ -90,13 +80,9 @@ def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, Li
     return stat, members, damage
 
 
-# ----------------------------------------------------------------------------- the train archive
-
-
 def scan_train(path: Path, classes: List[str]) -> SampleIndex:
-    """Every image of every inner tar, in the class folders' order; a class the archive lacks
-    gets one unreadable sample, so that the loss is known and every other label keeps its
-    meaning."""
+    """Every image of every inner tar, in the class folders' order; a class the archive lacks gets one
+    unreadable sample, so the loss is known and every other label keeps its meaning."""
     warnings: List[Tuple[int, str]] = []
     with open(path, "rb") as handle:
         stat, outer, damage = headers(handle, path, "class tars")
@@ -119,8 +105,7 @@ def scan_train(path: Path, classes: List[str]) -> SampleIndex:
 
 def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_size: int,
                warnings: List[Tuple[int, str]]) -> List[Tuple[str, Member]]:
-    """(wnid, its sample) for each image of one class tar; one unreadable sample for a class
-    tar that cannot be read at all."""
+    """(wnid, its sample) for each image of one class tar; one unreadable sample for an unreadable tar."""
     wnid, available = name[:-len(".tar")].rpartition("/")[2], min(length, archive_size - offset)
     members, damage = tar_members(Window(handle, offset, available), available)
     if not members:
@@ -135,13 +120,9 @@ def inner_rows(handle: BinaryIO, name: str, offset: int, length: int, archive_si
             for file, start, size in ((m[0].rpartition("/")[2], m[1], m[2]) for m in members) if is_image_name(file)]
 
 
-# ----------------------------------------------------------------------------- the validation archive
-
-
 def scan_val(path: Path, labels: ValLabels, source: Path) -> SampleIndex:
-    """The validation images with their labels, in the class folders' order. An image
-    without a label stops (the labels are not these images'); a labelled image the archive
-    lacks is counted as unreadable."""
+    """The validation images with their labels, in the class folders' order. An image without a label stops
+    (the labels are not these images'); a labelled image the archive lacks is counted as unreadable."""
     with open(path, "rb") as handle:
         stat, members, _ = headers(handle, path, "images")
     images = {m[0].rpartition("/")[2]: m for m in members if is_image_name(m[0].rpartition("/")[2])}
@@ -159,11 +140,7 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> SampleIndex:
                                     warnings=warnings)
 
 
-# ----------------------------------------------------------------------------- the source
-
-
 def val_index(folder: Path, index_dir: str) -> Tuple[SampleIndex, List[str]]:
-    """The validation split and the classes, for training and for validate.py."""
     folder = absolute(folder)  # one index, whether the folder is named by a relative path or not
     if not (folder / VAL_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {VAL_ARCHIVE}; {ARCHIVES_LAYOUT}")
@@ -175,7 +152,6 @@ def val_index(folder: Path, index_dir: str) -> Tuple[SampleIndex, List[str]]:
 
 
 def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, SampleIndex, List[str]]:
-    """Training and validation sets from the archives in `root`; the counts stated."""
     folder = absolute(root)
     if not (folder / TRAIN_ARCHIVE).is_file():
         raise DatasetLayoutError(f"{folder} has no {TRAIN_ARCHIVE}; {ARCHIVES_LAYOUT}")
@@ -195,5 +171,4 @@ def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, Samp
 
 
 def evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str], str]:
-    val, classes = val_index(root, index_dir)
-    return val, classes, "archives"
+    return (*val_index(root, index_dir), "archives")

@@ -17,28 +17,21 @@ from ..config import DataConfig
 from ..sample_index import Sample, SampleIndex, absolute, cached
 from .labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, find_label_file, is_image_name, labelled, labels_from
 
-EXPECTED_LAYOUT = """expected one of these layouts:
-    class folders:        DIR/train/<wnid>/*.JPEG (one folder per WordNet id, classes in sorted order)
-                          and DIR/val/<wnid>/*.JPEG, or a flat DIR/val/ with its labels beside it
-    tar shards:           DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (WebDataset tar shards,
-                          docs/shards.md)
-    ImageNet's archives:  DIR/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz
-    Kaggle's download:    its zip, or DIR/ILSVRC/Data/CLS-LOC/ with DIR/LOC_val_solution.csv (docs/archives.md)"""
+EXPECTS = ("DIR/train/<wnid>/*.JPEG (one folder per WordNet id, classes in sorted order) and "
+           "DIR/val/<wnid>/*.JPEG, or a flat DIR/val/ with its labels beside it")
+EXPECTED_LAYOUT = f"expected class folders: {EXPECTS}"
 EVAL_LAYOUTS = ("expected class folders (DIR/<wnid>/*.JPEG), ImageNetV2's numbered folders (DIR/0 .. DIR/999), "
                 "or a flat folder of ILSVRC2012_val_*.JPEG with its labels")
 ARRANGE = "python -m data.downloads arrange --val-dir VAL --val-solution LOC_val_solution.csv --out OUT/val"
 SPLIT_NAMES = ("train", "val", "validation", "test")  # subfolders that mark a dataset root
-# What decides which files a listing keeps (extensions, hidden files, links): a cache made
-# under another rule is built again.
+# What decides which files a listing keeps: a cache made under another rule is built again.
 LISTING_RULE = "2: IMAGE_EXTENSIONS, no dot-files, links that lead nowhere kept; absolute paths"
 RACY_NS = 2_000_000_000  # a folder changed this close to its listing may have changed unseen
 
 
 def image_files(folder: Path) -> List[str]:
-    """The image file names in a folder, sorted. os.scandir gets file types from the
-    directory listing itself: no stat per file, which matters for 1.28M files on NFS. A
-    symbolic link that leads to no folder is listed (a dangling link or a loop of links
-    then fails when read, and is counted as unreadable)."""
+    """Sorted. os.scandir takes file types from the listing: no stat per file (1.28M files on NFS). A link
+    that leads to no folder is listed: a dangling one, or a loop, fails when read and counts as unreadable."""
     def is_file(entry: os.DirEntry) -> bool:
         try:
             return entry.is_file() or (entry.is_symlink() and not entry.is_dir())
@@ -75,7 +68,6 @@ def find_classes(split_dir: Path) -> List[str]:
 
 
 def list_split(split_dir: Path, classes: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
-    """Each class's folder, and its image files in order."""
     unknown = sorted(set(find_classes(split_dir)) - set(classes))
     if unknown:
         raise DatasetLayoutError(f"{split_dir} has {len(unknown)} class folders that the training classes lack, "
@@ -89,17 +81,14 @@ def list_split(split_dir: Path, classes: Sequence[str]) -> Tuple[List[str], List
 
 
 def index_split(split_dir: Path, classes: Sequence[str]) -> List[Sample]:
-    """Every image under split_dir/<class>/, labelled by the class's position in `classes`."""
     folders, files = list_split(split_dir, classes)
     return [(f"{folder}/{name}", target) for target, (folder, names) in enumerate(zip(folders, files))
             for name in names]
 
 
 def cached_index(split_dir: Path, classes: Sequence[str], index_dir: str = "") -> SampleIndex:
-    """list_split's samples, cached for every later start, rank and worker, and listed again
-    when a folder changed since: adding or removing a file changes its class folder's
-    modification time; adding or removing a class, the split folder's. A listing within
-    RACY_NS of a folder's change is not cached: the folder may have changed unseen."""
+    """list_split's samples, cached; listed again when a class folder's modification time (a file added or
+    removed) or the split folder's (a class) changed. A listing within RACY_NS of a change is not cached."""
     split_dir = absolute(split_dir)
 
     def mtime(folder: Path) -> int:
@@ -120,8 +109,7 @@ def cached_index(split_dir: Path, classes: Sequence[str], index_dir: str = "") -
 
 
 def flat_split(folder: Path, classes: List[str], label_file: Optional[Path] = None) -> SampleIndex:
-    """A flat folder of validation images with their labels (beside it, or `label_file`), in
-    the class folders' order."""
+    """A flat folder of validation images with their labels (beside it, or `label_file`)."""
     label_file = label_file or find_label_file(folder)
     if label_file is None:
         raise DatasetLayoutError(f"{folder} is a flat folder of images without labels: put Kaggle's {KAGGLE_SOLUTION} "
@@ -130,19 +118,12 @@ def flat_split(folder: Path, classes: List[str], label_file: Optional[Path] = No
     return SampleIndex.from_samples([(str(folder / name), target) for target, _, name in rows])
 
 
-# ----------------------------------------------------------------------------- the source
-
-
 def holds(root: Path) -> bool:
     return (root / "train").is_dir()
 
 
 def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, SampleIndex, List[str]]:
     """train/ and val/, or (data.holdout_fraction > 0) train/ in two."""
-    if not config.dir:
-        raise DatasetLayoutError(f"no dataset folder given: pass --data-dir DIR or data.dir=DIR; {EXPECTED_LAYOUT}")
-    if not root.is_dir():
-        raise DatasetLayoutError(f"dataset folder {root} does not exist; {EXPECTED_LAYOUT}")
     classes = find_classes(root / "train")
     train = cached_index(root / "train", classes, config.index_dir)
     if config.holdout_fraction > 0:
@@ -158,11 +139,9 @@ def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, Samp
 
 def hold_out(samples: Sequence[Sample], classes: Sequence[str], fraction: float,
              seed: int) -> Tuple[List[Sample], List[Sample]]:
-    """(kept, held out): round(fraction x n) of each class's n images held out, at least one,
-    never all. An image is held out when its hash of (seed, class folder, file name) is
-    among its class's lowest, so the split is a function of those alone: the same on every
-    rank, on resume and wherever the dataset is mounted, and a file added later moves at
-    most one other image across."""
+    """(kept, held out): round(fraction x n) of each class's n images, at least one, never all: those whose
+    hash of (seed, class folder, file name) is lowest. The same on every rank, on resume and wherever the
+    data is mounted, and a file added later moves at most one other image across."""
     def rank(sample: Sample) -> bytes:
         path = Path(sample[0])
         return hashlib.sha256(f"{seed}/{path.parent.name}/{path.name}".encode()).digest()
@@ -181,9 +160,7 @@ def hold_out(samples: Sequence[Sample], classes: Sequence[str], fraction: float,
 
 
 def eval_folder(root: Path, split: str) -> Path:
-    """The folder to evaluate: root/<split> if it exists, else root itself (class folders,
-    ImageNetV2's numbered folders, a flat folder), unless root is plainly a dataset root
-    (it holds train/, val/, validation/ or test/) that lacks the split."""
+    """root/<split> if it exists, else root itself, unless root is plainly a dataset root (SPLIT_NAMES)."""
     if (root / split).is_dir():
         return root / split
     if root.is_dir():
@@ -195,7 +172,6 @@ def eval_folder(root: Path, split: str) -> Path:
 
 
 def evaluation(folder: Path, label_file: Optional[Path] = None) -> Tuple[Sequence[Sample], List[str], str]:
-    """validate.py's (samples, classes, layout) of a folder in any of the module's layouts."""
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder} does not exist or is not a folder; {EVAL_LAYOUTS}")
     found = subfolders(folder)
@@ -214,6 +190,5 @@ def evaluation(folder: Path, label_file: Optional[Path] = None) -> Tuple[Sequenc
         raise DatasetLayoutError(f"{folder}: a flat folder of ILSVRC2012_val_*.JPEG needs its labels: --devkit "
                                  f"{DEVKIT_ARCHIVE} (or the meta.bin torchvision writes from it) or --val-solution "
                                  f"{KAGGLE_SOLUTION}, or rearrange it into class folders with: {ARRANGE}")
-    classes = labels_from(label_file).classes
-    index = flat_split(folder, classes, label_file)
-    return index, classes, "flat-kaggle" if label_file.suffix == ".csv" else "flat-devkit"
+    classes, layout = labels_from(label_file).classes, "flat-kaggle" if label_file.suffix == ".csv" else "flat-devkit"
+    return flat_split(folder, classes, label_file), classes, layout

@@ -5,14 +5,10 @@
         ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_*.JPEG     flat, labelled by
         LOC_val_solution.csv                              (the first wnid of each PredictionString)
 
-Unzipped, train/ is class folders (folders.py) and val/ a flat folder labelled by the CSV;
---data-dir may name the top or its ILSVRC/Data/CLS-LOC, and any root whose train/ holds class
-folders and whose val/ is flat is read the same way, its labels found beside val/ or at the
-top. Zipped, --data-dir names the zip, or a folder that holds it (and at most Kaggle's CSV and
-text files): the index comes from the zip's central directory (Python's zipfile reads it, ZIP64
-included) and each image's local header (its own extra field moves the data), never an
-image; then each image is one pread of its stored bytes, inflated if deflated. Either way the
-samples are in the class folders' order: training from either gives the folders' weights.
+Unzipped: class folders (folders.py) and a flat val/ labelled by the CSV. Zipped: the index comes
+from the central directory (zipfile reads ZIP64) and each image's local header (its own extra field
+moves the data), then an image is one pread, inflated if deflated. Either way, in the class
+folders' order: training from either gives the folders' weights.
 """
 import io
 import os
@@ -40,11 +36,9 @@ KAGGLE_FILES = {KAGGLE_SOLUTION, "LOC_train_solution.csv", "LOC_sample_submissio
 Split = Tuple[SampleIndex, SampleIndex, List[str]]
 
 
-# ----------------------------------------------------------------------------- unzipped
-
-
 def tree_root(root: Path) -> Optional[Path]:
-    """The folder with train/ and a flat val/ (Kaggle's ILSVRC/Data/CLS-LOC, or root itself); None if neither."""
+    """The folder with train/ and a flat val/ (Kaggle's ILSVRC/Data/CLS-LOC, or root itself), if any; its
+    labels lie beside val/ or at the top."""
     for place in (root / KAGGLE_DATA, root):
         val = place / "val"
         if (place / "train").is_dir() and val.is_dir() and not subfolders(val) and image_files(val):
@@ -74,12 +68,9 @@ def tree_evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str],
     return flat_split(place / "val", classes), classes, "kaggle"
 
 
-# ----------------------------------------------------------------------------- zipped
-
-
 def find_zip(root: Path) -> Optional[Path]:
-    """The zip that `root` names (a damaged one too, to be named as such), or the one zip a
-    folder holds with nothing else but Kaggle's CSV and text files; else None."""
+    """The zip `root` names (a damaged one too, to be named as such), or the one zip a folder holds beside
+    nothing but Kaggle's CSV and text files."""
     if root.is_file():
         return root if root.suffix.lower() == ".zip" or zipfile.is_zipfile(root) else None
     if not root.is_dir():
@@ -104,16 +95,15 @@ def member(fd: int, info: zipfile.ZipInfo, target: int, name: str) -> Member:
 
 
 def scan_zip(path: Path, split: str) -> SampleIndex:
-    """One split of the zip from its central directory and its images' local headers, in the
-    class folders' order; the classes are its train/ folders, as a listing of them would give."""
+    """One split, in the class folders' order; the classes are its train/ folders, as a listing would give."""
     stat = path.stat()
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DatasetLayoutError(f"{path} cannot be read as a zip ({exc}): download it again") from None
     with archive, open(path, "rb") as handle:
-        infos = archive.infolist()
-        parts = {info: info.filename[len(PREFIX):].split("/") for info in infos if info.filename.startswith(PREFIX)}
+        parts = {info: info.filename[len(PREFIX):].split("/") for info in archive.infolist()
+                 if info.filename.startswith(PREFIX)}
         classes = sorted({p[1] for p in parts.values() if p[0] == "train" and len(p) >= 3})
         if not classes:
             raise DatasetLayoutError(f"{path} holds no {PREFIX}train/<wnid>/ folders; {ZIP_LAYOUT}")
@@ -123,21 +113,18 @@ def scan_zip(path: Path, split: str) -> SampleIndex:
                      if p[0] == "train" and len(p) == 3 and is_image_name(p[2])]
         else:
             images = {p[1]: info for info, p in parts.items() if p[0] == "val" and len(p) == 2 and is_image_name(p[1])}
+            try:
+                solution = archive.read(KAGGLE_SOLUTION)
+            except KeyError:
+                raise DatasetLayoutError(f"{path} holds no {KAGGLE_SOLUTION}, the validation labels; {ZIP_LAYOUT}") \
+                    from None
+            labels = kaggle_rows(io.StringIO(solution.decode("utf-8"), newline=""), f"{path}:{KAGGLE_SOLUTION}")
             found = [(images[name], target, f"{wnid}/{name}") for target, wnid, name in
-                     labelled(images, zip_labels(archive), classes, path.name, KAGGLE_SOLUTION)]
+                     labelled(images, labels, classes, path.name, KAGGLE_SOLUTION)]
         members = sorted((member(handle.fileno(), *each) for each in found), key=lambda m: (m.target, m.name))
     if not members:
         raise DatasetLayoutError(f"{path} holds no {split} images; {ZIP_LAYOUT}")
     return SampleIndex.from_members([str(path)], [identity(stat)], members, classes=classes)
-
-
-def zip_labels(archive: zipfile.ZipFile):
-    try:
-        data = archive.read(KAGGLE_SOLUTION)
-    except KeyError:
-        raise DatasetLayoutError(f"{archive.filename} holds no {KAGGLE_SOLUTION}, the validation labels; "
-                                 f"{ZIP_LAYOUT}") from None
-    return kaggle_rows(io.StringIO(data.decode("utf-8"), newline=""), f"{archive.filename}:{KAGGLE_SOLUTION}")
 
 
 def zip_index(path: Path, split: str, index_dir: str) -> SampleIndex:

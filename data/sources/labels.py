@@ -1,14 +1,9 @@
-"""Which files are images, the names of the classes, and the labels of ImageNet's flat
-validation images, from the devkit or from Kaggle's file:
+"""Which files are images, the class names, and the labels and class folders' order of ImageNet's flat
+validation images for every reader of them: one image has one label and one place, whatever holds it.
 
-    ILSVRC2012_devkit_t12.tar.gz     meta.mat and the ground truth, in ILSVRC2012 IDs (meta.mat's
-                                     order, not sorted wnid order); torchvision's parser turns
-                                     them into wnids (or the meta.bin it makes of the devkit)
+    ILSVRC2012_devkit_t12.tar.gz     ground truth in ILSVRC2012 IDs (meta.mat's order, not sorted wnids),
+                                     turned into wnids by torchvision's parser (or its meta.bin)
     LOC_val_solution.csv             Kaggle's: ImageId, PredictionString (the first wnid is the label)
-
-Every reader of flat validation images (a flat folder, the official val tar, Kaggle's download
-zipped or not) takes its labels, and puts its images in the class folders' order, here: one
-image has one label, and one place, whatever holds it.
 """
 import csv
 import os
@@ -30,14 +25,12 @@ KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")  # Kaggle's download: its CSV fi
 
 
 def is_image_name(name: str) -> bool:
-    """The rule that picks a folder's images, for archives' members too: an image extension,
-    no dot-file."""
+    """A folder's images, and an archive's: an image extension, no dot-file."""
     return name[:1] != "." and "." in name and name.rpartition(".")[2].lower() in SUFFIXES
 
 
 def default_classes(num_classes: int) -> List[str]:
-    """For a set that does not name its classes (timm's shards, timm's weights): ImageNet's
-    1000 WordNet ids in timm's order for a 1000-class set, else the class numbers."""
+    """For a set that does not name its classes (timm's shards, timm's weights): timm's 1000 wnids, or numbers."""
     if num_classes == 1000:
         from timm.data import ImageNetInfo
 
@@ -51,28 +44,9 @@ class ValLabels:
     classes: List[str]  # every class of the set, sorted: label i is classes[i]
 
 
-def devkit_labels(devkit: Path) -> ValLabels:
-    """From the devkit archive or the meta.bin torchvision makes of it."""
-    devkit = Path(devkit)
-    if devkit.name == META_FILE:
-        wnid_to_words, val_wnids = load_meta_file(str(devkit.parent))
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            # torchvision checks the archive's md5 and writes meta.bin next to it: do that in tmp.
-            os.symlink(devkit.resolve(), Path(tmp) / DEVKIT_ARCHIVE)
-            try:
-                parse_devkit_archive(tmp, DEVKIT_ARCHIVE)
-            except RuntimeError as exc:
-                raise DatasetLayoutError(f"{devkit}: not ImageNet's devkit archive ({exc})") from None
-            wnid_to_words, val_wnids = load_meta_file(tmp)
-    return ValLabels({f"ILSVRC2012_val_{i + 1:08d}.JPEG": wnid for i, wnid in enumerate(val_wnids)},
-                     sorted(wnid_to_words))
-
-
 def kaggle_rows(lines: Iterable[str], where: object) -> ValLabels:
-    """The first wnid of each PredictionString; the classes are all that the file names. A
-    row without an image or a wnid, or an image labelled twice with different classes, is
-    refused, naming its line."""
+    """The first wnid of each PredictionString; the classes are all that the file names. A row without an
+    image or a wnid, or an image labelled twice with different classes, is refused, naming its line."""
     labels, lines_of = {}, {}
     reader = csv.DictReader(lines)
     if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
@@ -91,30 +65,38 @@ def kaggle_rows(lines: Iterable[str], where: object) -> ValLabels:
 
 
 def find_label_file(folder: Path) -> Optional[Path]:
-    """A devkit or Kaggle solution lying in the folder or its parent, or at the top of
-    Kaggle's download when the folder is its ILSVRC/Data/CLS-LOC/<split>."""
+    """A devkit or Kaggle solution in the folder or its parent, or at the top of Kaggle's download."""
     places = [folder, folder.parent]
     if folder.parent.parts[-3:] == KAGGLE_DATA.parts:
         places.append(folder.parents[3])
-    for place in places:
-        for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION):  # meta.bin: parsed already
-            if (place / name).is_file():
-                return place / name
-    return None
+    return next((place / name for place in places for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION)
+                 if (place / name).is_file()), None)  # meta.bin first: parsed already
 
 
 def labels_from(label_file: Path) -> ValLabels:
-    if label_file.suffix != ".csv":
-        return devkit_labels(label_file)
-    with open(label_file, newline="") as handle:
-        return kaggle_rows(handle, label_file)
+    """Kaggle's CSV, the devkit archive, or the meta.bin torchvision makes of it."""
+    if label_file.suffix == ".csv":
+        with open(label_file, newline="") as handle:
+            return kaggle_rows(handle, label_file)
+    if label_file.name == META_FILE:
+        wnid_to_words, val_wnids = load_meta_file(str(label_file.parent))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            # torchvision checks the archive's md5 and writes meta.bin next to it: do that in tmp.
+            os.symlink(label_file.resolve(), Path(tmp) / DEVKIT_ARCHIVE)
+            try:
+                parse_devkit_archive(tmp, DEVKIT_ARCHIVE)
+            except RuntimeError as exc:
+                raise DatasetLayoutError(f"{label_file}: not ImageNet's devkit archive ({exc})") from None
+            wnid_to_words, val_wnids = load_meta_file(tmp)
+    return ValLabels({f"ILSVRC2012_val_{i + 1:08d}.JPEG": wnid for i, wnid in enumerate(val_wnids)},
+                     sorted(wnid_to_words))
 
 
 def labelled(names: Iterable[str], labels: ValLabels, classes: List[str], where: str,
              source: str) -> List[Tuple[int, str, str]]:
-    """(class, wnid, name) of each flat validation image in the class folders' order (class,
-    then name). An image without a label, or labelled with a class the set does not have, is
-    refused: the labels are not of these images."""
+    """(class, wnid, name) of each flat validation image in the class folders' order. An image without a label,
+    or of a class the set does not have, is refused: the labels are not of these images."""
     names = list(names)
     unlabelled = sorted(set(names) - set(labels.wnids))
     if unlabelled:

@@ -4,24 +4,14 @@
     DIR/imagenet1k-validation-00.tar ... -63.tar    is <key>.jpg + <key>.cls (the class index),
     DIR/_info.json                                  with the split sizes (optional here)
 
-A shard's samples are its consecutive members with one key (WebDataset's rule). The index
-holds each sample's image member (offset, size) and class, read from the tar headers and the
-small .cls members; it is cached whole per split, and rebuilt for a shard whose identity
-changed, the other shards' samples taken from the earlier index. Sample i is the
-class-folder dataset's sample i (sorted classes, then sorted file names), however the packer
-(data/pack_shards.py) shuffled the samples across shards: training from shards gives the same
-weights as training from the folders they were packed from. A sample without an image or a
-readable class is kept with the reason, to be counted as unreadable where it would be read.
-A shard cut short keeps the samples its earlier index saw after the cut, each with the
-reason, in their places: counted as lost, not dropped, and every other sample keeps its index.
-
-Why not webdataset's indexed reader, `wids` (BSD-3; not a dependency here): it copies every
-shard into a local cache first, keeps at most `cache_size` shards open (10 by default, for
-ImageNet's 1,024 under random access), re-indexes a shard each time it opens it, numbers
-samples in shard order (no bitwise parity with folders), and asserts where we need a message
-and a skipped, counted sample. What we need of it is random access by offset, which a scan
-of the tar headers and os.pread give directly.
+The index, from the tar headers and the small .cls members, puts sample i where the class folders
+put it, however data/pack_shards.py shuffled the shards: training gives the folders' weights. A
+sample without an image or a class, or lost after a cut, keeps its place, counted as unreadable.
+Not webdataset's `wids`: it copies every shard to a local cache, keeps 10 open by default (of
+1,024, read at random), re-indexes a shard at each open, numbers samples in shard order and asserts
+where we need a message and a counted sample; random access needs only the headers and os.pread.
 """
+import itertools
 import json
 import logging
 import os
@@ -29,6 +19,7 @@ import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
@@ -57,15 +48,13 @@ TarMember = Tuple[str, int, int, Optional[bytes]]  # name, data offset, size, th
 
 
 def tar_members(handle: BinaryIO, size: int) -> Tuple[List[TarMember], str]:
-    """Every file member of an open tar of `size` bytes (a file, or a window on a tar inside
-    another: archives.py) from its headers, the .cls members' bytes, and what is wrong with
-    its end as tarfile states it ("" if nothing)."""
-    members: List[TarMember] = []
+    """Every file member of an open tar of `size` bytes (or a window on one inside another: archives.py), the
+    .cls members' bytes, and what is wrong with its end as tarfile states it ("" if nothing)."""
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")
     except tarfile.ReadError as exc:
         return [], f"not a tar archive ({exc})"
-    damage = ""
+    members, damage = [], ""
     try:
         for info in tar:
             if info.isfile():
@@ -81,18 +70,13 @@ def tar_members(handle: BinaryIO, size: int) -> Tuple[List[TarMember], str]:
 
 
 def member_key(name: str) -> Tuple[str, str]:
-    """WebDataset's rule: the key is the name up to the first dot of its last part, the
-    extension the rest ("a/b.seg.png" -> "a/b", "seg.png")."""
+    """WebDataset's rule: "a/b.seg.png" -> "a/b", "seg.png" (the first dot of the last part)."""
     folder, _, base = name.rpartition("/")
     stem, _, extension = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-# ----------------------------------------------------------------------------- the shards of a split
-
-
 def shard_name(name: str) -> Optional[Tuple[str, str, int]]:
-    """(prefix, split, number) of a shard's file name, or None for any other file."""
     match = SHARD_NAME.match(name)
     return (match.group("prefix") or "", match.group("split").lower(), int(match.group("number"))) if match else None
 
@@ -137,8 +121,7 @@ class Scan:
 
 
 def scan_shard(path: Path) -> Scan:
-    """Index one shard: its samples (consecutive members with one key) with their image
-    member and class; a sample without either is kept, with the reason, to be counted."""
+    """A shard's samples (consecutive members with one key), each with its image member, class, or why not."""
     try:
         stat = path.stat()
         with open(path, "rb") as handle:
@@ -148,14 +131,8 @@ def scan_shard(path: Path) -> Scan:
     if damage:
         last = members[-1][0] if members else "its first member"
         damage = f"{path.name} is cut short or damaged at byte {stat.st_size} ({damage}): members after {last} are lost"
-    groups: List[Tuple[str, List[TarMember]]] = []
-    for member in members:
-        key, extension = member_key(member[0])
-        if extension:  # webdataset skips a name without an extension too
-            if groups and groups[-1][0] == key:
-                groups[-1][1].append(member)
-            else:
-                groups.append((key, [member]))
+    named = [(member_key(m[0])[0], m) for m in members if member_key(m[0])[1]]  # as webdataset, no extension: skipped
+    groups = [(key, [m for _, m in group]) for key, group in itertools.groupby(named, key=itemgetter(0))]
     rows = [sample_row(key, group, stat.st_size, damage if at == len(groups) - 1 else "")
             for at, (key, group) in enumerate(groups)]
     return Scan(identity(stat), rows, damage, None if damage else 0)
@@ -185,10 +162,8 @@ def sample_row(key: str, group: List[TarMember], shard_size: int, damage: str) -
 
 
 def keep_lost(scan: Scan, name: str, earlier: Optional[Scan]) -> Scan:
-    """A shard cut short since it was indexed: its earlier samples in their places (so every
-    sample keeps its index and an exact resume stays exact), those after the cut unreadable.
-    The result is cached with the cut shard's identity: the next run reads it as it is, and
-    a repaired shard (a new size) is scanned whole."""
+    """A shard cut short since it was indexed keeps its earlier samples in their places (an exact resume stays
+    exact), those after the cut unreadable; cached with the cut shard's identity until it is repaired."""
     if not scan.damage or earlier is None or earlier.identity[0] <= scan.identity[0]:
         return scan
     kept, rows = len(scan.rows), earlier.rows
@@ -201,9 +176,8 @@ def keep_lost(scan: Scan, name: str, earlier: Optional[Scan]) -> Scan:
 
 
 def count_lost(name: str, scan: Scan, lengths: Dict[str, int]) -> str:
-    """A cut shard's warning, with what it lost: the earlier index's samples after the cut,
-    else the count _info.json gives (added as placeholders, class unknown: placed last),
-    else unknown, and the warning says so."""
+    """A cut shard's warning, with what it lost: the earlier index's samples after the cut, else _info.json's
+    count (added as placeholders, class unknown: placed last), else unknown, and it says so."""
     if scan.lost is None and name in lengths:
         missing, found = max(0, lengths[name] - len(scan.rows)), len(scan.rows)
         reason = (f"lost: {name} is cut short at byte {scan.identity[0]}; {INFO_NAME} says it holds {lengths[name]} "
@@ -220,7 +194,7 @@ def count_lost(name: str, scan: Scan, lengths: Dict[str, int]) -> str:
 
 
 def earlier_scans(previous: Optional[SampleIndex]) -> Dict[str, Tuple[Scan, str]]:
-    """Each shard's scan, in member order, and warning, as the earlier index of the split holds them."""
+    """Each shard's scan, in member order, and warning, as the earlier index holds them."""
     if previous is None:
         return {}
     offsets, sizes = previous.arrays["offset"], previous.arrays["size"]
@@ -234,9 +208,8 @@ def earlier_scans(previous: Optional[SampleIndex]) -> Dict[str, Tuple[Scan, str]
 
 def scanned(paths: List[Path], earlier: Dict[str, Tuple[Scan, str]], lengths: Dict[str, int],
             index: Path) -> Dict[str, Tuple[Scan, str]]:
-    """Each shard's scan and warning: the earlier one where the shard is unchanged, else a new
-    scan (16 at a time). A shard that the earlier index holds but that is gone keeps its
-    samples in their places, each unreadable, so that every other sample keeps its index."""
+    """Each shard's scan and warning: the earlier one where the shard is unchanged, else a new scan. A shard
+    that is gone keeps its samples in their places, unreadable, so every other sample keeps its index."""
     current = {path.name: identity(path.stat()) for path in paths}
     found = {name: earlier[name] for name in current if name in earlier and earlier[name][0].identity == current[name]}
     stale = [path for path in paths if path.name not in found]
@@ -262,7 +235,6 @@ def scanned(paths: List[Path], earlier: Dict[str, Tuple[Scan, str]], lengths: Di
 
 
 def shard_index(folder: Path, split: str, index_dir: str = "") -> SampleIndex:
-    """The split's shards in `folder`, indexed and cached (sample_index.cached)."""
     folder = absolute(folder)
     paths = find_shards(folder, split)
     if not paths:
@@ -286,11 +258,14 @@ def shard_index(folder: Path, split: str, index_dir: str = "") -> SampleIndex:
     index = cached(f"the {split} shards in {folder}", folder, f"shards-{split}.idx", key, build, index_dir)
     if not len(index):
         raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; {SHARD_LAYOUT}")
-    check_info(folder, split, index)
+    held = np.bincount(index.folder_of, minlength=len(index.folders))
+    counts = {Path(path).name: int(n) for path, n in zip(index.folders, held)}
+    differ = [f"{name} ({counts.get(name, 'missing')}, not {length})"
+              for name, length in info_lengths(folder, split).items() if counts.get(name) != length]
+    if differ:
+        log.warning("%s: %d shard(s) hold other sample counts than %s says: %s", folder, len(differ), INFO_NAME,
+                    ", ".join(differ[:3]))
     return index
-
-
-# ----------------------------------------------------------------------------- _info.json
 
 
 def read_info(folder: Path) -> Dict:
@@ -304,7 +279,7 @@ def read_info(folder: Path) -> Dict:
 
 
 def info_lengths(folder: Path, split: str) -> Dict[str, int]:
-    """_info.json's sample count of each of the split's shards, by file name; {} if it gives none."""
+    """_info.json's sample count of each of the split's shards, by file name."""
     splits = read_info(folder).get("splits")
     splits = splits if isinstance(splits, dict) else {}
     info = next((splits[name] for name in split_names(split) if isinstance(splits.get(name), dict)), {})
@@ -314,24 +289,10 @@ def info_lengths(folder: Path, split: str) -> Dict[str, int]:
     return {name: length for name, length in zip(names, lengths) if isinstance(length, int)}
 
 
-def check_info(folder: Path, split: str, index: SampleIndex) -> None:
-    """Warn where _info.json's shard sizes disagree with what the shards hold."""
-    held = np.bincount(index.folder_of, minlength=len(index.folders))
-    counts = {Path(path).name: int(n) for path, n in zip(index.folders, held)}
-    differ = [f"{name} ({counts.get(name, 'missing')}, not {length})"
-              for name, length in info_lengths(folder, split).items() if counts.get(name) != length]
-    if differ:
-        log.warning("%s: %d shard(s) hold other sample counts than %s says: %s", folder, len(differ), INFO_NAME,
-                    ", ".join(differ[:3]))
-
-
 def named_classes(folder: Path) -> Optional[List[str]]:
     """The class names in _info.json (ours writes them; timm's has none)."""
     names = read_info(folder).get("classes")
     return names if isinstance(names, list) and names and all(isinstance(n, str) for n in names) else None
-
-
-# ----------------------------------------------------------------------------- the source
 
 
 def with_classes(index: SampleIndex, classes: List[str], where: str) -> SampleIndex:
@@ -343,7 +304,6 @@ def with_classes(index: SampleIndex, classes: List[str], where: str) -> SampleIn
 
 
 def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, SampleIndex, List[str]]:
-    """Training and validation sets from the shards in `root`, told apart by name."""
     train, val = shard_index(root, "train", config.index_dir), shard_index(root, "validation", config.index_dir)
     classes = named_classes(root) or default_classes(int(train.targets.max()) + 1)
     return (with_classes(train, classes, f"the train shards in {root}"),
@@ -351,6 +311,5 @@ def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, Samp
 
 
 def evaluation(folder: Path, split: str, model_classes: List[str], index_dir: str) -> Tuple[SampleIndex, List[str], str]:
-    """An evaluation split and its class names: _info.json's, else the model's (validate.py)."""
     index, classes = shard_index(folder, split, index_dir), named_classes(folder) or model_classes
     return with_classes(index, classes, f"the {split} shards in {folder}"), classes, "shards"
