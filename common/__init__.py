@@ -1,1 +1,1 @@
-"""What data/ and cspresnet/ both stand on: the errors that end a script, how a file is written, recipe field helpers, the process context."""
+"""What data/ and cspresnet/ both stand on: errors, file writing, recipe fields, the process context."""

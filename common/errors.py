@@ -1,10 +1,5 @@
-"""The errors that end a script, each with the exit code it ends it with.
-
-They are the house's ground floor (common/, which data/ and cspresnet/ both import): every
-module that raises one can import them, and cspresnet/console.py turns any of them into one
-line on stderr and its exit code without knowing the modules that raise them.
-The codes are train.py's and validate.py's contract (README, docs/training.md).
-"""
+"""The errors that end a script, each with its exit code (a contract: docs/training.md). They live in common/ so
+that any module can raise them and cspresnet/console.py can report them without knowing the modules that do."""
 
 EXIT_FAILED = 1  # anything else; its traceback says where
 EXIT_BAD_INPUT = 2  # a recipe, data, checkpoint, run folder or option that cannot work: one line says which
@@ -76,8 +71,7 @@ class FinalCheckpointError(ExitError, RuntimeError):
 
 
 class LoaderStallError(ExitError, RuntimeError):
-    """The loader delivered no batch within data.loader_timeout_s; the message names the
-    workers and the files they were reading."""
+    """No batch within data.loader_timeout_s; the message names the workers and the files they were reading."""
 
 
 class SharedMemoryError(ExitError, RuntimeError):

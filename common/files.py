@@ -9,10 +9,8 @@ Content = Union[bytes, str, Callable[[BinaryIO], None]]
 
 
 def write_atomically(path: Path, content: Content, durable: bool = False) -> None:
-    """The whole new file or the old one, never half of one: written to a temporary name in
-    the same folder (unique to this process), then renamed over `path`. `content` is the
-    bytes, the text, or a function that writes into the open file. `durable`: fsync the file
-    and the rename, so that a machine that loses power keeps it too (checkpoints, shards)."""
+    """The whole new file or the old one, never half of one (a temporary name unique to this process, renamed).
+    `durable`: fsync the file and the rename, so that a machine that loses power keeps it too."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -43,9 +41,8 @@ def remove_leftovers(folder: Path) -> None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or an error it was raised from, says the disk or quota is full.
-    torch.save reports a full disk as a RuntimeError ("unexpected pos") raised while
-    handling the file's OSError(ENOSPC), so the whole chain is looked at."""
+    """The whole chain of `exc`: torch.save reports a full disk as a RuntimeError ("unexpected pos")
+    raised while handling the file's OSError(ENOSPC)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:

@@ -9,9 +9,8 @@ KeyName = Callable[[str], str]  # a field's name -> how a message names it
 
 
 def setting(default: Any, affects_results: bool = True, only_for: Union[str, Tuple[str, ...], None] = None) -> Any:
-    """A recipe field. affects_results=False: it changes how a run goes (where it reads, how
-    fast, when it stops or saves), never a number it trains. only_for: it applies only when
-    its section's `name` is this (or one of these), and must keep its default otherwise."""
+    """affects_results=False: it changes how a run goes (where it reads, how fast, when it stops or saves), never
+    a number it trains. only_for: it applies only when its section's `name` is this or one of these."""
     return dataclasses.field(default=default, metadata={"affects_results": affects_results, "only_for": only_for})
 
 

@@ -1,7 +1,5 @@
-"""How one update's global batch is cut: processes x passes x images per pass, and how many images
-each BatchNorm normalises over. darknet's csresnet50.cfg says batch=128 subdivisions=4: 4 passes of 32
-images per update, BatchNorm over 32. Here SyncBatchNorm may also pool a group of processes' passes; the
-trainer prints e.g. "global batch 128 = 1 process x 4 passes x 32 images; BatchNorm over 32"."""
+"""How one update's global batch is cut: processes x passes x images per pass, and how many images each
+BatchNorm normalises over (darknet's subdivisions: docs/recipes.md, docs/training.md)."""
 from dataclasses import dataclass
 
 from common.errors import RecipeError
@@ -60,7 +58,7 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
                           f"whole passes x {micro} images (recipe keys 'batch_size', 'micro_batch_size'): each process "
                           f"has {share} images, not a multiple of {micro}: set micro_batch_size to a divisor of "
                           f"{share}, or 0 (one pass)")
-    if recipe.mixing() and images % 2:
+    if recipe.augment.mixing and images % 2:
         raise RecipeError(f"global batch {batch} = {counted(world_size, 'process', 'processes')} x {share} images "
                           f"in one pass: mixup and cutmix need an even number of images per pass; use a global "
                           f"batch that is a multiple of {2 * world_size}")
@@ -69,16 +67,9 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
                           f"({share // images} passes per update here): torch's DDP fails an internal assert on "
                           f"the first update, and would stop averaging gradients after it (pytorch/pytorch#143580, "
                           f"#187732); set micro_batch_size=0 or {share} (one pass), or ddp_static_graph=false")
-    return Arrangement(batch, world_size, share // images, images, bn_group_size(recipe, world_size), micro)
-
-
-def bn_group_size(recipe: Recipe, world_size: int) -> int:
-    """Processes per SyncBatchNorm group: 1 without SyncBN; consecutive ranks otherwise."""
-    if not recipe.runtime.sync_bn:
-        return 1
-    group = recipe.runtime.sync_bn_group_size or world_size
-    if world_size % group:
-        raise RecipeError(f"recipe key 'runtime.sync_bn_group_size' is {group} but the job has "
+    bn_group = (recipe.runtime.sync_bn_group_size or world_size) if recipe.runtime.sync_bn else 1
+    if world_size % bn_group:
+        raise RecipeError(f"recipe key 'runtime.sync_bn_group_size' is {bn_group} but the job has "
                           f"{counted(world_size, 'process', 'processes')}; it must divide {world_size} "
                           f"(0: one group of all)")
-    return group
+    return Arrangement(batch, world_size, share // images, images, bn_group, micro)

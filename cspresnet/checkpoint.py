@@ -1,7 +1,6 @@
-"""The one module that knows the checkpoint format: written whole or not at all, read without unpickling
-code, a TrainingCheckpoint key for key (and what older versions wrote), and the `Weights` any supported
-file carries. To save and resume a new field of where a run is, add it to Position; any other, to
-TrainingCheckpoint."""
+"""The one module that knows the checkpoint format: written whole or not at all, read without unpickling code,
+also as older versions wrote it, and the `Weights` any supported file carries. A new field of where a run is
+goes into Position; any other, into TrainingCheckpoint."""
 import math
 import pickle
 import re
@@ -41,16 +40,14 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        size = path.stat().st_size
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {first_line(exc)}") from None
-    if size == 0:
+    if not head:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except MemoryError:
@@ -125,9 +122,6 @@ class Position:
     best_top1: float = -math.inf
     rows: List[Dict[str, Any]] = field(default_factory=list)  # summary.csv, one row per completed epoch
 
-    def position(self) -> "Position":
-        return Position(**{f.name: getattr(self, f.name) for f in fields(Position)})
-
 
 @dataclass
 class TrainingCheckpoint:
@@ -148,9 +142,9 @@ class TrainingCheckpoint:
     metrics: Optional[Dict[str, Any]] = None  # the last summary row, for a reader who wants one number
 
     def to_dict(self) -> Dict[str, Any]:
-        """Not dataclasses.asdict, which would copy every tensor."""
+        """Not dataclasses.asdict, which would copy every tensor; of `position` (a RunState) only Position's fields."""
         flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "position"}
-        return dict(flat, **vars(self.position), format=FORMAT)
+        return dict(flat, **{f.name: getattr(self.position, f.name) for f in fields(Position)}, format=FORMAT)
 
     @classmethod
     def from_dict(cls, state: Dict[str, Any], path: Path) -> "TrainingCheckpoint":
@@ -220,13 +214,8 @@ def weights_in(checkpoint: Dict[str, Any], which: str = "auto") -> Weights:
     if found[kind] is None:
         raise CheckpointError(f"the checkpoint holds no {kind} weights "
                               f"(has: {[k for k, v in found.items() if v is not None]})")
-    classes, recipe = checkpoint.get("classes"), checkpoint.get("recipe")
-    return Weights(strip_prefix(found[kind], "module."), kind, list(classes) if isinstance(classes, list) else None,
+    state_dict, classes, recipe = found[kind], checkpoint.get("classes"), checkpoint.get("recipe")
+    if state_dict and all(key.startswith("module.") for key in state_dict):  # DDP's prefix, on every key
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    return Weights(state_dict, kind, list(classes) if isinstance(classes, list) else None,
                    recipe if isinstance(recipe, dict) else None)
-
-
-def strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
-    """Remove a prefix (DDP's) when every key has it."""
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict

@@ -1,6 +1,5 @@
-"""The same logging and exit codes for train.py, validate.py and predict.py. Rank 0 shows everything
-ours logs (information on stdout, warnings and errors on stderr); the other ranks only their warnings
-and errors, marked with the rank. Lines go through tqdm so that they do not tear a progress bar."""
+"""The same logging and exit codes for train.py, validate.py and predict.py (which rank prints what:
+docs/training.md). Lines go through tqdm so that they do not tear a progress bar."""
 import logging
 import multiprocessing
 import signal
@@ -38,8 +37,7 @@ def setup_logging(rank: int) -> None:
 
 
 def run_script(main: Callable[[], int]) -> int:
-    """An ExitError (common/errors.py) is one line on stderr and its code (bad input 2, a non-finite
-    loss 3, a full disk at the very end, a stalled loader or a full /dev/shm 1); anything else raises."""
+    """An ExitError (common/errors.py) is one line on stderr and its exit code; anything else raises."""
     try:
         return main()
     except ExitError as exc:
@@ -51,9 +49,8 @@ def run_script(main: Callable[[], int]) -> int:
 
 
 def end_child_processes() -> None:
-    """Kill and reap the loader workers: at exit multiprocessing SIGTERMs daemonic children and joins them
-    with no time limit, but ours ignore SIGTERM (data.loaders.WorkerSignals), and one stuck in a system
-    call may never leave, so an error anywhere would hang the exit."""
+    """At exit multiprocessing SIGTERMs daemonic children and joins them with no time limit, but our loader
+    workers ignore SIGTERM (data.loaders.WorkerSignals) and may be stuck in a system call: kill and reap them."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every killed worker
     children = multiprocessing.active_children()
     for child in children:

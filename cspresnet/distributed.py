@@ -26,9 +26,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def end_with_launcher() -> None:
-    """torchrun starts each rank in a session of its own, so a kill of torchrun's process group (a
-    scheduler's SIGKILL, an OOM-killed agent) does not reach the ranks: they would train on unsupervised,
-    holding the run folder's lock. The kernel kills a rank when its launcher dies instead."""
+    """The kernel kills this rank when torchrun dies: a kill of torchrun's process group does not reach the
+    ranks, each in a session of its own, which would train on unsupervised (docs/training.md)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     launcher = os.getppid()
@@ -50,12 +49,11 @@ def init_distributed(device_preference: str = "auto", timeout_s: float = 600.0) 
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         timeout = datetime.timedelta(seconds=timeout_s)
-        if device.type == "cuda":
+        cuda = device.type == "cuda"
+        if cuda:
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=device,
-                                    timeout=timeout)
-        else:
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                                device_id=device if cuda else None, timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -79,12 +77,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group and end its threads while Python still runs. Call it once the training
-    run is no longer referenced. Why: DDP's cycles keep the group and its threads alive past
-    destroy_process_group, until the interpreter exits; a worker then releasing the last collective's
-    tensors needs the GIL, which a finalizing interpreter refuses, and the rank aborts with SIGABRT
-    ("terminate called without an active exception") after a run that succeeded (2 of 42 two-process
-    runs, pytorch/pytorch#190489). Collecting the cycles here joins the threads with the GIL released."""
+    """Leave the process group and end its threads while Python still runs (once the training run is no longer
+    referenced), or a rank may abort at exit after a run that succeeded (docs/training.md)."""
     if dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()

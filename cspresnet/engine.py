@@ -1,16 +1,14 @@
 """What the training loop and validate.py share: one training step (Updater), and evaluation."""
 import contextlib
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -28,11 +26,9 @@ from .optim import build_optimizer, build_schedule, set_lr
 from .recipe import Recipe, RuntimeConfig
 from .sync_bn import convert_to_sync_bn
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
 
 def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -40,9 +36,7 @@ def configure_kernels(deterministic: bool, seed: Optional[int] = None) -> None:
     """cuDNN's benchmark picks algorithms that may differ between processes and add in another order;
     `deterministic` fixes both (and every other op), slower, so that a GPU run repeats and resumes bit for bit."""
     if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        random_seed(seed)  # timm's: Python's, NumPy's and torch's generators
     if deterministic:  # cuBLAS reads this when it creates its handle: before the first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not deterministic
@@ -78,8 +72,7 @@ class Updater:
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
-        """The update at `step` of the schedule (from 1); its loss (on the device: reading it waits) and lr.
-        The schedule, the skip of a non-finite update and the EMA act once per update, never per pass."""
+        """The update at `step` of the schedule (from 1); its loss (on the device: reading it waits) and lr."""
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         inputs = self.preprocess(batch.images)
@@ -94,8 +87,7 @@ class Updater:
         return sum(losses), lr
 
     def split(self, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Pass k takes images k, k + passes, ...: the sampler deals rank r of P every P-th image, so pass k
-        of rank r gets the images of rank r + P*k of P x passes processes: both train on the same batches."""
+        """Pass k takes images k, k + passes, ...: those of rank r + P*k of P x passes processes (docs/training.md)."""
         if self.passes == 1:
             yield inputs, targets
             return
@@ -107,8 +99,7 @@ class Updater:
                 targets[k::self.passes]
 
     def backward_pass(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, last: bool) -> torch.Tensor:
-        """The loss is scaled by the pass's share of the update's images, so the summed gradients are those
-        of one big pass. DDP averages the gradients over the processes only in the update's last pass."""
+        """The loss weighted by the pass's share of the update's images; DDP averages in the last pass only."""
         with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
             if self.augment is not None:
                 inputs, targets = self.augment(inputs, targets)  # mixup within the pass, as timm's accumulation
@@ -123,9 +114,8 @@ class Updater:
 
 
 def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
-                     arrangement: Optional[Arrangement] = None) -> Updater:
-    """The EMA is taken before SyncBatchNorm (it is only evaluated), then DDP and compile. `arrangement`:
-    the run's (default: the recipe's on ctx's processes, for a caller that has none)."""
+                  arrangement: Optional[Arrangement] = None) -> Updater:
+    """The EMA is taken before SyncBatchNorm (it is only evaluated), then DDP and compile."""
     rt = recipe.runtime
     arrangement = arrangement or arrange(recipe, ctx.world_size)
     model = build_model(recipe.model.num_classes, recipe.model.drop_rate, recipe.model.drop_path_rate)
@@ -135,26 +125,25 @@ def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
     ema = ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.enabled else None
     if arrangement.bn_group > 1:
         model = convert_to_sync_bn(model, arrangement.bn_group, ctx.world_size, ctx.device)
-    step = Updater(
+    updater = Updater(
         model=model, train_model=model, optimizer=build_optimizer(model, recipe),
         scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
-        criterion=build_criterion(recipe.mixing(), recipe.label_smoothing),
+        criterion=build_criterion(recipe.augment.mixing, recipe.label_smoothing),
         preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp, ema=ema, passes=arrangement.passes,
         augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device))
     if ctx.is_distributed:
-        step.ddp = DistributedDataParallel(
+        updater.ddp = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=rt.ddp_bucket_cap_mb,
             gradient_as_bucket_view=rt.ddp_gradient_as_bucket_view, static_graph=rt.ddp_static_graph)
-        step.train_model = step.ddp
+        updater.train_model = updater.ddp
     if rt.compile:
-        step.train_model = CompiledAtOneBatch(step.train_model, arrangement.images_per_pass, rt.compile_mode)
-    return step
+        updater.train_model = CompiledAtOneBatch(updater.train_model, arrangement.images_per_pass, rt.compile_mode)
+    return updater
 
 
 class CompiledAtOneBatch(nn.Module):
-    """Static shapes give the fastest kernels (CUDA graphs need them) but every new shape compiles again: each
-    crop size compiles once, at `batch` images; any other batch (short of unreadable images, an evaluation's
-    last) runs the plain module rather than compile again every epoch."""
+    """Static shapes give the fastest kernels (CUDA graphs need them) but every new shape compiles again: each crop
+    size compiles once, at `batch` images; any other batch runs the plain module (docs/performance.md)."""
 
     def __init__(self, module: nn.Module, batch: int, mode: str = "default"):
         super().__init__()
@@ -165,12 +154,12 @@ class CompiledAtOneBatch(nn.Module):
         return (self.compiled if len(inputs) == self.batch else self.plain)(inputs)
 
 
-def evaluated_models(step: Updater, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
+def evaluated_models(updater: Updater, rt: RuntimeConfig, batch: int) -> Tuple[nn.Module, Optional[nn.Module]]:
     """The weights and their EMA, compiled at the evaluation batch when runtime.compile_eval."""
-    ema = step.ema.module if step.ema is not None else None
+    ema = updater.ema.module if updater.ema is not None else None
     if not rt.compile_eval:
-        return step.model, ema
-    return (CompiledAtOneBatch(step.model, batch, rt.compile_mode),
+        return updater.model, ema
+    return (CompiledAtOneBatch(updater.model, batch, rt.compile_mode),
             CompiledAtOneBatch(ema, batch, rt.compile_mode) if ema is not None else None)
 
 

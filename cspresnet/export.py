@@ -1,12 +1,7 @@
-"""Export a checkpoint as timm does for the Hugging Face hub: model.safetensors plus a
-config.json with the pretrained config (input size, crop_pct, interpolation, labels).
+"""Export a checkpoint as timm does for the Hugging Face hub: model.safetensors plus a config.json with the
+pretrained config (input size, crop_pct, interpolation, labels); how timm loads it: docs/validation.md.
 
     python -m cspresnet.export --checkpoint runs/cspresnet50/best.pt --out exported/cspresnet50
-
-Then, in any program with timm and no network:
-    timm.create_model("local-dir:exported/cspresnet50", pretrained=True)
-    timm.create_model("cspresnet50", pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(
-        file="exported/cspresnet50/model.safetensors", num_classes=N))
 """
 import argparse
 import sys

@@ -4,7 +4,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
-from timm.layers import DropPath, calculate_drop_path_rates
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from torch import nn
 
 STAGE_DEPTHS = (3, 3, 5, 2)
@@ -63,16 +63,6 @@ class CrossStage(nn.Module):
         return self.conv_transition(torch.cat([cross, through], dim=1))
 
 
-class Head(nn.Module):
-    def __init__(self, in_features: int, num_classes: int, drop_rate: float):
-        super().__init__()
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_features, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean((2, 3))))
-
-
 class CSPResNet50(nn.Module):
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3):
         super().__init__()
@@ -87,13 +77,10 @@ class CSPResNet50(nn.Module):
         self.stages = nn.Sequential(*[CrossStage(in_chs, out_chs, stride=2 if index else 1, drop_path_rates=stage_rates)
                                       for index, (in_chs, out_chs, stage_rates)
                                       in enumerate(zip(inputs, STAGE_CHANNELS, rates))])
-        self.head = Head(STAGE_CHANNELS[-1], num_classes, drop_rate)
+        # "fast" pooling is x.mean((2, 3)), then dropout, then head.fc
+        self.head = ClassifierHead(STAGE_CHANNELS[-1], num_classes, pool_type="fast", drop_rate=drop_rate)
         self.backbone_frozen = False
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # timm's order: every conv and linear in registration order, then zero the last BN
-        # gamma of each block so that each residual block starts as the identity.
+        # timm's init, in registration order; each block's last BN gamma is zeroed: every block starts as the identity
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -107,9 +94,8 @@ class CSPResNet50(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
     def freeze_backbone(self) -> None:
-        """A linear probe. The backbone gets no gradients (an optimizer built afterwards leaves it out) and
-        stays in eval mode (BatchNorm statistics kept, drop-path off): the classifier learns on exactly the
-        features the loaded weights compute."""
+        """A linear probe: no gradients (an optimizer built afterwards leaves the backbone out) and eval mode
+        (BatchNorm statistics kept, drop-path off), so the classifier learns on the loaded weights' features."""
         self.backbone_frozen = True
         self.stem.requires_grad_(False)
         self.stages.requires_grad_(False)

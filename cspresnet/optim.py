@@ -35,7 +35,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         # is skipped (torch 2.14). Zeros give the same first update (buffer = grad), with every kernel.
         for group in optimizer.param_groups:
             for param in group["params"]:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
     return optimizer
 
 
@@ -60,52 +60,41 @@ class DarknetPolySchedule:
 
 
 @dataclass(frozen=True)
-class StepSchedule:
-    """timm's StepLRScheduler (warmup_prefix=False, t_in_epochs=False) in optimizer steps: a linear warmup
-    from warmup_lr, then a staircase falling by decay_rate every decay_epochs, counted from step 0.
-
-    Like timm's train.py, update `step` (from 1) gets the rate of t = step - 1. The arithmetic is timm's,
-    operation for operation (the slope divided before it is multiplied by t, t floor-divided by the float
-    decay length), so the rates are equal as floats: at a t that is a whole multiple of a decay length like
-    16.8 (2.4 epochs of 7 steps) t / decay_steps can round up while t // decay_steps does not, and the step
-    falls one update later, as timm's."""
-
+class WarmupSchedule:
     base_lr: float
     steps_per_epoch: int
     warmup_epochs: float
     warmup_lr: float
-    decay_epochs: float
-    decay_rate: float
 
     @property
     def warmup_steps(self) -> int:
         return round(self.warmup_epochs * self.steps_per_epoch)
 
-    @property
-    def decay_steps(self) -> float:
-        return self.decay_epochs * self.steps_per_epoch  # a float, as timm gets it
+
+@dataclass(frozen=True)
+class StepSchedule(WarmupSchedule):
+    """timm's StepLRScheduler (warmup_prefix=False, t_in_epochs=False) in optimizer steps: a linear warmup
+    from warmup_lr, then a staircase falling by decay_rate every decay_epochs, counted from step 0. Update
+    `step` (from 1) gets the rate of t = step - 1, with timm's arithmetic operation for operation, so the
+    rates are equal as floats (docs/recipes.md, the RA family)."""
+
+    decay_epochs: float
+    decay_rate: float
 
     def __call__(self, step: int) -> float:
         t = step - 1
         if t < self.warmup_steps:
             return self.warmup_lr + t * ((self.base_lr - self.warmup_lr) / self.warmup_steps)
-        return self.base_lr * self.decay_rate ** (t // self.decay_steps)
+        decay_steps = self.decay_epochs * self.steps_per_epoch  # a float, as timm gets it
+        return self.base_lr * self.decay_rate ** (t // decay_steps)
 
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class LinearSchedule(WarmupSchedule):
     """FFCV's "cyclic" schedule (ffcv-imagenet train_imagenet.py, get_cyclic_lr): a linear warmup, then
     a straight line down to 0 at the run's end, per update (FFCV interpolates within epochs too)."""
 
-    base_lr: float
-    steps_per_epoch: int
-    warmup_epochs: float
-    warmup_lr: float
     total: int  # updates in the run
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.warmup_epochs * self.steps_per_epoch)
 
     def __call__(self, step: int) -> float:
         t, warmup = step - 1, self.warmup_steps

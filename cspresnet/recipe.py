@@ -26,8 +26,7 @@ class ModelConfig:
     num_classes: Union[int, Literal["auto"]] = 1000  # auto: the number of class folders in train/
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth, linear over the 13 blocks
-    # Start a new run from these weights instead of the random init (never on a resume, which
-    # takes the checkpoint's): timm's .pth, a .safetensors, our last.pt/best.pt. "" = from scratch.
+    # start a new run (never a resume) from these weights, not the random init: docs/finetune.md. "": from scratch
     initial_weights: str = setting("", affects_results=False)
     # which weights of our checkpoints; auto: EMA when present
     initial_weights_kind: Literal["auto", "model", "ema"] = setting("auto", affects_results=False)
@@ -58,8 +57,7 @@ class OptimConfig:
     lr_scaling: Literal["linear", "none"] = "linear"  # what a different global batch does to lr
     momentum: float = 0.9
     nesterov: bool = setting(False, only_for="sgd")
-    # SGD's kernels: fused (one kernel for every tensor; a skipped step costs no host sync), foreach (a
-    # kernel per operation over lists of tensors) or for-loop (a kernel per tensor). RMSpropTF has only a loop.
+    # SGD's kernels; fused: a skipped step costs no host sync (docs/performance.md). RMSpropTF has only a loop.
     kernel: Literal["fused", "foreach", "for-loop"] = setting("fused", only_for="sgd")
     eps: float = setting(1e-3, only_for="rmsproptf")
     alpha: float = setting(0.9, only_for="rmsproptf")  # decay of the squared-gradient average
@@ -116,24 +114,18 @@ class RuntimeConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # fp16 adds a GradScaler
     channels_last: bool = True
-    # torch.compile of the training forward pass, with static shapes: one graph per crop size at the arrangement's
-    # images per pass; a pass of another size (a batch short of unreadable images) runs the plain model uncompiled.
-    compile: bool = False
-    # reduce-overhead adds CUDA graphs; max-autotune times kernels (minutes to compile); -no-cudagraphs: without graphs
+    # Speed levers from compile to ddp_static_graph (and optim.kernel): what each does and costs, docs/performance.md
+    compile: bool = False  # torch.compile of the training forward pass, one static graph per crop size
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_eval: bool = False  # evaluation through torch.compile too (mode as above), at its static batch
-    # copy each batch to the GPU on a side stream, one batch ahead, so the copy overlaps the step
-    copy_stream: bool = setting(False, affects_results=False)
-    # DDP's options (several processes only): the gradient buckets' size in MB, gradients kept as views into the
-    # buckets (saves a copy and memory), static_graph (the same parameters in every pass: DDP skips bookkeeping)
-    ddp_bucket_cap_mb: float = setting(25.0, affects_results=False)
+    copy_stream: bool = setting(False, affects_results=False)  # each batch to the GPU on a side stream, one ahead
+    ddp_bucket_cap_mb: float = setting(25.0, affects_results=False)  # DDP's options: several processes only
     ddp_gradient_as_bucket_view: bool = setting(False, affects_results=False)
     ddp_static_graph: bool = setting(False, affects_results=False)
     deterministic: bool = False  # GPU: repeatable kernels, so a resumed run is bitwise exact there too; slower
     log_interval: int = setting(50, affects_results=False)  # steps between loss reads and stop checks (GPU syncs)
     max_nonfinite_steps: int = 20  # stop after this many non-finite losses in a row
-    # after SIGTERM/SIGINT, save and exit within this, else exit without saving
-    stop_timeout_s: float = setting(60.0, affects_results=False)
+    stop_timeout_s: float = setting(60.0, affects_results=False)  # save and exit within this of a SIGTERM/SIGINT
     collective_timeout_s: float = setting(600.0, affects_results=False)  # a rank waiting this long fails the job
     sync_bn: bool = False  # SyncBatchNorm: BatchNorm statistics pooled over processes (converted before DDP)
     sync_bn_group_size: int = 0  # processes per SyncBatchNorm group, consecutive ranks; 0: all processes
@@ -166,8 +158,7 @@ class CheckpointConfig:
 class Recipe:
     epochs: int = 80
     batch_size: int = 128  # global, across all processes: the images of one weight update
-    # Images per forward pass per process, which BatchNorm normalises over (without SyncBN); each update
-    # accumulates the gradients of batch_size / (processes x this) passes. 0: each process's whole share in one pass.
+    # images per forward pass per process, what BatchNorm normalises over; 0: one pass (docs/training.md)
     micro_batch_size: int = 0
     seed: int = 0
     label_smoothing: float = 0.1
@@ -181,8 +172,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def check(self) -> None:
-        """The top-level keys, then each section's (in key order, so that the first wrong key is the one
-        named), then what crosses sections."""
+        """Top-level keys, then each section's, in key order (the first wrong key is named), then across sections."""
         key = recipe_key("")
         require(self.epochs >= 1, key("epochs"), ">= 1", self.epochs)
         require(self.batch_size >= 1, key("batch_size"), ">= 1", self.batch_size)
@@ -195,9 +185,9 @@ class Recipe:
         for section in (self.data, self.augment, self.model, self.optim, self.schedule, self.ema, self.runtime,
                         self.checkpoint):
             section.check()
-        require(not self.mixing() or self.batch_size % 2 == 0, key("batch_size"), "even when mixup or cutmix is on",
-                self.batch_size)
-        require(not self.mixing() or self.micro_batch_size % 2 == 0, key("micro_batch_size"),
+        require(not self.augment.mixing or self.batch_size % 2 == 0, key("batch_size"),
+                "even when mixup or cutmix is on", self.batch_size)
+        require(not self.augment.mixing or self.micro_batch_size % 2 == 0, key("micro_batch_size"),
                 "even when mixup or cutmix is on (each pass is mixed on its own, as timm's --grad-accum-steps)",
                 self.micro_batch_size)
 
@@ -205,9 +195,6 @@ class Recipe:
         if self.optim.lr_scaling == "none":
             return self.optim.lr
         return self.optim.lr * self.batch_size / self.optim.reference_batch_size
-
-    def mixing(self) -> bool:
-        return self.augment.mixing
 
     def burn_in_steps(self) -> int:
         """Burn-in length in optimizer steps at this global batch (same number of images)."""
@@ -264,9 +251,6 @@ def with_moved_keys(raw: Dict[str, Any]) -> Dict[str, Any]:
     return raw
 
 
-# ----------------------------------------------------------------------------- reading
-
-
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A path that exists, or a bare name looked up in recipes/."""
     for path in (Path(name_or_path), RECIPES_DIR / name_or_path):
@@ -286,8 +270,7 @@ Origin = Tuple[str, str]
 
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...], origins: Dict[str, Origin]) -> Dict[str, Any]:
-    """One file and, recursively, the file it extends; child keys win. Records in `origins`, for every
-    dotted key a file sets, the file and the comment beside the key."""
+    """One file over the file it extends, recursively; `origins` gets each key's file and the comment beside it."""
     if path in chain:
         raise RecipeError(f"recipe {path} extends itself through: {' -> '.join(str(p) for p in chain + (path,))}")
     try:
@@ -456,9 +439,6 @@ def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------- typing
 
 
 def _type_name(kind: Any) -> str:

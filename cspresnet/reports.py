@@ -41,11 +41,10 @@ def real_accuracy(predictions: torch.Tensor, paths: Sequence[str],
 
 def timm_results_row(name: str, result, param_count: int, settings) -> Dict[str, object]:
     """`result`: validate's EvalResult; `settings`: its data section (the evaluation transform)."""
-    top1, top5 = result.top1, result.top5
-    return {"model": name, "top1": round(top1, 3), "top1_err": round(100 - top1, 3), "top5": round(top5, 3),
-            "top5_err": round(100 - top5, 3), "param_count": round(param_count / 1e6, 2),
-            "img_size": settings.eval_img_size, "crop_pct": settings.eval_crop_pct,
-            "interpolation": settings.eval_interpolation}
+    return {"model": name, "top1": round(result.top1, 3), "top1_err": round(100 - result.top1, 3),
+            "top5": round(result.top5, 3), "top5_err": round(100 - result.top5, 3),
+            "param_count": round(param_count / 1e6, 2), "img_size": settings.eval_img_size,
+            "crop_pct": settings.eval_crop_pct, "interpolation": settings.eval_interpolation}
 
 
 def append_csv_row(path: Path, row: Dict[str, object]) -> None:

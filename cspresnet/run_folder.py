@@ -1,6 +1,5 @@
-"""A run folder belongs to one run: a lock for the run's life, no start on top of another run's files,
-a status line for requeue scripts, which recipe trained which steps, and checkpoints pruned without
-ever losing the last good one. Only rank 0 touches it; the other ranks follow its decisions."""
+"""A run folder belongs to one run, whose checkpoints are pruned without ever losing the last good one
+(docs/training.md, "The run folder"). Only rank 0 touches it; the other ranks follow its decisions."""
 import contextlib
 import datetime
 import fcntl
@@ -39,15 +38,8 @@ class CheckpointFolder:
         self.folder, self.keep_last = Path(folder), keep_last
 
     def step_files(self) -> List[Tuple[int, Path]]:
-        if not self.folder.is_dir():
-            return []
-        matches = [STEP_FILE.match(path.name) for path in self.folder.iterdir()]
+        matches = [STEP_FILE.match(path.name) for path in self.folder.glob("step-*.pt")]  # none without the folder
         return sorted((int(match.group(1)), self.folder / match.group(0)) for match in matches if match)
-
-    def remove_partial_files(self) -> None:
-        """What a kill during a save leaves: temporary files, never complete."""
-        if self.folder.is_dir():
-            remove_leftovers(self.folder)
 
     def save(self, state: Dict[str, Any], step: int, is_best: bool = False) -> Optional[Path]:
         """The saved file, or None when the disk was full."""
@@ -60,7 +52,7 @@ class CheckpointFolder:
         except (OSError, RuntimeError) as exc:
             if not is_disk_full(exc):
                 raise
-            self.remove_partial_files()
+            remove_leftovers(self.folder)
             log.warning("disk full in %s; checkpoint of step %d not written, earlier checkpoints kept, training goes "
                         "on and the next checkpoint tries again", self.folder, step)
             return None
@@ -103,9 +95,7 @@ def unless_disk_full(write: Callable[[], object], what: str) -> None:
 
 
 def run_files(folder: Path) -> List[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(path.name for path in folder.iterdir()
+    return sorted(path.name for path in folder.glob("*")  # glob: nothing where there is no folder
                   if path.name in RESULT_FILES + OTHER_RUN_FILES or STEP_FILE.match(path.name)
                   or path.name.startswith("events.out.tfevents."))
 
@@ -141,24 +131,19 @@ class RunFolder:
             raise RunFolderError(f"{self.path} is in use by another job ({holder}); "
                                  f"wait for it to end, or pass --output NEW_FOLDER") from None
         self._lock_fd = fd
-        self.checkpoints.remove_partial_files()  # what a kill during a save left: never complete
+        remove_leftovers(self.path)  # what a kill during a save left: never complete
         holder = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
         unless_disk_full(lambda: os.pwrite(fd, holder.ljust(80), 0), "the lock holder's name")
 
-    @contextlib.contextmanager
-    def released_at_exit(self) -> Iterator[None]:
+    def close(self) -> None:
         """The lock goes when the process does; a caller that goes on (a test, a notebook) lets it go here."""
-        try:
-            yield
-        finally:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @contextlib.contextmanager
     def failure_recorded(self, enabled: bool) -> Iterator[None]:
-        """An error that ends the run leaves 'failed: <its last line>' in the status of a folder that holds a
-        run (a start that failed before it wrote anything leaves it for the corrected command)."""
+        """An error that ends the run leaves 'failed: <its last line>' in the status, if the folder holds a run."""
         try:
             yield
         except BaseException as exc:
@@ -180,8 +165,7 @@ class RunFolder:
             return None
         if resume != "auto":
             path = Path(resume)
-            inside = path.resolve().parent == self.path.resolve()
-            if not inside and holds_results(found):
+            if path.resolve().parent != self.path.resolve() and holds_results(found):  # not a checkpoint of this run
                 raise RunFolderError(f"{self.path} holds another run ({', '.join(found)}); to continue from "
                                      f"{path}, pass --output NEW_FOLDER")
             return path, read_training_checkpoint(path)
@@ -207,9 +191,19 @@ class RunFolder:
         step = self.resumed[1].position.step if self.resumed else 0
         if self.resumed is None:
             unless_disk_full(lambda: write_atomically(self.path / "recipe.yaml", recipe_yaml), "recipe.yaml")
-        if trains:
-            self.add_segment(step, recipe, world_size, notes)
-            self.set_status(f"running from step {step}")
+        if not trains:
+            return
+        record = dict(start_step=step, started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      host=socket.gethostname(), world_size=world_size,
+                      resumed_from=str(self.resumed[0]) if self.resumed else None,
+                      argv=sys.argv, inexact=notes, recipe=recipe)
+
+        def add_segment() -> None:
+            with open(self.path / SEGMENTS_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+        unless_disk_full(add_segment, f"{SEGMENTS_FILE} entry of the segment from step {step}")
+        self.set_status(f"running from step {step}")
 
     def set_status(self, text: str) -> None:
         """Atomic; on a full disk over the old line in its place, so that it does not go on claiming an old state."""
@@ -223,22 +217,6 @@ class RunFolder:
 
     def overwrite_status(self, line: str) -> None:
         """Needs no new block on a full disk while the line fits the file's last one (not atomic)."""
-        fd = os.open(self.path / STATUS_FILE, os.O_WRONLY)
-        try:
-            data = line.encode()
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
-        finally:
-            os.close(fd)
-
-    def add_segment(self, start_step: int, recipe: Dict[str, Any], world_size: int, notes: List[str]) -> None:
-        record = dict(start_step=start_step, started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                      host=socket.gethostname(), world_size=world_size,
-                      resumed_from=str(self.resumed[0]) if self.resumed else None,
-                      argv=sys.argv, inexact=notes, recipe=recipe)
-
-        def write() -> None:
-            with open(self.path / SEGMENTS_FILE, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-        unless_disk_full(write, f"{SEGMENTS_FILE} entry of the segment from step {start_step}")
+        with open(self.path / STATUS_FILE, "r+b") as handle:  # "r+": the file as it is, not truncated to 0 first
+            handle.write(line.encode())
+            handle.truncate()

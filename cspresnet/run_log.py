@@ -1,10 +1,11 @@
 """TensorBoard scalars, summary.csv (a row per epoch) and console lines; only the main rank writes."""
+import contextlib
 import csv
 import io
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -32,8 +33,7 @@ def quiet_tensorboard_threads() -> None:
 
 class RunLog:
     def __init__(self, output_dir: Path, enabled: bool, start_step: int = 0, rows: Optional[List[Dict]] = None):
-        """A resume drops TensorBoard events after `start_step` and rewrites summary.csv from the checkpoint's
-        rows: the logs then read as if it never stopped."""
+        """A resume purges TensorBoard's events after `start_step` and rewrites summary.csv from `rows`."""
         quiet_tensorboard_threads()
         self.enabled, self.output_dir = enabled, Path(output_dir)
         self.csv_path = self.output_dir / "summary.csv"
@@ -41,40 +41,34 @@ class RunLog:
         self.purge_step: Optional[int] = start_step + 1
         if enabled:
             unless_disk_full(lambda: write_csv(self.csv_path, rows or []), "summary.csv")
-            self._tensorboard(lambda writer: None)
+            self._tensorboard({})
 
-    def _tensorboard(self, write: Callable[[SummaryWriter], None]) -> None:
+    def _tensorboard(self, values: Dict[str, float], step: int = 0, flush: bool = False, close: bool = False) -> None:
         """The writer dies with its first failed write: on a full disk it is made anew at the next epoch's end."""
         try:
             if self.writer is None:
                 self.writer = SummaryWriter(str(self.output_dir), purge_step=self.purge_step)
                 self.purge_step = None  # only the segment's first event file purges
-            write(self.writer)
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            if flush:
+                self.writer.flush()
+            if close:
+                self.writer.close()
         except (OSError, RuntimeError) as exc:
             if not is_disk_full(exc):
                 raise
             log.warning("disk full: TensorBoard events lost until the next epoch's end")
             writer, self.writer = self.writer, None
-            try:
-                if writer is not None:
+            if writer is not None:
+                with contextlib.suppress(OSError, RuntimeError):  # its thread has already failed on the same full disk
                     writer.close()
-            except (OSError, RuntimeError):
-                pass  # its thread has already failed on the same full disk
-
-    def _scalars(self, values: Dict[str, float], step: int, flush: bool = False) -> None:
-        def write(writer: SummaryWriter) -> None:
-            for tag, value in values.items():
-                writer.add_scalar(tag, value, step)
-            if flush:
-                writer.flush()
-
-        self._tensorboard(write)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         if not self.enabled:
             return
         if self.writer is not None:
-            self._scalars({"train/loss": loss, "train/lr": lr}, step)
+            self._tensorboard({"train/loss": loss, "train/lr": lr}, step)
         log.info("step %d loss %.4f lr %.6g", step, loss, lr)
 
     def epoch(self, rows: List[Dict[str, float]]) -> None:
@@ -84,12 +78,12 @@ class RunLog:
         row = rows[-1]
         unless_disk_full(lambda: write_csv(self.csv_path, rows), f"summary.csv row of epoch {row['epoch']}")
         # one x-axis for everything, so that a resume can purge by step
-        self._scalars({f"epoch/{k}": v for k, v in row.items() if k != "step"}, int(row["step"]), flush=True)
+        self._tensorboard({f"epoch/{k}": v for k, v in row.items() if k != "step"}, int(row["step"]), flush=True)
         log.info(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def close(self) -> None:
         if self.writer is not None:
-            self._tensorboard(lambda writer: writer.close())
+            self._tensorboard({}, close=True)
 
 
 def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:

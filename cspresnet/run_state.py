@@ -2,7 +2,7 @@
 optimizer and the recipe, down to every rank's random generators, so that a resume is exact."""
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -21,10 +21,6 @@ class EpochStats:
     nonfinite_steps: int
     seconds: float
 
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
 
 class EpochTotals:
     """This rank's running sums for the current epoch, kept on the device so that no step waits for them."""
@@ -34,11 +30,11 @@ class EpochTotals:
         self.reset()
 
     def reset(self) -> None:
-        zeros = lambda n: torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
-        self.sums = zeros(3)  # [loss x images, images with a finite loss, non-finite steps]
-        self.streak = zeros(())  # current run of non-finite losses
-        self.max_streak = zeros(())  # longest run since the last check
-        self.window = zeros(2)  # [loss sum, steps] since the last log line
+        on_device = dict(device=self.device, dtype=torch.float64)
+        self.sums = torch.zeros(3, **on_device)  # [loss x images, images with a finite loss, non-finite steps]
+        self.streak = torch.zeros((), **on_device)  # current run of non-finite losses
+        self.max_streak = torch.zeros((), **on_device)  # longest run since the last check
+        self.window = torch.zeros(2, **on_device)  # [loss sum, steps] since the last log line
         self.images = 0  # images trained on (decodable ones)
 
     def add(self, loss: torch.Tensor, batch_size: int) -> None:
@@ -88,11 +84,9 @@ class RunState(Position):
     totals: Optional[EpochTotals] = None
     unreadable: Optional[UnreadableImages] = None
     saved_step: int = -1  # this process's knowledge: the newest checkpoint written (-1: none); not saved
-    datasets: Tuple[str, str] = ("", "")  # training and evaluation sets' fingerprints (8 s at ImageNet's size)
 
     def schedule_step(self, steps_per_epoch: int) -> int:
-        """The next update, counted at today's global batch: `step + 1` unless a resume changed the batch;
-        then the schedule (counted at the new batch) goes on from the images trained, not the old updates."""
+        """The next update counted at today's global batch: `step + 1` unless a resume changed it (docs/training.md)."""
         return self.epoch * steps_per_epoch + self.step_in_epoch + 1
 
     def rank_state_dict(self) -> Dict[str, Any]:

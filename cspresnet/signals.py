@@ -1,9 +1,5 @@
-"""How a training process stops. The first SIGTERM or SIGINT (preemption, scancel, Ctrl-C) lets the step
-finish, a checkpoint be saved and the process exit 75. More SIGTERMs change nothing: a scheduler delivers
-the same stop several times (SLURM signals every process, torchrun forwards its own copy). A second Ctrl-C
-(a SIGINT more than REPEAT_WINDOW_S after the first), or no exit within runtime.stop_timeout_s, ends the
-process and its loader workers at once, unsaved. Before training begins there is nothing to save: a stop
-ends the start at once (StartInterrupted), exit 75. train.py records signals that come during its imports."""
+"""How a training process stops: on the first SIGTERM or SIGINT, after the step and a save, exit 75; on a second
+Ctrl-C, or after runtime.stop_timeout_s, at once and unsaved (docs/training.md, "Signals and preemption")."""
 import contextlib
 import os
 import select
@@ -28,9 +24,8 @@ class StartInterrupted(Exception):
 
 
 class StopRequest:
-    """The first stop signal, acted on at a step's end. Python runs handlers only in the main thread between
-    bytecodes, never reached in a collective whose peer is gone; so a watchdog thread reads the signals from
-    the wakeup fd (written by CPython's C-level handler) and keeps the time limit."""
+    """The first stop signal, acted on at a step's end. Python runs handlers in the main thread between bytecodes,
+    never reached in a collective whose peer is gone: a watchdog thread reads the wakeup fd and keeps the time limit."""
 
     def __init__(self, timeout_s: float, early_signals: Optional[List[int]] = None):
         self.signal_name: Optional[str] = None
@@ -51,15 +46,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         self._pending = self._pending or signal.Signals(signum).name
-        if self.starting and self._armed:
-            self.starting = False  # once: a repeated signal must not interrupt the exit
-            raise StartInterrupted(signal.Signals(signum).name)
+        if self._armed:
+            self.arm_start()
 
     def arm_start(self) -> None:
         """Until training begins a stop (also an earlier one) ends the start; call it once the run stands."""
         self._armed = True
         if self._pending and self.starting:
-            self.starting = False
+            self.starting = False  # once: a repeated signal must not interrupt the exit
             raise StartInterrupted(self._pending)
 
     def training(self) -> None:
@@ -78,8 +72,7 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank got a signal (a collective: call on all ranks)."""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        return all_reduce_sum(flag).item() > 0
+        return all_reduce_sum(torch.tensor([1.0 if self.signal_name else 0.0], device=device)).item() > 0
 
     def _watch(self, read_end: int) -> None:
         first = None  # when the first stop signal came

@@ -1,7 +1,5 @@
-"""SyncBatchNorm over groups of processes, so that 8 GPUs with 16 images each can normalise over pairs
-= 32, as darknet did. The state dict keeps BatchNorm's keys (checkpoints and exports do not change).
-On GPUs this is torch's SyncBatchNorm, which refuses CPU tensors: on a CPU (gloo: the tests, a CPU
-cluster) differentiable all-reduces of per-channel sums give the same statistics and gradients."""
+"""SyncBatchNorm over groups of processes (8 GPUs x 16 images normalise over pairs = 32, as darknet did): torch's
+on GPUs; on a CPU, which torch's refuses, differentiable all-reduces of per-channel sums (docs/training.md)."""
 from typing import Optional
 
 import torch
@@ -28,8 +26,7 @@ class SumOverGroup(torch.autograd.Function):
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are pooled over a process group. Not a
-    subclass of torch's SyncBatchNorm, which DDP refuses on a CPU."""
+    """Statistics pooled over a process group; not a subclass of torch's SyncBatchNorm, which DDP refuses on a CPU."""
 
     def __init__(self, bn: nn.BatchNorm2d, group: Optional[dist.ProcessGroup]):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -40,13 +37,10 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         self.process_group = group
         self.train(bn.training)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training and dist.is_available() and dist.is_initialized():
-            return self.pooled_forward(input)
-        return super().forward(input)
-
-    def pooled_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Two passes over the data (mean, then the centred squares) for float accuracy."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        # two passes over the data (the mean, then the centred squares) for float accuracy
         group = self.process_group or dist.group.WORLD
         factor = self.momentum
         if self.track_running_stats:

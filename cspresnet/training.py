@@ -1,14 +1,8 @@
-"""A training run: train() claims the run folder, TrainingRun(...) builds the data and the step and
-restores the checkpoint, .train() runs each remaining epoch (train_epoch, save, evaluate, save(is_best))
-under the stop watchdog. This module alone knows the run folder, the log and the stop protocol.
-
-Every rank must reach these collectives in the same order, or the job hangs until
-runtime.collective_timeout_s: claim_run_folder's all_gather and barrier; DDP's buffer broadcast in
-every forward and gradient all-reduce in each update's last backward; SyncBatchNorm's all-reduces;
-every runtime.log_interval steps the non-finite check (all_reduce MAX) and the stop agreement; two
-all_gathers in every save; at each epoch's end the totals, each evaluation and the unreadable count.
-Whatever decides whether to call one is the same on every rank (step numbers, agreed flags).
-"""
+"""A training run: train() claims the run folder, TrainingRun builds the data and the step, restores the
+checkpoint and trains. This module alone knows the run folder, the log and the stop protocol. Every rank
+must reach the same collectives in the same order, or the job hangs (the list: docs/training.md, "Every
+failure ends every process"): whatever decides whether to call one is the same on every rank."""
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -38,7 +32,7 @@ from .arrangement import Arrangement, arrange
 from .checkpoint import TrainingCheckpoint, read_training_checkpoint
 from .distributed import all_gather_objects, all_reduce_sum, barrier
 from .engine import build_updater, configure_kernels, evaluate, evaluated_models
-from .recipe import Recipe, RuntimeConfig, changed_keys, recipe_to_dict, recipe_to_yaml
+from .recipe import Recipe, changed_keys, recipe_to_dict, recipe_to_yaml
 from .run_folder import RunFolder
 from .run_log import RunLog
 from .run_state import EpochTotals, RunState
@@ -55,7 +49,7 @@ def train(recipe: Recipe, ctx: DistContext, output: Path, resume: Optional[str] 
     to save). `early_signals`: stop signals train.py recorded while Python imported."""
     arrangement = arrange(recipe, ctx.world_size)  # an impossible one is refused before anything is touched
     folder = RunFolder(output, recipe.checkpoint.keep_last)
-    with folder.released_at_exit(), StopRequest(recipe.runtime.stop_timeout_s, early_signals=early_signals) as stop:
+    with contextlib.closing(folder), StopRequest(recipe.runtime.stop_timeout_s, early_signals=early_signals) as stop:
         resumed = folder.resumed = claim_run_folder(folder, resume, ctx)
         step = resumed[1].position.step if resumed else 0  # the newest checkpoint's: where the run stands for now
         stop.on_give_up = lambda reason: ctx.is_main and folder.set_status(f"interrupted at step {step}: {reason}")
@@ -87,17 +81,15 @@ class TrainingRun:
         if initial is not None:
             models = [self.updater.model] + ([self.updater.ema.module] if self.updater.ema is not None else [])
             log.info("%s", apply_initial_weights(initial, models, self.data.train_set.classes))
-        self.state = RunState(totals=EpochTotals(ctx.device), unreadable=self.data.unreadable,
-                              datasets=self.data.fingerprints)
+        self.state = RunState(totals=EpochTotals(ctx.device), unreadable=self.data.unreadable)
         notes = self.restore(resumed[1]) if resumed else []
         self.stop = stop
         stop.training()  # before the run folder's files are written: a stop now waits for a step's end and a save
-        self.announce(resumed, notes)
-        self.log: Optional[RunLog] = None  # while it trains
+        self.announce(notes)
+        self.log = RunLog(folder.path, ctx.is_main, start_step=self.state.step, rows=self.state.rows)
 
     def train(self) -> int:
         state, main = self.state, self.ctx.is_main
-        self.log = RunLog(self.folder.path, main, start_step=state.step, rows=state.rows)
         self.stop.on_give_up = lambda why: main and self.folder.set_status(f"interrupted at step {state.step}: {why}")
         try:
             if not self.train_epochs():
@@ -137,8 +129,7 @@ class TrainingRun:
         return True
 
     def train_epoch(self, batches) -> bool:
-        """To the epoch's end; False when it stopped on a signal (after saving). Every runtime.log_interval
-        steps all ranks read the loss, check for non-finite losses and agree on stopping (collectives)."""
+        """To the epoch's end; False when it stopped on a signal (after saving)."""
         state, rt, every, per_epoch = self.state, self.recipe.runtime, self.recipe.checkpoint.every_steps, \
             self.steps_per_epoch
         started = time.perf_counter() - state.epoch_seconds
@@ -153,20 +144,17 @@ class TrainingRun:
             state.totals.add(loss, len(batch.targets))
             state.step_in_epoch += 1
             state.epoch_seconds = time.perf_counter() - started  # current at any save, a stall's included
-            stopping = False
+            stopping = not self.ctx.is_distributed and self.stop.signal_name is not None  # one process: at once
             if state.step % rt.log_interval == 0:
                 self.log.step(state.step, state.totals.read_window_loss(), lr)
                 state.check_numerics(rt.max_nonfinite_steps)
                 stopping = self.stop.agreed(self.ctx.device)
-            elif not self.ctx.is_distributed:
-                stopping = self.stop.signal_name is not None  # one process: no need to agree, stop at once
             if stopping or (every and state.step % every == 0 and state.step_in_epoch < per_epoch):
                 state.check_numerics(rt.max_nonfinite_steps)
                 self.save()
             if stopping:
                 return False
-        bar.close()
-        return True
+        return True  # the bar closes itself at the end of its iterable
 
     def close_epoch(self) -> bool:
         """The epoch's totals, evaluations and summary row; whether it is the best yet (on weights or EMA)."""
@@ -188,8 +176,9 @@ class TrainingRun:
         state.best_top1 = max(state.best_top1, score)
         unreadable = all_reduce_sum(torch.tensor([float(state.unreadable.epoch_count)], device=self.ctx.device))
         state.unreadable.epoch_count = 0
-        row.update(images_per_s=stats.images_per_s, epoch_seconds=stats.seconds, eval_seconds=result.seconds,
-                   nonfinite_steps=stats.nonfinite_steps, unreadable_images=int(unreadable.item()))
+        row.update(images_per_s=stats.images / max(stats.seconds, 1e-9), epoch_seconds=stats.seconds,
+                   eval_seconds=result.seconds, nonfinite_steps=stats.nonfinite_steps,
+                   unreadable_images=int(unreadable.item()))
         state.rows.append(row)
         state.epoch, state.step_in_epoch, state.epoch_seconds = state.epoch + 1, 0, 0.0
         return is_best
@@ -205,10 +194,10 @@ class TrainingRun:
         if self.ctx.is_main:
             checkpoint = TrainingCheckpoint(
                 model=updater.model.state_dict(), optimizer=updater.optimizer.state_dict(),
-                scaler=updater.scaler.state_dict(), position=state.position(), per_rank=per_rank,
-                world_size=len(per_rank), dataset=state.datasets[0], classes=self.data.train_set.classes,
+                scaler=updater.scaler.state_dict(), position=state, per_rank=per_rank,
+                world_size=len(per_rank), dataset=self.data.fingerprints[0], classes=self.data.train_set.classes,
                 recipe=recipe_to_dict(self.recipe), model_ema=updater.ema.module.state_dict() if updater.ema else None,
-                eval_dataset=state.datasets[1], batch_size=self.recipe.batch_size,
+                eval_dataset=self.data.fingerprints[1], batch_size=self.recipe.batch_size,
                 metrics=state.rows[-1] if state.rows else None)
             written = self.folder.checkpoints.save(checkpoint.to_dict(), state.step, is_best) is not None
         written = all_gather_objects(written)[0]  # also keeps the other ranks from racing ahead of the write
@@ -233,10 +222,10 @@ class TrainingRun:
         updater.optimizer.load_state_dict(checkpoint.optimizer)
         updater.scaler.load_state_dict(checkpoint.scaler)
         notes = [state.load(checkpoint, self.ctx.rank, self.ctx.world_size, recipe.seed)]
-        if checkpoint.dataset != state.datasets[0]:
+        if checkpoint.dataset != self.data.fingerprints[0]:
             notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
                          "so the remaining order of images differs")
-        if checkpoint.eval_dataset not in (None, state.datasets[1]):  # None: a checkpoint from before it was kept
+        if checkpoint.eval_dataset not in (None, self.data.fingerprints[1]):  # None: older checkpoints lack it
             notes.append("the evaluation set changed since the checkpoint (val/, or the held-out part of train/): "
                          "top-1 before and after this point are not comparable")
         notes.append(self.continue_with_new_batch(checkpoint.batch_size or recipe.batch_size))
@@ -257,10 +246,10 @@ class TrainingRun:
         return (f"the global batch changed from {old_batch} to {new_batch} in epoch {state.epoch + 1}, after {images} "
                 f"of its images; it goes on {goes_on}")
 
-    def announce(self, resumed: Resumed, notes: List[str]) -> None:
+    def announce(self, notes: List[str]) -> None:
         if not self.ctx.is_main:
             return
-        recipe, state, data, folder = self.recipe, self.state, self.data, self.folder
+        recipe, rt, state, data, folder = self.recipe, self.recipe.runtime, self.state, self.data, self.folder
         folder.record_start(recipe_to_dict(recipe), recipe_to_yaml(recipe), self.ctx.world_size, notes,
                             trains=state.epoch < recipe.epochs)
         total = recipe.epochs * self.steps_per_epoch
@@ -271,15 +260,18 @@ class TrainingRun:
         log.log(logging.WARNING if self.arrangement.short_of_micro_batch else logging.INFO, self.arrangement.describe())
         if recipe.data.start_img_size:
             log.info("training crops: %s; evaluation at %d px%s", crop_sizes(recipe), recipe.data.eval_img_size,
-                     "; torch.compile makes one graph per size" if recipe.runtime.compile else "")
-        if recipe.runtime.compile or recipe.runtime.compile_eval:
-            log.info("%s", compiled_what(recipe.runtime, self.arrangement.images_per_pass, data.val.batch_size))
+                     "; torch.compile makes one graph per size" if rt.compile else "")
+        if rt.compile or rt.compile_eval:
+            parts = [f"training passes of {self.arrangement.images_per_pass} images"] if rt.compile else []
+            parts += [f"evaluation batches of {data.val.batch_size} images"] if rt.compile_eval else []
+            log.info("torch.compile (mode %s, static shapes): %s; a batch of another size runs without compiling",
+                     rt.compile_mode, " and ".join(parts))
         if self.updater.schedule.warmup_steps >= total:
             log.warning("the warmup (%d steps) is longer than the run (%d steps); the learning rate never reaches %g",
                         self.updater.schedule.warmup_steps, total, recipe.scaled_lr())
         log.info("%s", data.jpegs)
-        if resumed is not None:
-            log.info("resumed from %s at step %d", resumed[0], state.step)
+        if folder.resumed is not None:
+            log.info("resumed from %s at step %d", folder.resumed[0], state.step)
         for note in notes:
             log.info("resuming inexactly: %s", note)
 
@@ -295,23 +287,20 @@ class TrainingRun:
             self.folder.set_status(f"preempted at step {max(state.saved_step, 0)}")
         return EXIT_PREEMPTED
 
-    def redo_advice(self) -> str:
+    def redo_advice(self, disk_full: bool = True) -> str:
+        """What to run when the newest state is not saved: after a full disk, or a loader fault on several ranks."""
+        then = f"free space in {self.folder.path}, then rerun" if disk_full else "rerun"
         if self.state.saved_step < 0:
-            return (f"no checkpoint of this run was written; free space in {self.folder.path}, then rerun with "
-                    f"--resume auto (it starts again from step 0)")
-        return (f"the newest checkpoint is of step {self.state.saved_step}; free space in {self.folder.path}, then "
-                f"rerun with --resume auto to redo the steps since")
+            return f"no checkpoint of this run was written; {then} with --resume auto (it starts again from step 0)"
+        saved = self.state.saved_step
+        return f"the newest checkpoint is of step {saved}; {then} with --resume auto to redo the steps since"
 
     def save_after_loader_fault(self) -> str:
-        """One process saves where it got to (between two steps); several cannot: the others wait in a
-        collective that this rank will not join. Returns what was saved, in words."""
+        """What was saved, in words: one process saves, several cannot (docs/training.md, "A loader that stalls")."""
         state = self.state
         if state.saved_step == state.step or (not self.ctx.is_distributed and self.save()):
             return f"checkpoint saved at step {state.step}; continue with --resume auto"
-        if state.saved_step < 0:
-            return "no checkpoint of this run was written; rerun with --resume auto (it starts again from step 0)"
-        return f"the newest checkpoint is of step {state.saved_step}; continue from it with --resume auto"
-
+        return self.redo_advice(disk_full=False)
 
 def crop_sizes(recipe: Recipe) -> str:
     """The training crop of each stretch of epochs, counted from 1: '160 px in epochs 1-25, ...'."""
@@ -323,33 +312,24 @@ def crop_sizes(recipe: Recipe) -> str:
     return ", ".join(stretches)
 
 
-def compiled_what(rt: RuntimeConfig, train_batch: int, eval_batch: int) -> str:
-    parts = [f"training passes of {train_batch} images"] if rt.compile else []
-    parts += [f"evaluation batches of {eval_batch} images"] if rt.compile_eval else []
-    return (f"torch.compile (mode {rt.compile_mode}, static shapes): {' and '.join(parts)}; a batch of another "
-            f"size runs without compiling")
-
-
 def claim_run_folder(folder: RunFolder, resume: Optional[str], ctx: DistContext) -> Resumed:
     """Rank 0 locks the folder and picks the checkpoint; every rank follows, or fails with its error."""
-    decision, checkpoint = ("start",), None
+    error, path, checkpoint = None, None, None  # no path: a new start
     if ctx.is_main:
         try:
             folder.lock()
-            found = folder.choose_start(resume)
-            if found is not None:
-                decision, checkpoint = ("resume", str(found[0])), found[1]
+            path, checkpoint = folder.choose_start(resume) or (None, None)
         except (RunFolderError, CheckpointError) as exc:
-            decision = ("error", str(exc))
-    decision = all_gather_objects(decision)[0]
-    if decision[0] == "error":
-        raise RunFolderError(decision[1])
-    if decision[0] == "start":
+            error = str(exc)
+    error, path = all_gather_objects((error, path))[0]
+    if error is not None:
+        raise RunFolderError(error)
+    if path is None:
         return None
     if not ctx.is_main:
-        checkpoint = read_training_checkpoint(Path(decision[1]))
+        checkpoint = read_training_checkpoint(path)
     barrier()  # every rank has read the checkpoint before rank 0 may replace it
-    return Path(decision[1]), checkpoint
+    return path, checkpoint
 
 
 def as_it_runs(recipe: Recipe, ctx: DistContext) -> Recipe:

@@ -3,7 +3,7 @@ files), and a new run's initial weights, whose classifier gives way when the cla
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -53,24 +53,10 @@ def trained_data_config(weights: Weights) -> DataConfig:
     return recipe_from_dict(weights.recipe).data if weights.recipe is not None else DataConfig()
 
 
-# ----------------------------------------------------------------------------- initial weights
-
-
 @dataclass
-class InitialWeights:
+class InitialWeights(Weights):
     path: Path
     sha256: str
-    kind: str  # "model" or "ema": which weights of the file
-    state_dict: Dict[str, torch.Tensor]
-    classes: Optional[List[str]]  # the class names our checkpoints carry; None in timm's files
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> InitialWeights:
@@ -80,7 +66,8 @@ def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> Ini
     if not file.is_file():
         raise CheckpointError(f"recipe key 'model.initial_weights': {file} does not exist; give timm's "
                               f"cspresnet50 .pth, a .safetensors or one of our last.pt/best.pt")
-    actual = file_sha256(file)
+    with open(file, "rb") as handle:
+        actual = hashlib.file_digest(handle, "sha256").hexdigest()
     if not actual.startswith(sha256):
         raise CheckpointError(f"recipe key 'model.initial_weights_sha256' is {sha256} but {file} has SHA-256 "
                               f"{actual}: not the file the recipe names")
@@ -93,7 +80,7 @@ def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> Ini
     weight = state_dict.get(CLASSIFIER[0])
     if weight is not None and (weight.ndim != 2 or weight.shape[1] != expected[CLASSIFIER[0]].shape[1]):
         check_keys(expected, state_dict)  # a classifier on other features: names it a wrong shape
-    return InitialWeights(file, actual, weights.kind, state_dict, weights.classes)
+    return InitialWeights(**vars(weights), path=file, sha256=actual)
 
 
 def apply_initial_weights(initial: InitialWeights, models: Sequence[nn.Module], classes: Sequence[str]) -> str:

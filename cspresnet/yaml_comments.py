@@ -14,9 +14,8 @@ class DuplicateKeyError(ValueError):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """Refuses a mapping naming one key twice. `root`: the section the document is (an override's
-    dotted key), for messages. After loading, `key_lines` maps each dotted key to its line (0-based)
-    and `line_ends` each line to the column where its last token ends: what follows is a comment."""
+    """`root`: the section the document is (an override's dotted key). After loading, `key_lines` maps each
+    dotted key to its line (0-based), `line_ends` each line to where its last token ends: a comment follows."""
 
     def __init__(self, stream, root: str):
         super().__init__(stream)
@@ -40,15 +39,14 @@ class RecipeLoader(yaml.SafeLoader):
         """Each mapping's dotted place, for construct_mapping's messages, and each key's line."""
         if id(node) in self._sections:  # an alias: the same node again
             return
+        self._sections[id(node)] = where
         if isinstance(node, yaml.MappingNode):
-            self._sections[id(node)] = where
             for key_node, value_node in node.value:
                 name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
                 dotted = f"{where}.{name}" if where else str(name)
                 self.key_lines.setdefault(dotted, key_node.start_mark.line)
                 self._name_sections(value_node, dotted)
         elif isinstance(node, yaml.SequenceNode):
-            self._sections[id(node)] = where
             for i, item in enumerate(node.value):
                 self._name_sections(item, f"{where}[{i}]")
 

@@ -21,8 +21,7 @@ class Batch:
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.unreadable)
 
-    # From a loader worker each tensor crosses through a shared-memory file of its own, ~0.6 ms of
-    # the training process's time each (benchmarks.handover): the labels and indices go as lists.
+    # A worker's tensors cross through a shared-memory file each: labels and indices go as lists (docs/performance.md)
     def __getstate__(self) -> Dict:
         return dict(self.__dict__, targets=self.targets.tolist(), indices=self.indices.tolist())
 
@@ -46,10 +45,9 @@ def collate_batch(samples, out: Optional[torch.Tensor] = None) -> Batch:
 
 
 class SharedBatchRing:
-    """collate_batch, in a worker into a ring of shared-memory buffers allocated once (fresh ones cost a page
-    fault per 4 KiB, ~170 us an image). Safe: a worker gets a task only as one of its batches is yielded,
-    with at most prefetch_factor in flight, so of prefetch_factor + 2 buffers one is refilled two yielded
-    batches later, when the main process is done with it. Keeping a batch longer needs a copy of it."""
+    """collate_batch into a ring of shared-memory buffers made once per worker (a fresh one page-faults per 4 KiB).
+    Safe: a worker gets a task only as one of its batches is yielded, at most prefetch_factor in flight, so of
+    prefetch_factor + 2 buffers one is refilled two yielded batches later: keep a batch longer only as a copy."""
 
     def __init__(self, prefetch_factor: int):
         self.buffers: List[Optional[torch.Tensor]] = [None] * (prefetch_factor + 2)

@@ -1,8 +1,4 @@
-"""The data package's sections of a recipe (cspresnet.recipe embeds them): where the images are
-and how they are read, augmented and batched (DataConfig), and what is done to a batch on the
-device (AugmentConfig). Each checks its own values; setting(affects_results=False) marks a field
-that changes no trained number (a resume that changes it stays exact).
-"""
+"""The data package's sections of a recipe (cspresnet.recipe embeds them), each checking its own values."""
 from dataclasses import dataclass
 from typing import Literal, Tuple
 
@@ -21,8 +17,7 @@ class DataConfig:
     start_img_size: int = 0
     size_ramp_epochs: Tuple[int, int] = (0, 0)
     workers: int = setting(8, affects_results=False)  # loader processes per training process
-    # No batch for this long (a hung network mount, a stopped worker) ends the run, naming the worker
-    # and its file; minutes, since a first batch may wait on a cold cache.
+    # No batch for this long ends the run, naming each worker's file; minutes: a first batch may wait on a cold cache
     loader_timeout_s: float = setting(300.0, affects_results=False)
     # Per image, in the loader:
     train_interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # random: bilinear or bicubic
@@ -43,13 +38,11 @@ class DataConfig:
     min_unreadable_allowed: int = setting(10, affects_results=False)  # ... but always this many
 
     def check(self, key: KeyName = recipe_key("data")) -> None:
-        """Values that type-check but cannot work, in the order of the fields."""
         require(self.img_size >= 32, key("img_size"), ">= 32 (the network downsamples 32x)", self.img_size)
         if self.start_img_size:
-            for name in ("start_img_size", "img_size"):
-                require(getattr(self, name) % 32 == 0 and getattr(self, name) >= 32, key(name),
-                        "a multiple of 32 of at least 32 with data.start_img_size set (the sizes grow in steps of 32)",
-                        getattr(self, name))
+            for name, size in (("start_img_size", self.start_img_size), ("img_size", self.img_size)):
+                require(size % 32 == 0 and size >= 32, key(name), "a multiple of 32 of at least 32 with "
+                        "data.start_img_size set (the sizes grow in steps of 32)", size)
             require(self.start_img_size <= self.img_size, key("start_img_size"),
                     f"at most data.img_size={self.img_size}, the size it grows to", self.start_img_size)
             first, last = self.size_ramp_epochs
@@ -90,7 +83,6 @@ class DataConfig:
         return round(size / 32) * 32  # halves to even, as numpy's round in FFCV's
 
     def train_sizes(self) -> list:
-        """Every size train_size can give, smallest first."""
         return list(range(self.start_img_size, self.img_size + 1, 32)) if self.start_img_size else [self.img_size]
 
     def check_evaluation(self, key: KeyName = recipe_key("data")) -> None:

@@ -1,6 +1,5 @@
-"""The one dataset every source is read through: sample i's bytes (a file, or a member of a
-container at its offset, inflated if deflated), decoded and augmented as a function of
-(seed, epoch, i) alone."""
+"""The one dataset every source is read through: sample i's bytes (a file, or a member of a container at its
+offset, inflated if deflated), decoded and augmented as a function of (seed, epoch, i) alone."""
 import logging
 import os
 import random
@@ -85,16 +84,14 @@ class OpenFiles:
     def __init__(self, paths: List[str], identities: List[Identity]):
         self.paths, self.identities = paths, identities
         self.files: "OrderedDict[int, int]" = OrderedDict()
-        self.owner = -1  # the process the descriptors belong to
-        self.capacity = len(paths)
-        self.opened = 0  # open() calls in this process (benchmarks.shards reports it)
+        self.owner = -1  # the process the descriptors belong to; the first read in a process opens its own
 
     def __getstate__(self) -> Dict:
         return dict(self.__dict__, files=OrderedDict(), owner=-1)
 
     def _descriptor(self, container: int) -> int:
         if self.owner != os.getpid():
-            self.files, self.owner, self.opened = OrderedDict(), os.getpid(), 0
+            self.files, self.owner = OrderedDict(), os.getpid()
             self.capacity = open_file_capacity(len(self.paths))
         if container in self.files:
             self.files.move_to_end(container)
@@ -106,7 +103,6 @@ class OpenFiles:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UnreadableSample(f"{path} is gone: deleted or moved after it was indexed") from None
-        self.opened += 1
         if len(self.files) >= self.capacity:
             os.close(self.files.popitem(last=False)[1])
         self.files[container] = fd
@@ -152,9 +148,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @contextmanager
 def seeded_randomness(seed: int, numpy: bool = True) -> Iterator[None]:
     """torchvision's and timm's augmentations draw from the global generators: seeded per sample, an image's
-    augmentation depends on (seed, epoch, index) alone, not on the worker. The main process (workers=0)
-    restores them after, as training draws from them too. NumPy only if the transform uses it (saving and
-    restoring its state costs ~70 us); torch.default_generator, as torch.manual_seed also seeds CUDA (~80 us)."""
+    augmentation depends on (seed, epoch, index) alone. The main process (workers=0) restores them, as training
+    draws from them too. NumPy only if the transform uses it (~70 us); torch.manual_seed also seeds CUDA (~80 us)."""
     restore = torch.utils.data.get_worker_info() is None
     if restore:
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state() if numpy else None

@@ -1,7 +1,5 @@
-"""Training batches copied to the GPU one step ahead on a stream of their own (runtime.copy_stream):
-on the default stream the copy would wait for the step queued before it. The one batch more held is
-within the shared-memory ring's slack (data/batches.py).
-"""
+"""Batches copied to the GPU a step ahead on a stream of their own (runtime.copy_stream): on the default stream the
+copy would wait for the step queued before it. Holding one batch more fits the ring's slack (data/batches.py)."""
 import contextlib
 from typing import Iterable, Iterator, Optional
 
@@ -12,25 +10,18 @@ from .gpu_decode import EncodedBatch, decode_batch
 
 
 def ahead_on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """`batches`, in order, each with its images and targets already on `device`."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     ahead: Optional[Batch] = None
     for batch in batches:
-        moved = copied(batch, device, stream)
+        if isinstance(batch.images, torch.Tensor):  # queued on `stream`; JPEGs for the GPU decoder stay on the host
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                batch = Batch(batch.images.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
+                              batch.indices, batch.unreadable)
         if ahead is not None:
             yield ready(ahead, stream)
-        ahead = moved
+        ahead = batch
     if ahead is not None:
         yield ready(ahead, stream)
-
-
-def copied(batch: Batch, device: torch.device, stream: Optional["torch.cuda.Stream"]) -> Batch:
-    """The copy queued on `stream`; JPEGs for the GPU decoder stay on the host (decoded on the default stream)."""
-    if not isinstance(batch.images, torch.Tensor):
-        return batch
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        return Batch(batch.images.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
-                     batch.indices, batch.unreadable)
 
 
 def ready(batch: Batch, stream: Optional["torch.cuda.Stream"]) -> Batch:

@@ -3,9 +3,6 @@
     python -m data.downloads verify DIR                                the archives' MD5s against the published ones
     python -m data.downloads arrange --data-dir DIR --out OUT          class folders OUT/{train,val}/<wnid>/
     python -m data.downloads arrange --val-dir FLAT --devkit D --out OUT/val     a flat val folder, linked
-
-verify reads each archive whole (138 GB for the train one). arrange is resumable; each split goes
-into OUT/<split>.partial/, renamed to OUT/<split>/ when complete, so OUT may be the download's folder.
 """
 import argparse
 import hashlib
@@ -91,8 +88,7 @@ def arrange(root: Path, out: Path) -> Dict[str, Tuple[int, int, int]]:
                                  f"its tree): arrange writes class folders from one of those")
     if source.layout == "kaggle" and absolute(out) == absolute(kaggle.tree_root(root)):
         raise DatasetLayoutError(f"--out {out} is the folder of the download's own train/ and val/: give another")
-    train, val = build_splits(DataConfig(dir=str(root), layout="archives" if source.layout == "archives" else "kaggle"),
-                              None, None, 0)
+    train, val = build_splits(DataConfig(dir=str(root), layout=source.layout), None, None, 0)
     return {"train": arrange_split(train, out / "train"), "val": arrange_split(val, out / "val")}
 
 
@@ -123,7 +119,8 @@ def main(argv=None) -> int:
     source.add_argument("--data-dir", type=Path, help="the archives' folder, Kaggle's zip or tree")
     source.add_argument("--val-dir", type=Path, help="a flat folder of ILSVRC2012_val_*.JPEG, to link")
     labels = extract.add_mutually_exclusive_group()
-    labels.add_argument("--devkit", type=Path, help=f"--val-dir's labels: {DEVKIT_ARCHIVE} or torchvision's {META_FILE}")
+    labels.add_argument("--devkit", type=Path,
+                        help=f"--val-dir's labels: {DEVKIT_ARCHIVE} or torchvision's {META_FILE}")
     labels.add_argument("--val-solution", type=Path, help=f"--val-dir's labels: Kaggle's {KAGGLE_SOLUTION}")
     extract.add_argument("--out", required=True, type=Path, help="the folder for train/ and val/ (--val-dir: the "
                                                                   "class folders)")

@@ -1,7 +1,5 @@
-"""The fast CPU path (docs/performance.md): libjpeg-turbo decodes only the box that the crop keeps,
-at 1/2, 1/4 or 1/8 size when it will be shrunk that much anyway, then one antialiased resize; the
-crops are timm's, the pixels differ slightly. Files that are not RGB JPEGs go through Pillow.
-"""
+"""The fast CPU path: decode only the crop's box, DCT-scaled where it shrinks, then resize (docs/performance.md)."""
+import contextlib
 import io
 import math
 import random
@@ -16,17 +14,15 @@ from timm.data import RandomResizedCropAndInterpolation
 from .jpeg_box import box_decoder
 
 Box = Tuple[int, int, int, int]  # top, left, height, width in pixels of the stored image
-# An undecodable file raises these: Pillow's UnidentifiedImageError and "image file is truncated" are
-# OSErrors; broken headers raise SyntaxError or ValueError.
+# What undecodable files raise: Pillow's unidentified or truncated ones OSError, broken headers SyntaxError, ValueError
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_buffer = np.empty(0, dtype=np.uint8)  # reused decode target: a fresh 0.5 MB array a call costs page faults
 
 
 class ImageTransform:
-    """Two stages, so that the dataset can tell a broken file from a broken transform: `decode` decodes
-    the file's bytes (read from a file or an archive alike) and fails on a bad one, `finish` only computes."""
+    """`decode` fails on a bad file, `finish` only computes: the dataset tells a broken file from a broken transform."""
 
-    # Whether a step draws from NumPy's global generator (timm's RandAugment does): only then does the
-    # dataset seed it per sample, since saving and restoring NumPy's state costs ~70 us an image.
+    # Whether a step draws from NumPy's global generator (RandAugment): only then is it seeded per sample (costly)
     uses_numpy_random = False
 
     def decode(self, data: bytes):
@@ -76,10 +72,8 @@ def decode_region(data: bytes, choose_box: Callable[[int, int], Box], size: int,
         top, left, box_height, box_width = choose_box(height, width)
         shrink = min(box_height, box_width) / size
         scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
-        try:
+        with contextlib.suppress(ValueError):  # truncated or damaged: Pillow decides whether it can be read at all
             region = _decode_box(data, scale, height, width, top, left, box_height, box_width)
-        except ValueError:
-            pass  # truncated or damaged: Pillow decides whether it can be read at all
     if region is None:  # Pillow, at full size, as timm reads every file
         pixels = pil_to_hwc_uint8(load_rgb(data))
         top, left, box_height, box_width = choose_box(pixels.shape[0], pixels.shape[1])
@@ -89,9 +83,6 @@ def decode_region(data: bytes, choose_box: Callable[[int, int], Box], size: int,
     nchw = region.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     resized = torch.nn.functional.interpolate(nchw, size=(size, size), mode=interpolation, antialias=True)
     return resized[0].permute(1, 2, 0)
-
-
-_buffer = np.empty(0, dtype=np.uint8)  # reused decode target: a fresh 0.5 MB array a call costs page faults
 
 
 def _decode_box(data: bytes, scale: int, height: int, width: int, top: int, left: int, box_height: int,

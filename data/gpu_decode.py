@@ -1,14 +1,11 @@
-"""JPEG decoding on the GPU (nvJPEG through TorchCodec; torchvision 0.29 deprecates its own), for
-boxes with few CPU cores: workers read the file and draw the crop, the GPU decodes the batch in one
-call. Files nvJPEG does not take travel as pixels. With device=cpu it is testable without a GPU.
-"""
-import dataclasses
-import io
-from dataclasses import dataclass
+"""JPEG decoding on the GPU, for boxes with few CPU cores: workers only read files, draw crops (docs/performance.md)."""
+import contextlib
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+import simplejpeg
 import torch
-from PIL import Image
 
 from .fast_decode import DECODE_ERRORS, Box, FastRandomResizedCrop, decode_region, jpeg_dimensions
 
@@ -40,10 +37,9 @@ class EncodedBatch:
 
     @classmethod
     def pack(cls, images: List[EncodedImage]) -> "EncodedBatch":
-        lengths = [len(image.data) if image.data is not None else 0 for image in images]
-        files = torch.frombuffer(bytearray(b"".join(image.data for image in images if image.data is not None)),
-                                 dtype=torch.uint8) if any(lengths) else torch.empty(0, dtype=torch.uint8)
-        return cls([dataclasses.replace(image, data=None) for image in images], files, lengths)
+        joined = bytearray(b"".join(image.data or b"" for image in images))
+        files = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+        return cls([replace(image, data=None) for image in images], files, [len(image.data or b"") for image in images])
 
     def pin_memory(self) -> "EncodedBatch":
         return self
@@ -64,16 +60,18 @@ class EncodedRandomResizedCrop(FastRandomResizedCrop):
 
 
 def decode_batch(batch: EncodedBatch, device: torch.device) -> Tuple[torch.Tensor, Dict[int, str]]:
-    """uint8 NHWC on `device` of the images that decode, and {position: why} of the others. One truncated
-    file fails a batch call, so then each goes alone; one the device refuses is decoded as the fast CPU
-    path decodes it, so that the two paths skip the same files."""
+    """uint8 NHWC on `device` of the images that decode, and {position: why} of the others. One the device
+    refuses is decoded as the fast CPU path decodes it, so that the two paths skip the same files."""
     size = batch.images[0].size
     out = torch.empty(len(batch.images), 3, size, size, dtype=torch.uint8, device=device)
     files = {i: file for i, file in enumerate(batch.files.split(batch.lengths)) if batch.lengths[i]}
     try:
         decoded = dict(zip(files, decode_jpeg(list(files.values()), mode="RGB", device=device))) if files else {}
-    except RuntimeError:
-        decoded = {i: chw for i, file in files.items() for chw in on_device(file, device)}
+    except RuntimeError:  # one truncated file fails a batch call: each goes alone
+        decoded = {}
+        for i, file in files.items():
+            with contextlib.suppress(RuntimeError):
+                decoded[i] = decode_jpeg([file], mode="RGB", device=device)[0]
     failed = {}
     for position, image in enumerate(batch.images):
         if position in decoded:
@@ -97,14 +95,6 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> Tuple[torch.Tenso
     return (out[kept] if failed else out).permute(0, 2, 3, 1), failed
 
 
-def on_device(file: torch.Tensor, device: torch.device) -> List[torch.Tensor]:
-    """[the file decoded on `device`], or [] where the device's decoder refuses it."""
-    try:
-        return decode_jpeg([file], mode="RGB", device=device)
-    except RuntimeError:
-        return []
-
-
 def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
     """Whether nvJPEG decodes here; if not, the reason, for the fallback message."""
     if decode_jpeg is None:
@@ -112,9 +102,8 @@ def gpu_decode_available(device: torch.device) -> Tuple[bool, str]:
     if device.type != "cuda":
         return False, "no CUDA GPU"
     try:
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16)).save(buffer, "JPEG")
-        decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)], device=device)
+        jpeg = simplejpeg.encode_jpeg(np.zeros((16, 16, 3), dtype=np.uint8))
+        decode_jpeg([torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)], device=device)
     except (RuntimeError, OSError, ValueError) as exc:  # no nvJPEG, or no CUDA build of TorchCodec
         return False, f"TorchCodec cannot decode JPEG on {device} ({exc})"
     return True, ""

@@ -1,7 +1,4 @@
-"""Decode only the box that a crop keeps (jpeg_box.c), built on first use with $CC (default cc) and
-cached. Where it cannot be built, simplejpeg decodes whole files after one warning (the same pixels,
-more time); CSPRESNET_JPEG_BOX=0 does so quietly, =require makes it an error (docs/performance.md).
-"""
+"""Decode only the box that a crop keeps (jpeg_box.c), built on first use with $CC and cached (docs/performance.md)."""
 import ctypes
 import functools
 import hashlib
@@ -23,6 +20,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("jpeg_box.c")
 SWITCH = "CSPRESNET_JPEG_BOX"  # "0": whole files (benchmarks.loader --whole-jpeg compares the two); "require"
 FLAGS = ["-O2", "-shared", "-fPIC"]
+_why_not = ""  # why box_decoder() returned None
 
 
 class Unavailable(RuntimeError):
@@ -82,9 +80,7 @@ class BoxDecoder:
         c_int, c_ulong, c_int_p = ctypes.c_int, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
         self.decode_box.argtypes = [ctypes.c_char_p, c_ulong, c_int, c_int, c_int, c_int, c_int, ctypes.c_void_p,
                                     c_ulong, c_int_p, c_int_p, ctypes.c_char_p, c_int]
-        self.decode_box.restype = c_int
         self.buffer = np.empty(0, dtype=np.uint8)  # reused: a fresh array a call costs page faults
-        self.address = self.buffer.ctypes.data
         self.row_width, self.box_column = ctypes.c_int(), ctypes.c_int()
         self.message = ctypes.create_string_buffer(256)
 
@@ -92,8 +88,7 @@ class BoxDecoder:
         """The box of the image decoded at 1/scale: a view of a buffer the next call reuses. ValueError if bad."""
         if self.buffer.size < height * image_width * 3:
             self.buffer = np.empty(height * image_width * 3, dtype=np.uint8)
-            self.address = self.buffer.ctypes.data
-        failed = self.decode_box(data, len(data), scale, top, left, height, width, self.address,
+        failed = self.decode_box(data, len(data), scale, top, left, height, width, self.buffer.ctypes.data,
                                  self.buffer.size, self.row_width, self.box_column, self.message, len(self.message))
         if failed:
             raise ValueError(self.message.value.decode(errors="replace"))
@@ -117,9 +112,6 @@ def check(decoder: BoxDecoder) -> None:
                                       f"1/{scale} differently from the same box of the whole image")
         except ValueError as exc:
             raise Unavailable(f"the box decoder failed on a test image: {exc}") from None
-
-
-_why_not = ""  # why box_decoder() returned None
 
 
 @functools.lru_cache(maxsize=None)

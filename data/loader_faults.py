@@ -1,9 +1,4 @@
-"""A loader that fails to deliver: it stalls, or its shared memory runs out (docs/training.md).
-
-torch's timeout sees only a worker's hung read, not the training process reading (data.workers=0)
-or fetching a stopped worker's batch; so each wait runs under an alarm (SIGALRM). A full /dev/shm
-fails wherever the next allocation is, as a RuntimeError or a bare OSError: both become one error.
-"""
+"""A loader that stalls (an alarm sees what torch's timeout cannot) or whose /dev/shm fills (docs/training.md)."""
 import contextlib
 import errno
 import os
@@ -16,6 +11,7 @@ import torch
 
 from common.errors import ExitError, LoaderStallError, SharedMemoryError
 
+KEPT_UNTIL_EXIT: List[object] = []
 STATES = {"R": "running", "S": "sleeping", "D": "in state D: waiting on its filesystem, a hung network mount?",
           "T": "stopped", "t": "stopped", "Z": "dead"}
 
@@ -38,7 +34,6 @@ class ReadProgress:
             slot[0] = -1
 
     def describe(self, samples: Sequence) -> str:
-        """One line: each worker, its state, and the file it has been reading, if any."""
         now = time.time()
         parts: List[str] = []
         for worker, (index, since, pid) in enumerate(self.table.tolist()):
@@ -77,13 +72,16 @@ class Batches:
                 if batch is None:
                     return
                 yield batch
-        except (RuntimeError, OSError, ExitError) as exc:
+        except (RuntimeError, OSError, ExitError) as exc:  # a full /dev/shm fails wherever it next allocates
             text = str(exc)
             if isinstance(exc, ExitError) and "Original Traceback" in text:  # ours, from a worker: its own line
                 raise type(exc)(text.strip().splitlines()[-1].partition(": ")[2]) from None
             if not isinstance(exc, LoaderStallError) and (
                     "shared memory" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
                 last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+                # A DataLoader iterator whose __init__ failed raises AttributeError from __del__; the traceback
+                # holds it until exit, when torch's __del__ does nothing.
+                KEPT_UNTIL_EXIT.append(exc.__traceback__)
                 raise SharedMemoryError(f"a loader worker ran out of shared memory ({last}); /dev/shm is too small "
                                         f"for data.workers: lower it, or give the job more (Docker: --shm-size=8g or "
                                         f"--ipc=host)") from None
@@ -96,15 +94,14 @@ class Batches:
         if self.progress is None or threading.current_thread() is not threading.main_thread():
             yield
             return
-        limit = self.progress.timeout_s
-        tick = min(1.0, limit / 4)
+        tick = min(1.0, self.progress.timeout_s / 4)
         waited, last = 0.0, time.monotonic()
 
         def counted(signum, frame):
             nonlocal waited, last
             now = time.monotonic()
             waited, last = waited + min(now - last, 2 * tick), now
-            if waited >= limit:
+            if waited >= self.progress.timeout_s:
                 raise LoaderStallError(self.progress.describe(self.loader.dataset.samples))
         previous = signal.signal(signal.SIGALRM, counted)
         signal.setitimer(signal.ITIMER_REAL, tick, tick)

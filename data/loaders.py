@@ -22,21 +22,18 @@ from .transforms import decode_path, eval_transform, training_transforms
 from .unreadable import UnreadableImages, refuse_damaged
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PREFETCH_FACTOR = 4  # batches in flight per worker
 
 
 class WorkerSignals:
-    """A loader worker ignores SIGINT and SIGTERM, which reach every process of a job (Ctrl-C, SLURM): dying
-    of them, it would fail the step that the training process still has to save. It ends with that process:
-    killed at its exit (cspresnet.console), or by the kernel at its death (a parent-death signal)."""
+    """Ignores SIGINT and SIGTERM, which reach every process of a job: dying of them, a worker would fail the step
+    still to be saved. It ends with the training process: killed at its exit (cspresnet.console), or at its death."""
 
     def __call__(self, worker_id: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         signal.set_wakeup_fd(-1)  # the inherited pipe belongs to the training process's stop watchdog
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-PREFETCH_FACTOR = 4  # batches in flight per worker
 
 
 def loader_options(workers: int, pin_memory: bool) -> dict:

@@ -3,10 +3,6 @@
     python -m data.pack_shards --data-dir /data/imagenet --out /data/imagenet-wds
     python -m data.pack_shards --data-dir sample_imagenet --out sample_shards --train-shards 8 --val-shards 2
     python -m data.pack_shards --data-dir /data/ilsvrc2012 --out /data/imagenet-wds    (ImageNet as downloaded)
-
-Each sample is a <key>.cls and the file's bytes unchanged, keyed by the file's name without its
-extension (so ImageNet-ReaL finds the validation images). Shuffled by --seed: the same seed and
-files give the same bytes. A rerun after an interruption keeps the finished shards.
 """
 import argparse
 import hashlib
@@ -51,8 +47,7 @@ class SplitPlan:
     split: str  # train | validation
     source: ImageDataset  # its samples, (file, class index), and read(i) their bytes
     keys: List[str]  # each sample's key in the shards
-    shards: List[List[int]]  # per shard, its samples (positions in source.samples) in writing order
-    filenames: List[str]
+    shards: Dict[str, List[int]]  # per shard's file name, its samples (positions in source.samples) in writing order
 
 
 def source_sets(root: Path, splits: Sequence[str]) -> Dict[str, ImageDataset]:
@@ -84,36 +79,33 @@ def sample_keys(samples: Sequence[Sample], classes: List[str], where: Path) -> L
 
 def plan_split(split: str, source: ImageDataset, keys: List[str], count: int, seed: int, name: str) -> SplitPlan:
     """`count` shards (fewer if there are fewer samples) of near-equal size, shuffled by `seed`."""
-    # A stream of its own: seeding torch with --seed itself dealt the shards as a seed-0 run's first epoch
-    # (seed * 100_003 + epoch) deals its batches, each batch then from one or two shards.
+    # A stream of its own, not the training sampler's (docs/shards.md, "The pack command")
     digest = hashlib.sha256(f"data.pack_shards {split} seed {seed}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     count = min(count, len(source))
     order = torch.randperm(len(source), generator=generator).tolist()
     bounds = [len(source) * i // count for i in range(count + 1)]
     digits = max(2, len(str(count - 1)))
-    return SplitPlan(split, source, keys, [order[bounds[i]:bounds[i + 1]] for i in range(count)],
-                     [f"{name}-{split}-{i:0{digits}d}.tar" for i in range(count)])
+    return SplitPlan(split, source, keys, {f"{name}-{split}-{i:0{digits}d}.tar": order[bounds[i]:bounds[i + 1]]
+                                           for i in range(count)})
 
 
-def plan_digest(plans: List[SplitPlan], root: Path, name: str, seed: int) -> str:
-    """Changes with anything that changes the shards' contents: files, classes, seed, counts, the shuffle rule."""
+def claim_output(out: Path, plans: List[SplitPlan], root: Path, name: str, seed: int) -> None:
+    """Start a pack in `out`, or continue the same one; refuse to mix two packs. The digest changes with anything
+    that changes the shards' contents: files, classes, seed, counts, the shuffle rule."""
     digest = hashlib.sha1(f"{name}\n{seed}\n{SHUFFLE}\n".encode())
     for plan in plans:
         digest.update(f"{plan.split} {len(plan.shards)}\n".encode())
         for (path, target), key in zip(plan.source.samples, plan.keys):
             digest.update(f"{Path(path).relative_to(root)}\t{target}\t{key}\n".encode())
-    return digest.hexdigest()
-
-
-def claim_output(out: Path, plan: Dict) -> None:
-    """Start a pack in `out`, or continue the same one; refuse to mix two packs."""
+    record = dict(digest=digest.hexdigest(), source=str(root), seed=seed, name=name,
+                  shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / PLAN_NAME
     if marker.is_file():
         held = json.loads(marker.read_text())
-        if held.get("digest") != plan["digest"]:
-            older = held.get("shuffle") != plan["shuffle"]
+        if held.get("digest") != record["digest"]:
+            older = held.get("shuffle") != SHUFFLE
             why = ("begun by an older version of this command, which shuffled the samples in another order" if older
                    else "other files, classes, --seed, --name or shard counts")
             raise PackError(f"{out} holds another pack ({why}; see {marker}): pack into an empty folder, or delete "
@@ -121,29 +113,22 @@ def claim_output(out: Path, plan: Dict) -> None:
         return
     if any(out.glob("*.tar")):
         raise PackError(f"{out} already holds .tar files that this command did not write: pack into an empty folder")
-    write_atomically(marker, json.dumps(plan, indent=1) + "\n")
+    write_atomically(marker, json.dumps(record, indent=1) + "\n")
 
 
-def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
-    """A member with fixed ownership and times, so that the same input gives the same bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0
-    return info
-
-
-def write_shard(out: Path, plan: SplitPlan, shard: int) -> None:
+def write_shard(out: Path, plan: SplitPlan, filename: str) -> None:
     """One shard, whole or not at all: a rerun after a kill writes it again."""
     def write(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for position in plan.shards[shard]:
+            for position in plan.shards[filename]:
                 path, target = plan.source.samples[position]
-                key, data, label = plan.keys[position], plan.source.read(position), str(target).encode()
                 suffix = Path(path).suffix.lower()
                 extension = "jpg" if suffix in (".jpg", ".jpeg") else suffix.lstrip(".")
-                tar.addfile(tar_member(f"{key}.cls", label), io.BytesIO(label))
-                tar.addfile(tar_member(f"{key}.{extension}", data), io.BytesIO(data))
-
-    write_atomically(out / plan.filenames[shard], write, durable=True)
+                for member, data in (("cls", str(target).encode()), (extension, plan.source.read(position))):
+                    info = tarfile.TarInfo(f"{plan.keys[position]}.{member}")
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0  # the same input gives the same bytes
+                    tar.addfile(info, io.BytesIO(data))
+    write_atomically(out / filename, write, durable=True)
 
 
 def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_shards: int = 1024,
@@ -157,11 +142,9 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
     plans = [plan_split(SPLITS[folder], source, sample_keys(source.samples, classes, root / folder),
                         train_shards if folder == "train" else val_shards, seed, name)
              for folder, source in sources.items()]
-    claim_output(out, dict(digest=plan_digest(plans, root, name, seed), source=str(root), seed=seed,
-                           name=name, shards={plan.split: len(plan.shards) for plan in plans}, shuffle=SHUFFLE))
+    claim_output(out, plans, root, name, seed)
     remove_leftovers(out)  # a shard being written when an earlier pack was killed
-    todo = [(plan, shard) for plan in plans for shard in range(len(plan.shards))
-            if not (out / plan.filenames[shard]).is_file()]
+    todo = [(plan, filename) for plan in plans for filename in plan.shards if not (out / filename).is_file()]
     kept = sum(len(plan.shards) for plan in plans) - len(todo)
     if kept:
         log.info("continuing a pack in %s: %d shard(s) already written are kept", out, kept)
@@ -169,8 +152,8 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
         list(tqdm(pool.map(lambda job: write_shard(out, *job), todo), total=len(todo), desc="shards", disable=None,
                   leave=False))
     # timm's _info.json fields (its wds reader takes the split sizes from here), and the class names
-    written = {plan.split: dict(name=plan.split, num_samples=len(plan.source), filenames=plan.filenames,
-                                shard_lengths=[len(shard) for shard in plan.shards]) for plan in plans}
+    written = {plan.split: dict(name=plan.split, num_samples=len(plan.source), filenames=list(plan.shards),
+                                shard_lengths=[len(shard) for shard in plan.shards.values()]) for plan in plans}
     info = dict(name=name, splits=written, num_classes=len(classes), classes=classes)
     write_atomically(out / INFO_NAME, json.dumps(info, indent=1) + "\n")
     return info

@@ -1,9 +1,6 @@
 """Write a small, learnable image-classification set in the ImageNet layout, as real JPEGs: a
 class's shape and hue over a random textured background, at random places and sizes (random-resized
-crops still see the class); like ImageNet, a few grayscale and CMYK JPEGs and a PNG named .JPEG.
-
-    python -m data.sample_data --out sample_imagenet
-"""
+crops still see the class); like ImageNet, a few grayscale and CMYK JPEGs and a PNG named .JPEG."""
 import argparse
 import colorsys
 import json
@@ -16,21 +13,21 @@ from PIL import Image, ImageDraw, ImageFilter
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 
 
-def _hue_rgb(hue: float, saturation: float, value: float) -> tuple:
+def _rgb(hue: float, saturation: float, value: float) -> tuple:
     return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
 def draw_sample(class_index: int, num_classes: int, rng: random.Random, size: tuple) -> Image.Image:
     width, height = size
-    background = Image.new("RGB", size, _hue_rgb(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.9)))
+    background = Image.new("RGB", size, _rgb(rng.random(), rng.uniform(0.0, 0.4), rng.uniform(0.2, 0.9)))
     draw = ImageDraw.Draw(background)
     for _ in range(rng.randint(5, 15)):  # clutter that carries no class information
         x, y = rng.randrange(width), rng.randrange(height)
         r = rng.randint(3, max(4, min(size) // 8))
-        draw.rectangle((x - r, y - r, x + r, y + r), fill=_hue_rgb(rng.random(), 0.3, rng.uniform(0.2, 1.0)))
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=_rgb(rng.random(), 0.3, rng.uniform(0.2, 1.0)))
     background = background.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
     draw = ImageDraw.Draw(background)
-    colour = _hue_rgb(class_index / num_classes + rng.uniform(-0.02, 0.02), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+    colour = _rgb(class_index / num_classes + rng.uniform(-0.02, 0.02), rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
     shape = SHAPES[class_index % len(SHAPES)]
     radius = rng.uniform(0.25, 0.45) * min(size)
     cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
@@ -90,12 +87,9 @@ def generate(out: Path, num_classes: int = 10, train_per_class: int = 60, val_pe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="sample_imagenet", help="output folder (default: sample_imagenet)")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=60)
-    parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--min-size", type=int, default=96)
-    parser.add_argument("--max-size", type=int, default=320)
-    parser.add_argument("--seed", type=int, default=0)
+    for option, default in (("--classes", 10), ("--train-per-class", 60), ("--val-per-class", 20), ("--min-size", 96),
+                            ("--max-size", 320), ("--seed", 0)):
+        parser.add_argument(option, type=int, default=default)
     args = parser.parse_args()
     out = generate(Path(args.out), args.classes, args.train_per_class, args.val_per_class,
                    args.min_size, args.max_size, args.seed)

@@ -1,15 +1,7 @@
-"""A split's samples as a few flat arrays, memory-mapped from a cache file: the one index that
-every source of ImageNet builds, and the one routine that caches it.
-
-A list of 1.28M (path, class) tuples costs 223 MB, copied into every loader worker that touches
-its reference counts (pytorch/pytorch#13246): about 12 GB for 8 ranks x 8 workers. Mapped arrays
-hold no Python object per sample, and a node's processes share their pages. A sample is a file,
-folders[folder_of[i]]/<name> (kind `files`), or bytes inside that container (kind `members`) at
-`offset`, `size` long, stored or deflated (`method`, zipfile's numbers) into `length` bytes.
-
-The cache file: MAGIC, the header's length (8 bytes, little-endian), the header (JSON: the key it
-was built from, the other fields), then the arrays, each at a 64-byte boundary.
-"""
+"""A split's samples as a few flat arrays, memory-mapped from a cache file: the one index that every source
+builds, and the one routine that caches it. Unlike a list of (path, class) tuples, copied into every loader
+worker, mapped arrays hold no Python object per sample and a node's processes share them (docs/performance.md,
+which also gives the cache file's format)."""
 import contextlib
 import fcntl
 import hashlib
@@ -48,7 +40,8 @@ class Member(NamedTuple):
 
 
 class SampleIndex(Sequence):
-    """The samples in order: sample i is folders[folder_of[i]]/<its name>, of class targets[i]."""
+    """Sample i is folders[folder_of[i]]/<its name>, of class targets[i] (kind `files`), or bytes inside that container
+    (kind `members`) at `offset`, `size` long, stored or deflated (`method`, zipfile's numbers) into `length` bytes."""
 
     def __init__(self, folders: List[str], folder_of: np.ndarray, targets: np.ndarray, names: np.ndarray,
                  starts: np.ndarray, kind: str = "files", arrays: Optional[Dict[str, np.ndarray]] = None,
@@ -80,18 +73,18 @@ class SampleIndex(Sequence):
     def __add__(self, other: Sequence[Sample]) -> List[Sample]:  # as lists of samples add up
         return list(self) + list(other)
 
-    def __radd__(self, other: Sequence[Sample]) -> List[Sample]:
-        return list(other) + list(self)
-
     @classmethod
     def from_rows(cls, folders: List[str], folder_of: Sequence[int], names: Sequence[str], targets: Sequence[int],
                   **fields: Any) -> "SampleIndex":
-        encoded = [name.encode("utf-8", "surrogateescape") for name in names]
-        starts = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=starts[1:])
+        text = "".join(names)
+        blob = text.encode("utf-8", "surrogateescape")
+        # One byte a character (ASCII, the usual case): no name is encoded on its own (1 s at ImageNet's size).
+        lengths = map(len, names if len(blob) == len(text) else [n.encode("utf-8", "surrogateescape") for n in names])
+        starts = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(lengths, dtype=np.int64, count=len(names)), out=starts[1:])
         return cls(list(folders), np.asarray(folder_of, dtype=np.int32).reshape(-1),
-                   np.asarray(targets, dtype=np.int32).reshape(-1), np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                   starts, **fields)
+                   np.asarray(targets, dtype=np.int32).reshape(-1), np.frombuffer(blob, dtype=np.uint8), starts,
+                   **fields)
 
     @classmethod
     def from_members(cls, containers: List[str], identities: List[Identity], members: Sequence[Member],
@@ -103,35 +96,27 @@ class SampleIndex(Sequence):
                              problems={i: m.problem for i, m in enumerate(members) if m.problem}, **fields)
 
     @classmethod
-    def from_names(cls, folders: List[str], names_per_folder: Sequence[List[str]], targets: Sequence[int]) -> "SampleIndex":
-        """Folder k's files (no '/' in a name) are names_per_folder[k], of class targets[k]; the fingerprint
-        comes with it, joined a folder at a time (0.1 s for ImageNet's train set, not 1 s sample by sample)."""
+    def from_names(cls, folders: List[str], names_per_folder: Sequence[List[str]],
+                   targets: Sequence[int]) -> "SampleIndex":
+        """Folder k's files (no '/' in a name) are names_per_folder[k], of class targets[k]; the fingerprint comes
+        with it, joined a folder at a time (0.1 s for ImageNet's train set, not 1 s sample by sample)."""
         counts, targets = [len(names) for names in names_per_folder], list(targets)
-        names = [name for each in names_per_folder for name in each]
-        text = "".join(names)
-        blob = text.encode("utf-8", "surrogateescape")
-        lengths = map(len, names) if len(blob) == len(text) else (len(n.encode("utf-8", "surrogateescape")) for n in names)
-        starts = np.zeros(len(names) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(lengths, dtype=np.int64, count=len(names)), out=starts[1:])
-        index = cls(list(folders), np.repeat(np.arange(len(folders), dtype=np.int32), counts),
-                    np.repeat(np.asarray(targets, dtype=np.int32), counts), np.frombuffer(blob, dtype=np.uint8), starts)
+        index = cls.from_rows(folders, np.repeat(np.arange(len(folders)), counts),
+                              [name for each in names_per_folder for name in each], np.repeat(targets, counts))
         digest = hashlib.sha1()
         for folder, each, target in zip(folders, names_per_folder, targets):
             if each:
                 head, tail = f"{posixpath.basename(posixpath.normpath(folder))}/", f"\t{target}\n"
                 digest.update((head + (tail + head).join(each) + tail).encode("utf-8", "surrogateescape"))
-        index._fingerprint = f"{len(names)}:{digest.hexdigest()}"
+        index._fingerprint = f"{len(index)}:{digest.hexdigest()}"
         return index
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> "SampleIndex":
         """Files from (path, class) pairs in any order: each path cut into its folder and its name."""
-        folders: Dict[str, int] = {}
-        folder_of, names = [], []
-        for path, _ in samples:
-            folder, _, name = path.rpartition("/")
-            folder_of.append(folders.setdefault(folder, len(folders)))
-            names.append(name)
+        parts, folders = [path.rpartition("/") for path, _ in samples], {}
+        folder_of = [folders.setdefault(folder, len(folders)) for folder, _, _ in parts]
+        names = [name for _, _, name in parts]
         return cls.from_rows(list(folders), folder_of, names, [target for _, target in samples])
 
     def fingerprint(self) -> str:

@@ -6,8 +6,7 @@ from torch.utils.data import Sampler
 
 
 class TrainSampler(Sampler[List[Tuple[int, int]]]):
-    """This rank's batches of (epoch, index) keys, like DistributedSampler with drop_last. One pass may run
-    through several epochs, so that the workers go on decoding at an epoch's end."""
+    """This rank's batches of (epoch, index) keys, like DistributedSampler with drop_last, over one or more epochs."""
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int):
         global_batch = batch_size * world_size

@@ -1,14 +1,13 @@
-"""Per-image transforms (in loader workers) and the batch work on the training device. Workers
-return uint8 HWC tensors, a quarter of float32's bytes; the device normalises with the float32
-operations of torchvision's ToTensor + Normalize, bit-identical to timm's CPU transform.
-"""
+"""Per-image transforms (in loader workers, to uint8 HWC) and the batch work on the device (docs/performance.md)."""
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from PIL import Image
 from timm.data import Mixup, RandomResizedCropAndInterpolation, rand_augment_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -18,26 +17,21 @@ from .fast_decode import FastCenterCrop, FastRandomResizedCrop, ImageTransform, 
 from .gpu_decode import EncodedRandomResizedCrop, gpu_decode_available
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
+@dataclass
 class FullDecode(ImageTransform):
     """Decode the whole file to RGB with Pillow, then run PIL transforms on it: timm's way."""
 
-    def __init__(self, steps: transforms.Compose, uses_numpy_random: bool = False):
-        self.steps, self.uses_numpy_random = steps, uses_numpy_random
+    steps: transforms.Compose
+    uses_numpy_random: bool = False
 
     def decode(self, data: bytes) -> Image.Image:
         return load_rgb(data)
 
     def finish(self, image: Image.Image) -> torch.Tensor:
         return self.steps(image)
-
-    def __repr__(self) -> str:
-        return f"FullDecode({self.steps})"
 
 
 def train_transform(img_size: int, scale: Tuple[float, float] = (0.08, 1.0),
@@ -47,7 +41,8 @@ def train_transform(img_size: int, scale: Tuple[float, float] = (0.08, 1.0),
     crops alike and decodes faster (fast_decode); "gpu" leaves the decoding to the device (gpu_decode)."""
     augment = None
     if auto_augment:  # timm's RandAugment, with the hyper-parameters timm's training transform gives it
-        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
+        hparams = dict(translate_const=int(img_size * 0.45),
+                       img_mean=tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN))
         if interpolation != "random":
             hparams["interpolation"] = Image.Resampling[interpolation.upper()]
         augment = rand_augment_transform(auto_augment, hparams)
@@ -124,11 +119,10 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 class DevicePreprocess:
     """A loader's batch (uint8 NHWC, on the host or the device) -> the model's input: normalised float32 NCHW."""
 
-    def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.device = device
-        self.memory_format = memory_format(channels_last)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device, self.memory_format = device, memory_format(channels_last)
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view

@@ -24,8 +24,7 @@ def unreadable_budget(images: int, max_fraction: float, min_allowed: int) -> Tup
 
 
 def refuse_damaged(dataset, max_fraction: float, min_allowed: int, split: str) -> None:
-    """Samples known unreadable (a cut download, a shard gone) stop the run before any work when they are
-    whole training classes, or over budget: else it would train, and report a score, on what is left."""
+    """Known-unreadable samples that are whole training classes, or over budget, stop the run before any work."""
     lost = dataset.known_unreadable()
     if not lost:
         return
@@ -36,9 +35,10 @@ def refuse_damaged(dataset, max_fraction: float, min_allowed: int, split: str) -
         held = np.bincount(readable[readable >= 0], minlength=len(dataset.classes))
         empty = [dataset.classes[i] for i in np.flatnonzero(held == 0)]
         if empty:
+            shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
             raise DatasetLayoutError(f"{len(empty)} of the {len(dataset.classes)} classes of the training set have no "
-                                     f"image that can be read ({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''})"
-                                     f"; {example}. The download lost them: download it again")
+                                     f"image that can be read ({shown}); {example}. The download lost them: download "
+                                     f"it again")
     limit, rule = unreadable_budget(len(dataset), max_fraction, min_allowed)
     if len(lost) > limit:
         raise UnreadableDataError(f"{len(lost)} of the {len(dataset)} images of the {split} set cannot be read, known "
@@ -47,9 +47,8 @@ def refuse_damaged(dataset, max_fraction: float, min_allowed: int, split: str) -
 
 
 class UnreadableImages:
-    """Warns once per undecodable file; stops the run when too much of a batch is unreadable, or more
-    distinct files than the budget. Each rank checks the files it has seen against the whole budget:
-    the sampler reshuffles every epoch, so a rank meets most bad files within a few epochs."""
+    """Warns once per undecodable file; stops the run when too much of one batch, or more files than the budget, are
+    unreadable. Each rank holds what it has seen to the whole budget: reshuffled each epoch, it meets most bad files."""
 
     def __init__(self, samples: Sequence[Sample], max_batch_fraction: float, max_fraction: float, min_allowed: int):
         self.samples, self.max_batch_fraction = samples, max_batch_fraction

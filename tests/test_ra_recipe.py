@@ -40,7 +40,7 @@ def test_darknet_recipe_keeps_every_extra_off():
     assert not r.ema.enabled and (r.model.drop_rate, r.model.drop_path_rate) == (0, 0)
     assert build_batch_augment(r.augment, r.label_smoothing, 1000, CPU) is None
     assert "RandAugment" not in repr(train_transform(64, auto_augment=r.data.auto_augment))
-    assert isinstance(build_criterion(r.mixing(), r.label_smoothing), torch.nn.CrossEntropyLoss)
+    assert isinstance(build_criterion(r.augment.mixing, r.label_smoothing), torch.nn.CrossEntropyLoss)
 
 
 def test_ra_recipe_values():
@@ -124,7 +124,7 @@ def test_mixup_on_and_off_and_the_loss_is_timms():
     torch.testing.assert_close(mixed, lam * batch + (1 - lam) * batch.flip(0))
     logits = torch.randn(4, 10)
     recipe = load_recipe("cspresnet50_ra.yaml")
-    ours = build_criterion(recipe.mixing(), recipe.label_smoothing)
+    ours = build_criterion(recipe.augment.mixing, recipe.label_smoothing)
     assert torch.equal(ours(logits, soft), SoftTargetCrossEntropy()(logits, soft))
     plain = build_criterion(False, 0.1)
     torch.testing.assert_close(plain(logits, targets), LabelSmoothingCrossEntropy(0.1)(logits, targets))

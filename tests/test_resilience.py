@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 import validate as validate_script
+from common.files import remove_leftovers
 from cspresnet.checkpoint import load_checkpoint
-from cspresnet.run_folder import CheckpointFolder
-from cspresnet.signals import EXIT_PREEMPTED
 from cspresnet.optim import build_schedule
-from cspresnet.run_folder import RunFolder
 from cspresnet.recipe import load_recipe
+from cspresnet.run_folder import CheckpointFolder, RunFolder
+from cspresnet.signals import EXIT_PREEMPTED
 from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, last_wins, read_until, run_cli, start, torchrun,
                            train_here, wait_until_gone)
 
@@ -225,7 +225,7 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         if (tmp_path / "best.pt").exists():
             best = load_checkpoint(tmp_path / "best.pt")
             assert best["step"] % 3 == 0 and torch.all(best["weights"] == best["step"])
-        folder.remove_partial_files()
+        remove_leftovers(tmp_path)
         assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -1,7 +1,6 @@
-"""Every source of ImageNet that a --data-dir may hold, one row each (SOURCES), and the one place that
-chooses among them, for training and for evaluation. Each gives its samples in the class folders' order as a SampleIndex: the samplers, decoders and
-exact resume never learn which one they read. A sixth is one module and one row (docs/adding-a-source.md).
-"""
+"""Every source of ImageNet that a --data-dir may hold, one row each (SOURCES), and the one place that chooses
+among them, for training and for evaluation. Each gives its samples in the class folders' order as a SampleIndex:
+the samplers, decoders and exact resume never learn which one they read (docs/adding-a-source.md)."""
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -27,17 +26,14 @@ class Source:
 
 # In the order a folder is recognised: class folders arranged beside the archives win over them.
 SOURCES = (
-    Source("kaggle-zip", "Kaggle's zip", "imagenet-object-localization-challenge.zip, or a folder that holds it "
-           "(docs/archives.md)", lambda root: kaggle.find_zip(root) is not None, kaggle.zip_splits,
-           kaggle.zip_evaluation),
-    Source("kaggle", "Kaggle's download (unzipped)", "DIR/ILSVRC/Data/CLS-LOC/ with DIR/LOC_val_solution.csv",
+    Source("kaggle-zip", "Kaggle's zip", kaggle.ZIP_EXPECTS, lambda root: kaggle.find_zip(root) is not None,
+           kaggle.zip_splits, kaggle.zip_evaluation),
+    Source("kaggle", "Kaggle's download (unzipped)", kaggle.TREE_EXPECTS,
            lambda root: kaggle.tree_root(root) is not None, kaggle.tree_splits, kaggle.tree_evaluation),
     Source("class-folders", "class folders", folders.EXPECTS, folders.holds, folders.splits),
-    Source("archives", "ImageNet's official archives", "DIR/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, "
-           "ILSVRC2012_devkit_t12.tar.gz", archives.holds, archives.splits, archives.evaluation),
-    Source("shards", "tar shards", "DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (WebDataset tar "
-           "shards, docs/shards.md)",
-           tars.holds, tars.splits),
+    Source("archives", "ImageNet's official archives", archives.EXPECTS, archives.holds, archives.splits,
+           archives.evaluation),
+    Source("shards", "tar shards", tars.EXPECTS, tars.holds, tars.splits),
 )
 BY_LAYOUT = {source.layout: source for source in SOURCES}
 

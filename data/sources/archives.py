@@ -1,27 +1,19 @@
-"""Training and evaluation straight from ImageNet's official ILSVRC2012 archives: no extraction, no copy.
-
-    DIR/ILSVRC2012_img_train.tar        138 GB: a tar of 1,000 tars <wnid>.tar, each a class's JPEGs
-    DIR/ILSVRC2012_img_val.tar          6.3 GB: 50,000 JPEGs ILSVRC2012_val_%08d.JPEG, flat
-    DIR/ILSVRC2012_devkit_t12.tar.gz    the validation labels (or Kaggle's LOC_val_solution.csv)
-
-The inner tars lie uncompressed in the outer one, so each JPEG is one pread at an offset read from
-the tar headers. Sample i is the class folders' sample i, named '<wnid>/<file name>' (the same
-fingerprint). The classes are the labels', so a class missing from a damaged train archive does
-not move the others' labels.
-"""
+"""Training and evaluation straight from ImageNet's official ILSVRC2012 archives, with no extraction and no copy:
+each JPEG is one pread at an offset read from the tar headers (docs/archives.md). The classes are the labels', so
+a class missing from a damaged train archive does not move the others' labels."""
 import io
 import logging
 import os
 from pathlib import Path
 from typing import BinaryIO, List, Tuple
 
-from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
+from torchvision.datasets.imagenet import ARCHIVE_META
 
 from common.errors import DatasetLayoutError
 
 from ..config import DataConfig
 from ..sample_index import Member, SampleIndex, absolute, cached, files_key, identity
-from .labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, ValLabels, is_image_name, labelled, labels_from
+from .labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, LABEL_FILES, ValLabels, is_image_name, labelled, labels_from
 from .tars import TarMember, tar_members
 
 log = logging.getLogger(__name__)
@@ -30,8 +22,8 @@ TRAIN_ARCHIVE = ARCHIVE_META["train"][0]  # ILSVRC2012_img_train.tar
 VAL_ARCHIVE = ARCHIVE_META["val"][0]  # ILSVRC2012_img_val.tar
 INDEX_RULE = "archives 2"  # changes when what an index holds changes: older caches are rebuilt
 OFFICIAL_COUNTS = {"classes": 1000, "train images": 1_281_167, "validation images": 50_000}
-ARCHIVES_LAYOUT = (f"expected ImageNet's archives as downloaded, side by side: DIR/{TRAIN_ARCHIVE} (a tar of "
-                   f"<wnid>.tar), DIR/{VAL_ARCHIVE} and DIR/{DEVKIT_ARCHIVE} (or Kaggle's {KAGGLE_SOLUTION})")
+EXPECTS = (f"DIR/{TRAIN_ARCHIVE} (a tar of <wnid>.tar), DIR/{VAL_ARCHIVE} and DIR/{DEVKIT_ARCHIVE} (or Kaggle's "
+           f"{KAGGLE_SOLUTION}), side by side as downloaded")
 
 
 def holds(folder: Path) -> bool:
@@ -39,8 +31,7 @@ def holds(folder: Path) -> bool:
 
 
 class Window(io.RawIOBase):
-    """Bytes [start, start + size) of an open file, for tarfile to read an inner tar in place (pread: no shared
-    file position)."""
+    """Bytes [start, start + size) of a file, for tarfile to read an inner tar in place (pread: no shared position)."""
 
     def __init__(self, handle: BinaryIO, start: int, size: int):
         super().__init__()
@@ -62,7 +53,7 @@ class Window(io.RawIOBase):
 
 def label_file(folder: Path) -> Path:
     """The validation labels beside the archives; exit 2 without them: nothing can be evaluated."""
-    for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION):
+    for name in LABEL_FILES:
         if (folder / name).is_file():
             return folder / name
     raise DatasetLayoutError(f"{folder} has no labels for {VAL_ARCHIVE}: put {DEVKIT_ARCHIVE} (or Kaggle's "
@@ -143,7 +134,7 @@ def scan_val(path: Path, labels: ValLabels, source: Path) -> SampleIndex:
 def val_index(folder: Path, index_dir: str) -> Tuple[SampleIndex, List[str]]:
     folder = absolute(folder)  # one index, whether the folder is named by a relative path or not
     if not (folder / VAL_ARCHIVE).is_file():
-        raise DatasetLayoutError(f"{folder} has no {VAL_ARCHIVE}; {ARCHIVES_LAYOUT}")
+        raise DatasetLayoutError(f"{folder} has no {VAL_ARCHIVE}; expected ImageNet's archives: {EXPECTS}")
     source = label_file(folder)
     labels = labels_from(source)
     key = [INDEX_RULE, *files_key(folder / VAL_ARCHIVE, source)]
@@ -154,7 +145,7 @@ def val_index(folder: Path, index_dir: str) -> Tuple[SampleIndex, List[str]]:
 def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, SampleIndex, List[str]]:
     folder = absolute(root)
     if not (folder / TRAIN_ARCHIVE).is_file():
-        raise DatasetLayoutError(f"{folder} has no {TRAIN_ARCHIVE}; {ARCHIVES_LAYOUT}")
+        raise DatasetLayoutError(f"{folder} has no {TRAIN_ARCHIVE}; expected ImageNet's archives: {EXPECTS}")
     val, classes = val_index(folder, config.index_dir)
     key = [INDEX_RULE, *files_key(folder / TRAIN_ARCHIVE, label_file(folder))]
     train = cached(TRAIN_ARCHIVE, folder, "archives-train.idx", key,

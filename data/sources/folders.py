@@ -1,10 +1,5 @@
-"""Class folders: DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG, classes in sorted order
-(timm's), listed once and cached; and every folder layout of an evaluation set:
-
-    DIR/<wnid>/*.JPEG                 class folders
-    DIR/0 .. DIR/999                  ImageNetV2: the folder name is the label
-    DIR/ILSVRC2012_val_*.JPEG flat    with the devkit or Kaggle's LOC_val_solution.csv (labels.py)
-"""
+"""Class folders: DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG, classes in sorted order (timm's), listed
+once and cached; and every folder layout of an evaluation set (EVAL_LAYOUTS), a flat one labelled by labels.py."""
 import hashlib
 import os
 import time
@@ -127,7 +122,7 @@ def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, Samp
     classes = find_classes(root / "train")
     train = cached_index(root / "train", classes, config.index_dir)
     if config.holdout_fraction > 0:
-        train, val = (SampleIndex.from_samples(part) for part in hold_out(train, classes, config.holdout_fraction, seed))
+        train, val = map(SampleIndex.from_samples, hold_out(train, classes, config.holdout_fraction, seed))
     elif (root / "val").is_dir():
         val = cached_index(root / "val", classes, config.index_dir)
     else:
@@ -166,8 +161,8 @@ def eval_folder(root: Path, split: str) -> Path:
     if root.is_dir():
         found = [name for name in subfolders(root) if name.lower() in SPLIT_NAMES]
         if found:
-            raise DatasetLayoutError(f"{root} has no {split}/ folder (it has {', '.join(n + '/' for n in found)}): pass "
-                                     f"the evaluation folder itself, or --split NAME")
+            raise DatasetLayoutError(f"{root} has no {split}/ folder (it has {', '.join(n + '/' for n in found)}): "
+                                     f"pass the evaluation folder itself, or --split NAME")
     return root
 
 

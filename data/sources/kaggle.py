@@ -1,15 +1,6 @@
-"""Kaggle's ImageNet download (imagenet-object-localization-challenge), zipped or not, read as it is.
-
-    imagenet-object-localization-challenge.zip     (ZIP64, 155 GB), or the same unzipped:
-        ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG
-        ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_*.JPEG     flat, labelled by
-        LOC_val_solution.csv                              (the first wnid of each PredictionString)
-
-Unzipped: class folders (folders.py) and a flat val/ labelled by the CSV. Zipped: the index comes
-from the central directory (zipfile reads ZIP64) and each image's local header (its own extra field
-moves the data), then an image is one pread, inflated if deflated. Either way, in the class
-folders' order: training from either gives the folders' weights.
-"""
+"""Kaggle's ImageNet download (imagenet-object-localization-challenge), zipped or not, read as it is in the class
+folders' order (docs/archives.md): unzipped, class folders and a flat val/ labelled by LOC_val_solution.csv; zipped,
+from the central directory (zipfile reads ZIP64) and each image's local header (its extra field moves the data)."""
 import io
 import os
 import struct
@@ -29,8 +20,10 @@ LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature, ..., name length, ext
 LOCAL_SIGNATURE = 0x04034B50
 READABLE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 INDEX_RULE = "kaggle zip 2"  # changes when what an index holds changes: older caches are rebuilt
-ZIP_LAYOUT = (f"expected Kaggle's ImageNet zip: {PREFIX}train/<wnid>/*.JPEG, {PREFIX}val/ILSVRC2012_val_*.JPEG "
-              f"and {KAGGLE_SOLUTION}")
+ZIP_EXPECTS = (f"imagenet-object-localization-challenge.zip (or a folder that holds it) with "
+               f"{PREFIX}train/<wnid>/*.JPEG, {PREFIX}val/ILSVRC2012_val_*.JPEG and {KAGGLE_SOLUTION} "
+               f"(docs/archives.md)")
+TREE_EXPECTS = f"{KAGGLE_DATA}/train/<wnid>/ and a flat {KAGGLE_DATA}/val/, with {KAGGLE_SOLUTION} at the top"
 # What Kaggle's download holds beside its zip once someone unzipped the small files out of it.
 KAGGLE_FILES = {KAGGLE_SOLUTION, "LOC_train_solution.csv", "LOC_sample_submission.csv", "LOC_synset_mapping.txt"}
 Split = Tuple[SampleIndex, SampleIndex, List[str]]
@@ -46,25 +39,22 @@ def tree_root(root: Path) -> Optional[Path]:
     return None
 
 
-def tree_place(root: Path) -> Path:
-    """tree_root, or one line that says what data.layout=kaggle expects instead."""
+def tree_place(root: Path) -> Tuple[Path, List[str]]:
+    """tree_root and its classes, or one line that says what data.layout=kaggle expects instead."""
     place = tree_root(root)
     if place is None:
         raise DatasetLayoutError(f"data.layout is kaggle but {root} holds neither Kaggle's zip nor its download "
-                                 f"unzipped ({KAGGLE_DATA}/train/<wnid>/ and a flat {KAGGLE_DATA}/val/, with "
-                                 f"{KAGGLE_SOLUTION} at the top); set data.layout=auto to read what it holds")
-    return place
+                                 f"unzipped ({TREE_EXPECTS}); set data.layout=auto to read what it holds")
+    return place, find_classes(place / "train")
 
 
 def tree_splits(root: Path, config: DataConfig, seed: int) -> Split:
-    place = tree_place(root)
-    classes = find_classes(place / "train")
+    place, classes = tree_place(root)
     return cached_index(place / "train", classes, config.index_dir), flat_split(place / "val", classes), classes
 
 
 def tree_evaluation(root: Path, index_dir: str) -> Tuple[SampleIndex, List[str], str]:
-    place = tree_place(root)
-    classes = find_classes(place / "train")
+    place, classes = tree_place(root)
     return flat_split(place / "val", classes), classes, "kaggle"
 
 
@@ -84,7 +74,8 @@ def member(fd: int, info: zipfile.ZipInfo, target: int, name: str) -> Member:
     header = os.pread(fd, LOCAL_HEADER.size, info.header_offset)
     fields = LOCAL_HEADER.unpack(header) if len(header) == LOCAL_HEADER.size else (0,) * 11
     start = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
-    problem = "" if fields[0] == LOCAL_SIGNATURE else f"no local header at byte {info.header_offset}: the zip is damaged"
+    damaged = f"no local header at byte {info.header_offset}: the zip is damaged"
+    problem = "" if fields[0] == LOCAL_SIGNATURE else damaged
     if info.compress_type not in READABLE:
         problem = problem or f"zip method {info.compress_type}: only stored and deflated members are read"
     elif info.flag_bits & 0x1:
@@ -106,7 +97,8 @@ def scan_zip(path: Path, split: str) -> SampleIndex:
                  if info.filename.startswith(PREFIX)}
         classes = sorted({p[1] for p in parts.values() if p[0] == "train" and len(p) >= 3})
         if not classes:
-            raise DatasetLayoutError(f"{path} holds no {PREFIX}train/<wnid>/ folders; {ZIP_LAYOUT}")
+            raise DatasetLayoutError(f"{path} holds no {PREFIX}train/<wnid>/ folders; expected Kaggle's zip: "
+                                     f"{ZIP_EXPECTS}")
         index = {wnid: i for i, wnid in enumerate(classes)}
         if split == "train":
             found = [(info, index[p[1]], f"{p[1]}/{p[2]}") for info, p in parts.items()
@@ -116,14 +108,14 @@ def scan_zip(path: Path, split: str) -> SampleIndex:
             try:
                 solution = archive.read(KAGGLE_SOLUTION)
             except KeyError:
-                raise DatasetLayoutError(f"{path} holds no {KAGGLE_SOLUTION}, the validation labels; {ZIP_LAYOUT}") \
-                    from None
+                raise DatasetLayoutError(f"{path} holds no {KAGGLE_SOLUTION}, the validation labels; expected "
+                                         f"Kaggle's zip: {ZIP_EXPECTS}") from None
             labels = kaggle_rows(io.StringIO(solution.decode("utf-8"), newline=""), f"{path}:{KAGGLE_SOLUTION}")
             found = [(images[name], target, f"{wnid}/{name}") for target, wnid, name in
                      labelled(images, labels, classes, path.name, KAGGLE_SOLUTION)]
         members = sorted((member(handle.fileno(), *each) for each in found), key=lambda m: (m.target, m.name))
     if not members:
-        raise DatasetLayoutError(f"{path} holds no {split} images; {ZIP_LAYOUT}")
+        raise DatasetLayoutError(f"{path} holds no {split} images; expected Kaggle's zip: {ZIP_EXPECTS}")
     return SampleIndex.from_members([str(path)], [identity(stat)], members, classes=classes)
 
 

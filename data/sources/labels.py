@@ -1,16 +1,12 @@
 """Which files are images, the class names, and the labels and class folders' order of ImageNet's flat
-validation images for every reader of them: one image has one label and one place, whatever holds it.
-
-    ILSVRC2012_devkit_t12.tar.gz     ground truth in ILSVRC2012 IDs (meta.mat's order, not sorted wnids),
-                                     turned into wnids by torchvision's parser (or its meta.bin)
-    LOC_val_solution.csv             Kaggle's: ImageId, PredictionString (the first wnid is the label)
-"""
+validation images for every reader of them: one image has one label and one place, whatever holds it. The labels:
+ILSVRC2012_devkit_t12.tar.gz's ground truth (ILSVRC2012 IDs in meta.mat's order, not sorted wnids, made wnids by
+torchvision's parser or its meta.bin), or Kaggle's LOC_val_solution.csv (each PredictionString's first wnid)."""
 import csv
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE, load_meta_file, parse_devkit_archive
 
@@ -21,6 +17,7 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 SUFFIXES = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 DEVKIT_ARCHIVE = ARCHIVE_META["devkit"][0]  # ILSVRC2012_devkit_t12.tar.gz
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
+LABEL_FILES = (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION)  # looked for in this order: meta.bin is parsed already
 KAGGLE_DATA = Path("ILSVRC", "Data", "CLS-LOC")  # Kaggle's download: its CSV files lie above this
 
 
@@ -38,8 +35,7 @@ def default_classes(num_classes: int) -> List[str]:
     return [str(i) for i in range(num_classes)]
 
 
-@dataclass
-class ValLabels:
+class ValLabels(NamedTuple):
     wnids: Dict[str, str]  # {'ILSVRC2012_val_00000001.JPEG': wnid, ...}
     classes: List[str]  # every class of the set, sorted: label i is classes[i]
 
@@ -69,8 +65,7 @@ def find_label_file(folder: Path) -> Optional[Path]:
     places = [folder, folder.parent]
     if folder.parent.parts[-3:] == KAGGLE_DATA.parts:
         places.append(folder.parents[3])
-    return next((place / name for place in places for name in (META_FILE, DEVKIT_ARCHIVE, KAGGLE_SOLUTION)
-                 if (place / name).is_file()), None)  # meta.bin first: parsed already
+    return next((place / name for place in places for name in LABEL_FILES if (place / name).is_file()), None)
 
 
 def labels_from(label_file: Path) -> ValLabels:

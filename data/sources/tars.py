@@ -1,16 +1,6 @@
-"""Tar headers, read without reading an image, and WebDataset tar shards read by random access.
-
-    DIR/imagenet1k-train-0000.tar ... -1023.tar     timm's imagenet-1k-wds layout: each sample
-    DIR/imagenet1k-validation-00.tar ... -63.tar    is <key>.jpg + <key>.cls (the class index),
-    DIR/_info.json                                  with the split sizes (optional here)
-
-The index, from the tar headers and the small .cls members, puts sample i where the class folders
-put it, however data/pack_shards.py shuffled the shards: training gives the folders' weights. A
-sample without an image or a class, or lost after a cut, keeps its place, counted as unreadable.
-Not webdataset's `wids`: it copies every shard to a local cache, keeps 10 open by default (of
-1,024, read at random), re-indexes a shard at each open, numbers samples in shard order and asserts
-where we need a message and a counted sample; random access needs only the headers and os.pread.
-"""
+"""Tar headers, read without reading an image, and WebDataset tar shards in timm's layout (EXPECTS) read by
+random access. Sample i is where the class folders put it, however the shards were shuffled, so training gives the
+folders' weights; a sample that cannot be read keeps its place, counted as unreadable (docs/shards.md)."""
 import itertools
 import json
 import logging
@@ -29,7 +19,7 @@ from common.errors import DatasetLayoutError
 
 from ..config import DataConfig
 from ..sample_index import Identity, Member, SampleIndex, absolute, cache_file, cached, files_key, identity
-from .labels import IMAGE_EXTENSIONS, default_classes
+from .labels import SUFFIXES, default_classes
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +27,11 @@ log = logging.getLogger(__name__)
 SHARD_NAME = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<split>[^-]+)-(?P<number>\d+)\.tar$")
 EVAL_SPLITS = ("validation", "val")  # timm says validation; either is taken for --split val
 INFO_NAME = "_info.json"  # timm's: split sizes, shard file names; ours adds the class names
-IMAGE_MEMBERS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg, jpeg, png, ...
 SCAN_THREADS = 16  # shards indexed at once: the scan waits on the filesystem, not the CPU
 INDEX_RULE = "shards 2"  # changes when what an index holds changes: older caches are rebuilt
-SHARD_LAYOUT = """expected WebDataset tar shards as timm publishes ImageNet:
-    DIR/<name>-train-NNNN.tar          each sample a <key>.jpg and a <key>.cls (class index)
-    DIR/<name>-validation-NN.tar       (or -val-); python -m data.pack_shards makes them
-    DIR/_info.json                     optional: split sizes, class names"""
+EXPECTS = ("DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (or -val-), each sample a <key>.jpg and a "
+           "<key>.cls (its class), and optionally _info.json (split sizes, class names): WebDataset tar shards as "
+           "timm publishes ImageNet, or as python -m data.pack_shards makes them (docs/shards.md)")
 TarMember = Tuple[str, int, int, Optional[bytes]]  # name, data offset, size, the bytes of a .cls member
 
 
@@ -112,12 +100,12 @@ def holds(folder: Path, split: str = "train") -> bool:
 
 @dataclass
 class Scan:
-    """A shard's samples in member order, as (name, offset, size, class, why it cannot be read)."""
+    """A shard's samples in member order (their container is set once the shards are numbered)."""
 
     identity: Identity
-    rows: List[Tuple[str, int, int, int, str]]
+    rows: List[Member]
     damage: str = ""  # what is wrong with its end; "": whole
-    lost: Optional[int] = 0  # samples after a cut, kept from the earlier index or _info.json; None: unknown
+    warning: str = ""  # said at every start while the shard is as it is
 
 
 def scan_shard(path: Path) -> Scan:
@@ -135,12 +123,12 @@ def scan_shard(path: Path) -> Scan:
     groups = [(key, [m for _, m in group]) for key, group in itertools.groupby(named, key=itemgetter(0))]
     rows = [sample_row(key, group, stat.st_size, damage if at == len(groups) - 1 else "")
             for at, (key, group) in enumerate(groups)]
-    return Scan(identity(stat), rows, damage, None if damage else 0)
+    return Scan(identity(stat), rows, damage)
 
 
-def sample_row(key: str, group: List[TarMember], shard_size: int, damage: str) -> Tuple[str, int, int, int, str]:
-    """One sample's row; one without an image lies where its first member does (member order)."""
-    image = next((m for m in group if member_key(m[0])[1] in IMAGE_MEMBERS), None)
+def sample_row(key: str, group: List[TarMember], shard_size: int, damage: str) -> Member:
+    """One sample; one without an image lies where its first member does (member order)."""
+    image = next((m for m in group if member_key(m[0])[1] in SUFFIXES), None)
     label = next((m for m in group if member_key(m[0])[1] == "cls"), None)
     target, problem, cut = -1, "", f"; {damage}" if damage else ""
     if label is None or label[3] is None:
@@ -155,82 +143,77 @@ def sample_row(key: str, group: List[TarMember], shard_size: int, damage: str) -
     if image is None:
         others = ", ".join("." + member_key(m[0])[1] for m in group)
         problem = problem or f"no image member (it has {others}; expected .jpg or another image type){cut}"
-        return key, group[0][1], 0, target, problem
+        return Member(target, key, 0, group[0][1], 0, problem)
     if image[1] + image[2] > shard_size:
-        problem = problem or f"cut short: the shard ends {shard_size - image[1]} bytes into this member's {image[2]}{cut}"
-    return image[0], image[1], image[2], target, problem
+        problem = problem or (f"cut short: the shard ends {shard_size - image[1]} bytes into this member's "
+                              f"{image[2]}{cut}")
+    return Member(target, image[0], 0, image[1], image[2], problem)
 
 
-def keep_lost(scan: Scan, name: str, earlier: Optional[Scan]) -> Scan:
-    """A shard cut short since it was indexed keeps its earlier samples in their places (an exact resume stays
-    exact), those after the cut unreadable; cached with the cut shard's identity until it is repaired."""
-    if not scan.damage or earlier is None or earlier.identity[0] <= scan.identity[0]:
+def with_lost(scan: Scan, name: str, earlier: Optional[Scan], lengths: Dict[str, int]) -> Scan:
+    """A cut shard keeps what it lost as unreadable samples: the earlier index's after the cut, in their places (an
+    exact resume stays exact; cached with the cut shard's identity until it is repaired), else as many as _info.json
+    counts (placeholders, class unknown: placed last); else their number is unknown, and its warning says so."""
+    if not scan.damage:
         return scan
-    kept, rows = len(scan.rows), earlier.rows
-    same = all(a[:2] == b[:2] for a, b in zip(scan.rows[:-1], rows)) and kept <= len(rows) and \
-        (kept == 0 or member_key(scan.rows[-1][0])[0] == member_key(rows[kept - 1][0])[0])
-    if not same:
-        return scan
-    lost = f"lost: {name} is cut short at byte {scan.identity[0]} (it was {earlier.identity[0]} bytes when indexed)"
-    return Scan(scan.identity, scan.rows + [row[:4] + (lost,) for row in rows[kept:]], scan.damage, len(rows) - kept)
-
-
-def count_lost(name: str, scan: Scan, lengths: Dict[str, int]) -> str:
-    """A cut shard's warning, with what it lost: the earlier index's samples after the cut, else _info.json's
-    count (added as placeholders, class unknown: placed last), else unknown, and it says so."""
-    if scan.lost is None and name in lengths:
-        missing, found = max(0, lengths[name] - len(scan.rows)), len(scan.rows)
+    kept, rows = len(scan.rows), earlier.rows if earlier is not None else []
+    same = earlier is not None and earlier.identity[0] > scan.identity[0] and kept <= len(rows) and \
+        all((a.name, a.offset) == (b.name, b.offset) for a, b in zip(scan.rows[:-1], rows)) and \
+        (kept == 0 or member_key(scan.rows[-1].name)[0] == member_key(rows[kept - 1].name)[0])
+    if same:  # cut since it was indexed whole
+        lost = f"lost: {name} is cut short at byte {scan.identity[0]} (it was {earlier.identity[0]} bytes when indexed)"
+        scan.rows += [row._replace(problem=lost) for row in rows[kept:]]
+    elif name in lengths:
+        missing = max(0, lengths[name] - kept)
         reason = (f"lost: {name} is cut short at byte {scan.identity[0]}; {INFO_NAME} says it holds {lengths[name]} "
-                  f"samples, its tar headers show {found}")
-        scan.rows += [(f"<lost sample {k:0{len(str(missing))}d} of {missing}>", scan.identity[0], 0, -1, reason)
-                      for k in range(1, missing + 1)]
-        scan.lost = missing
-    if scan.lost is None:
-        return (f"{scan.damage}. The number of samples lost after the cut is unknown: the shard was not indexed whole "
-                f"before, and {INFO_NAME} gives no sample count for it, so only its cut sample is counted as "
-                f"unreadable; copy the shard again from its source")
-    return f"{scan.damage}; {scan.lost} sample(s) after the cut will be skipped and counted as unreadable; copy the " \
-           f"shard again from its source"
+                  f"samples, its tar headers show {kept}")
+        scan.rows += [Member(-1, f"<lost sample {k:0{len(str(missing))}d} of {missing}>", 0, scan.identity[0], 0,
+                             reason) for k in range(1, missing + 1)]
+    else:
+        scan.warning = (f"{scan.damage}. The number of samples lost after the cut is unknown: the shard was not "
+                        f"indexed whole before, and {INFO_NAME} gives no sample count for it, so only its cut sample "
+                        f"is counted as unreadable; copy the shard again from its source")
+        return scan
+    scan.warning = (f"{scan.damage}; {len(scan.rows) - kept} sample(s) after the cut will be skipped and counted as "
+                    f"unreadable; copy the shard again from its source")
+    return scan
 
 
-def earlier_scans(previous: Optional[SampleIndex]) -> Dict[str, Tuple[Scan, str]]:
-    """Each shard's scan, in member order, and warning, as the earlier index holds them."""
+def earlier_scans(previous: Optional[SampleIndex]) -> Dict[str, Scan]:
+    """Each shard's scan, in member order, as the earlier index holds it."""
     if previous is None:
         return {}
-    offsets, sizes = previous.arrays["offset"], previous.arrays["size"]
+    offsets, sizes, targets = previous.arrays["offset"], previous.arrays["size"], previous.targets
     warnings = dict(previous.warnings)
-    scans = {c: Scan(tuple(identity), []) for c, identity in enumerate(previous.identities)}
+    scans = {c: Scan(tuple(each), [], warning=warnings.get(c, "")) for c, each in enumerate(previous.identities)}
     for i in np.lexsort((offsets, previous.folder_of)).tolist():
-        scans[int(previous.folder_of[i])].rows.append((previous.name(i), int(offsets[i]), int(sizes[i]),
-                                                        int(previous.targets[i]), previous.problems.get(i, "")))
-    return {Path(previous.folders[c]).name: (scan, warnings.get(c, "")) for c, scan in scans.items()}
+        scans[int(previous.folder_of[i])].rows.append(Member(int(targets[i]), previous.name(i), 0, int(offsets[i]),
+                                                             int(sizes[i]), previous.problems.get(i, "")))
+    return {Path(previous.folders[c]).name: scan for c, scan in scans.items()}
 
 
-def scanned(paths: List[Path], earlier: Dict[str, Tuple[Scan, str]], lengths: Dict[str, int],
-            index: Path) -> Dict[str, Tuple[Scan, str]]:
-    """Each shard's scan and warning: the earlier one where the shard is unchanged, else a new scan. A shard
-    that is gone keeps its samples in their places, unreadable, so every other sample keeps its index."""
+def scanned(paths: List[Path], earlier: Dict[str, Scan], lengths: Dict[str, int], index: Path) -> Dict[str, Scan]:
+    """Each shard's scan: the earlier one where the shard is unchanged, else a new scan. A shard that is gone
+    keeps its samples in their places, unreadable, so every other sample keeps its index."""
     current = {path.name: identity(path.stat()) for path in paths}
-    found = {name: earlier[name] for name in current if name in earlier and earlier[name][0].identity == current[name]}
+    found = {name: earlier[name] for name in current if name in earlier and earlier[name].identity == current[name]}
     stale = [path for path in paths if path.name not in found]
-    if stale:
-        changed = [path.name for path in stale if path.name in earlier]
-        if changed:
-            log.info("re-indexing %d shard(s) that changed since they were indexed: %s", len(changed),
-                     ", ".join(changed[:5]))
-        pool = ThreadPoolExecutor(min(SCAN_THREADS, len(stale)))
-        try:
-            for path, scan in zip(stale, pool.map(scan_shard, stale)):
-                scan = keep_lost(scan, path.name, earlier[path.name][0] if path.name in earlier else None)
-                found[path.name] = scan, count_lost(path.name, scan, lengths) if scan.damage else ""
-        finally:  # a stop signal during the scan ends it after the shards being read, not after all
-            pool.shutdown(cancel_futures=True)
+    changed = [path.name for path in stale if path.name in earlier]
+    if changed:
+        log.info("re-indexing %d shard(s) that changed since they were indexed: %s", len(changed),
+                 ", ".join(changed[:5]))
+    pool = ThreadPoolExecutor(max(1, min(SCAN_THREADS, len(stale))))  # starts no thread until a shard is stale
+    try:
+        for path, scan in zip(stale, pool.map(scan_shard, stale)):
+            found[path.name] = with_lost(scan, path.name, earlier.get(path.name), lengths)
+    finally:  # a stop signal during the scan ends it after the shards being read, not after all
+        pool.shutdown(cancel_futures=True)
     for name in sorted(set(earlier) - set(current)):
-        rows = earlier[name][0].rows
+        rows = earlier[name].rows
         why = f"shard {name} is gone: deleted or moved after it was indexed"
-        found[name] = Scan((-1, -1, -1), [row[:4] + (why,) for row in rows]), \
-            f"{name} was indexed but is gone from {paths[0].parent}: its {len(rows)} samples will be skipped as " \
-            f"unreadable (restore it, or delete {index} to index the shards as they are now)"
+        found[name] = Scan((-1, -1, -1), [row._replace(problem=why) for row in rows], warning=(
+            f"{name} was indexed but is gone from {paths[0].parent}: its {len(rows)} samples will be skipped as "
+            f"unreadable (restore it, or delete {index} to index the shards as they are now)"))
     return found
 
 
@@ -238,26 +221,23 @@ def shard_index(folder: Path, split: str, index_dir: str = "") -> SampleIndex:
     folder = absolute(folder)
     paths = find_shards(folder, split)
     if not paths:
-        raise DatasetLayoutError(f"{folder} has no {split} shards; {SHARD_LAYOUT}")
+        raise DatasetLayoutError(f"{folder} has no {split} shards; expected tar shards: {EXPECTS}")
     key = [INDEX_RULE, *files_key(*paths, folder / INFO_NAME)]
 
     def build(previous):
         scans = scanned(paths, earlier_scans(previous), info_lengths(folder, split),
                         cache_file(folder, f"shards-{split}.idx", index_dir))
         names = sorted(scans, key=lambda name: shard_name(name)[2])
-        members = [Member(row[3], row[0], c, row[1], row[2], row[4]) for c, name in enumerate(names)
-                   for row in scans[name][0].rows]
+        members = [row._replace(container=c) for c, name in enumerate(names) for row in scans[name].rows]
         # Samples with a class in the folders' order; those without one (no readable .cls) at the end.
-        order = sorted(range(len(members)), key=lambda i: (members[i].target < 0, members[i].target,
-                                                          member_key(members[i].name)[0] + ".", members[i].container, i))
-        index = SampleIndex.from_members([str(folder / name) for name in names], [scans[n][0].identity for n in names],
-                                         [members[i] for i in order],
-                                         warnings=[(c, scans[n][1]) for c, n in enumerate(names) if scans[n][1]])
-        return index, key
+        members.sort(key=lambda m: (m.target < 0, m.target, member_key(m.name)[0] + ".", m.container))
+        warnings = [(c, scans[name].warning) for c, name in enumerate(names) if scans[name].warning]
+        return SampleIndex.from_members([str(folder / name) for name in names], [scans[n].identity for n in names],
+                                        members, warnings=warnings), key
 
     index = cached(f"the {split} shards in {folder}", folder, f"shards-{split}.idx", key, build, index_dir)
     if not len(index):
-        raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; {SHARD_LAYOUT}")
+        raise DatasetLayoutError(f"the {split} shards in {folder} hold no samples; expected tar shards: {EXPECTS}")
     held = np.bincount(index.folder_of, minlength=len(index.folders))
     counts = {Path(path).name: int(n) for path, n in zip(index.folders, held)}
     differ = [f"{name} ({counts.get(name, 'missing')}, not {length})"
@@ -310,6 +290,7 @@ def splits(root: Path, config: DataConfig, seed: int) -> Tuple[SampleIndex, Samp
             with_classes(val, classes, f"the validation shards in {root}"), classes)
 
 
-def evaluation(folder: Path, split: str, model_classes: List[str], index_dir: str) -> Tuple[SampleIndex, List[str], str]:
+def evaluation(folder: Path, split: str, model_classes: List[str],
+               index_dir: str) -> Tuple[SampleIndex, List[str], str]:
     index, classes = shard_index(folder, split, index_dir), named_classes(folder) or model_classes
     return with_classes(index, classes, f"the {split} shards in {folder}"), classes, "shards"
