@@ -1,10 +1,12 @@
 """How the project writes a file: whole or not at all, and what a full disk looks like."""
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+log = logging.getLogger(__name__)
 Content = Union[bytes, str, Callable[[BinaryIO], None]]
 
 
@@ -50,3 +52,13 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def unless_disk_full(write: Callable[[], object], what: str) -> None:
+    """For the small files: a full disk costs the write and a warning, not the run (the checkpoints hold it)."""
+    try:
+        write()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        log.warning("disk full: %s not written", what)

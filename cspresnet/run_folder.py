@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from common.errors import CheckpointError, RunFolderError
-from common.files import is_disk_full, remove_leftovers, write_atomically
+from common.files import is_disk_full, remove_leftovers, unless_disk_full, write_atomically
 
 from .checkpoint import TrainingCheckpoint, load_checkpoint, read_training_checkpoint, save_checkpoint
 
@@ -82,16 +82,6 @@ class CheckpointFolder:
                 except CheckpointError as exc:
                     log.warning("skipping unreadable checkpoint: %s", exc)
         return None
-
-
-def unless_disk_full(write: Callable[[], object], what: str) -> None:
-    """For the small files: a full disk costs the write and a warning, not the run (the checkpoints hold it)."""
-    try:
-        write()
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        log.warning("disk full: %s not written", what)
 
 
 def run_files(folder: Path) -> List[str]:

@@ -9,9 +9,7 @@ from typing import Dict, List, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
-from common.files import is_disk_full, write_atomically
-
-from .run_folder import unless_disk_full
+from common.files import is_disk_full, unless_disk_full, write_atomically
 
 log = logging.getLogger(__name__)
 
