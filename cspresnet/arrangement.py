@@ -1,6 +1,8 @@
 """How one update's global batch is cut: processes x passes x images per pass, and how many images each
 BatchNorm normalises over (darknet's subdivisions: docs/recipes.md, docs/training.md)."""
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 from common.errors import RecipeError
 
@@ -73,3 +75,22 @@ def arrange(recipe: Recipe, world_size: int) -> Arrangement:
                           f"{counted(world_size, 'process', 'processes')}; it must divide {world_size} "
                           f"(0: one group of all)")
     return Arrangement(batch, world_size, share // images, images, bn_group, micro)
+
+
+def on_another_count(recipe: Recipe, now: Arrangement, processes: int, batch: int) -> Optional[str]:
+    """A resume saved by `processes` processes at global `batch`: the same updates go on when each pass is still one
+    BatchNorm group of the same images (their draws are seeded by the group: engine.seed_draws); else what changed."""
+    if processes == now.processes:
+        return None
+    saved = f"it was saved by {counted(processes, 'process', 'processes')}, this run has {now.processes}"
+    try:
+        then = arrange(dataclasses.replace(recipe, batch_size=batch), processes)
+    except RecipeError:
+        then = None
+    if then is not None and then.bn_group == now.bn_group == 1 and then.images_per_pass == now.images_per_pass:
+        return (f"{saved}: the same updates go on (the same images, BatchNorm groups of {now.bn_images} and random "
+                f"draws); only the floating-point order of the gradient sum differs")
+    was = f"{then.bn_images} images" if then is not None else "another cut"
+    return (f"{saved}: BatchNorm groups were {was} and are now {now.bn_images} images (or pooled otherwise by "
+            f"SyncBatchNorm), so the updates differ from the uninterrupted run's; a fixed micro_batch_size keeps "
+            f"the groups on any count (docs/training.md, \"Changing the number of GPUs\")")

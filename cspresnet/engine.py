@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
@@ -44,6 +45,13 @@ def configure_kernels(deterministic: bool, seed: Optional[int] = None) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def seed_draws(seed: int, step: int, group: int) -> None:
+    """Mixup, CutMix, random erasing, dropout and drop path draw from Python's, NumPy's and torch's generators:
+    seeded by (seed, step, BatchNorm group) before each pass, they draw the same on any number of processes
+    (docs/training.md, "Changing the number of GPUs"), and a resume needs no generator state."""
+    random_seed(int(np.random.SeedSequence((seed, step, group)).generate_state(1)[0]))  # timm's: all three
+
+
 def build_criterion(mixing: bool, label_smoothing: float) -> nn.Module:
     """timm's choice: mixup/cutmix hand over soft targets with the smoothing folded in."""
     return SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -70,6 +78,9 @@ class Updater:
     ema: Optional[ModelEmaV3] = None  # moving average of the weights, updated after every step
     passes: int = 1  # forward/backward passes per update
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
+    seed: int = 0  # the recipe's: with the step and the BatchNorm group, it seeds every random draw of a pass
+    rank: int = 0
+    processes: int = 1
 
     def __call__(self, batch: Batch, step: int) -> Tuple[torch.Tensor, float]:
         """The update at `step` of the schedule (from 1); its loss (on the device: reading it waits) and lr."""
@@ -78,8 +89,10 @@ class Updater:
         inputs = self.preprocess(batch.images)
         targets = batch.targets.to(self.preprocess.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = [self.backward_pass(x, y, len(y) / len(targets), last=k == self.passes - 1)
-                  for k, (x, y) in enumerate(self.split(inputs, targets))]
+        losses = []
+        for k, (x, y) in enumerate(self.split(inputs, targets)):
+            seed_draws(self.seed, step, group=self.rank + self.processes * k)  # pass k's group, see split()
+            losses.append(self.backward_pass(x, y, len(y) / len(targets), last=k == self.passes - 1))
         self.scaler.step(self.optimizer)  # skipped on the device if any gradient is inf/NaN
         self.scaler.update(None if self.amp == "fp16" else 1.0)
         if self.ema is not None:
@@ -130,7 +143,8 @@ def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
         scaler=build_grad_scaler(ctx.device, rt.amp), schedule=build_schedule(recipe, steps_per_epoch),
         criterion=build_criterion(recipe.augment.mixing, recipe.label_smoothing),
         preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp, ema=ema, passes=arrangement.passes,
-        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device))
+        augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
+        seed=recipe.seed, rank=ctx.rank, processes=ctx.world_size)
     if ctx.is_distributed:
         updater.ddp = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=rt.ddp_bucket_cap_mb,

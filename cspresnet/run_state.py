@@ -1,10 +1,8 @@
 """Where a run is and what each rank has counted: all a checkpoint holds besides the weights, the
-optimizer and the recipe, down to every rank's random generators, so that a resume is exact."""
-import random
+optimizer and the recipe, so that a resume is exact."""
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from common.errors import NonFiniteLossError
@@ -48,8 +46,9 @@ class EpochTotals:
         self.images += batch_size
 
     def read_window_loss(self) -> float:
-        """Waits for the device."""
-        loss_sum, steps = self.window.tolist()
+        """The mean loss over every rank's images since the last call, the same on any number of processes
+        (a collective, at the log interval: the one place a step waits for the device)."""
+        loss_sum, steps = all_reduce_sum(self.window.clone()).tolist()
         self.window.zero_()
         return loss_sum / steps if steps else float("nan")
 
@@ -80,7 +79,7 @@ class EpochTotals:
 @dataclass
 class RunState(Position):
     """Where the run is (Position, the same on every rank), and what each rank has counted (totals,
-    unreadable files, random generators), gathered from every rank into a checkpoint's `per_rank`."""
+    unreadable files), gathered from every rank into a checkpoint's `per_rank`."""
     totals: Optional[EpochTotals] = None
     unreadable: Optional[UnreadableImages] = None
     saved_step: int = -1  # this process's knowledge: the newest checkpoint written (-1: none); not saved
@@ -90,25 +89,22 @@ class RunState(Position):
         return self.epoch * steps_per_epoch + self.step_in_epoch + 1
 
     def rank_state_dict(self) -> Dict[str, Any]:
-        return dict(rng=capture_rng(self.totals.device), totals=self.totals.state_dict(),
-                    unreadable=self.unreadable.state_dict())
+        return dict(totals=self.totals.state_dict(), unreadable=self.unreadable.state_dict())
 
-    def load(self, checkpoint: TrainingCheckpoint, rank: int, world_size: int, seed: int) -> Optional[str]:
-        """On another number of processes than saved it: the reason why the rest will not be exactly the same."""
+    def load(self, checkpoint: TrainingCheckpoint, rank: int, world_size: int) -> None:
+        """On another number of processes: rank 0 takes the epoch's totals of all the old ranks, and every rank
+        the files any of them found unreadable. No generator state: engine.seed_draws seeds each pass."""
         vars(self).update(vars(checkpoint.position))
         self.saved_step = checkpoint.position.step  # the checkpoint resumed from
         if checkpoint.world_size == world_size:
-            mine = checkpoint.per_rank[rank]
-            restore_rng(mine["rng"], self.totals.device)
-            self.totals.load_state_dict(mine["totals"])
-            self.unreadable.load_state_dict(mine["unreadable"])
-            return None
-        torch.manual_seed(seed + 1_000_003 * rank + self.step)
-        if rank == 0:  # the epoch's totals so far, summed over the old ranks
-            for rank_state in checkpoint.per_rank:
-                self.totals.add_state(rank_state["totals"])
-        return (f"it was saved by {checkpoint.world_size} processes, this run has {world_size}: "
-                f"new random draws for dropout and mixup")
+            self.totals.load_state_dict(checkpoint.per_rank[rank]["totals"])
+            self.unreadable.load_state_dict(checkpoint.per_rank[rank]["unreadable"])
+            return
+        for old in checkpoint.per_rank:
+            self.unreadable.seen |= set(old["unreadable"]["seen"])
+            if rank == 0:
+                self.totals.add_state(old["totals"])
+                self.unreadable.epoch_count += old["unreadable"]["epoch_count"]
 
     def check_numerics(self, max_nonfinite_steps: int) -> None:
         """Stop when any rank saw too many non-finite losses in a row (a collective)."""
@@ -122,24 +118,3 @@ class RunState(Position):
                 f"skipped and the run stops here, leaving the last checkpoint as it was. Try a lower optim.lr; with "
                 f"runtime.amp=fp16, try bf16 or none")
 
-
-def capture_rng(device: torch.device) -> Dict[str, Any]:
-    """As tensors and plain data (loadable with weights_only)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
-                       "has_gauss": has_gauss, "cached_gaussian": cached}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: Dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

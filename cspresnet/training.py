@@ -28,7 +28,7 @@ from data.device_feed import ahead_on_device, decoded_on
 from data.loader_faults import Batches
 from data.loaders import TrainingData, build_training_data
 
-from .arrangement import Arrangement, arrange
+from .arrangement import Arrangement, arrange, on_another_count
 from .checkpoint import TrainingCheckpoint, read_training_checkpoint
 from .distributed import all_gather_objects, all_reduce_sum, barrier
 from .engine import build_updater, configure_kernels, evaluate, evaluated_models
@@ -221,14 +221,16 @@ class TrainingRun:
             updater.ema.module.load_state_dict(checkpoint.model_ema)
         updater.optimizer.load_state_dict(checkpoint.optimizer)
         updater.scaler.load_state_dict(checkpoint.scaler)
-        notes = [state.load(checkpoint, self.ctx.rank, self.ctx.world_size, recipe.seed)]
+        state.load(checkpoint, self.ctx.rank, self.ctx.world_size)
+        old_batch = checkpoint.batch_size or recipe.batch_size
+        notes = [on_another_count(recipe, self.arrangement, checkpoint.world_size, old_batch)]
         if checkpoint.dataset != self.data.fingerprints[0]:
             notes.append("the training set changed since the checkpoint (files added, removed or renamed), "
                          "so the remaining order of images differs")
         if checkpoint.eval_dataset not in (None, self.data.fingerprints[1]):  # None: older checkpoints lack it
             notes.append("the evaluation set changed since the checkpoint (val/, or the held-out part of train/): "
                          "top-1 before and after this point are not comparable")
-        notes.append(self.continue_with_new_batch(checkpoint.batch_size or recipe.batch_size))
+        notes.append(self.continue_with_new_batch(old_batch))
         changed = changed_keys(checkpoint.recipe, recipe_to_dict(recipe))
         if changed:
             notes.append("the recipe changed: " + ", ".join(changed))
