@@ -1,5 +1,5 @@
 # Two commands do all the set-up:  `make demo` and `make test`.
-# `make` alone installs .venv: the pinned requirements, then this project, editable.
+# `make` alone installs .venv: the pinned requirements (runtime and test), then this project, editable.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,9 +8,9 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/installed
 
-$(VENV)/installed: requirements.txt pyproject.toml
+$(VENV)/installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

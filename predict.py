@@ -1,7 +1,8 @@
 """Predict the classes of images with a CSPResNet-50 checkpoint: one JSON line per image.
 
     python predict.py --checkpoint runs/finetune/best.pt photos/ cat.jpg
-    python predict.py --checkpoint cspresnet50_ra-d3e8d487.pth --top-k 3 ILSVRC2012_val_00000001.JPEG
+    python predict.py --checkpoint cspresnet50_ra-d3e8d487.pth --topk 3 ILSVRC2012_val_00000001.JPEG
+    python predict.py --checkpoint hf-hub:timm/cspresnet50.ra_in1k photos/
 
 Each line, in the order of the arguments (a folder: its image files, sorted, subfolders included):
 
@@ -12,10 +13,13 @@ Each line, in the order of the arguments (a folder: its image files, sorted, sub
 1000-class checkpoint without names (timm's .pth) the ImageNet synset in timm's order. "name"
 is the synset's description from timm's package data ("tench, Tinca tinca"), or the class
 itself. Images go through timm's evaluation transform with the checkpoint's settings (its
-recipe's data.eval_*, else 256 px, crop 0.887, bilinear), as in validate.py.
+recipe's data.eval_*, else 256 px, crop 0.887, bilinear), as in validate.py. --checkpoint also
+takes a hub name (hf-hub:timm/cspresnet50.ra_in1k, or timm's cspresnet50.ra_in1k), read
+through the Hugging Face hub's cache (HF_HOME, HF_HUB_OFFLINE).
 
 Exit codes: 0 predicted (unreadable files get their error line, and a warning, and the rest go
-on); 2 a bad checkpoint or option, a path that does not exist, or no image could be read.
+on); 1 any other failure (a stalled loader in one line, anything else with its traceback); 2 a bad
+checkpoint, weights name or option, a path that does not exist, or no image could be read.
 """
 import argparse
 import json
@@ -31,7 +35,7 @@ from common.errors import CheckpointError, OptionError, UnreadableDataError
 from common.processes import DistContext
 from cspresnet.checkpoint import read_weights
 from cspresnet.console import run_script, setup_logging
-from cspresnet.weights import load_cspresnet, trained_data_config
+from cspresnet.weights import load_cspresnet, trained_data_config, weights_file
 from data.loader_faults import Batches
 from data.loaders import build_eval_data
 from data.sources.labels import IMAGE_EXTENSIONS, default_classes
@@ -41,17 +45,18 @@ from data.unreadable import warn_unreadable
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="best.pt/last.pt, timm .pth, or .safetensors")
+    parser.add_argument("--checkpoint", required=True, help="best.pt/last.pt, timm .pth, .safetensors, or a hub "
+                                                             "name (hf-hub:timm/cspresnet50.ra_in1k)")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--topk", "--top-k", dest="top_k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                         help="which weights of a training checkpoint (default: EMA when present)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    parser.add_argument("-b", "--batch-size", type=int, default=32)
+    parser.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
-        parser.error("--top-k and --batch-size must be >= 1, --workers >= 0")
+        parser.error("--topk and --batch-size must be >= 1, --workers >= 0")
     return args
 
 
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     paths = image_paths(args.images)
     device = pick_device(args.device)
-    weights = read_weights(Path(args.checkpoint), args.weights)
+    weights = read_weights(weights_file(args.checkpoint), args.weights)
     model = load_cspresnet(weights)
     classes, names = class_names(weights.classes, model.num_classes)
     settings = trained_data_config(weights)

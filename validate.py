@@ -1,24 +1,30 @@
 """Evaluate a CSPResNet-50 checkpoint on an ImageNet validation set, in any common layout.
 
     python validate.py --checkpoint runs/cspresnet50/best.pt --data-dir /data/imagenet
+    python validate.py --model cspresnet50.ra_in1k --pretrained --data-dir /data/imagenet
     python validate.py --checkpoint cspresnet50_ra-d3e8d487.pth --data-dir /data/imagenet --real-labels
     python validate.py --checkpoint model.safetensors --data-dir /data/val_flat --devkit ILSVRC2012_devkit_t12.tar.gz
     torchrun --nproc_per_node=8 validate.py --checkpoint best.pt --data-dir /data/imagenet --results-file r.json
 
 Reads our training checkpoints (model or EMA weights), timm's .pth state dicts,
-.safetensors files and DDP's module.-prefixed state dicts; the number of classes comes
-from the weights. The evaluation folder is DIR/<split> if it exists, else DIR: class
-folders, ImageNetV2's numbered folders, a flat folder with the devkit or Kaggle's
-solution file, or WebDataset tar shards named <name>-<split>-NN.tar (docs/shards.md;
---split val also takes -validation-). ImageNet as downloaded (the folder of the official
+.safetensors files and DDP's module.-prefixed state dicts, and timm's published weights by
+name (--model cspresnet50.ra_in1k --pretrained, or --checkpoint hf-hub:timm/cspresnet50.ra_in1k)
+through the Hugging Face hub's cache (HF_HOME, HF_HUB_OFFLINE); the number of classes comes
+from the weights. timm's flags where they mean the same: docs/from-timm.md.
+
+The evaluation folder is DIR/<split> if it exists, else DIR: class folders, ImageNetV2's
+numbered folders, a flat folder with the devkit or Kaggle's solution file, or WebDataset tar
+shards named <name>-<split>-NN.tar (docs/shards.md; --split val also takes -validation-). ImageNet as downloaded (the folder of the official
 archives, Kaggle's zip or its unzipped tree) is read as it is (docs/archives.md). A DIR
 that holds other splits (train/, val/, validation/, test/) but not <split> is refused.
 The last line printed is JSON with top1, top5 (percent), images and the settings used.
 
 Exit codes:
     0  evaluated (images that could not be decoded are skipped, each with a warning)
-    2  a bad checkpoint, data folder or option, or nothing could be evaluated: one line
-       "error: ..." on stderr says which (argparse's own usage errors also exit 2)
+    1  any other failure: a stalled loader or a full /dev/shm in one line, anything else
+       with its traceback
+    2  a bad checkpoint, weights name, data folder or option, or nothing could be evaluated:
+       one line "error: ..." on stderr says which (argparse's own usage errors also exit 2)
 """
 import argparse
 import dataclasses
@@ -37,7 +43,7 @@ from cspresnet.console import run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import EvalResult, configure_kernels, evaluate
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
-from cspresnet.weights import load_cspresnet, trained_data_config
+from cspresnet.weights import hub_repo, load_cspresnet, pretrained_name, trained_data_config, weights_file
 from data.config import DataConfig
 from data.loaders import build_eval_data
 from data.sources import EvalSet, evaluation_set
@@ -45,11 +51,17 @@ from data.sources.labels import default_classes
 from data.transforms import INTERPOLATIONS, DevicePreprocess, decode_path, memory_format
 
 log = logging.getLogger("cspresnet.validate")
+AMP_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # timm's --amp-dtype names, and ours
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="last.pt/best.pt, timm .pth, or .safetensors")
+    parser.add_argument("--checkpoint", help="last.pt/best.pt, timm .pth, .safetensors, or a hub name "
+                                              "(hf-hub:timm/cspresnet50.ra_in1k)")
+    parser.add_argument("--model", "-m", metavar="NAME",
+                        help="cspresnet50 or cspresnet50.ra_in1k; without --checkpoint, its published weights")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="timm's published weights of --model (default cspresnet50.ra_in1k), via the hub's cache")
     parser.add_argument("--data-dir", required=True, help="ImageNet root, or the evaluation folder itself")
     parser.add_argument("--split", default="val",
                         help="subfolder of --data-dir to evaluate, if present (default: val); "
@@ -66,17 +78,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), help="resize filter (default bilinear)")
     parser.add_argument("--decode", choices=["full", "fast"],
                         help="full: timm's transform bit for bit (default); fast: libjpeg-turbo, one-step crop and resize")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch (default 256)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per rank")
-    parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="none", help="autocast dtype (default none: fp32)")
+    parser.add_argument("-b", "--batch-size", type=int, default=256, help="global batch (default 256)")
+    parser.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="loader processes per rank")
+    parser.add_argument("--amp", nargs="?", const="on", default="none", choices=["on", "bf16", "fp16", "none"],
+                        metavar="DTYPE", help="autocast in --amp-dtype (timm's switch; default off: fp32); "
+                                              "--amp bf16|fp16|none, the older spelling, names the dtype itself")
+    parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="float16",
+                        help="the dtype of --amp (default float16, as timm's validate.py)")
     parser.add_argument("--channels-last", action="store_true", help="run the model in channels_last memory format")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--real-labels", action="store_true", help="also report ImageNet-ReaL top-1/top-5")
-    parser.add_argument("--results-file", type=Path, help="write the result, with per-class top-1, as JSON here")
+    parser.add_argument("--results-file", type=Path,
+                        help="write the result here: timm's CSV columns, or the JSON line with per-class top-1")
+    parser.add_argument("--results-format", choices=["csv", "json"],
+                        help="of --results-file (default: json for a .json name, else csv, as timm)")
     parser.add_argument("--results-csv", type=Path, help="append a row like timm's results-imagenet.csv here")
     parser.add_argument("--logits-file", type=Path, help="save every image's logits and path (torch.save) here")
-    parser.add_argument("--name", help="model name for --results-csv (default: the checkpoint's file name)")
-    return parser.parse_args(argv)
+    parser.add_argument("--name", help="model name in the CSV results (default: the weights' name or file name)")
+    args = parser.parse_args(argv)
+    args.amp = AMP_DTYPES[args.amp_dtype] if args.amp == "on" else args.amp
+    args.results_format = args.results_format or ("json" if str(args.results_file).endswith(".json") else "csv")
+    return args
+
+
+def weights_name(args: argparse.Namespace) -> str:
+    """--checkpoint, or timm's --model NAME [--pretrained]: without a checkpoint, timm evaluates published weights."""
+    published = pretrained_name(args.model or "cspresnet50")
+    if args.checkpoint and args.pretrained:
+        raise OptionError("--pretrained and --checkpoint both name weights: give one")
+    if args.checkpoint or args.model or args.pretrained:
+        return args.checkpoint or published
+    raise OptionError("no weights: give --checkpoint FILE (or hf-hub:timm/cspresnet50.ra_in1k), or --model "
+                      "cspresnet50.ra_in1k --pretrained")
 
 
 # The options that set the data section's evaluation keys, and so name them in its checks.
@@ -134,7 +168,11 @@ def main(argv=None) -> dict:
     raises an error that run_script turns into one line and exit code 2."""
     args = parse_args(argv)
     check_output_paths(args)
-    weights = read_weights(Path(args.checkpoint), args.weights)
+    args.checkpoint = weights_name(args)
+    file = weights_file(args.checkpoint)
+    if str(file) != args.checkpoint:
+        log.info("weights %s: %s", args.checkpoint, file)
+    weights = read_weights(file, args.weights)
     model = load_cspresnet(weights)
     settings = eval_settings(args, weights)
     eval_set = evaluation_set(Path(args.data_dir).expanduser(), args.split, args.devkit or args.val_solution,
@@ -176,13 +214,18 @@ def main(argv=None) -> dict:
 
 def write_reports(args: argparse.Namespace, summary: dict, result: EvalResult, eval_set: EvalSet, paths,
                   model: torch.nn.Module, settings: DataConfig) -> None:
-    """--results-file, --results-csv and --logits-file."""
-    if args.results_file:
+    """--results-file (a new file: timm's CSV columns, or JSON), --results-csv (a row appended), --logits-file."""
+    repo = hub_repo(args.checkpoint)
+    name = args.name or (repo.split("@")[0].split("/")[-1] if repo else Path(args.checkpoint).stem)
+    row = timm_results_row(name, result, sum(p.numel() for p in model.parameters()), settings)
+    if args.results_file and args.results_format == "json":
         full = dict(summary, per_class_top1=dict(zip(eval_set.classes, result.per_class_top1(model.num_classes))))
         args.results_file.write_text(json.dumps(full, indent=2) + "\n")
+    elif args.results_file:
+        args.results_file.unlink(missing_ok=True)
+        append_csv_row(args.results_file, row)
     if args.results_csv:
-        append_csv_row(args.results_csv, timm_results_row(args.name or Path(args.checkpoint).stem, result,
-                                                          sum(p.numel() for p in model.parameters()), settings))
+        append_csv_row(args.results_csv, row)
     if args.logits_file:
         torch.save({"paths": paths, "targets": result.targets, "logits": result.logits}, args.logits_file)
 

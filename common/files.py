@@ -12,7 +12,8 @@ Content = Union[bytes, str, Callable[[BinaryIO], None]]
 
 def write_atomically(path: Path, content: Content, durable: bool = False) -> None:
     """The whole new file or the old one, never half of one (a temporary name unique to this process, renamed).
-    `durable`: fsync the file and the rename, so that a machine that loses power keeps it too."""
+    `durable`: fsync the file and the rename, so that a machine that loses power keeps it too. open() gives the
+    file the umask's mode, as torch.save would (mkstemp's 0600 would hide checkpoints from the user's group)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

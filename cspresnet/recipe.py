@@ -2,6 +2,7 @@
 value is checked once, here, so that a typo or an impossible value stops the run before any
 data is read, with a message that names the key and what it allows."""
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -18,7 +19,8 @@ from data.sources import layouts
 
 from .yaml_comments import DuplicateKeyError, load_yaml_with_lines
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_PACKAGE = Path(__file__).resolve().parent  # an installed copy holds recipes/ here (pyproject.toml); a checkout above
+RECIPES_DIR = _PACKAGE / "recipes" if (_PACKAGE / "recipes").is_dir() else _PACKAGE.parent / "recipes"
 
 
 @dataclass
@@ -203,12 +205,17 @@ class Recipe:
 
 def check_variants(section: Any, prefix: str) -> None:
     """A field marked only_for another choice than the section's `name` must keep its default."""
-    for each in dataclasses.fields(section):
-        only = each.metadata.get("only_for") or ()
-        only = (only,) if isinstance(only, str) else only
-        if only and section.name not in only and getattr(section, each.name) != each.default:
+    for each, only in unused_fields(section):
+        if getattr(section, each.name) != each.default:
             raise RecipeError(f"recipe key '{prefix}.{each.name}' only applies to {prefix}.name={' or '.join(only)}, "
                               f"but {prefix}.name is {section.name}")
+
+
+def unused_fields(section: Any) -> List[Tuple[dataclasses.Field, Tuple[str, ...]]]:
+    """The fields marked only_for other choices than the section's `name`, with those choices."""
+    marked = [(each, each.metadata.get("only_for") or ()) for each in dataclasses.fields(section)]
+    marked = [(each, (only,) if isinstance(only, str) else only) for each, only in marked]
+    return [(each, only) for each, only in marked if only and section.name not in only]
 
 
 def keys_that_change_no_result(cls: type = None, prefix: str = "") -> List[str]:
@@ -346,7 +353,8 @@ def _record(origins: Dict[str, Origin], dotted: str, value: Any, origin_of: Call
 def _apply_override(raw: Dict[str, Any], override: str, origins: Dict[str, Origin], given: Dict[str, str]) -> None:
     """Set one key.sub=value in `raw`. `given` holds the overrides so far by dotted key."""
     if "=" not in override:
-        raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. optim.lr=0.05)")
+        raise RecipeError(f"override '{override}' must look like key.sub=value (e.g. optim.lr=0.05; a dataset "
+                          f"folder goes to --data-dir)")
     dotted, text = override.split("=", 1)
     keys = dotted.strip().split(".")
     if not all(keys):
@@ -408,6 +416,9 @@ def describe_recipe(name_or_path: str, overrides: Optional[List[str]] = None, da
     """The resolved recipe as YAML (--print-recipe), each value followed by where it came from: the
     recipe file that set it last and the comment beside it there, the command line, or [default]."""
     recipe, origins = _resolve(name_or_path, overrides, data_dir)
+    for prefix, section in vars(recipe).items():  # a value for another optimizer or schedule: not its origin
+        for each, _ in unused_fields(section) if hasattr(section, "name") else ():
+            origins[f"{prefix}.{each.name}"] = (f"not used by {prefix}.name={section.name}", "")
     lines = []
     for key, value in recipe_to_dict(recipe).items():
         if isinstance(value, dict):
@@ -502,5 +513,23 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown and f"{prefix}{unknown[0]}" in MOVED_KEYS:
         raise RecipeError(f"recipe key '{prefix}{unknown[0]}' is now '{MOVED_KEYS[prefix + unknown[0]]}': rename it")
     if unknown:
-        raise RecipeError(f"unknown recipe key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(names)}")
+        raise RecipeError(f"unknown recipe key '{prefix}{unknown[0]}' in {where}{_did_you_mean(prefix + unknown[0])}; "
+                          f"allowed keys: {', '.join(names)}")
     return cls(**{name: _convert(hints[name], raw[name], prefix + name) for name in names if name in raw})
+
+
+def _did_you_mean(dotted: str) -> str:
+    """The nearest recipe key: the same name in a section (lr: optim.lr), a longer name (drop_path:
+    drop_path_rate), else difflib's nearest (optim.lrr: optim.lr)."""
+    keys = dotted_keys(Recipe)
+    name_of = {key: key.rsplit(".", 1)[-1] for key in keys}
+    name = dotted.rsplit(".", 1)[-1]
+    near = ([key for key in keys if name_of[key] == name] or [key for key in keys if key.startswith(dotted)]
+            or [key for key in keys if name_of[key].startswith(name)] or difflib.get_close_matches(dotted, keys, n=1))
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def dotted_keys(cls: type, prefix: str = "") -> List[str]:
+    return [key for each in dataclasses.fields(cls) for key in (dotted_keys(each.type, f"{prefix}{each.name}.")
+                                                                 if dataclasses.is_dataclass(each.type)
+                                                                 else [prefix + each.name])]

@@ -110,7 +110,7 @@ class RunFolder:
             raise RunFolderError(f"--output {self.path} is a file, not a folder")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             raise RunFolderError(f"cannot write in the run folder {self.path}: {exc.strerror}") from None
         try:

@@ -34,7 +34,7 @@ from .distributed import all_gather_objects, all_reduce_sum, barrier
 from .engine import build_updater, configure_kernels, evaluate, evaluated_models
 from .recipe import Recipe, changed_keys, recipe_to_dict, recipe_to_yaml
 from .run_folder import RunFolder
-from .run_log import RunLog
+from .run_log import RunLog, StepPosition
 from .run_state import EpochTotals, RunState
 from .signals import EXIT_PREEMPTED, StartInterrupted, StopRequest
 from .weights import InitialWeights, apply_initial_weights, read_initial_weights
@@ -133,8 +133,8 @@ class TrainingRun:
         state, rt, every, per_epoch = self.state, self.recipe.runtime, self.recipe.checkpoint.every_steps, \
             self.steps_per_epoch
         started = time.perf_counter() - state.epoch_seconds
-        bar = tqdm(itertools.islice(batches, per_epoch - state.step_in_epoch), initial=state.step_in_epoch,
-                   total=per_epoch, desc=f"epoch {state.epoch + 1}/{self.recipe.epochs}",
+        bar = tqdm(self.log.clock.timed(itertools.islice(batches, per_epoch - state.step_in_epoch)),
+                   initial=state.step_in_epoch, total=per_epoch, desc=f"epoch {state.epoch + 1}/{self.recipe.epochs}",
                    disable=None if self.ctx.is_main else True, leave=False, dynamic_ncols=True)
         self.updater.model.train()
         for batch in bar:
@@ -146,7 +146,9 @@ class TrainingRun:
             state.epoch_seconds = time.perf_counter() - started  # current at any save, a stall's included
             stopping = not self.ctx.is_distributed and self.stop.signal_name is not None  # one process: at once
             if state.step % rt.log_interval == 0:
-                self.log.step(state.step, state.totals.read_window_loss(), lr)
+                at = StepPosition(state.epoch + 1, self.recipe.epochs, state.step_in_epoch, per_epoch,
+                                  self.recipe.batch_size)
+                self.log.step(state.step, state.totals.read_window_loss(), lr, at)
                 state.check_numerics(rt.max_nonfinite_steps)
                 stopping = self.stop.agreed(self.ctx.device)
             if stopping or (every and state.step % every == 0 and state.step_in_epoch < per_epoch):

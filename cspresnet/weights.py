@@ -1,21 +1,74 @@
 """Weights into the model, checked key for key against CSPResNet-50 (cspresnet.checkpoint reads the
-files), and a new run's initial weights, whose classifier gives way when the classes differ."""
+files), weights by name from the Hugging Face hub, and a new run's initial weights, whose classifier
+gives way when the classes differ."""
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import timm
 import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 from torch import nn
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, OptionError
 from data.config import DataConfig
 
-from .checkpoint import Weights, read_weights
+from .checkpoint import Weights, first_line, read_weights
 from .model import CSPResNet50, build_model
 from .recipe import recipe_from_dict
 
 CLASSIFIER = ("head.fc.weight", "head.fc.bias")
+HUB_PREFIX = "hf-hub:"  # timm's: timm.create_model("hf-hub:timm/cspresnet50.ra_in1k")
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # the files timm's load_state_dict_from_hf takes, in its order
+
+
+def pretrained_name(model: str) -> str:
+    """timm's --model NAME, checked: cspresnet50 (its default published weights) or one of timm's names for them."""
+    names = timm.list_pretrained("cspresnet50.*")
+    if model == "cspresnet50":
+        return f"cspresnet50.{timm.models.get_pretrained_cfg(model).tag}"
+    if model not in names:
+        raise OptionError(f"--model {model}: this project has CSPResNet-50 only; allowed: cspresnet50, "
+                          f"{', '.join(names)}")
+    return model
+
+
+def hub_repo(name: str) -> Optional[str]:
+    """The hub repository (REPO[@REVISION]) that `hf-hub:REPO[@REVISION]` or timm's name (cspresnet50.ra_in1k) names;
+    None for a file path."""
+    if name.startswith(HUB_PREFIX):
+        return name[len(HUB_PREFIX):]
+    return timm.models.get_pretrained_cfg(name).hf_hub_id if name in timm.list_pretrained("cspresnet50.*") else None
+
+
+def weights_file(name: str) -> Path:
+    """A file path as it is; a hub name (hub_repo) as the file timm would load, through huggingface_hub's own
+    download and cache, which honour HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN themselves."""
+    repo = hub_repo(name)
+    if repo is None:
+        return Path(name).expanduser()
+    repo_id, _, revision = repo.partition("@")
+    absent = []  # of HUB_FILES, those the hub says the repository lacks
+    for filename in HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+        except LocalEntryNotFoundError:  # not in the cache, and the hub out of reach
+            continue
+        except RemoteEntryNotFoundError:
+            absent.append(filename)
+        except HFValidationError as exc:
+            raise CheckpointError(f"{name}: not a hub repository name ({first_line(exc)})") from None
+        except HfHubHTTPError as exc:
+            raise CheckpointError(f"{name}: the Hugging Face hub refused it ({first_line(exc)}); a private or gated "
+                                  f"repository needs HF_TOKEN") from None
+    if len(absent) == len(HUB_FILES):
+        raise CheckpointError(f"{name}: the hub repository {repo_id} holds neither {' nor '.join(HUB_FILES)}")
+    why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no connection"
+    raise CheckpointError(f"{name} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be "
+                          f"reached ({why}): fetch it where it can, into the same HF_HOME, with `hf download {repo_id} "
+                          f"{HUB_FILES[0]}`")
 
 
 def num_classes_of(state_dict: Dict[str, torch.Tensor]) -> int:
@@ -61,11 +114,15 @@ class InitialWeights(Weights):
 
 def read_initial_weights(path: str, kind: str = "auto", sha256: str = "") -> InitialWeights:
     """Refused now, before any work, when it is not the file `sha256` names or when anything but the
-    classifier does not fit CSPResNet-50."""
-    file = Path(path).expanduser()
+    classifier does not fit CSPResNet-50. `path` may be a hub name (weights_file): the SHA-256 is the file's."""
+    try:
+        file = weights_file(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"recipe key 'model.initial_weights': {exc}") from None
     if not file.is_file():
         raise CheckpointError(f"recipe key 'model.initial_weights': {file} does not exist; give timm's "
-                              f"cspresnet50 .pth, a .safetensors or one of our last.pt/best.pt")
+                              f"cspresnet50 .pth, a .safetensors, one of our last.pt/best.pt, or a hub name "
+                              f"({HUB_PREFIX}timm/cspresnet50.ra_in1k)")
     with open(file, "rb") as handle:
         actual = hashlib.file_digest(handle, "sha256").hexdigest()
     if not actual.startswith(sha256):

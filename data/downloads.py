@@ -6,16 +6,17 @@
 """
 import argparse
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
 from torchvision.datasets.imagenet import ARCHIVE_META, META_FILE
-from tqdm import tqdm
 
 from common.errors import DatasetLayoutError
 from common.files import write_atomically
+from common.progress import progress
 
 from .config import DataConfig
 from .dataset import ImageDataset
@@ -29,11 +30,10 @@ from .sources.labels import DEVKIT_ARCHIVE, KAGGLE_SOLUTION, labels_from
 
 def md5_of(path: Path) -> str:
     digest = hashlib.md5()
-    with open(path, "rb") as handle, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
-                                          disable=None, leave=False) as progress:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
+    with open(path, "rb") as handle:
+        for chunk in progress(iter(lambda: handle.read(1 << 24), b""), f"hashing {path.name}", path.stat().st_size,
+                              "B", size=len):
             digest.update(chunk)
-            progress.update(len(chunk))
     return digest.hexdigest()
 
 
@@ -41,6 +41,11 @@ def verify(folder: Path) -> Dict[str, Tuple[str, bool]]:
     """Each archive present: its MD5 and whether it is the published one."""
     found = {name: md5 for name, md5 in ARCHIVE_META.values() if (folder / name).is_file()}
     if not found:
+        source, zipped = download_of(folder), kaggle.find_zip(folder)
+        if source is not None and source.layout.startswith("kaggle"):  # the zip, or its tree unzipped
+            crc = "; python -m zipfile -t on it checks its members' CRC-32s (damage, not tampering)" if zipped else ""
+            raise DatasetLayoutError(f"{zipped or folder} is {source.described}: Kaggle publishes no MD5s, so it "
+                                     f"cannot be checked against official checksums{crc}")
         raise DatasetLayoutError(f"{folder} holds none of {', '.join(name for name, _ in ARCHIVE_META.values())}")
     return {name: (got, got == md5) for name, md5 in found.items() for got in (md5_of(folder / name),)}
 
@@ -65,7 +70,7 @@ def arrange_split(dataset: ImageDataset, out: Path) -> Tuple[int, int, int]:
     whole = out.is_dir()
     into = out if whole else out.with_name(out.name + ".partial")
     counts = [0, 0, 0]
-    for index in tqdm(range(len(dataset)), desc=out.name, unit="img", disable=None, leave=False):
+    for index in progress(range(len(dataset)), f"arranging {out}", len(dataset), "images"):
         path, target = dataset.samples[index]
         try:
             data = dataset.read(index)
@@ -126,6 +131,7 @@ def main(argv=None) -> int:
                                                                   "class folders)")
     extract.add_argument("--symlink", action="store_true", help="--val-dir: symbolic links instead of hard links")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress of a stage of minutes
     try:
         if args.command == "verify":
             results = verify(args.folder)

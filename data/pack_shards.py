@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-from tqdm import tqdm
 
 from common.errors import DatasetLayoutError
 from common.files import remove_leftovers, write_atomically
+from common.progress import progress
 
 from .config import DataConfig
 from .dataset import ImageDataset
@@ -149,8 +149,7 @@ def pack(root: Path, out: Path, name: str = "imagenet1k", seed: int = 0, train_s
     if kept:
         log.info("continuing a pack in %s: %d shard(s) already written are kept", out, kept)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        list(tqdm(pool.map(lambda job: write_shard(out, *job), todo), total=len(todo), desc="shards", disable=None,
-                  leave=False))
+        list(progress(pool.map(lambda job: write_shard(out, *job), todo), f"packing into {out}", len(todo), "shards"))
     # timm's _info.json fields (its wds reader takes the split sizes from here), and the class names
     written = {plan.split: dict(name=plan.split, num_samples=len(plan.source), filenames=list(plan.shards),
                                 shard_lengths=[len(shard) for shard in plan.shards.values()]) for plan in plans}

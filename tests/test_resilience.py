@@ -177,7 +177,7 @@ def test_a_resume_with_another_global_batch_goes_on_along_the_schedule(tiny_imag
     train_here(train_args(tiny_imagenet, output, "epochs=1"))
     resumed = train_here(train_args(tiny_imagenet, output, "epochs=2", "batch_size=8", "--resume", "auto"))
     assert "resuming inexactly: the recipe changed" in resumed.stdout
-    lrs = [float(lr) for lr in re.findall(r"^step \d+ loss \S+ lr (\S+)$", resumed.stdout, flags=re.MULTILINE)]
+    lrs = [float(lr) for lr in re.findall(r"^step \d+ loss \S+ lr (\S+)", resumed.stdout, flags=re.MULTILINE)]
     schedule = build_schedule(load_recipe("demo.yaml", last_wins(*RESUME_OVERRIDES, "epochs=2", "batch_size=8")), 3)
     assert lrs == pytest.approx([schedule(position) for position in (4, 5, 6)], rel=1e-5)
     assert lrs[0] > lrs[1] > 0  # the poly schedule reaches 0 only at its last update

@@ -215,14 +215,14 @@ RUN_LOG_ON_A_FULL_DISK = """
 import sys
 from pathlib import Path
 from cspresnet.console import setup_logging
-from cspresnet.run_log import RunLog
+from cspresnet.run_log import RunLog, StepPosition
 setup_logging(0)
 folder = Path(sys.argv[1])
 log = RunLog(folder, enabled=True)
 print("ready", flush=True)
 sys.stdin.readline()  # the disk fills meanwhile
-for step in range(1, 51):
-    log.step(step, 1.0, 0.1)
+for step in log.clock.timed(range(1, 51)):
+    log.step(step, 1.0, 0.1, StepPosition(1, 1, step, 50, 8))
 log.epoch([dict(epoch=1, step=50, top1=10.0)])
 log.close()
 print("closed", flush=True)

@@ -43,8 +43,10 @@ def layouts() -> Tuple[str, ...]:
     return ("auto", *BY_LAYOUT)
 
 
-def expected_layouts() -> str:
-    return "expected one of these layouts: " + "; ".join(f"{source.described}: {source.expects}" for source in SOURCES)
+def expected_layouts() -> str:  # each row in a few words; class folders, what auto falls back to, in full
+    rows = ", ".join(f"{source.layout} = {source.described}" for source in SOURCES)
+    return f"expected one of {len(SOURCES)} layouts: {rows} (the files of each: docs/adding-a-source.md); " \
+           f"class folders are {folders.EXPECTS}"
 
 
 class EvalSet(NamedTuple):
@@ -75,12 +77,23 @@ def training_splits(config: DataConfig, seed: int) -> Splits:
         raise DatasetLayoutError(f"no dataset folder given: pass --data-dir DIR or data.dir=DIR; {expected_layouts()}")
     source = source_of(root, config.layout)
     if source.layout == "class-folders" and not source.holds(root):  # also what auto falls back to
-        missing = f"{root / 'train'} does not exist" if root.is_dir() else f"dataset folder {root} does not exist"
-        raise DatasetLayoutError(f"{missing}; {expected_layouts()}")
+        raise DatasetLayoutError(no_dataset_in(root))
     if config.holdout_fraction > 0 and source.layout != "class-folders":  # the others carry their own
         raise DataConfigError(f"recipe key 'data.holdout_fraction' is {config.holdout_fraction}, but {root} holds "
                               f"{source.described}, which carry their own validation set; set it to 0")
     return source.splits(root, config, seed)
+
+
+def no_dataset_in(root: Path) -> str:
+    """What `root` is instead, and what to pass: its parent for one split of a dataset (train/, its class folders)."""
+    if not root.is_dir():
+        return f"dataset folder {root} does not exist; {expected_layouts()}"
+    if root.name.lower() in folders.SPLIT_NAMES and ((root.parent / "train").is_dir() or folders.subfolders(root)):
+        return f"{root} is one split of a dataset: pass --data-dir {root.parent}, the folder that holds train/"
+    held = next((source for source in SOURCES if source.holds(root)), None)  # data.layout named another layout
+    if held is not None:
+        return f"{root / 'train'} does not exist; {root} holds {held.described} ({held.expects}): set data.layout=auto"
+    return f"{root / 'train'} does not exist; {expected_layouts()}"
 
 
 def evaluation_set(root: Path, split: str = "val", label_file: Optional[Path] = None,

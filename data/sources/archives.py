@@ -10,6 +10,7 @@ from typing import BinaryIO, List, Tuple
 from torchvision.datasets.imagenet import ARCHIVE_META
 
 from common.errors import DatasetLayoutError
+from common.progress import progress
 
 from ..config import DataConfig
 from ..sample_index import Member, SampleIndex, absolute, cached, files_key, identity
@@ -64,7 +65,7 @@ def headers(handle: BinaryIO, path: Path, what: str) -> Tuple[os.stat_result, Li
     """The archive's stat (taken first: a change while it is read shows next time), its members and what is
     wrong with its end; exit 2 if it holds nothing at all."""
     stat = os.fstat(handle.fileno())
-    members, damage = tar_members(handle, stat.st_size)
+    members, damage = tar_members(handle, stat.st_size, f"reading the headers of {path.name}")
     if not members:
         raise DatasetLayoutError(f"{path} holds no {what} ({damage or 'an empty tar'}): not ImageNet's archive; "
                                  f"download it again")
@@ -77,7 +78,8 @@ def scan_train(path: Path, classes: List[str]) -> SampleIndex:
     warnings: List[Tuple[int, str]] = []
     with open(path, "rb") as handle:
         stat, outer, damage = headers(handle, path, "class tars")
-        rows = [row for name, offset, length, _ in outer if name.endswith(".tar")
+        tars = [member for member in outer if member[0].endswith(".tar")]
+        rows = [row for name, offset, length, _ in progress(tars, f"indexing {path.name}", len(tars), "class tars")
                 for row in inner_rows(handle, name, offset, length, stat.st_size, warnings)]
     if damage:
         warnings.insert(0, (0, f"{path} is cut short or damaged at byte {stat.st_size} ({damage}): the images after "

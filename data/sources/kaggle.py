@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from common.errors import DatasetLayoutError
+from common.progress import progress
 
 from ..config import DataConfig
 from ..sample_index import Member, SampleIndex, absolute, cached, files_key, identity
@@ -113,6 +114,7 @@ def scan_zip(path: Path, split: str) -> SampleIndex:
             labels = kaggle_rows(io.StringIO(solution.decode("utf-8"), newline=""), f"{path}:{KAGGLE_SOLUTION}")
             found = [(images[name], target, f"{wnid}/{name}") for target, wnid, name in
                      labelled(images, labels, classes, path.name, KAGGLE_SOLUTION)]
+        found = progress(found, f"indexing {path.name}'s {split} images", len(found), "images")
         members = sorted((member(handle.fileno(), *each) for each in found), key=lambda m: (m.target, m.name))
     if not members:
         raise DatasetLayoutError(f"{path} holds no {split} images; expected Kaggle's zip: {ZIP_EXPECTS}")

@@ -16,6 +16,7 @@ from typing import BinaryIO, Dict, List, Optional, Tuple
 import numpy as np
 
 from common.errors import DatasetLayoutError
+from common.progress import progress
 
 from ..config import DataConfig
 from ..sample_index import Identity, Member, SampleIndex, absolute, cache_file, cached, files_key, identity
@@ -35,16 +36,17 @@ EXPECTS = ("DIR/<name>-train-NNNN.tar and DIR/<name>-validation-NN.tar (or -val-
 TarMember = Tuple[str, int, int, Optional[bytes]]  # name, data offset, size, the bytes of a .cls member
 
 
-def tar_members(handle: BinaryIO, size: int) -> Tuple[List[TarMember], str]:
+def tar_members(handle: BinaryIO, size: int, what: str = "") -> Tuple[List[TarMember], str]:
     """Every file member of an open tar of `size` bytes (or a window on one inside another: archives.py), the
-    .cls members' bytes, and what is wrong with its end as tarfile states it ("" if nothing)."""
+    .cls members' bytes, and what is wrong with its end as tarfile states it ("" if nothing); the progress of
+    `what`, if named (an archive of 50,000 members)."""
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")
     except tarfile.ReadError as exc:
         return [], f"not a tar archive ({exc})"
     members, damage = [], ""
     try:
-        for info in tar:
+        for info in progress(tar, what, unit="members") if what else tar:
             if info.isfile():
                 wanted = member_key(info.name)[1] == "cls" and info.offset_data + info.size <= size
                 members.append((info.name, info.offset_data, info.size,
@@ -204,7 +206,8 @@ def scanned(paths: List[Path], earlier: Dict[str, Scan], lengths: Dict[str, int]
                  ", ".join(changed[:5]))
     pool = ThreadPoolExecutor(max(1, min(SCAN_THREADS, len(stale))))  # starts no thread until a shard is stale
     try:
-        for path, scan in zip(stale, pool.map(scan_shard, stale)):
+        scans = progress(pool.map(scan_shard, stale), f"indexing the shards in {paths[0].parent}", len(stale), "shards")
+        for path, scan in zip(stale, scans):
             found[path.name] = with_lost(scan, path.name, earlier.get(path.name), lengths)
     finally:  # a stop signal during the scan ends it after the shards being read, not after all
         pool.shutdown(cancel_futures=True)
