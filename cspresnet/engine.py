@@ -78,7 +78,9 @@ class Updater:
     ema: Optional[ModelEmaV3] = None  # moving average of the weights, updated after every step
     passes: int = 1  # forward/backward passes per update
     ddp: Optional[DistributedDataParallel] = None  # train_model's DDP wrapper, whose sync waits for the last pass
-    seed: int = 0  # the recipe's: with the step and the BatchNorm group, it seeds every random draw of a pass
+    # The recipe's seed: with the step and the BatchNorm group it seeds each pass's random draws (training sets it).
+    # None: they go on from the generators as they stand, as in timm's train loop (tests, benchmarks).
+    seed: Optional[int] = None
     rank: int = 0
     processes: int = 1
 
@@ -91,7 +93,8 @@ class Updater:
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for k, (x, y) in enumerate(self.split(inputs, targets)):
-            seed_draws(self.seed, step, group=self.rank + self.processes * k)  # pass k's group, see split()
+            if self.seed is not None:
+                seed_draws(self.seed, step, group=self.rank + self.processes * k)  # pass k's group, see split()
             losses.append(self.backward_pass(x, y, len(y) / len(targets), last=k == self.passes - 1))
         self.scaler.step(self.optimizer)  # skipped on the device if any gradient is inf/NaN
         self.scaler.update(None if self.amp == "fp16" else 1.0)
@@ -126,8 +129,8 @@ class Updater:
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
-def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
-                  arrangement: Optional[Arrangement] = None) -> Updater:
+def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int, arrangement: Optional[Arrangement] = None,
+                  seed: Optional[int] = None) -> Updater:
     """The EMA is taken before SyncBatchNorm (it is only evaluated), then DDP and compile."""
     rt = recipe.runtime
     arrangement = arrangement or arrange(recipe, ctx.world_size)
@@ -144,7 +147,7 @@ def build_updater(recipe: Recipe, ctx: DistContext, steps_per_epoch: int,
         criterion=build_criterion(recipe.augment.mixing, recipe.label_smoothing),
         preprocess=DevicePreprocess(ctx.device, rt.channels_last), amp=rt.amp, ema=ema, passes=arrangement.passes,
         augment=build_batch_augment(recipe.augment, recipe.label_smoothing, recipe.model.num_classes, ctx.device),
-        seed=recipe.seed, rank=ctx.rank, processes=ctx.world_size)
+        seed=seed, rank=ctx.rank, processes=ctx.world_size)
     if ctx.is_distributed:
         updater.ddp = DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=rt.ddp_bucket_cap_mb,

@@ -76,7 +76,7 @@ class TrainingRun:
         self.recipe = recipe = with_class_count(recipe, self.data)
         self.ctx, self.folder, self.arrangement = ctx, folder, arrangement
         self.steps_per_epoch = self.data.sampler.steps_per_epoch
-        self.updater = build_updater(recipe, ctx, self.steps_per_epoch, self.arrangement)
+        self.updater = build_updater(recipe, ctx, self.steps_per_epoch, self.arrangement, seed=recipe.seed)
         self.eval_models = evaluated_models(self.updater, recipe.runtime, self.data.val.batch_size)
         if initial is not None:
             models = [self.updater.model] + ([self.updater.ema.module] if self.updater.ema is not None else [])

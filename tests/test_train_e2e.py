@@ -98,21 +98,3 @@ def test_an_existing_run_is_never_overwritten_and_resumes(tiny_imagenet, tmp_pat
     # A launcher that restarts a finished run (torchrun --max-restarts, a job array) is told so.
     again = train_here(train_args(tiny_imagenet, output, "epochs=2", "--resume", "auto"))
     assert "done: best top-1" in again.stdout and (output / "last.pt").read_bytes() == finished
-
-
-def test_two_nodes_on_one_machine(tiny_imagenet, tmp_path):
-    """torchrun --nnodes=2 twice, meeting on 127.0.0.1: multi-node start-up, shown working."""
-    output = tmp_path / "nodes"
-    port = free_port()
-    nodes = [
-        subprocess.Popen(
-            torchrun(1, *train_args(tiny_imagenet, output, "epochs=1"),
-                     extra=["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]),
-            cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs
-    assert "2 process(es)" in logs[0]
-    assert [int(r["step"]) for r in summary(output)] == [3]
