@@ -24,7 +24,6 @@ checkpoint, weights name or option, a path that does not exist, or no image coul
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -34,7 +33,7 @@ from timm.data import ImageNetInfo
 from common.errors import CheckpointError, OptionError, UnreadableDataError
 from common.processes import DistContext
 from cspresnet.checkpoint import read_weights
-from cspresnet.console import run_script, setup_logging
+from cspresnet.console import exit_now, run_script, setup_logging
 from cspresnet.weights import load_cspresnet, trained_data_config, weights_file
 from data.loader_faults import Batches
 from data.loaders import build_eval_data
@@ -147,4 +146,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_now(cli())

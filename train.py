@@ -31,7 +31,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common.errors import OptionError  # noqa: E402
-from cspresnet.console import run_script, setup_logging  # noqa: E402
+from cspresnet.console import exit_now, run_script, setup_logging  # noqa: E402
 from cspresnet.distributed import init_distributed, shutdown  # noqa: E402
 from cspresnet.plots import IMAGENET_TRAIN_IMAGES, plot_schedule  # noqa: E402
 from cspresnet.recipe import describe_recipe, load_recipe  # noqa: E402
@@ -167,4 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -14,8 +14,9 @@ from the weights. timm's flags where they mean the same: docs/from-timm.md.
 
 The evaluation folder is DIR/<split> if it exists, else DIR: class folders, ImageNetV2's
 numbered folders, a flat folder with the devkit or Kaggle's solution file, or WebDataset tar
-shards named <name>-<split>-NN.tar (docs/shards.md; --split val also takes -validation-). ImageNet as downloaded (the folder of the official
-archives, Kaggle's zip or its unzipped tree) is read as it is (docs/archives.md). A DIR
+shards named <name>-<split>-NN.tar (docs/shards.md; --split val also takes -validation-).
+ImageNet as downloaded (the folder of the official archives, Kaggle's zip or its unzipped
+tree) is read as it is (docs/archives.md). A DIR
 that holds other splits (train/, val/, validation/, test/) but not <split> is refused.
 The last line printed is JSON with top1, top5 (percent), images and the settings used.
 
@@ -31,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from common.errors import DatasetLayoutError, OptionError, UnreadableDataError
 from cspresnet.checkpoint import Weights, read_weights
-from cspresnet.console import run_script, setup_logging
+from cspresnet.console import exit_now, run_script, setup_logging
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import EvalResult, configure_kernels, evaluate
 from cspresnet.reports import VAL_NAME, append_csv_row, real_accuracy, timm_results_row
@@ -236,4 +236,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_now(cli())

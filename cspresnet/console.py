@@ -2,9 +2,10 @@
 docs/training.md). Lines go through tqdm so that they do not tear a progress bar."""
 import logging
 import multiprocessing
+import os
 import signal
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from tqdm import tqdm
 
@@ -57,3 +58,12 @@ def end_child_processes() -> None:
         child.kill()
     for child in children:
         child.join(timeout=5)
+
+
+def exit_now(code: int) -> NoReturn:
+    """A script that returned: output flushed (run_script ended the children), then os._exit, which skips tearing
+    down the ~2,700 modules of torch and timm: 1.1 s of `python -c "import train"`'s 3.9 s on the 2-core CPU."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
