@@ -5,13 +5,12 @@
 matplotlib is imported only here, when drawing (Agg, no display), so that train.py starts without it."""
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from common.errors import OptionError, RunFolderError
 from common.files import write_atomically
 
-from .console import run_script, setup_logging
+from .console import exit_now, run_script, setup_logging
 from .optim import build_schedule
 from .recipe import Recipe
 
@@ -113,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

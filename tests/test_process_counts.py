@@ -21,6 +21,7 @@ import torch
 import train as train_script
 from cspresnet import engine
 from cspresnet.checkpoint import load_checkpoint
+from cspresnet.console import exit_now
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.recipe import load_recipe
 from cspresnet.run_log import RunLog
@@ -145,8 +146,9 @@ def test_a_2_process_run_stopped_mid_epoch_and_resumed_on_1_ends_as_the_2_proces
     read_until(process, "step 1 ")  # of 3
     os.killpg(process.pid, signal.SIGTERM)  # torchrun, as a scheduler preempting the job; it tells the ranks
     rest = process.communicate(timeout=120)[0]  # torchrun itself exits 1 on SIGTERM: the status is what requeues
-    assert (tmp_path / "run" / "status").read_text().startswith("preempted at step "), rest
     stopped_at = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    assert (tmp_path / "run" / "status").read_text() == f"preempted at step {stopped_at}\n", rest
+    assert f"stopping on SIGTERM: checkpoint saved at step {stopped_at}" in rest, rest
     assert stopped_at in (1, 2) and load_checkpoint(tmp_path / "run" / "last.pt")["world_size"] == 2
     with in_float64():
         resumed = train_here([*args, "--resume", "auto"])
@@ -189,4 +191,4 @@ def test_two_nodes_on_node_local_disks_train_stop_together_and_resume(images, tm
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

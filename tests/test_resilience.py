@@ -125,23 +125,6 @@ def test_a_two_process_run_writes_its_outputs_once_and_validates_the_same_on_two
     assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])
 
 
-def test_sigterm_to_two_processes(tiny_imagenet, tmp_path):
-    """torchrun itself exits 1 with a traceback when a scheduler sends it SIGTERM, whatever
-    its ranks did: the status file is what a requeue script reads."""
-    output = tmp_path / "run"
-    process = start(torchrun(2, *train_args(tiny_imagenet, output)))
-    read_until(process, "step 3 ")
-    os.killpg(process.pid, signal.SIGTERM)  # torchrun, as a scheduler preempting the job does; it tells the ranks
-    rest = process.communicate(timeout=120)[0]
-    assert f"exitcode  : {EXIT_PREEMPTED}" in rest or process.returncode != 0
-    status = (output / "status").read_text()
-    assert status.startswith("preempted at step "), (status, rest)
-    assert f"stopping on SIGTERM: checkpoint saved at step {status.split()[-1]}" in rest, rest
-    assert 3 <= load_checkpoint(output / "last.pt")["step"] == int(status.split()[-1]) < 12
-    # The resume from a stop's checkpoint is checked bitwise in one process (above); from a
-    # checkpoint of two processes after a kill (test_two_processes_sigkill_then_resume_...).
-
-
 def test_sigterm_to_every_process_of_a_torchrun_job_twice_saves_once_and_resumes_exactly(tiny_imagenet, tmp_path,
                                                                                          two_process_baseline):
     """As SLURM preempts a job step: SIGTERM to torchrun, to each rank and to each loader
