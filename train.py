@@ -34,7 +34,7 @@ from common.errors import OptionError  # noqa: E402
 from cspresnet.console import exit_now, run_script, setup_logging  # noqa: E402
 from cspresnet.distributed import init_distributed, shutdown  # noqa: E402
 from cspresnet.plots import IMAGENET_TRAIN_IMAGES, plot_schedule  # noqa: E402
-from cspresnet.recipe import describe_recipe, load_recipe  # noqa: E402
+from cspresnet.recipe_files import describe_recipe, load_recipe  # noqa: E402
 from cspresnet.training import train  # noqa: E402
 from data.sources import expected_layouts  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import machine, print_result
 from common.processes import DistContext
 from cspresnet.engine import Updater, build_updater
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.batches import Batch
 
 

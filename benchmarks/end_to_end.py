@@ -20,7 +20,7 @@ from benchmarks.common import print_result, rehearsal_compile_backend
 from common.processes import DistContext
 from cspresnet.engine import autocast, build_criterion, build_updater, configure_kernels
 from cspresnet.optim import build_optimizer
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.batches import Batch
 from data.device_feed import ahead_on_device
 from data.loaders import build_training_data

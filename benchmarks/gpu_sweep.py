@@ -204,7 +204,7 @@ def model_only(batch: int, img_size: int, amp: str, compile_mode: str, micro_bat
     compile) on one uint8 batch already on the device, or evaluation's forward pass."""
     from common.processes import DistContext
     from cspresnet.engine import CompiledAtOneBatch, autocast, build_updater
-    from cspresnet.recipe import load_recipe
+    from cspresnet.recipe_files import load_recipe
     from data.batches import Batch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from benchmarks.common import print_result
 from cspresnet.engine import autocast
 from cspresnet.model import build_model
 from cspresnet.optim import build_optimizer
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.transforms import memory_format
 
 

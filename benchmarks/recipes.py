@@ -25,7 +25,7 @@ from benchmarks.common import machine, print_result
 from benchmarks.model import train_steps
 from cspresnet.model import build_model
 from cspresnet.optim import build_optimizer
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.sample_data import generate
 
 IMAGENET_TRAIN = 1_281_167

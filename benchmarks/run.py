@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import machine
 from benchmarks.jpegs import generate
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -17,7 +17,7 @@ from data.config import DataConfig
 
 from .checkpoint import Weights, first_line, read_weights
 from .model import CSPResNet50, build_model
-from .recipe import recipe_from_dict
+from .recipe_files import recipe_from_dict
 
 CLASSIFIER = ("head.fc.weight", "head.fc.bias")
 HUB_PREFIX = "hf-hub:"  # timm's: timm.create_model("hf-hub:timm/cspresnet50.ra_in1k")

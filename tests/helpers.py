@@ -196,7 +196,8 @@ def a_training_checkpoint(num_classes=3, **changes) -> dict:
     """The keys this project's training checkpoints have held since 2026-11-30 (format v1),
     as c6af46c's save_run wrote them, with real weights and plain stand-ins for the rest."""
     from cspresnet.model import CSPResNet50
-    from cspresnet.recipe import load_recipe, recipe_to_dict
+    from cspresnet.recipe import recipe_to_dict
+    from cspresnet.recipe_files import load_recipe
 
     state = dict(format="cspresnet-train-v1", model=CSPResNet50(num_classes=num_classes).state_dict(), optimizer={},
                  scaler={}, model_ema=None, epoch=0, step_in_epoch=3, step=3, epoch_seconds=1.5, best_top1=float("-inf"),

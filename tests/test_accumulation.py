@@ -18,7 +18,8 @@ from common.processes import DistContext
 from cspresnet.distributed import init_distributed, shutdown
 from cspresnet.engine import build_criterion, build_updater
 from cspresnet.optim import build_optimizer, set_lr
-from cspresnet.recipe import RecipeError, load_recipe
+from cspresnet.recipe import RecipeError
+from cspresnet.recipe_files import load_recipe
 from cspresnet.sync_bn import convert_to_sync_bn
 from data.batches import Batch
 

@@ -9,7 +9,7 @@ import pytest
 
 import data.sources
 from common.errors import DatasetLayoutError
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.sources import Source, folders, training_splits
 from tests.helpers import REPO
 

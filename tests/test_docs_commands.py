@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import DatasetLayoutError
-from cspresnet.recipe import load_recipe, resolve_recipe_path
+from cspresnet.recipe_files import load_recipe, resolve_recipe_path
 from data.config import DataConfig
 from data.pack_shards import plan_split
 from data.sources import SOURCES, training_splits

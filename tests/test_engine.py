@@ -7,7 +7,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
     from cspresnet.engine import Updater, build_grad_scaler
     from cspresnet.model import build_model
     from cspresnet.optim import build_optimizer
-    from cspresnet.recipe import load_recipe
+    from cspresnet.recipe_files import load_recipe
     from cspresnet.run_state import EpochTotals, RunState
     from data.batches import Batch
     from common.errors import NonFiniteLossError

@@ -149,7 +149,8 @@ def test_device_decode_matches_the_cpu_path(tiny_imagenet, tmp_path, device):
 
 def test_gpu_decode_falls_back_with_a_message(tiny_imagenet, caplog):
     from common.processes import DistContext
-    from cspresnet.recipe import RecipeError, load_recipe
+    from cspresnet.recipe import RecipeError
+    from cspresnet.recipe_files import load_recipe
     from data.fast_decode import FastRandomResizedCrop
     from data.loaders import build_training_data
 

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from cspresnet.run_folder import CheckpointFolder
 from cspresnet.optim import LinearSchedule
-from cspresnet.recipe import RecipeError, describe_recipe, load_recipe
+from cspresnet.recipe import RecipeError
+from cspresnet.recipe_files import describe_recipe, load_recipe
 from data.config import DataConfig
 from data.loaders import build_splits
 from data.loaders import loader_options

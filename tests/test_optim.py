@@ -7,7 +7,7 @@ from timm.scheduler import StepLRScheduler
 from cspresnet.model import CSPResNet50
 from cspresnet.optim import (DarknetPolySchedule, StepSchedule, build_optimizer, build_schedule, parameter_groups,
                              set_lr)
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 
 
 def darknet_schedule(steps_per_epoch=10009):

@@ -66,12 +66,12 @@ def test_a_non_editable_install_trains_a_packaged_recipe_from_another_folder(tmp
     said = [line for line in trained.stderr.splitlines() if not line.startswith(("#", "import "))]
     assert trained.returncode == 0, trained.stdout + "\n".join(said[-20:])
     assert (elsewhere / "run" / "best.pt").is_file()
-    packaged = f"{purelib}/cspresnet/recipe.py"
+    packaged = f"{purelib}/cspresnet/recipe_files.py"
     assert packaged in trained.stderr
     from_the_tree = re.findall(rf"{re.escape(str(REPO))}/(?!\.venv/)\S+", trained.stderr)
     assert from_the_tree == []
 
-    probe = "from cspresnet.recipe import resolve_recipe_path; print(resolve_recipe_path('demo.yaml'))"
+    probe = "from cspresnet.recipe_files import resolve_recipe_path; print(resolve_recipe_path('demo.yaml'))"
     found = subprocess.run([python, "-c", probe], cwd=elsewhere, env=child_env(False), capture_output=True, text=True,
                            check=True)
     assert found.stdout.strip() == f"{purelib}/cspresnet/recipes/demo.yaml"

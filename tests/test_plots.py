@@ -7,7 +7,7 @@ import pytest
 import train
 from cspresnet import plots
 from cspresnet.optim import build_schedule
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from cspresnet.run_log import write_csv
 from tests.helpers import in_this_process
 

@@ -10,7 +10,8 @@ from timm.data import ImageDataset, create_transform
 
 import predict
 from cspresnet.model import build_model
-from cspresnet.recipe import load_recipe, recipe_to_dict
+from cspresnet.recipe import recipe_to_dict
+from cspresnet.recipe_files import load_recipe
 from data.sample_data import generate
 from tests.helpers import in_this_process
 

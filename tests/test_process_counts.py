@@ -23,7 +23,7 @@ from cspresnet import engine
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.console import exit_now
 from cspresnet.distributed import init_distributed, shutdown
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from cspresnet.run_log import RunLog
 from cspresnet.signals import EXIT_PREEMPTED
 from cspresnet.training import train

@@ -23,7 +23,7 @@ from cspresnet.checkpoint import load_checkpoint
 from cspresnet.engine import Updater, build_criterion, build_grad_scaler
 from cspresnet.model import build_model
 from cspresnet.optim import StepSchedule, build_optimizer, build_schedule
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.batches import Batch
 from data.transforms import DevicePreprocess, build_batch_augment, train_transform
 

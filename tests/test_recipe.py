@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from cspresnet.recipe import RecipeError, describe_recipe, load_recipe, recipe_to_dict, recipe_to_yaml
+from cspresnet.recipe import RecipeError, recipe_to_dict, recipe_to_yaml
+from cspresnet.recipe_files import describe_recipe, load_recipe
 import train
 from tests.helpers import in_this_process
 

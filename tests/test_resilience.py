@@ -17,7 +17,7 @@ import validate as validate_script
 from common.files import remove_leftovers
 from cspresnet.checkpoint import load_checkpoint
 from cspresnet.optim import build_schedule
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from cspresnet.run_folder import CheckpointFolder, RunFolder
 from cspresnet.signals import EXIT_PREEMPTED
 from tests.helpers import (TINY_OVERRIDES, PrivateMount, child_pids, last_wins, read_until, run_cli, start, torchrun,

@@ -9,7 +9,8 @@ import train
 from cspresnet.arrangement import arrange
 from common.processes import DistContext
 from cspresnet.engine import CompiledAtOneBatch, build_updater, evaluated_models
-from cspresnet.recipe import RecipeError, load_recipe
+from cspresnet.recipe import RecipeError
+from cspresnet.recipe_files import load_recipe
 from data.batches import Batch
 from data.device_feed import ahead_on_device
 from tests.helpers import TINY_OVERRIDES, in_this_process, last_wins

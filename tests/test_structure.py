@@ -11,7 +11,7 @@ import torch
 import train
 from cspresnet.checkpoint import FORMAT, TrainingCheckpoint, read_training_checkpoint, read_weights, save_checkpoint
 from cspresnet.model import CSPResNet50
-from cspresnet.recipe import recipe_from_dict
+from cspresnet.recipe_files import recipe_from_dict
 from common.errors import CheckpointError
 from tests.helpers import REPO, TINY_OVERRIDES, a_training_checkpoint, in_this_process
 
@@ -133,10 +133,10 @@ def test_each_mechanism_is_written_once():
 
 def test_the_library_stays_within_its_size():
     """A newcomer reads cspresnet/ and data/ in an afternoon: 5,800 lines at issue 32 (from 7,335); issue 33's
-    features added 272 (weights by name, step lines, pictures, timm's flags, progress), the fast exit 10. A change
-    that needs more raises this number and says in its note why the growth pays."""
+    features added 272 (weights by name, step lines, pictures, timm's flags, progress), the fast exit 10, splitting
+    recipe.py in two 9 (a docstring, imports). A change that needs more raises this number and says why it pays."""
     lines = sum(len(path.read_text().splitlines()) for path in LIBRARY if path.relative_to(REPO).parts[0] != "common")
-    assert lines <= 6090, lines
+    assert lines <= 6100, lines
 
 
 def test_the_sources_are_at_most_7_modules_of_1200_lines_on_4_levels_without_a_circle():

@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 
 from common.processes import DistContext
 from cspresnet.engine import build_updater
-from cspresnet.recipe import load_recipe
+from cspresnet.recipe_files import load_recipe
 from data.batches import Batch
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -1,7 +1,6 @@
 """The real train.py and validate.py, as a user runs them: one process, and two "nodes" on
 this machine (two processes under torchrun: test_resilience.py)."""
 import csv
-import subprocess
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 import validate as validate_script
 from cspresnet.checkpoint import load_checkpoint
-from cspresnet.recipe import load_recipe
-from tests.helpers import REPO, TINY_OVERRIDES, last_wins, free_port, in_this_process, torchrun, train_here
+from cspresnet.recipe_files import load_recipe
+from tests.helpers import TINY_OVERRIDES, last_wins, in_this_process, train_here
 
 pytestmark = pytest.mark.slow  # every test here starts train.py
 

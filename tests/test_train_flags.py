@@ -8,7 +8,8 @@ import pytest
 
 import train
 from common.errors import RecipeError
-from cspresnet.recipe import Recipe, describe_recipe, dotted_keys, load_recipe
+from cspresnet.recipe import Recipe, dotted_keys
+from cspresnet.recipe_files import describe_recipe, load_recipe
 from data.sources import SOURCES, expected_layouts
 from tests.helpers import REPO, in_this_process
 from tests.test_recipe import notes
